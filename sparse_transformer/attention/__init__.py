@@ -1,0 +1,106 @@
+"""``sparse_attention(q, k, v, pattern, backend=...)`` and its backends.
+
+Backends (force one by name):
+
+* ``reference``  dense masked softmax in fp32 (the oracle; O(n^2) memory).
+* ``factorized`` pure PyTorch, any device, autograd, O(n·sqrt(n)) memory (``factorized.py``).
+* ``triton``     fused flash-style GPU kernels, O(n) memory (``triton/``); CUDA only.
+* ``flex``       PyTorch FlexAttention composed from the same factorization (``flex.py``); CUDA only.
+* ``sdpa``       ``F.scaled_dot_product_attention(is_causal=True)``; the dense pattern only.
+* ``auto``       ``triton`` on CUDA, ``sdpa`` for the dense pattern, else ``factorized``.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import torch
+import torch.nn.functional as F
+
+from ..patterns import Pattern, _PatternBase
+
+BACKENDS = ("auto", "reference", "factorized", "triton", "flex", "sdpa")
+_GPU_ONLY = ("triton", "flex")
+
+
+def _check_inputs(q, k, v, pattern, backend):
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    if not isinstance(pattern, _PatternBase):
+        raise ValueError(f"pattern must come from sparse_transformer.patterns (e.g. patterns.strided(128)), got {type(pattern).__name__}")
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 4:
+            raise ValueError(f"{name} must be a 4-d tensor [batch, heads, n, head_dim], got shape {tuple(getattr(t, 'shape', ()))}")
+    if q.shape != k.shape:
+        raise ValueError(f"q and k must have the same shape [batch, heads, n, head_dim]; got q {tuple(q.shape)} and k {tuple(k.shape)}")
+    if v.shape[:3] != q.shape[:3]:
+        raise ValueError(f"v must match q in batch, heads and n; got q {tuple(q.shape)} and v {tuple(v.shape)}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"q, k, v must share a dtype; got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError("q, k, v must be on the same device")
+    if backend in _GPU_ONLY and q.device.type != "cuda":
+        raise ValueError(f"backend {backend!r} needs CUDA tensors; use backend='factorized' on {q.device.type}")
+
+
+def _triton_available() -> bool:
+    try:
+        importlib.import_module("triton")
+        return True
+    except ImportError:
+        return False
+
+
+def resolve_backend(backend: str, pattern: _PatternBase, device: torch.device) -> str:
+    """The backend ``auto`` stands for on ``device`` (or ``backend`` itself when forced)."""
+    if backend != "auto":
+        return backend
+    if device.type == "cuda" and _triton_available():
+        return "triton"
+    if isinstance(pattern, Pattern) and pattern.name == "dense":
+        return "sdpa"
+    return "factorized"
+
+
+def _sdpa(q, k, v, pattern, scale):
+    if not (isinstance(pattern, Pattern) and pattern.name == "dense"):
+        raise ValueError("backend 'sdpa' computes only the dense causal pattern; use 'factorized' or 'triton'")
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+
+
+def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: _PatternBase,
+                     backend: str = "auto", scale: float | None = None) -> torch.Tensor:
+    """Causal attention restricted to ``pattern``.
+
+    Args:
+        q, k: ``[batch, heads, n, dk]``; v: ``[batch, heads, n, dv]`` (dk may differ from dv, as with
+            the paper's half-size query/key projections).
+        pattern: from :mod:`sparse_transformer.patterns`; head ``h`` reads the keys of
+            ``pattern.mask(n, head=h)``.
+        backend: see the module docstring.
+        scale: softmax scale, default ``dk ** -0.5``.
+
+    Returns: ``[batch, heads, n, dv]`` in ``q.dtype``. Queries with no allowed key give zeros.
+    """
+    _check_inputs(q, k, v, pattern, backend)
+    name = resolve_backend(backend, pattern, q.device)
+    if name == "reference":
+        from .reference import reference_attention
+
+        return reference_attention(q, k, v, pattern, scale)
+    if name == "factorized":
+        from .factorized import factorized_attention
+
+        return factorized_attention(q, k, v, pattern, scale)
+    if name == "sdpa":
+        return _sdpa(q, k, v, pattern, scale)
+    if name == "flex":
+        from .flex import flex_attention_sparse
+
+        return flex_attention_sparse(q, k, v, pattern, scale)
+    from .triton import triton_attention
+
+    return triton_attention(q, k, v, pattern, scale)
+
+
+__all__ = ["sparse_attention", "resolve_backend", "BACKENDS"]

@@ -1,0 +1,166 @@
+"""Factorized sparse attention in pure PyTorch: any device, autograd, O(n·sqrt(n)) memory.
+
+Each head's key set is a disjoint union of terms (see :mod:`sparse_transformer.patterns`). Every
+term is computed as *dense* attention on a rearranged sequence, never as a mask over ``n x n``:
+
+* ``Band(w)``    chunks of ``w`` queries read their own and the previous chunk: scores ``[n, 2w]``.
+* ``Block(l)``   block-diagonal causal attention: scores ``[n, l]``.
+* ``Stride(l)``  the sequence viewed as ``[n/l, l]`` and transposed, so each residue class ``i mod l``
+                 is a contiguous run of length ``n/l`` and the term is causal attention inside runs:
+                 scores ``[n, n/l]``.
+* ``Summary``    the ``c`` summary cells of every block gathered into a compact K/V of length
+                 ``c·n/l``: scores ``[n, c·n/l]`` (a quarter of dense for the paper's c/l = 1/4).
+
+Each term returns its normalized output and its log-sum-exp; the terms are merged exactly by
+log-sum-exp (they are disjoint, so no key counts twice). Lengths that are not a multiple of the
+term's size are padded at the end; causality keeps real queries from reading padded keys.
+
+Matrix products run in the input dtype; the softmax and the merge run in fp32.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..patterns import Band, Block, Stride, Summary, _PatternBase
+
+
+def _pad_to(x: torch.Tensor, multiple: int) -> torch.Tensor:
+    """Pad dim 2 (the sequence) of ``[B, H, n, d]`` with zeros up to a multiple of ``multiple``."""
+    extra = (-x.shape[2]) % multiple
+    return F.pad(x, (0, 0, 0, extra)) if extra else x
+
+
+def _softmax_lse(s: torch.Tensor, allowed: torch.Tensor, v: torch.Tensor):
+    """Masked softmax of fp32 scores ``s [..., Q, K]`` applied to ``v [..., K, dv]``.
+
+    Returns ``(out [..., Q, dv] fp32, lse [..., Q] fp32)``; a row with no allowed key gives
+    ``out = 0`` and ``lse = -inf`` with finite (zero) gradients.
+    """
+    s = s.masked_fill(~allowed, float("-inf"))
+    m = s.amax(-1, keepdim=True).detach()
+    m = torch.where(torch.isinf(m), torch.zeros_like(m), m)
+    p = torch.exp(s - m)
+    denom = p.sum(-1)
+    nonempty = denom > 0
+    safe = torch.where(nonempty, denom, torch.ones_like(denom))
+    out = torch.matmul(p.to(v.dtype), v).float() / safe.unsqueeze(-1)
+    lse = torch.where(nonempty, m.squeeze(-1) + torch.log(safe), torch.full_like(denom, float("-inf")))
+    return out, lse
+
+
+def _scores(q, k, scale):
+    return torch.matmul(q, k.transpose(-1, -2)).float() * scale
+
+
+def _band(q, k, v, term: Band, scale):
+    n = q.shape[2]
+    w = term.window
+    if w is None or w >= n:  # the band covers everything: plain causal attention
+        i = torch.arange(n, device=q.device)
+        allowed = i.view(n, 1) >= i.view(1, n)
+        if w is not None:
+            allowed &= (i.view(n, 1) - i.view(1, n)) < w
+        return _softmax_lse(_scores(q, k, scale), allowed, v)
+    B, H, _, dk = q.shape
+    qc, kc, vc = (_pad_to(x, w) for x in (q, k, v))
+    C = qc.shape[2] // w
+    qc = qc.view(B, H, C, w, dk)
+    kc = kc.view(B, H, C, w, dk)
+    vc = vc.view(B, H, C, w, v.shape[-1])
+    # keys of chunk c: chunk c-1 then chunk c (chunk -1 is zeros and masked out)
+    k2 = torch.cat([F.pad(kc, (0, 0, 0, 0, 1, 0))[:, :, :C], kc], dim=3)
+    v2 = torch.cat([F.pad(vc, (0, 0, 0, 0, 1, 0))[:, :, :C], vc], dim=3)
+    t = torch.arange(w, device=q.device).view(w, 1)  # query offset in its chunk
+    u = torch.arange(2 * w, device=q.device).view(1, 2 * w)  # key offset from the previous chunk
+    allowed = (u > t) & (u <= t + w)  # i - j = t - u + w in [0, w)
+    first = torch.arange(C, device=q.device).view(C, 1, 1) > 0
+    allowed = allowed & (first | (u >= w))
+    out, lse = _softmax_lse(_scores(qc, k2, scale), allowed, v2)
+    return out.reshape(B, H, C * w, -1)[:, :, :n], lse.reshape(B, H, C * w)[:, :, :n]
+
+
+def _block(q, k, v, term: Block, scale):
+    B, H, n, dk = q.shape
+    l = term.size
+    qb, kb, vb = (_pad_to(x, l) for x in (q, k, v))
+    C = qb.shape[2] // l
+    qb, kb = qb.view(B, H, C, l, dk), kb.view(B, H, C, l, dk)
+    vb = vb.view(B, H, C, l, v.shape[-1])
+    allowed = torch.ones(l, l, dtype=torch.bool, device=q.device).tril()
+    out, lse = _softmax_lse(_scores(qb, kb, scale), allowed, vb)
+    return out.reshape(B, H, C * l, -1)[:, :, :n], lse.reshape(B, H, C * l)[:, :, :n]
+
+
+def _stride(q, k, v, term: Stride, scale):
+    B, H, n, dk = q.shape
+    l = term.size
+    R = -(-n // l)
+
+    def transpose(x):  # [B, H, R*l, d] -> [B, H, l, R, d]: residue classes become contiguous runs
+        return _pad_to(x, l).view(B, H, R, l, x.shape[-1]).transpose(2, 3)
+
+    r = torch.arange(R, device=q.device)
+    gap = -(-term.min_distance // l)  # rows between query and key, at least
+    allowed = (r.view(R, 1) - r.view(1, R)) >= max(gap, 0)
+    out, lse = _softmax_lse(_scores(transpose(q), transpose(k), scale), allowed, transpose(v))
+    out = out.transpose(2, 3).reshape(B, H, R * l, -1)[:, :, :n]
+    lse = lse.transpose(2, 3).reshape(B, H, R * l)[:, :, :n]
+    return out, lse
+
+
+def _summary(q, k, v, term: Summary, scale):
+    B, H, n, dk = q.shape
+    l, c = term.size, term.hi - term.lo
+    kb, vb = _pad_to(k, l), _pad_to(v, l)
+    C = kb.shape[2] // l
+    ks = kb.view(B, H, C, l, dk)[:, :, :, term.lo:term.hi].reshape(B, H, C * c, dk)
+    vs = vb.view(B, H, C, l, v.shape[-1])[:, :, :, term.lo:term.hi].reshape(B, H, C * c, v.shape[-1])
+    i = torch.arange(n, device=q.device).view(n, 1)
+    s_idx = torch.arange(C * c, device=q.device).view(1, C * c)
+    block, j = s_idx // c, (s_idx // c) * l + term.lo + s_idx % c
+    allowed = (block < i // l) if term.earlier_blocks_only else (j <= i)
+    return _softmax_lse(_scores(q, ks, scale), allowed, vs)
+
+
+_TERMS = {Band: _band, Block: _block, Stride: _stride, Summary: _summary}
+
+
+def _merge(parts):
+    """Exact combination of disjoint terms from their normalized outputs and log-sum-exps."""
+    if len(parts) == 1:
+        return parts[0][0]
+    outs = [o for o, _ in parts]
+    lse = torch.stack([s for _, s in parts])  # [T, B, H, n]
+    m = lse.amax(0).detach()
+    m = torch.where(torch.isinf(m), torch.zeros_like(m), m)
+    w = torch.exp(lse - m)  # 0 for an empty term
+    total = w.sum(0)
+    total = torch.where(total > 0, total, torch.ones_like(total))
+    return sum(wt.unsqueeze(-1) * o for wt, o in zip(w, outs)) / total.unsqueeze(-1)
+
+
+def factorized_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: _PatternBase,
+                         scale: float | None = None) -> torch.Tensor:
+    """``q, k [B, H, n, dk]``, ``v [B, H, n, dv]`` -> ``[B, H, n, dv]`` in ``q.dtype``.
+
+    Heads with identical key sets are computed together; heads that differ (per-head summary
+    offsets, multi-head integration) are computed group by group and put back in head order.
+    """
+    H = q.shape[1]
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    groups = pattern.head_groups(H)
+    results, order = [], []
+    for terms, heads in groups:
+        if len(groups) == 1:
+            qs, ks, vs = q, k, v
+        else:
+            idx = torch.tensor(heads, device=q.device)
+            qs, ks, vs = q.index_select(1, idx), k.index_select(1, idx), v.index_select(1, idx)
+        results.append(_merge([_TERMS[type(t)](qs, ks, vs, t, scale) for t in terms]))
+        order.extend(heads)
+    out = results[0] if len(results) == 1 else torch.cat(results, dim=1)
+    if order != list(range(H)):
+        out = out.index_select(1, torch.tensor(order, device=q.device).argsort())
+    return out.to(q.dtype)

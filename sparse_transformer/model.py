@@ -1,0 +1,190 @@
+"""The Sparse Transformer (Child et al. 2019, paper-spec.md §5), one file, top to bottom.
+
+A decoder-only Transformer over bytes (vocabulary 256):
+
+    H_0 = embed(x shifted right, start embedding at position 0) + factorized position embeddings
+    H_k = H + a + b,  a = dropout(attn(norm(H))),  b = dropout(ff(norm(H + a)))
+    logits = norm(H_N) · W_out
+
+Readings of what the paper leaves open (paper-spec.md §12), recorded here:
+
+* init: N(0, std) with std = sqrt(0.125 / d_in) for attention and feed-forward matrices (the [DA]
+  reading of "N(0, 0.125/sqrt(d_in))" as a variance); W_p and W_2 additionally scaled by
+  1/sqrt(2N); W_out = 0; biases 0. Embeddings take the paper's formula as a standard deviation:
+  tokens 0.125/sqrt(d), each of the n_emb position tables 0.125/sqrt(d·n_emb) (close to [DA]'s 0.01).
+* position 0 is predicted from a learned start embedding (the input is shifted right by one).
+* LayerNorm eps 1e-5; GeLU is x·sigmoid(1.702x); no dropout on attention probabilities.
+* grid position embeddings for text and audio: row = t // l, column = t mod l (l = the stride);
+  image embeddings: row, column and channel of raster order with the channel fastest.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from . import patterns
+from .attention import sparse_attention
+from .config import ModelConfig
+
+
+def gelu(x: torch.Tensor) -> torch.Tensor:
+    """The paper's GeLU approximation x·sigmoid(1.702x)."""
+    return x * torch.sigmoid(1.702 * x)
+
+
+def model_pattern(cfg: ModelConfig):
+    """The attention pattern of the whole model (an Interleaved pattern varies by layer)."""
+    return patterns.from_name(cfg.pattern, cfg.stride, cfg.c, cfg.num_verts, cfg.part, cfg.integration)
+
+
+class Attention(nn.Module):
+    """Projections, heads and the sparse attention of one layer."""
+
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.n_head = cfg.n_head
+        self.d_qk = int(cfg.d_model * cfg.qk_ratio)
+        self.d_model = cfg.d_model
+        self.qkv = nn.Linear(cfg.d_model, 2 * self.d_qk + cfg.d_model)
+        self.proj = nn.Linear(cfg.d_model, cfg.d_model)  # W_p
+        self.pattern = model_pattern(cfg).for_layer(layer)
+        self.backend = cfg.backend
+
+    def split_heads(self, x: torch.Tensor):
+        """``[B, n, d]`` -> q, k ``[B, H, n, d_qk/H]`` and v ``[B, H, n, d/H]``."""
+        B, n, _ = x.shape
+        q, k, v = self.qkv(x).split([self.d_qk, self.d_qk, self.d_model], dim=-1)
+        return [t.view(B, n, self.n_head, -1).transpose(1, 2) for t in (q, k, v)]
+
+    def merge_heads(self, y: torch.Tensor) -> torch.Tensor:
+        B, H, n, dh = y.shape
+        return self.proj(y.transpose(1, 2).reshape(B, n, H * dh))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.split_heads(x)
+        return self.merge_heads(sparse_attention(q, k, v, self.pattern, backend=self.backend))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        hidden = int(cfg.ff_mult * cfg.d_model)
+        self.fc = nn.Linear(cfg.d_model, hidden)  # W_1
+        self.proj = nn.Linear(hidden, cfg.d_model)  # W_2
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(gelu(self.fc(x)))
+
+
+class Block(nn.Module):
+    """Pre-LN residual block: H + a + b with b reading H + a (paper Eqs. 12-14)."""
+
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(cfg.d_model, eps=cfg.ln_eps)
+        self.attn = Attention(cfg, layer)
+        self.ln_2 = nn.LayerNorm(cfg.d_model, eps=cfg.ln_eps)
+        self.ff = FeedForward(cfg)
+        self.dropout = nn.Dropout(cfg.dropout)
+        self.checkpoint = cfg.checkpoint
+
+    def _attn_branch(self, x):
+        return self.dropout(self.attn(self.ln_1(x)))
+
+    def _ff_branch(self, x):
+        return self.dropout(self.ff(self.ln_2(x)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.checkpoint and torch.is_grad_enabled():
+            # Recompute both branches in the backward pass (paper §5.4); only block inputs are kept.
+            # The saved RNG state makes the recomputed dropout masks equal the forward ones.
+            x = x + checkpoint(self._attn_branch, x, use_reentrant=False)
+            return x + checkpoint(self._ff_branch, x, use_reentrant=False)
+        x = x + self._attn_branch(x)
+        return x + self._ff_branch(x)
+
+
+class PositionEmbedding(nn.Module):
+    """Factorized learned position embeddings (paper Eq. 15): a sum of one table per axis."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        if cfg.position == "image":
+            h, w, c = cfg.image_shape
+            self.sizes = [h, w, c]
+            self.strides = [w * c, c, 1]  # raster order, channel fastest
+        else:
+            l = cfg.stride
+            self.sizes = [math.ceil(cfg.n_ctx / l), l]
+            self.strides = [l, 1]
+        self.tables = nn.ParameterList(nn.Parameter(torch.empty(s, cfg.d_model)) for s in self.sizes)
+
+    def forward(self, start: int, n: int, device) -> torch.Tensor:
+        """Embeddings of positions ``start .. start+n-1``: ``[n, d]``."""
+        t = torch.arange(start, start + n, device=device)
+        return sum(table[(t // s) % size] for table, s, size in zip(self.tables, self.strides, self.sizes))
+
+
+class SparseTransformer(nn.Module):
+    """``SparseTransformer(cfg)(x)``: ``x [B, n]`` bytes (int) -> logits ``[B, n, vocab]`` where
+    ``logits[:, i]`` is the model's distribution of ``x[:, i]`` given ``x[:, :i]``."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        d = cfg.d_model
+        self.tok_emb = nn.Embedding(cfg.vocab_size, d)  # W_e
+        self.start = nn.Parameter(torch.empty(d))  # learned start embedding (input shifted right)
+        self.pos_emb = PositionEmbedding(cfg)
+        self.blocks = nn.ModuleList(Block(cfg, r) for r in range(cfg.n_layer))
+        self.ln_f = nn.LayerNorm(d, eps=cfg.ln_eps)
+        self.head = nn.Linear(d, cfg.vocab_size, bias=False)  # W_out
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        cfg, d = self.cfg, self.cfg.d_model
+        residual_scale = 1.0 / math.sqrt(2 * cfg.n_layer)
+        for name, p in self.named_parameters():
+            if name.endswith(".bias"):
+                p.zero_()
+            elif "ln_" in name:
+                p.fill_(1.0)
+            elif p.dim() == 2 and name.startswith("blocks."):
+                std = math.sqrt(0.125 / p.shape[1])
+                if name.endswith("attn.proj.weight") or name.endswith("ff.proj.weight"):
+                    std *= residual_scale
+                p.normal_(0.0, std)
+        self.tok_emb.weight.normal_(0.0, 0.125 / math.sqrt(d))
+        self.start.normal_(0.0, 0.125 / math.sqrt(d))
+        for table in self.pos_emb.tables:
+            table.normal_(0.0, 0.125 / math.sqrt(d * len(self.pos_emb.tables)))
+        self.head.weight.zero_()
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """``x [B, n]`` -> ``H_0 [B, n, d]``: position ``i`` sees token ``i-1`` (start at 0)."""
+        B, n = x.shape
+        if n > self.cfg.n_ctx:
+            raise ValueError(f"sequence length {n} exceeds the model's n_ctx = {self.cfg.n_ctx}; use a shorter input")
+        tok = self.tok_emb(x[:, :-1].long())
+        h = torch.cat([self.start.expand(B, 1, -1).to(tok.dtype), tok], dim=1)
+        return h + self.pos_emb(0, n, x.device)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.embed(x)
+        for block in self.blocks:
+            h = block(h)
+        return self.head(self.ln_f(h))
+
+    def loss(self, x: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+        """Cross-entropy in nats of every byte of ``x [B, n]`` (``reduction`` as in F.cross_entropy)."""
+        logits = self(x)
+        return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), x.reshape(-1).long(), reduction=reduction)
