@@ -6,6 +6,9 @@ A decoder-only Transformer over bytes (vocabulary 256):
     H_k = H + a + b,  a = dropout(attn(norm(H))),  b = dropout(ff(norm(H + a)))
     logits = norm(H_N) · W_out
 
+Sampling decodes one position at a time (``new_cache`` + ``decode_step``) with a sparse KV cache that
+holds only the keys the pattern reads (``kv_cache.py``).
+
 Readings of what the paper leaves open (paper-spec.md §12), recorded here:
 
 * init: N(0, std) with std = sqrt(0.125 / d_in) for attention and feed-forward matrices (the [DA]
@@ -30,6 +33,7 @@ from torch.utils.checkpoint import checkpoint
 from . import patterns
 from .attention import sparse_attention
 from .config import ModelConfig
+from .kv_cache import KVCache, LayerKVCache
 
 
 def gelu(x: torch.Tensor) -> torch.Tensor:
@@ -69,6 +73,12 @@ class Attention(nn.Module):
         q, k, v = self.split_heads(x)
         return self.merge_heads(sparse_attention(q, k, v, self.pattern, backend=self.backend))
 
+    def decode(self, x: torch.Tensor, pos: int, cache: LayerKVCache) -> torch.Tensor:
+        """One position for sampling: ``x [B, 1, d]`` at position ``pos`` -> ``[B, 1, d]``; its key and
+        value go into ``cache``, which serves the keys of earlier positions the pattern reads."""
+        q, k, v = self.split_heads(x)
+        return self.merge_heads(cache.attend(q, k, v, pos))
+
 
 class FeedForward(nn.Module):
     def __init__(self, cfg: ModelConfig):
@@ -106,6 +116,11 @@ class Block(nn.Module):
             x = x + checkpoint(self._attn_branch, x, use_reentrant=False)
             return x + checkpoint(self._ff_branch, x, use_reentrant=False)
         x = x + self._attn_branch(x)
+        return x + self._ff_branch(x)
+
+    def decode(self, x: torch.Tensor, pos: int, cache: LayerKVCache) -> torch.Tensor:
+        """The block at one position: ``x [B, 1, d]`` -> ``[B, 1, d]`` (see :meth:`Attention.decode`)."""
+        x = x + self.dropout(self.attn.decode(self.ln_1(x), pos, cache))
         return x + self._ff_branch(x)
 
 
@@ -183,6 +198,41 @@ class SparseTransformer(nn.Module):
         for block in self.blocks:
             h = block(h)
         return self.head(self.ln_f(h))
+
+    # ---- incremental decoding (sampling) ------------------------------------------------------
+
+    def new_cache(self, batch: int, length: int | None = None) -> KVCache:
+        """A pre-allocated sparse KV cache for ``batch`` sequences of ``length`` positions (default
+        ``n_ctx``), on the model's device, keys fp32 and values in the model's dtype."""
+        cfg = self.cfg
+        length = cfg.n_ctx if length is None else length
+        if not 0 < length <= cfg.n_ctx:
+            raise ValueError(f"cache length {length} must be in 1..n_ctx = {cfg.n_ctx}")
+        dk, dv = self.blocks[0].attn.d_qk // cfg.n_head, cfg.d_model // cfg.n_head
+        w = self.head.weight
+        layers = [LayerKVCache(b.attn.pattern, cfg.n_head, batch, length, dk, dv, w.device, w.dtype) for b in self.blocks]
+        dense = cfg.n_layer * batch * cfg.n_head * length * (dk * 4 + dv * w.element_size())
+        return KVCache(layers, batch, length, dense)
+
+    def decode_step(self, token: torch.Tensor | None, pos: int, cache: KVCache) -> torch.Tensor:
+        """Logits of position ``pos`` given the cached positions ``0 .. pos-1``.
+
+        Args:
+            token: ``[B]`` the byte at position ``pos - 1`` (the input is shifted right), or None at
+                ``pos = 0``, where the learned start embedding is fed.
+            pos: the position; call with ``pos = 0, 1, 2, ...`` in order on one cache.
+            cache: from :meth:`new_cache`.
+        Returns:
+            ``[B, vocab]``, equal to ``self(x)[:, pos]`` for any ``x`` that holds the fed bytes.
+        """
+        if pos == 0:
+            h = self.start.expand(cache.batch, 1, -1)
+        else:
+            h = self.tok_emb(token.view(cache.batch, 1).long())
+        h = h + self.pos_emb(pos, 1, h.device)
+        for block, layer_cache in zip(self.blocks, cache.layers):
+            h = block.decode(h, pos, layer_cache)
+        return self.head(self.ln_f(h))[:, 0]
 
     def loss(self, x: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
         """Cross-entropy in nats of every byte of ``x [B, n]`` (``reduction`` as in F.cross_entropy)."""

@@ -15,7 +15,9 @@ Each term returns its normalized output and its log-sum-exp; the terms are merge
 log-sum-exp (they are disjoint, so no key counts twice). Lengths that are not a multiple of the
 term's size are padded at the end; causality keeps real queries from reading padded keys.
 
-Matrix products run in the input dtype; the softmax and the merge run in fp32.
+Matrix products run in the input dtype; the softmax and the merge run in fp32. The rearranged
+copies of q, k and v are kept in fp32 and cast right before each product, so the gradients of the
+terms are summed in fp32 and rounded to the input dtype once.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ def _pad_to(x: torch.Tensor, multiple: int) -> torch.Tensor:
     return F.pad(x, (0, 0, 0, extra)) if extra else x
 
 
-def _softmax_lse(s: torch.Tensor, allowed: torch.Tensor, v: torch.Tensor):
+def _softmax_lse(s: torch.Tensor, allowed: torch.Tensor, v: torch.Tensor, dt: torch.dtype):
     """Masked softmax of fp32 scores ``s [..., Q, K]`` applied to ``v [..., K, dv]``.
 
     Returns ``(out [..., Q, dv] fp32, lse [..., Q] fp32)``; a row with no allowed key gives
@@ -45,16 +47,18 @@ def _softmax_lse(s: torch.Tensor, allowed: torch.Tensor, v: torch.Tensor):
     denom = p.sum(-1)
     nonempty = denom > 0
     safe = torch.where(nonempty, denom, torch.ones_like(denom))
-    out = torch.matmul(p.to(v.dtype), v).float() / safe.unsqueeze(-1)
+    # normalize before the product, as a softmax would: in low precision the gradient then stays
+    # exact where it should (a one-key row gives dq = 0 exactly)
+    out = torch.matmul((p / safe.unsqueeze(-1)).to(dt), v.to(dt)).float()
     lse = torch.where(nonempty, m.squeeze(-1) + torch.log(safe), torch.full_like(denom, float("-inf")))
     return out, lse
 
 
-def _scores(q, k, scale):
-    return torch.matmul(q, k.transpose(-1, -2)).float() * scale
+def _scores(q, k, scale, dt):
+    return torch.matmul(q.to(dt), k.to(dt).transpose(-1, -2)).float() * scale
 
 
-def _band(q, k, v, term: Band, scale):
+def _band(q, k, v, term: Band, scale, dt):
     n = q.shape[2]
     w = term.window
     if w is None or w >= n:  # the band covers everything: plain causal attention
@@ -62,7 +66,7 @@ def _band(q, k, v, term: Band, scale):
         allowed = i.view(n, 1) >= i.view(1, n)
         if w is not None:
             allowed &= (i.view(n, 1) - i.view(1, n)) < w
-        return _softmax_lse(_scores(q, k, scale), allowed, v)
+        return _softmax_lse(_scores(q, k, scale, dt), allowed, v, dt)
     B, H, _, dk = q.shape
     qc, kc, vc = (_pad_to(x, w) for x in (q, k, v))
     C = qc.shape[2] // w
@@ -77,11 +81,11 @@ def _band(q, k, v, term: Band, scale):
     allowed = (u > t) & (u <= t + w)  # i - j = t - u + w in [0, w)
     first = torch.arange(C, device=q.device).view(C, 1, 1) > 0
     allowed = allowed & (first | (u >= w))
-    out, lse = _softmax_lse(_scores(qc, k2, scale), allowed, v2)
+    out, lse = _softmax_lse(_scores(qc, k2, scale, dt), allowed, v2, dt)
     return out.reshape(B, H, C * w, -1)[:, :, :n], lse.reshape(B, H, C * w)[:, :, :n]
 
 
-def _block(q, k, v, term: Block, scale):
+def _block(q, k, v, term: Block, scale, dt):
     B, H, n, dk = q.shape
     l = term.size
     qb, kb, vb = (_pad_to(x, l) for x in (q, k, v))
@@ -89,11 +93,11 @@ def _block(q, k, v, term: Block, scale):
     qb, kb = qb.view(B, H, C, l, dk), kb.view(B, H, C, l, dk)
     vb = vb.view(B, H, C, l, v.shape[-1])
     allowed = torch.ones(l, l, dtype=torch.bool, device=q.device).tril()
-    out, lse = _softmax_lse(_scores(qb, kb, scale), allowed, vb)
+    out, lse = _softmax_lse(_scores(qb, kb, scale, dt), allowed, vb, dt)
     return out.reshape(B, H, C * l, -1)[:, :, :n], lse.reshape(B, H, C * l)[:, :, :n]
 
 
-def _stride(q, k, v, term: Stride, scale):
+def _stride(q, k, v, term: Stride, scale, dt):
     B, H, n, dk = q.shape
     l = term.size
     R = -(-n // l)
@@ -104,13 +108,13 @@ def _stride(q, k, v, term: Stride, scale):
     r = torch.arange(R, device=q.device)
     gap = -(-term.min_distance // l)  # rows between query and key, at least
     allowed = (r.view(R, 1) - r.view(1, R)) >= max(gap, 0)
-    out, lse = _softmax_lse(_scores(transpose(q), transpose(k), scale), allowed, transpose(v))
+    out, lse = _softmax_lse(_scores(transpose(q), transpose(k), scale, dt), allowed, transpose(v), dt)
     out = out.transpose(2, 3).reshape(B, H, R * l, -1)[:, :, :n]
     lse = lse.transpose(2, 3).reshape(B, H, R * l)[:, :, :n]
     return out, lse
 
 
-def _summary(q, k, v, term: Summary, scale):
+def _summary(q, k, v, term: Summary, scale, dt):
     B, H, n, dk = q.shape
     l, c = term.size, term.hi - term.lo
     kb, vb = _pad_to(k, l), _pad_to(v, l)
@@ -121,7 +125,7 @@ def _summary(q, k, v, term: Summary, scale):
     s_idx = torch.arange(C * c, device=q.device).view(1, C * c)
     block, j = s_idx // c, (s_idx // c) * l + term.lo + s_idx % c
     allowed = (block < i // l) if term.earlier_blocks_only else (j <= i)
-    return _softmax_lse(_scores(q, ks, scale), allowed, vs)
+    return _softmax_lse(_scores(q, ks, scale, dt), allowed, vs, dt)
 
 
 _TERMS = {Band: _band, Block: _block, Stride: _stride, Summary: _summary}
@@ -148,8 +152,9 @@ def factorized_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, patt
     Heads with identical key sets are computed together; heads that differ (per-head summary
     offsets, multi-head integration) are computed group by group and put back in head order.
     """
-    H = q.shape[1]
+    H, dt = q.shape[1], q.dtype
     scale = q.shape[-1] ** -0.5 if scale is None else scale
+    q, k, v = q.float(), k.float(), v.float()  # no-ops for fp32 inputs
     groups = pattern.head_groups(H)
     results, order = [], []
     for terms, heads in groups:
@@ -158,9 +163,9 @@ def factorized_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, patt
         else:
             idx = torch.tensor(heads, device=q.device)
             qs, ks, vs = q.index_select(1, idx), k.index_select(1, idx), v.index_select(1, idx)
-        results.append(_merge([_TERMS[type(t)](qs, ks, vs, t, scale) for t in terms]))
+        results.append(_merge([_TERMS[type(t)](qs, ks, vs, t, scale, dt) for t in terms]))
         order.extend(heads)
     out = results[0] if len(results) == 1 else torch.cat(results, dim=1)
     if order != list(range(H)):
         out = out.index_select(1, torch.tensor(order, device=q.device).argsort())
-    return out.to(q.dtype)
+    return out.to(dt)

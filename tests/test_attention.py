@@ -1,0 +1,85 @@
+"""The factorized backend equals the fp32 reference: output and every gradient, over patterns x
+parts x lengths x head dims x dtypes (tolerance rule of style.md)."""
+
+import pytest
+import torch
+
+from attention_cases import assert_close_by_rule, lowp_masked_attention, outputs_and_grads, pattern_grid, random_qkv
+from sparse_transformer import patterns as P
+from sparse_transformer import sparse_attention
+from sparse_transformer.attention.reference import reference_attention
+
+GRID = pattern_grid()
+
+
+def _ref(pattern):
+    return lambda q, k, v: reference_attention(q, k, v, pattern)
+
+
+@pytest.mark.parametrize("name", list(GRID))
+@pytest.mark.parametrize("n", [5, 24, 37])  # n < l, a multiple of l, not a multiple
+@pytest.mark.parametrize("dk,dv", [(32, 32), (64, 64), (17, 17), (16, 32)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_factorized_matches_reference(name, n, dk, dv, dtype):
+    pattern = GRID[name]
+    q, k, v, do = random_qkv(2, 4, n, dk, dv, dtype, seed=n * 1000 + dk)
+    got = outputs_and_grads(lambda a, b, c: sparse_attention(a, b, c, pattern, backend="factorized"), q, k, v, do)
+    ref = outputs_and_grads(_ref(pattern), *(t.detach().float().requires_grad_(True) for t in (q, k, v)), do.float())
+    lowp = None if dtype == torch.float32 else outputs_and_grads(lambda a, b, c: lowp_masked_attention(a, b, c, pattern), q, k, v, do)
+    assert_close_by_rule(got, ref, lowp, dtype=dtype)
+
+
+def test_empty_rows_give_zero_output_and_gradients():
+    pattern = P.fixed(8, 2, part="summary")  # queries 0..5 read nothing
+    q, k, v, do = random_qkv(1, 2, 20, 16, 16, torch.float32)
+    for backend in ("reference", "factorized"):
+        out = sparse_attention(q, k, v, pattern, backend=backend)
+        dq, dk, dv = torch.autograd.grad(out, (q, k, v), do)
+        assert torch.isfinite(out).all() and torch.isfinite(dq).all() and torch.isfinite(dk).all()
+        assert (out[:, :, :6] == 0).all() and (dq[:, :, :6] == 0).all()
+        assert out[:, :, 6:].abs().sum() > 0
+
+
+def test_reference_is_dense_causal_attention_for_dense_pattern():
+    q, k, v, _ = random_qkv(2, 3, 33, 16, 16, torch.float32)
+    want = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+    torch.testing.assert_close(reference_attention(q, k, v, P.dense()), want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(sparse_attention(q, k, v, P.dense()), want, atol=1e-5, rtol=1e-5)
+
+
+def test_factorized_memory_is_subquadratic():
+    """At n = 4,096 (l = 64) no intermediate of the strided path is n x n: the largest tensor the
+    forward pass allocates is far below the 64 MiB an fp32 n x n score matrix would take."""
+    n, l = 4096, 64
+    q, k, v, _ = random_qkv(1, 1, n, 32, 32, torch.float32)
+    biggest = 0
+
+    class Track(torch.overrides.TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            nonlocal biggest
+            out = func(*args, **(kwargs or {}))
+            if isinstance(out, torch.Tensor):
+                biggest = max(biggest, out.numel())
+            return out
+
+    with Track():
+        sparse_attention(q, k, v, P.strided(l), backend="factorized")
+    assert biggest <= 4 * n * l, f"largest intermediate has {biggest} elements; n*n = {n * n}"
+
+
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        (lambda q, k, v: sparse_attention(q, k[:, :, :5], v, P.strided(4)), "same shape"),
+        (lambda q, k, v: sparse_attention(q, k, v[:, :1], P.strided(4)), "v must match"),
+        (lambda q, k, v: sparse_attention(q[0], k, v, P.strided(4)), "4-d tensor"),
+        (lambda q, k, v: sparse_attention(q, k, v, P.strided(4), backend="magic"), "unknown backend"),
+        (lambda q, k, v: sparse_attention(q, k, v, P.strided(4), backend="triton"), "needs CUDA"),
+        (lambda q, k, v: sparse_attention(q, k, v, "strided"), "pattern must come from"),
+        (lambda q, k, v: sparse_attention(q, k, v, P.strided(4), backend="sdpa"), "only the dense"),
+    ],
+)
+def test_bad_input_is_one_clear_value_error(call, message):
+    q, k, v, _ = random_qkv(1, 2, 8, 8, 8, torch.float32)
+    with pytest.raises(ValueError, match=message):
+        call(q, k, v)

@@ -1,0 +1,106 @@
+"""The model: the paper's parameter counts, init, causality, start embedding, every integration,
+activation checkpointing and position embeddings."""
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+import sparse_transformer as st
+from sparse_transformer.config import load_config
+from sparse_transformer.model import SparseTransformer, gelu
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+
+
+@pytest.mark.parametrize("preset, millions", [("cifar10", 59.20), ("enwik8", 94.95), ("imagenet64", 151.64)])
+def test_preset_parameter_counts(preset, millions):
+    cfg = st.load_config(CONFIGS / f"{preset}.toml")
+    with torch.device("meta"):
+        model = st.SparseTransformer(cfg.model)
+    assert abs(model.num_params() / 1e6 - millions) <= 0.001 * millions
+
+
+def test_enwik8_layer_size_matches_paper_spec():
+    cfg = st.load_config(CONFIGS / "enwik8.toml")
+    with torch.device("meta"):
+        model = st.SparseTransformer(cfg.model)
+    assert sum(p.numel() for p in model.blocks[0].parameters()) == 3_152_384
+    assert [t.shape[0] for t in model.pos_emb.tables] == [96, 128]
+
+
+def tiny(**overrides):
+    args = ["--data.seq_len", "40", "--model.stride", "8", "--model.c", "2", "--model.n_layer", "2",
+            "--model.d_model", "32", "--model.n_head", "4"]
+    for k, v in overrides.items():
+        args += [f"--{k}", str(v)]
+    cfg = load_config(None, args)
+    torch.manual_seed(0)
+    model = SparseTransformer(cfg.model)
+    torch.nn.init.normal_(model.head.weight, std=0.05)  # W_out starts at 0; make logits depend on input
+    return model
+
+
+def test_init():
+    cfg = load_config(None, ["--model.n_layer", "6", "--model.d_model", "64"])
+    model = SparseTransformer(cfg.model)
+    assert (model.head.weight == 0).all()
+    assert (model.blocks[0].attn.qkv.bias == 0).all()
+    std = model.blocks[0].attn.qkv.weight.std().item()
+    assert abs(std - math.sqrt(0.125 / 64)) < 0.1 * math.sqrt(0.125 / 64)
+    proj_std = model.blocks[0].ff.proj.weight.std().item()
+    want = math.sqrt(0.125 / (4 * 64)) / math.sqrt(2 * 6)
+    assert abs(proj_std - want) < 0.1 * want
+    x = torch.randint(0, 256, (2, 256))
+    assert abs(model.loss(x).item() - math.log(256)) < 1e-5  # zero W_out: uniform prediction
+
+
+def test_gelu_is_sigmoid_approximation():
+    x = torch.linspace(-4, 4, 9)
+    torch.testing.assert_close(gelu(x), x * torch.sigmoid(1.702 * x))
+
+
+@pytest.mark.parametrize("pattern, integration", [("dense", "merged"), ("local", "merged")] + [
+    (p, i) for p in ("strided", "fixed") for i in ("merged", "interleaved", "multihead")])
+def test_causal_and_shifted(pattern, integration):
+    model = tiny(**{"model.pattern": pattern, "model.integration": integration}).eval()
+    x = torch.randint(0, 256, (2, 40))
+    with torch.no_grad():
+        a = model(x)
+        for t in (0, 17, 39):
+            x2 = x.clone()
+            x2[:, t] = (x2[:, t] + 7) % 256
+            b = model(x2)
+            assert torch.equal(a[:, : t + 1], b[:, : t + 1])  # position t predicts x[t] from x[:t]
+            if t < 39:
+                assert not torch.allclose(a[:, t + 1 :], b[:, t + 1 :])
+
+
+def test_checkpointing_gives_the_same_gradients_with_dropout():
+    x = torch.randint(0, 256, (2, 40))
+    grads = []
+    for ckpt in (False, True):
+        model = tiny(**{"model.checkpoint": ckpt, "model.dropout": 0.3}).train()
+        torch.manual_seed(5)
+        model.loss(x).backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    torch.testing.assert_close(grads[0], grads[1])
+
+
+def test_half_size_qk_and_image_positions():
+    model = tiny(**{"model.qk_ratio": 0.5, "model.position": "image", "model.image_shape": "4,5,2",
+                    "model.ff_mult": 2})
+    assert model.blocks[0].attn.qkv.out_features == 16 + 16 + 32
+    assert [t.shape[0] for t in model.pos_emb.tables] == [4, 5, 2]
+    emb = model.pos_emb(0, 40, "cpu")
+    t = 2 * 10 + 2 * 2 + 1  # row 2, column 2, channel 1
+    tables = model.pos_emb.tables
+    torch.testing.assert_close(emb[t], tables[0][2] + tables[1][2] + tables[2][1])
+    model.loss(torch.randint(0, 256, (1, 40))).backward()
+
+
+def test_too_long_input_is_a_clear_error():
+    model = tiny()
+    with pytest.raises(ValueError, match="exceeds the model's n_ctx"):
+        model(torch.randint(0, 256, (1, 41)))
