@@ -34,28 +34,57 @@ def _pad_to(x: torch.Tensor, multiple: int) -> torch.Tensor:
     return F.pad(x, (0, 0, 0, extra)) if extra else x
 
 
-def _softmax_lse(s: torch.Tensor, allowed: torch.Tensor, v: torch.Tensor, dt: torch.dtype):
-    """Masked softmax of fp32 scores ``s [..., Q, K]`` applied to ``v [..., K, dv]``.
+def _masked_scores(q, k, allowed, scale, dt):
+    """fp32 scores ``q·kᵀ·scale`` of ``[..., Q, K]`` with disallowed pairs at -inf (products in ``dt``)."""
+    s = torch.matmul(q.to(dt), k.to(dt).transpose(-1, -2)).float().mul_(scale)
+    return s.masked_fill_(~allowed, float("-inf"))
 
-    Returns ``(out [..., Q, dv] fp32, lse [..., Q] fp32)``; a row with no allowed key gives
-    ``out = 0`` and ``lse = -inf`` with finite (zero) gradients.
+
+class _TermAttention(torch.autograd.Function):
+    """Masked softmax attention of one term with its log-sum-exp, recomputed in the backward pass.
+
+    Only q, k, v, the output and the log-sum-exp are kept for the backward (the paper's
+    recomputation, §5.4): the ``[Q, K]`` probabilities exist only transiently, once per pass.
     """
-    s = s.masked_fill(~allowed, float("-inf"))
-    m = s.amax(-1, keepdim=True).detach()
-    m = torch.where(torch.isinf(m), torch.zeros_like(m), m)
-    p = torch.exp(s - m)
-    denom = p.sum(-1)
-    nonempty = denom > 0
-    safe = torch.where(nonempty, denom, torch.ones_like(denom))
-    # normalize before the product, as a softmax would: in low precision the gradient then stays
-    # exact where it should (a one-key row gives dq = 0 exactly)
-    out = torch.matmul((p / safe.unsqueeze(-1)).to(dt), v.to(dt)).float()
-    lse = torch.where(nonempty, m.squeeze(-1) + torch.log(safe), torch.full_like(denom, float("-inf")))
-    return out, lse
+
+    @staticmethod
+    def forward(ctx, q, k, v, allowed, scale, dt):
+        s = _masked_scores(q, k, allowed, scale, dt)
+        m = s.amax(-1, keepdim=True)
+        m = torch.where(torch.isinf(m), torch.zeros_like(m), m)  # empty rows: keep exp() finite
+        p = s.sub_(m).exp_()
+        denom = p.sum(-1, keepdim=True)
+        p = p.div_(torch.where(denom > 0, denom, torch.ones_like(denom)))
+        out = torch.matmul(p.to(dt), v.to(dt)).float()
+        lse = torch.where(denom > 0, m + torch.log(denom), torch.full_like(denom, float("-inf"))).squeeze(-1)
+        ctx.save_for_backward(q, k, v, allowed, lse)
+        ctx.scale, ctx.dt = scale, dt
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, dlse):
+        q, k, v, allowed, lse = ctx.saved_tensors
+        scale, dt = ctx.scale, ctx.dt
+        lse = torch.where(torch.isinf(lse), torch.zeros_like(lse), lse).unsqueeze(-1)
+        p = _masked_scores(q, k, allowed, scale, dt).sub_(lse).exp_()  # 0 where masked or empty
+        dv = torch.matmul(p.to(dt).transpose(-1, -2), dout.to(dt)).float()
+        # d out / d s_j = p_j (v_j - out) and d lse / d s_j = p_j, so
+        # ds = p * dp - p * (sum_j p_j dp_j - dlse) with dp = dout · vᵀ (delta from p·dp, not dout·out,
+        # keeps a one-key row's gradient exactly zero in low precision)
+        pdp = torch.matmul(dout.to(dt), v.to(dt).transpose(-1, -2)).float().mul_(p)
+        delta = pdp.sum(-1, keepdim=True)
+        if dlse is not None:
+            delta = delta - dlse.unsqueeze(-1)
+        ds = pdp.addcmul_(p, delta, value=-1).mul_(scale).to(dt)
+        dq = torch.matmul(ds, k.to(dt)).float()
+        dk = torch.matmul(ds.transpose(-1, -2), q.to(dt)).float()
+        return dq, dk, dv, None, None, None
 
 
-def _scores(q, k, scale, dt):
-    return torch.matmul(q.to(dt), k.to(dt).transpose(-1, -2)).float() * scale
+def _softmax_lse(q, k, v, allowed, scale, dt):
+    """``(out [..., Q, dv] fp32, lse [..., Q] fp32)`` of q ``[..., Q, dk]`` over the allowed keys of
+    k ``[..., K, dk]``; a row with no allowed key gives ``out = 0``, ``lse = -inf`` and zero gradients."""
+    return _TermAttention.apply(q, k, v, allowed, scale, dt)
 
 
 def _band(q, k, v, term: Band, scale, dt):
@@ -66,7 +95,7 @@ def _band(q, k, v, term: Band, scale, dt):
         allowed = i.view(n, 1) >= i.view(1, n)
         if w is not None:
             allowed &= (i.view(n, 1) - i.view(1, n)) < w
-        return _softmax_lse(_scores(q, k, scale, dt), allowed, v, dt)
+        return _softmax_lse(q, k, v, allowed, scale, dt)
     B, H, _, dk = q.shape
     qc, kc, vc = (_pad_to(x, w) for x in (q, k, v))
     C = qc.shape[2] // w
@@ -81,7 +110,7 @@ def _band(q, k, v, term: Band, scale, dt):
     allowed = (u > t) & (u <= t + w)  # i - j = t - u + w in [0, w)
     first = torch.arange(C, device=q.device).view(C, 1, 1) > 0
     allowed = allowed & (first | (u >= w))
-    out, lse = _softmax_lse(_scores(qc, k2, scale, dt), allowed, v2, dt)
+    out, lse = _softmax_lse(qc, k2, v2, allowed, scale, dt)
     return out.reshape(B, H, C * w, -1)[:, :, :n], lse.reshape(B, H, C * w)[:, :, :n]
 
 
@@ -93,7 +122,7 @@ def _block(q, k, v, term: Block, scale, dt):
     qb, kb = qb.view(B, H, C, l, dk), kb.view(B, H, C, l, dk)
     vb = vb.view(B, H, C, l, v.shape[-1])
     allowed = torch.ones(l, l, dtype=torch.bool, device=q.device).tril()
-    out, lse = _softmax_lse(_scores(qb, kb, scale, dt), allowed, vb, dt)
+    out, lse = _softmax_lse(qb, kb, vb, allowed, scale, dt)
     return out.reshape(B, H, C * l, -1)[:, :, :n], lse.reshape(B, H, C * l)[:, :, :n]
 
 
@@ -108,7 +137,7 @@ def _stride(q, k, v, term: Stride, scale, dt):
     r = torch.arange(R, device=q.device)
     gap = -(-term.min_distance // l)  # rows between query and key, at least
     allowed = (r.view(R, 1) - r.view(1, R)) >= max(gap, 0)
-    out, lse = _softmax_lse(_scores(transpose(q), transpose(k), scale, dt), allowed, transpose(v), dt)
+    out, lse = _softmax_lse(transpose(q), transpose(k), transpose(v), allowed, scale, dt)
     out = out.transpose(2, 3).reshape(B, H, R * l, -1)[:, :, :n]
     lse = lse.transpose(2, 3).reshape(B, H, R * l)[:, :, :n]
     return out, lse
@@ -125,7 +154,7 @@ def _summary(q, k, v, term: Summary, scale, dt):
     s_idx = torch.arange(C * c, device=q.device).view(1, C * c)
     block, j = s_idx // c, (s_idx // c) * l + term.lo + s_idx % c
     allowed = (block < i // l) if term.earlier_blocks_only else (j <= i)
-    return _softmax_lse(_scores(q, ks, scale, dt), allowed, vs, dt)
+    return _softmax_lse(q, ks, vs, allowed, scale, dt)
 
 
 _TERMS = {Band: _band, Block: _block, Stride: _stride, Summary: _summary}

@@ -1,0 +1,39 @@
+"""The command line: layout pictures, one-line errors with exit status 2."""
+
+import subprocess
+import sys
+
+from PIL import Image
+
+from sparse_transformer.cli import main
+
+
+def test_layout_ascii_and_png(tmp_path, capsys):
+    png = tmp_path / "fixed.png"
+    assert main(["layout", "--pattern", "fixed", "--n", "12", "--stride", "4", "--c", "1", "--part", "summary",
+                 "--png", str(png)]) == 0
+    out = capsys.readouterr().out
+    assert "i= 3 ...x........" in out and "i=11 ...x...x...x" in out
+    assert Image.open(png).size[0] >= 12
+
+
+def test_layout_large_n_uses_block_layout(tmp_path, capsys):
+    png = tmp_path / "strided.png"
+    assert main(["layout", "--pattern", "strided", "--n", "12288", "--stride", "128", "--png", str(png)]) == 0
+    out = capsys.readouterr().out
+    assert "2,148,416 allowed pairs (2.845 % of causal)" in out and "at most 223 keys" in out
+    assert max(Image.open(png).size) <= 1024
+
+
+def test_bad_pattern_parameters_exit_2(capsys):
+    assert main(["layout", "--pattern", "fixed", "--n", "64", "--stride", "8", "--c", "16"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "c=16 is larger than stride=8" in err[0]
+
+
+def test_unknown_config_key_exit_2_no_traceback(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "sparse_transformer", "train", "--run-dir", str(tmp_path / "run"),
+                        "--model.n_layers", "2"], capture_output=True, text=True)
+    assert r.returncode == 2
+    assert "Traceback" not in r.stderr and "unknown key 'model.n_layers'" in r.stderr
+    assert not (tmp_path / "run").exists() or not any((tmp_path / "run").iterdir())
