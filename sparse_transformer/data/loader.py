@@ -52,7 +52,9 @@ def read_meta(data_dir: str | Path) -> dict:
         raise UserError(f"data: {path} lacks some of the keys {', '.join(META_KEYS)}; {_prepare_hint(data_dir)} again")
     hint = _prepare_hint(data_dir, meta["kind"])
     if meta["format_version"] != FORMAT_VERSION:
-        raise UserError(f"data: {path} has format_version {meta['format_version']}, this version reads {FORMAT_VERSION}; {hint} again")
+        raise UserError(
+            f"data: {path} has format_version {meta['format_version']}, this version reads {FORMAT_VERSION}; {hint} again"
+        )
     record_len = meta["record_len"]
     for split in SPLITS:
         bin_path = data_dir / f"{split}.bin"
@@ -60,11 +62,15 @@ def read_meta(data_dir: str | Path) -> dict:
             raise UserError(f"data: {bin_path} is missing; {hint} first")
         size, expected = bin_path.stat().st_size, meta["splits"].get(split)
         if size != expected:
-            raise UserError(f"data: {bin_path} has {size} bytes but meta.json says {expected} (interrupted prepare?); {hint} again")
+            raise UserError(
+                f"data: {bin_path} has {size} bytes but meta.json says {expected} (interrupted prepare?); {hint} again"
+            )
         if size == 0:
             raise UserError(f"data: {bin_path} is empty; {hint} again with more data")
         if record_len and size % record_len:
-            raise UserError(f"data: {bin_path} has {size} bytes, not a multiple of record_len {record_len}; {hint} again")
+            raise UserError(
+                f"data: {bin_path} has {size} bytes, not a multiple of record_len {record_len}; {hint} again"
+            )
     return meta
 
 
