@@ -201,16 +201,18 @@ class SparseTransformer(nn.Module):
 
     # ---- incremental decoding (sampling) ------------------------------------------------------
 
-    def new_cache(self, batch: int, length: int | None = None) -> KVCache:
+    def new_cache(self, batch: int, length: int | None = None, device=None) -> KVCache:
         """A pre-allocated sparse KV cache for ``batch`` sequences of ``length`` positions (default
-        ``n_ctx``), on the model's device, keys fp32 and values in the model's dtype."""
+        ``n_ctx``), keys fp32 and values in the model's dtype, on ``device`` (default the model's;
+        ``"meta"`` allocates nothing, for sizing)."""
         cfg = self.cfg
         length = cfg.n_ctx if length is None else length
         if not 0 < length <= cfg.n_ctx:
             raise ValueError(f"cache length {length} must be in 1..n_ctx = {cfg.n_ctx}")
         dk, dv = self.blocks[0].attn.d_qk // cfg.n_head, cfg.d_model // cfg.n_head
         w = self.head.weight
-        layers = [LayerKVCache(b.attn.pattern, cfg.n_head, batch, length, dk, dv, w.device, w.dtype) for b in self.blocks]
+        device = w.device if device is None else device
+        layers = [LayerKVCache(b.attn.pattern, cfg.n_head, batch, length, dk, dv, device, w.dtype) for b in self.blocks]
         dense = cfg.n_layer * batch * cfg.n_head * length * (dk * 4 + dv * w.element_size())
         return KVCache(layers, batch, length, dense)
 
