@@ -96,10 +96,10 @@ def build_parser() -> argparse.ArgumentParser:
                                 "bits per dim, sampling, benchmarks")
     sub = p.add_subparsers(dest="command", required=True)
 
-    from .data import prepare as _prep_mod  # noqa: F401  (KINDS lives there)
+    from .data.prepare import KINDS
 
     sp = sub.add_parser("prepare", help="raw data -> train.bin/val.bin/test.bin + meta.json")
-    sp.add_argument("kind", choices=_prep_mod.KINDS)
+    sp.add_argument("kind", choices=KINDS)
     sp.add_argument("--src", default=None, help="file or folder (enwik8 and cifar10 download when omitted)")
     sp.add_argument("--out", required=True, help="output folder")
     sp.add_argument("--rate", type=int, default=12000, help="audio sample rate in Hz")
