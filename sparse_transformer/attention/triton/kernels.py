@@ -1,0 +1,487 @@
+"""Triton kernels for the factorized Sparse Transformer attention (design.md §4). @triton.jit only.
+
+Every pass of the attention is one launch of one of three kernels over a *virtual sequence*:
+
+* ``_attn_fwd``   one program per query tile: online softmax over the key tiles of its terms.
+* ``_attn_bwd_dq`` one program per query tile: dQ (and, on the first pass, delta = rowsum(dO·O)).
+* ``_attn_bwd_dkdv`` one program per key tile of one term: dK and dV.
+
+The virtual sequence is either the natural order (``STEP == 1``: row ``t`` is position ``t``) or one
+residue class of the transposed order (``STEP == l``: row ``t`` of class ``r`` is position
+``t·l + r``). The transposition is index arithmetic on the row pointers, never a copy: strided's
+stride term, dense-causal inside each residue class, becomes a contiguous causal problem.
+
+A term gives every query row ``i`` one contiguous range of keys ``[lo(i), hi(i)]`` with ``lo`` and
+``hi`` non-decreasing in ``i``; that is what makes tile skipping exact and cheap:
+
+* range term, keys in the same virtual coordinates as the queries:
+  ``Band(w)`` lo = i - w + 1, ``Band(None)`` lo = 0, ``Block(L)`` lo = (i // L)·L;
+  hi = i - OFFSET (OFFSET = 1 for the stride term merged with a band, whose j = i the band holds).
+* summary term, keys in *compact* coordinates ``u`` (the c summary cells of every block, in order):
+  key ``u`` sits at position ``(u // C)·L + LO + u % C``; query ``i`` reads ``u < cnt(i)``.
+
+The key tiles of a query tile then split into three runs: masked tiles at the start (the band's
+lower edge), unmasked full tiles, masked tiles at the end (the diagonal). Only the edges pay for the
+mask. Softmax statistics are fp32 and kept in log2 units (``qk_scale`` folds in log2(e)).
+An empty row (no key at all) has lse = -inf and output 0; the backward reads it as +inf, so every
+probability in that row is exp2(-inf) = 0 and its gradients are 0, with no NaN.
+"""
+
+import triton
+import triton.language as tl
+
+
+# ---------------------------------------------------------------------------------------------
+# Index helpers (all non-decreasing in the row index, which the tile ranges rely on)
+# ---------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _virtual_rows(pid, n, tiles_per_class, STEP: tl.constexpr, TILE: tl.constexpr):
+    """(first position of the virtual sequence, its length, first row of this program's tile)."""
+    if STEP == 1:
+        base = pid * 0
+        length = n + pid * 0
+        row0 = pid * TILE
+    else:
+        base = pid // tiles_per_class
+        length = (n - base + STEP - 1) // STEP
+        row0 = (pid % tiles_per_class) * TILE
+    return base, length, row0
+
+
+@triton.jit
+def _key_lo(i, IS_SUMMARY: tl.constexpr, WINDOW: tl.constexpr, BLOCK: tl.constexpr):
+    """First key (virtual or compact coordinates) that row ``i`` reads."""
+    if IS_SUMMARY:
+        return i * 0
+    elif BLOCK > 0:
+        return (i // BLOCK) * BLOCK
+    elif WINDOW > 0:
+        return tl.maximum(i - WINDOW + 1, 0)
+    else:
+        return i * 0
+
+
+@triton.jit
+def _key_hi(i, IS_SUMMARY: tl.constexpr, OFFSET: tl.constexpr, SUM_C: tl.constexpr,
+            SUM_L: tl.constexpr, SUM_LO: tl.constexpr, SUM_EARLIER: tl.constexpr):
+    """Last key row ``i`` reads (may be lo - 1: no key). Summary: cnt(i) - 1."""
+    if IS_SUMMARY:
+        cnt = (i // SUM_L) * SUM_C
+        if not SUM_EARLIER:
+            cnt += tl.minimum(tl.maximum(i % SUM_L - SUM_LO + 1, 0), SUM_C)
+        return cnt - 1
+    else:
+        return i - OFFSET
+
+
+@triton.jit
+def _query_lo(j, IS_SUMMARY: tl.constexpr, OFFSET: tl.constexpr, SUM_C: tl.constexpr,
+              SUM_L: tl.constexpr, SUM_LO: tl.constexpr, SUM_EARLIER: tl.constexpr):
+    """First query row that reads key ``j`` (the inverse of ``_key_hi``)."""
+    if IS_SUMMARY:
+        if SUM_EARLIER:
+            return (j // SUM_C + 1) * SUM_L
+        else:
+            return (j // SUM_C) * SUM_L + SUM_LO + j % SUM_C
+    else:
+        return j + OFFSET
+
+
+@triton.jit
+def _query_hi(j, length, IS_SUMMARY: tl.constexpr, WINDOW: tl.constexpr, BLOCK: tl.constexpr):
+    """Last query row that reads key ``j`` (the inverse of ``_key_lo``), clipped to the sequence."""
+    if IS_SUMMARY:
+        return length - 1 + j * 0
+    elif BLOCK > 0:
+        return tl.minimum((j // BLOCK + 1) * BLOCK, length) - 1
+    elif WINDOW > 0:
+        return tl.minimum(j + WINDOW, length) - 1
+    else:
+        return length - 1 + j * 0
+
+
+@triton.jit
+def _key_pos(kidx, base, STEP: tl.constexpr, IS_SUMMARY: tl.constexpr, SUM_C: tl.constexpr,
+             SUM_L: tl.constexpr, SUM_LO: tl.constexpr):
+    """Sequence position of key ``kidx`` (a gather for the compact summary keys)."""
+    if IS_SUMMARY:
+        return (kidx // SUM_C) * SUM_L + SUM_LO + kidx % SUM_C
+    else:
+        return base + kidx * STEP
+
+
+@triton.jit
+def _segments(lo_first, lo_last, hi_first, hi_last, limit, TILE: tl.constexpr):
+    """Split the tiles covering ``[lo_first, hi_last]`` into masked head ``[start, f_lo)``,
+    unmasked full tiles ``[f_lo, f_hi)`` and masked tail ``[f_hi, end)``.
+
+    A tile is full when every row of the other side reads all of it: it starts at or after the
+    last row's lower edge and ends at or before the first row's upper edge (and inside ``limit``).
+    """
+    start = (lo_first // TILE) * TILE
+    end = hi_last + 1
+    f_lo = tl.maximum((lo_last + TILE - 1) // TILE * TILE, start)
+    f_hi = (tl.minimum(hi_first + 1, limit) // TILE) * TILE
+    # no full tile: everything is one masked run [start, end)
+    full = f_hi > f_lo
+    f_lo = tl.where(full, f_lo, start)
+    f_hi = tl.where(full, f_hi, start)
+    return start, f_lo, f_hi, end
+
+
+@triton.jit
+def _load_rows(ptr, pos, row_ok, offs_d, d, stride_n, ROW_MASK: tl.constexpr, EVEN_D: tl.constexpr):
+    """Rows ``pos`` of a [seq, d] matrix as a [len(pos), D_PAD] tile; masked rows and the padded
+    head-dim columns read 0."""
+    ptrs = ptr + pos[:, None] * stride_n + offs_d[None, :]
+    if ROW_MASK:
+        if EVEN_D:
+            return tl.load(ptrs, mask=row_ok[:, None], other=0.0)
+        else:
+            return tl.load(ptrs, mask=row_ok[:, None] & (offs_d[None, :] < d), other=0.0)
+    else:
+        if EVEN_D:
+            return tl.load(ptrs)
+        else:
+            return tl.load(ptrs, mask=offs_d[None, :] < d, other=0.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Forward
+# ---------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _fwd_tiles(acc, l_i, m_i, q, k_ptr, v_ptr, skn, svn, row_lo, row_hi, k_start, k_stop, key_end,
+               base, qk_scale, offs_dk, offs_dv, dk, dv,
+               STEP: tl.constexpr, IS_SUMMARY: tl.constexpr, SUM_C: tl.constexpr, SUM_L: tl.constexpr,
+               SUM_LO: tl.constexpr, MASK: tl.constexpr, BLOCK_N: tl.constexpr,
+               EVEN_DK: tl.constexpr, EVEN_DV: tl.constexpr, DOT_PREC: tl.constexpr):
+    """Online softmax over key tiles ``k_start, k_start + BLOCK_N, ... < k_stop``."""
+    for k0 in range(k_start, k_stop, BLOCK_N):
+        kidx = k0 + tl.arange(0, BLOCK_N)
+        kpos = _key_pos(kidx, base, STEP, IS_SUMMARY, SUM_C, SUM_L, SUM_LO)
+        k_ok = kidx < key_end
+        k = _load_rows(k_ptr, kpos, k_ok, offs_dk, dk, skn, MASK, EVEN_DK)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
+        if MASK:
+            ok = (kidx[None, :] >= row_lo[:, None]) & (kidx[None, :] <= row_hi[:, None])
+            s = tl.where(ok, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        # a row with no key yet keeps m = -inf; subtract 0 instead so exp2 gives 0, not NaN
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(s - m_safe[:, None])
+        alpha = tl.math.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = _load_rows(v_ptr, kpos, k_ok, offs_dv, dv, svn, MASK, EVEN_DV)
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PREC)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _attn_fwd(
+    Q, K, V, O, LSE,
+    sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son,
+    n, n_heads, head0, head_step, heads_in_group, tiles_per_class, qk_scale, dk: tl.constexpr, dv: tl.constexpr,
+    STEP: tl.constexpr, HAS_RANGE: tl.constexpr, WINDOW: tl.constexpr, BLOCK: tl.constexpr,
+    OFFSET: tl.constexpr, SUM_C: tl.constexpr, SUM_L: tl.constexpr, SUM_LO: tl.constexpr,
+    SUM_EARLIER: tl.constexpr, INIT_FROM_OUT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DK_PAD: tl.constexpr, DV_PAD: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+):
+    """One query tile of one pass. With ``INIT_FROM_OUT`` the online softmax starts from an earlier
+    pass's normalized output and lse (m = lse, l = 1, acc = o): the exact merge of two passes whose
+    query orders differ, with no separate merge kernel."""
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // heads_in_group).to(tl.int64)
+    h = (head0 + (pid_bh % heads_in_group) * head_step).to(tl.int64)
+    base, length, m0 = _virtual_rows(tl.program_id(0), n, tiles_per_class, STEP, BLOCK_M)
+    if m0 >= length:
+        return
+    EVEN_DK: tl.constexpr = DK_PAD == dk
+    EVEN_DV: tl.constexpr = DV_PAD == dv
+    q_ptr = Q + b * sqb + h * sqh
+    k_ptr = K + b * skb + h * skh
+    v_ptr = V + b * svb + h * svh
+    o_ptr = O + b * sob + h * soh
+    lse_ptr = LSE + (b * n_heads + h) * n
+
+    rows = m0 + tl.arange(0, BLOCK_M)
+    row_ok = rows < length
+    pos = base + rows * STEP
+    m_last = tl.minimum(m0 + BLOCK_M, length) - 1
+    offs_dk = tl.arange(0, DK_PAD)
+    offs_dv = tl.arange(0, DV_PAD)
+    q = _load_rows(q_ptr, pos, row_ok, offs_dk, dk, sqn, True, EVEN_DK)
+
+    if INIT_FROM_OUT:
+        lse_prev = tl.load(lse_ptr + pos, mask=row_ok, other=float("-inf"))
+        m_i = lse_prev
+        l_i = tl.where(lse_prev == float("-inf"), 0.0, 1.0)
+        acc = _load_rows(o_ptr, pos, row_ok, offs_dv, dv, son, True, EVEN_DV).to(tl.float32)
+    else:
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, DV_PAD], tl.float32)
+
+    if HAS_RANGE:
+        lo = _key_lo(rows, False, WINDOW, BLOCK)
+        hi = _key_hi(rows, False, OFFSET, 0, 1, 0, False)
+        start, f_lo, f_hi, end = _segments(
+            _key_lo(m0, False, WINDOW, BLOCK), _key_lo(m_last, False, WINDOW, BLOCK),
+            _key_hi(m0, False, OFFSET, 0, 1, 0, False), _key_hi(m_last, False, OFFSET, 0, 1, 0, False),
+            length, BLOCK_N)
+        acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_ptr, v_ptr, skn, svn, lo, hi, start, f_lo, end,
+                                   base, qk_scale, offs_dk, offs_dv, dk, dv, STEP, False, 1, 1, 0,
+                                   True, BLOCK_N, EVEN_DK, EVEN_DV, DOT_PREC)
+        acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_ptr, v_ptr, skn, svn, lo, hi, f_lo, f_hi, end,
+                                   base, qk_scale, offs_dk, offs_dv, dk, dv, STEP, False, 1, 1, 0,
+                                   False, BLOCK_N, EVEN_DK, EVEN_DV, DOT_PREC)
+        acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_ptr, v_ptr, skn, svn, lo, hi, f_hi, end, end,
+                                   base, qk_scale, offs_dk, offs_dv, dk, dv, STEP, False, 1, 1, 0,
+                                   True, BLOCK_N, EVEN_DK, EVEN_DV, DOT_PREC)
+    if SUM_C > 0:
+        lo = _key_lo(rows, True, 0, 0)
+        hi = _key_hi(rows, True, 0, SUM_C, SUM_L, SUM_LO, SUM_EARLIER)
+        start, f_lo, f_hi, end = _segments(
+            0, 0, _key_hi(m0, True, 0, SUM_C, SUM_L, SUM_LO, SUM_EARLIER),
+            _key_hi(m_last, True, 0, SUM_C, SUM_L, SUM_LO, SUM_EARLIER), n, BLOCK_N)
+        acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_ptr, v_ptr, skn, svn, lo, hi, f_lo, f_hi, end,
+                                   base, qk_scale, offs_dk, offs_dv, dk, dv, STEP, True, SUM_C, SUM_L,
+                                   SUM_LO, False, BLOCK_N, EVEN_DK, EVEN_DV, DOT_PREC)
+        acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_ptr, v_ptr, skn, svn, lo, hi, f_hi, end, end,
+                                   base, qk_scale, offs_dk, offs_dv, dk, dv, STEP, True, SUM_C, SUM_L,
+                                   SUM_LO, True, BLOCK_N, EVEN_DK, EVEN_DV, DOT_PREC)
+
+    empty = l_i == 0.0
+    o = acc / tl.where(empty, 1.0, l_i)[:, None]
+    lse = tl.where(empty, float("-inf"), m_i + tl.math.log2(tl.where(empty, 1.0, l_i)))
+    tl.store(lse_ptr + pos, lse, mask=row_ok)
+    o_ptrs = o_ptr + pos[:, None] * son + offs_dv[None, :]
+    tl.store(o_ptrs, o.to(O.dtype.element_ty), mask=row_ok[:, None] & (offs_dv[None, :] < dv))
+
+
+# ---------------------------------------------------------------------------------------------
+# Backward: P is recomputed from the saved lse; dS = P·(dP - delta) with delta = rowsum(dO·O).
+# ---------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _dq_tiles(dq, q, do, lse, delta, k_ptr, v_ptr, skn, svn, row_lo, row_hi, k_start, k_stop, key_end,
+              base, qk_scale, offs_dk, offs_dv, dk, dv,
+              STEP: tl.constexpr, IS_SUMMARY: tl.constexpr, SUM_C: tl.constexpr, SUM_L: tl.constexpr,
+              SUM_LO: tl.constexpr, MASK: tl.constexpr, BLOCK_N: tl.constexpr,
+              EVEN_DK: tl.constexpr, EVEN_DV: tl.constexpr, DOT_PREC: tl.constexpr):
+    for k0 in range(k_start, k_stop, BLOCK_N):
+        kidx = k0 + tl.arange(0, BLOCK_N)
+        kpos = _key_pos(kidx, base, STEP, IS_SUMMARY, SUM_C, SUM_L, SUM_LO)
+        k_ok = kidx < key_end
+        k = _load_rows(k_ptr, kpos, k_ok, offs_dk, dk, skn, MASK, EVEN_DK)
+        v = _load_rows(v_ptr, kpos, k_ok, offs_dv, dv, svn, MASK, EVEN_DV)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
+        p = tl.math.exp2(s - lse[:, None])
+        if MASK:
+            ok = (kidx[None, :] >= row_lo[:, None]) & (kidx[None, :] <= row_hi[:, None])
+            p = tl.where(ok, p, 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
+        ds = p * (dp - delta[:, None])
+        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PREC)
+    return dq
+
+
+@triton.jit
+def _attn_bwd_dq(
+    Q, K, V, O, DO, DQ, LSE, DELTA,
+    sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son,
+    n, n_heads, head0, head_step, heads_in_group, tiles_per_class, qk_scale, sm_scale, dk: tl.constexpr, dv: tl.constexpr,
+    STEP: tl.constexpr, HAS_RANGE: tl.constexpr, WINDOW: tl.constexpr, BLOCK: tl.constexpr,
+    OFFSET: tl.constexpr, SUM_C: tl.constexpr, SUM_L: tl.constexpr, SUM_LO: tl.constexpr,
+    SUM_EARLIER: tl.constexpr, FIRST: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DK_PAD: tl.constexpr, DV_PAD: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+):
+    """dQ of one query tile over the key tiles of this pass's terms. The first pass of a head
+    (``FIRST``) computes and stores delta and writes dQ; later passes read delta and add to dQ.
+    O, dO and dQ share q/o strides ``so*`` (dO and dQ are made contiguous like O)."""
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // heads_in_group).to(tl.int64)
+    h = (head0 + (pid_bh % heads_in_group) * head_step).to(tl.int64)
+    base, length, m0 = _virtual_rows(tl.program_id(0), n, tiles_per_class, STEP, BLOCK_M)
+    if m0 >= length:
+        return
+    EVEN_DK: tl.constexpr = DK_PAD == dk
+    EVEN_DV: tl.constexpr = DV_PAD == dv
+    k_ptr = K + b * skb + h * skh
+    v_ptr = V + b * svb + h * svh
+    o_off = b * sob + h * soh
+    dq_off = (b * n_heads + h) * n * dk  # DQ is contiguous [B, H, n, dk]
+    stat_ptr = (b * n_heads + h) * n
+
+    rows = m0 + tl.arange(0, BLOCK_M)
+    row_ok = rows < length
+    pos = base + rows * STEP
+    m_last = tl.minimum(m0 + BLOCK_M, length) - 1
+    offs_dk = tl.arange(0, DK_PAD)
+    offs_dv = tl.arange(0, DV_PAD)
+    q = _load_rows(Q + b * sqb + h * sqh, pos, row_ok, offs_dk, dk, sqn, True, EVEN_DK)
+    do = _load_rows(DO + o_off, pos, row_ok, offs_dv, dv, son, True, EVEN_DV)
+    lse = tl.load(LSE + stat_ptr + pos, mask=row_ok, other=float("inf"))
+    lse = tl.where(lse == float("-inf"), float("inf"), lse)  # empty row: every p = 0
+    if FIRST:
+        o = _load_rows(O + o_off, pos, row_ok, offs_dv, dv, son, True, EVEN_DV)
+        delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+        tl.store(DELTA + stat_ptr + pos, delta, mask=row_ok)
+    else:
+        delta = tl.load(DELTA + stat_ptr + pos, mask=row_ok, other=0.0)
+    dq = tl.zeros([BLOCK_M, DK_PAD], tl.float32)
+
+    if HAS_RANGE:
+        lo = _key_lo(rows, False, WINDOW, BLOCK)
+        hi = _key_hi(rows, False, OFFSET, 0, 1, 0, False)
+        start, f_lo, f_hi, end = _segments(
+            _key_lo(m0, False, WINDOW, BLOCK), _key_lo(m_last, False, WINDOW, BLOCK),
+            _key_hi(m0, False, OFFSET, 0, 1, 0, False), _key_hi(m_last, False, OFFSET, 0, 1, 0, False),
+            length, BLOCK_N)
+        dq = _dq_tiles(dq, q, do, lse, delta, k_ptr, v_ptr, skn, svn, lo, hi, start, f_lo, end, base,
+                       qk_scale, offs_dk, offs_dv, dk, dv, STEP, False, 1, 1, 0, True, BLOCK_N,
+                       EVEN_DK, EVEN_DV, DOT_PREC)
+        dq = _dq_tiles(dq, q, do, lse, delta, k_ptr, v_ptr, skn, svn, lo, hi, f_lo, f_hi, end, base,
+                       qk_scale, offs_dk, offs_dv, dk, dv, STEP, False, 1, 1, 0, False, BLOCK_N,
+                       EVEN_DK, EVEN_DV, DOT_PREC)
+        dq = _dq_tiles(dq, q, do, lse, delta, k_ptr, v_ptr, skn, svn, lo, hi, f_hi, end, end, base,
+                       qk_scale, offs_dk, offs_dv, dk, dv, STEP, False, 1, 1, 0, True, BLOCK_N,
+                       EVEN_DK, EVEN_DV, DOT_PREC)
+    if SUM_C > 0:
+        lo = _key_lo(rows, True, 0, 0)
+        hi = _key_hi(rows, True, 0, SUM_C, SUM_L, SUM_LO, SUM_EARLIER)
+        start, f_lo, f_hi, end = _segments(
+            0, 0, _key_hi(m0, True, 0, SUM_C, SUM_L, SUM_LO, SUM_EARLIER),
+            _key_hi(m_last, True, 0, SUM_C, SUM_L, SUM_LO, SUM_EARLIER), n, BLOCK_N)
+        dq = _dq_tiles(dq, q, do, lse, delta, k_ptr, v_ptr, skn, svn, lo, hi, f_lo, f_hi, end, base,
+                       qk_scale, offs_dk, offs_dv, dk, dv, STEP, True, SUM_C, SUM_L, SUM_LO, False,
+                       BLOCK_N, EVEN_DK, EVEN_DV, DOT_PREC)
+        dq = _dq_tiles(dq, q, do, lse, delta, k_ptr, v_ptr, skn, svn, lo, hi, f_hi, end, end, base,
+                       qk_scale, offs_dk, offs_dv, dk, dv, STEP, True, SUM_C, SUM_L, SUM_LO, True,
+                       BLOCK_N, EVEN_DK, EVEN_DV, DOT_PREC)
+
+    dq = dq * sm_scale
+    dq_ptrs = DQ + dq_off + pos[:, None] * dk + offs_dk[None, :]
+    st_mask = row_ok[:, None] & (offs_dk[None, :] < dk)
+    if not FIRST:
+        dq += tl.load(dq_ptrs, mask=st_mask, other=0.0).to(tl.float32)
+    tl.store(dq_ptrs, dq.to(DQ.dtype.element_ty), mask=st_mask)
+
+
+@triton.jit
+def _dkdv_tiles(dk_acc, dv_acc, k, v, q_ptr, do_ptr, sqn, son, LSE_ROW, DELTA_ROW, kidx, q_start, q_stop,
+                length, base, qk_scale, offs_dk, offs_dv, dk, dv,
+                STEP: tl.constexpr, IS_SUMMARY: tl.constexpr, WINDOW: tl.constexpr, BLOCK: tl.constexpr,
+                OFFSET: tl.constexpr, SUM_C: tl.constexpr, SUM_L: tl.constexpr, SUM_LO: tl.constexpr,
+                SUM_EARLIER: tl.constexpr, MASK: tl.constexpr, BLOCK_M: tl.constexpr,
+                EVEN_DK: tl.constexpr, EVEN_DV: tl.constexpr, DOT_PREC: tl.constexpr):
+    """Accumulate dK, dV of one key tile over query tiles ``q_start, ... < q_stop``. Works on the
+    transposed score tile [keys, queries] so dK and dV come out of plain dots."""
+    for m0 in range(q_start, q_stop, BLOCK_M):
+        rows = m0 + tl.arange(0, BLOCK_M)
+        row_ok = rows < length
+        pos = base + rows * STEP
+        q = _load_rows(q_ptr, pos, row_ok, offs_dk, dk, sqn, MASK, EVEN_DK)
+        do = _load_rows(do_ptr, pos, row_ok, offs_dv, dv, son, MASK, EVEN_DV)
+        if MASK:
+            lse = tl.load(LSE_ROW + pos, mask=row_ok, other=float("inf"))
+            delta = tl.load(DELTA_ROW + pos, mask=row_ok, other=0.0)
+        else:
+            lse = tl.load(LSE_ROW + pos)
+            delta = tl.load(DELTA_ROW + pos)
+        lse = tl.where(lse == float("-inf"), float("inf"), lse)
+        st = tl.dot(k, tl.trans(q), input_precision=DOT_PREC) * qk_scale
+        pt = tl.math.exp2(st - lse[None, :])
+        if MASK:
+            lo = _key_lo(rows, IS_SUMMARY, WINDOW, BLOCK)
+            hi = _key_hi(rows, IS_SUMMARY, OFFSET, SUM_C, SUM_L, SUM_LO, SUM_EARLIER)
+            ok = (kidx[:, None] >= lo[None, :]) & (kidx[:, None] <= hi[None, :])
+            pt = tl.where(ok, pt, 0.0)
+        dv_acc = tl.dot(pt.to(do.dtype), do, dv_acc, input_precision=DOT_PREC)
+        dpt = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
+        dst = pt * (dpt - delta[None, :])
+        dk_acc = tl.dot(dst.to(q.dtype), q, dk_acc, input_precision=DOT_PREC)
+    return dk_acc, dv_acc
+
+
+@triton.jit
+def _attn_bwd_dkdv(
+    Q, K, V, DO, DK, DV, LSE, DELTA,
+    sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son,
+    n, n_heads, head0, head_step, heads_in_group, tiles_per_class, qk_scale, sm_scale, dk: tl.constexpr, dv: tl.constexpr,
+    STEP: tl.constexpr, IS_SUMMARY: tl.constexpr, WINDOW: tl.constexpr, BLOCK: tl.constexpr,
+    OFFSET: tl.constexpr, SUM_C: tl.constexpr, SUM_L: tl.constexpr, SUM_LO: tl.constexpr,
+    SUM_EARLIER: tl.constexpr, ACCUMULATE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DK_PAD: tl.constexpr, DV_PAD: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+):
+    """dK, dV of one key tile of one term. The key tile is in the term's coordinates (virtual rows
+    for a range term, compact summary index for a summary term); each key belongs to exactly one
+    program of a launch, so ``ACCUMULATE`` (read-add-write over an earlier term's launch) needs no
+    atomics. DO shares O's strides ``so*``; DK and DV are contiguous."""
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // heads_in_group).to(tl.int64)
+    h = (head0 + (pid_bh % heads_in_group) * head_step).to(tl.int64)
+    if IS_SUMMARY:
+        base = tl.program_id(0) * 0
+        length = n + base
+        n0 = tl.program_id(0) * BLOCK_N
+        # compact keys: every summary cell before position n
+        key_len = (n // SUM_L) * SUM_C + tl.minimum(tl.maximum(n % SUM_L - SUM_LO, 0), SUM_C)
+    else:
+        base, length, n0 = _virtual_rows(tl.program_id(0), n, tiles_per_class, STEP, BLOCK_N)
+        key_len = length
+    if n0 >= key_len:
+        return
+    EVEN_DK: tl.constexpr = DK_PAD == dk
+    EVEN_DV: tl.constexpr = DV_PAD == dv
+    stat_off = (b * n_heads + h) * n
+    kidx = n0 + tl.arange(0, BLOCK_N)
+    k_ok = kidx < key_len
+    kpos = _key_pos(kidx, base, STEP, IS_SUMMARY, SUM_C, SUM_L, SUM_LO)
+    offs_dk = tl.arange(0, DK_PAD)
+    offs_dv = tl.arange(0, DV_PAD)
+    k = _load_rows(K + b * skb + h * skh, kpos, k_ok, offs_dk, dk, skn, True, EVEN_DK)
+    v = _load_rows(V + b * svb + h * svh, kpos, k_ok, offs_dv, dv, svn, True, EVEN_DV)
+    dk_acc = tl.zeros([BLOCK_N, DK_PAD], tl.float32)
+    dv_acc = tl.zeros([BLOCK_N, DV_PAD], tl.float32)
+
+    n_last = tl.minimum(n0 + BLOCK_N, key_len) - 1
+    start, f_lo, f_hi, end = _segments(
+        _query_lo(n0, IS_SUMMARY, OFFSET, SUM_C, SUM_L, SUM_LO, SUM_EARLIER),
+        _query_lo(n_last, IS_SUMMARY, OFFSET, SUM_C, SUM_L, SUM_LO, SUM_EARLIER),
+        _query_hi(n0, length, IS_SUMMARY, WINDOW, BLOCK), _query_hi(n_last, length, IS_SUMMARY, WINDOW, BLOCK),
+        length, BLOCK_M)
+    q_ptr = Q + b * sqb + h * sqh
+    do_ptr = DO + b * sob + h * soh
+    dk_acc, dv_acc = _dkdv_tiles(dk_acc, dv_acc, k, v, q_ptr, do_ptr, sqn, son, LSE + stat_off,
+                                 DELTA + stat_off, kidx, start, f_lo, length, base, qk_scale, offs_dk,
+                                 offs_dv, dk, dv, STEP, IS_SUMMARY, WINDOW, BLOCK, OFFSET, SUM_C, SUM_L,
+                                 SUM_LO, SUM_EARLIER, True, BLOCK_M, EVEN_DK, EVEN_DV, DOT_PREC)
+    dk_acc, dv_acc = _dkdv_tiles(dk_acc, dv_acc, k, v, q_ptr, do_ptr, sqn, son, LSE + stat_off,
+                                 DELTA + stat_off, kidx, f_lo, f_hi, length, base, qk_scale, offs_dk,
+                                 offs_dv, dk, dv, STEP, IS_SUMMARY, WINDOW, BLOCK, OFFSET, SUM_C, SUM_L,
+                                 SUM_LO, SUM_EARLIER, False, BLOCK_M, EVEN_DK, EVEN_DV, DOT_PREC)
+    dk_acc, dv_acc = _dkdv_tiles(dk_acc, dv_acc, k, v, q_ptr, do_ptr, sqn, son, LSE + stat_off,
+                                 DELTA + stat_off, kidx, f_hi, end, length, base, qk_scale, offs_dk,
+                                 offs_dv, dk, dv, STEP, IS_SUMMARY, WINDOW, BLOCK, OFFSET, SUM_C, SUM_L,
+                                 SUM_LO, SUM_EARLIER, True, BLOCK_M, EVEN_DK, EVEN_DV, DOT_PREC)
+
+    dk_acc = dk_acc * sm_scale
+    row_off = (b * n_heads + h) * n
+    dk_ptrs = DK + (row_off + kpos[:, None]) * dk + offs_dk[None, :]
+    dv_ptrs = DV + (row_off + kpos[:, None]) * dv + offs_dv[None, :]
+    mk = k_ok[:, None] & (offs_dk[None, :] < dk)
+    mv = k_ok[:, None] & (offs_dv[None, :] < dv)
+    if ACCUMULATE:
+        dk_acc += tl.load(dk_ptrs, mask=mk, other=0.0).to(tl.float32)
+        dv_acc += tl.load(dv_ptrs, mask=mv, other=0.0).to(tl.float32)
+    tl.store(dk_ptrs, dk_acc.to(DK.dtype.element_ty), mask=mk)
+    tl.store(dv_ptrs, dv_acc.to(DV.dtype.element_ty), mask=mv)

@@ -1,0 +1,306 @@
+"""Launchers for the Triton kernels, the torch custom ops that wrap them, and their autograd.
+
+A pattern is not a tensor, so it reaches the custom op as a flat tuple of ints (:func:`encode`):
+its head groups, each an arithmetic progression of heads sharing one term list. Each group runs as
+a few *passes*, one kernel launch each (kernels.py explains the virtual sequences):
+
+* one natural-order pass holding the group's Band or Block term and its Summary term, walked by one
+  online softmax (fixed ``both`` is a single launch);
+* one transposed-order pass per Stride term, which starts its online softmax from the previous
+  pass's output and lse, so the two query orders of strided ``both`` merge exactly with no merge
+  kernel.
+
+Backward: the dQ passes first (the first one also writes delta = rowsum(dO·O)), then one dK/dV
+launch per term, each adding onto the previous one. No atomics anywhere, so the backward is
+deterministic in both modes (``deterministic`` is kept in the signature for that contract).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+
+from ...patterns import Band, Block, Stride, Summary, _PatternBase
+from . import kernels
+
+_BAND, _BLOCK, _STRIDE, _SUMMARY = 0, 1, 2, 3
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+# ---------------------------------------------------------------------------------------------
+# Pattern -> plain ints -> launch plan
+# ---------------------------------------------------------------------------------------------
+
+
+def _progressions(heads: list[int]) -> list[tuple[int, int, int]]:
+    """Split a sorted head list into arithmetic progressions ``(first, step, count)``."""
+    out, i = [], 0
+    while i < len(heads):
+        if i + 1 == len(heads):
+            out.append((heads[i], 1, 1))
+            break
+        step, j = heads[i + 1] - heads[i], i + 1
+        while j + 1 < len(heads) and heads[j + 1] - heads[j] == step:
+            j += 1
+        out.append((heads[i], step, j - i + 1))
+        i = j + 1
+    return out
+
+
+def _term_ints(t) -> tuple[int, int, int, int, int]:
+    if isinstance(t, Band):
+        return (_BAND, t.window or 0, 0, 0, 0)
+    if isinstance(t, Block):
+        return (_BLOCK, t.size, 0, 0, 0)
+    if isinstance(t, Stride):
+        return (_STRIDE, t.size, t.min_distance, 0, 0)
+    if isinstance(t, Summary):
+        return (_SUMMARY, t.size, t.lo, t.hi, int(t.earlier_blocks_only))
+    raise ValueError(f"the triton backend does not know the pattern term {t!r}")
+
+
+def encode(pattern: _PatternBase, n_heads: int) -> list[int]:
+    """The pattern's per-head structure as ints: ``[n_groups, (head0, head_step, count, n_terms,
+    (code, a, b, c, d) * n_terms) * n_groups]``. An Interleaved pattern raises its ValueError."""
+    spec = []
+    n_groups = 0
+    for terms, heads in pattern.head_groups(n_heads):
+        ints = [x for t in terms for x in _term_ints(t)]
+        for h0, step, count in _progressions(sorted(heads)):
+            spec += [h0, step, count, len(terms), *ints]
+            n_groups += 1
+    return [n_groups, *spec]
+
+
+@dataclass(frozen=True)
+class _Pass:
+    """One launch: a virtual sequence (natural if step == 1, else transposed by ``step``), at most
+    one contiguous range term and at most one summary term."""
+
+    step: int = 1
+    has_range: bool = False
+    window: int = 0  # 0: unbounded
+    block: int = 0  # 0: none
+    offset: int = 0
+    sum_c: int = 0  # 0: no summary term
+    sum_l: int = 1
+    sum_lo: int = 0
+    sum_earlier: bool = False
+
+
+@dataclass(frozen=True)
+class _Group:
+    head0: int
+    head_step: int
+    count: int
+    passes: tuple[_Pass, ...]
+
+
+def _plan_terms(terms: list[tuple[int, ...]]) -> tuple[_Pass, ...]:
+    ranges, summaries, strides = [], [], []
+    for code, a, b, c, d in terms:
+        if code == _BAND:
+            ranges.append(_Pass(has_range=True, window=a))
+        elif code == _BLOCK:
+            ranges.append(_Pass(has_range=True, block=a))
+        elif code == _STRIDE:
+            # residue classes of i mod a are contiguous causal runs; j = i - m·a with m·a >= b
+            strides.append(_Pass(step=a, has_range=True, offset=-(-b // a)))
+        elif code == _SUMMARY:
+            summaries.append(dict(sum_c=c - b, sum_l=a, sum_lo=b, sum_earlier=bool(d)))
+        else:
+            raise ValueError(f"unknown term code {code}")
+    passes = []
+    while ranges or summaries:  # natural order: one range and one summary share a launch
+        p = ranges.pop(0) if ranges else _Pass()
+        if summaries:
+            p = _Pass(**{**p.__dict__, **summaries.pop(0)})
+        passes.append(p)
+    return tuple(passes + strides)
+
+
+def decode(spec: list[int]) -> list[_Group]:
+    groups, pos = [], 1
+    for _ in range(spec[0]):
+        h0, step, count, nt = spec[pos:pos + 4]
+        pos += 4
+        terms = [tuple(spec[pos + 5 * i: pos + 5 * i + 5]) for i in range(nt)]
+        pos += 5 * nt
+        groups.append(_Group(h0, step, count, _plan_terms(terms)))
+    return groups
+
+
+# ---------------------------------------------------------------------------------------------
+# Block sizes
+# ---------------------------------------------------------------------------------------------
+
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel and padded head dim. BLOCK_M counts queries
+# and BLOCK_N keys in every kernel. Measured on an H100 with scripts/gpu_triton_check.py.
+CONFIGS = {
+    "fwd": {16: (128, 64, 4, 3), 32: (128, 64, 4, 3), 64: (128, 64, 4, 3), 128: (128, 64, 8, 3)},
+    "dq": {16: (128, 64, 4, 3), 32: (128, 64, 4, 3), 64: (128, 64, 4, 3), 128: (128, 64, 8, 2)},
+    "dkdv": {16: (64, 128, 4, 3), 32: (64, 128, 4, 3), 64: (64, 128, 4, 3), 128: (64, 128, 8, 2)},
+}
+# The CPU interpreter's cost is per program and per op: mid-size tiles keep tests quick while still
+# giving several tiles (and every masked/unmasked run) at test sizes.
+_INTERPRET_CONFIG = (32, 32, 1, 1)
+
+
+def _config(kind: str, d_pad: int):
+    if _INTERPRET:
+        return _INTERPRET_CONFIG
+    table = CONFIGS[kind]
+    return table[d_pad] if d_pad in table else table[max(k for k in table if k <= d_pad)]
+
+
+def _pad(d: int) -> int:
+    return max(16, triton.next_power_of_2(d))
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    # fp32 inputs get exact fp32 products (tf32 would cost ~3e-4 relative error)
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _pass_args(p: _Pass):
+    return dict(STEP=p.step, WINDOW=p.window, BLOCK=p.block, OFFSET=p.offset, SUM_C=p.sum_c,
+                SUM_L=p.sum_l, SUM_LO=p.sum_lo, SUM_EARLIER=p.sum_earlier)
+
+
+def _query_grid(p: _Pass, n: int, block_m: int, bh: int):
+    if p.step == 1:
+        return (triton.cdiv(n, block_m), bh), 1
+    per_class = triton.cdiv(triton.cdiv(n, p.step), block_m)
+    return (p.step * per_class, bh), per_class
+
+
+def _summary_keys(p: _Pass, n: int) -> int:
+    return (n // p.sum_l) * p.sum_c + min(max(n % p.sum_l - p.sum_lo, 0), p.sum_c)
+
+
+# ---------------------------------------------------------------------------------------------
+# Forward / backward launchers
+# ---------------------------------------------------------------------------------------------
+
+
+def _forward(q, k, v, spec, scale):
+    B, H, n, dk = q.shape
+    dv = v.shape[-1]
+    out = torch.empty(B, H, n, dv, device=q.device, dtype=q.dtype)
+    lse = torch.empty(B, H, n, device=q.device, dtype=torch.float32)
+    dkp, dvp = _pad(dk), _pad(dv)
+    bm, bn, warps, stages = _config("fwd", max(dkp, dvp))
+    for g in decode(spec):
+        for i, p in enumerate(g.passes):
+            grid, per_class = _query_grid(p, n, bm, B * g.count)
+            kernels._attn_fwd[grid](
+                q, k, v, out, lse, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
+                n, H, g.head0, g.head_step, g.count, per_class, scale * math.log2(math.e), dk, dv,
+                HAS_RANGE=p.has_range, INIT_FROM_OUT=i > 0, BLOCK_M=bm, BLOCK_N=bn, DK_PAD=dkp, DV_PAD=dvp,
+                DOT_PREC=_dot_precision(q.dtype), num_warps=warps, num_stages=stages, **_pass_args(p))
+    return out, lse
+
+
+def _backward(do, q, k, v, out, lse, spec, scale):
+    B, H, n, dk = q.shape
+    dv = v.shape[-1]
+    do = do.contiguous()  # shares out's (contiguous) strides in the kernels
+    groups = decode(spec)
+    dq = torch.empty(B, H, n, dk, device=q.device, dtype=q.dtype)
+    # a group made only of summary terms leaves non-summary keys untouched: start from zeros
+    needs_zero = any(not any(p.has_range for p in g.passes) for g in groups)
+    alloc = torch.zeros if needs_zero else torch.empty
+    dkk = alloc(B, H, n, dk, device=q.device, dtype=k.dtype)
+    dvv = alloc(B, H, n, dv, device=q.device, dtype=v.dtype)
+    delta = torch.empty(B, H, n, device=q.device, dtype=torch.float32)
+    dkp, dvp = _pad(dk), _pad(dv)
+    prec = _dot_precision(q.dtype)
+    qk_scale = scale * math.log2(math.e)
+    strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3])
+
+    bm, bn, warps, stages = _config("dq", max(dkp, dvp))
+    for g in groups:
+        for i, p in enumerate(g.passes):
+            grid, per_class = _query_grid(p, n, bm, B * g.count)
+            kernels._attn_bwd_dq[grid](
+                q, k, v, out, do, dq, lse, delta, *strides,
+                n, H, g.head0, g.head_step, g.count, per_class, qk_scale, scale, dk, dv,
+                HAS_RANGE=p.has_range, FIRST=i == 0, BLOCK_M=bm, BLOCK_N=bn, DK_PAD=dkp, DV_PAD=dvp,
+                DOT_PREC=prec, num_warps=warps, num_stages=stages, **_pass_args(p))
+
+    bm, bn, warps, stages = _config("dkdv", max(dkp, dvp))
+    for g in groups:
+        first = not needs_zero
+        for p in g.passes:
+            launches = []
+            if p.has_range:
+                launches.append((False, p))
+            if p.sum_c:
+                launches.append((True, p))
+            for is_summary, pp in launches:
+                if is_summary:
+                    keys = _summary_keys(pp, n)
+                    grid, per_class = (triton.cdiv(keys, bn), B * g.count), 1
+                    if keys == 0:
+                        continue
+                else:
+                    grid, per_class = _query_grid(pp, n, bn, B * g.count)
+                kernels._attn_bwd_dkdv[grid](
+                    q, k, v, do, dkk, dvv, lse, delta, *strides,
+                    n, H, g.head0, g.head_step, g.count, per_class, qk_scale, scale, dk, dv,
+                    IS_SUMMARY=is_summary, ACCUMULATE=not first, BLOCK_M=bm, BLOCK_N=bn, DK_PAD=dkp,
+                    DV_PAD=dvp, DOT_PREC=prec, num_warps=warps, num_stages=stages, **_pass_args(pp))
+                first = False
+    return dq, dkk, dvv
+
+
+# ---------------------------------------------------------------------------------------------
+# Custom ops (opaque to torch.compile: no graph breaks) and autograd
+# ---------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("sparse_transformer::triton_attention_fwd", mutates_args=())
+def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: list[int], scale: float,
+                  deterministic: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(out [B, H, n, dv], lse [B, H, n] fp32, log2 units)``; ``deterministic`` is for backward."""
+    return _forward(q, k, v, spec, scale)
+
+
+@attention_fwd.register_fake
+def _(q, k, v, spec, scale, deterministic):
+    B, H, n, _ = q.shape
+    return q.new_empty(B, H, n, v.shape[-1]), q.new_empty(B, H, n, dtype=torch.float32)
+
+
+@torch.library.custom_op("sparse_transformer::triton_attention_bwd", mutates_args=())
+def attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                  lse: torch.Tensor, spec: list[int], scale: float,
+                  deterministic: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _backward(do, q, k, v, out, lse, spec, scale)
+
+
+@attention_bwd.register_fake
+def _(do, q, k, v, out, lse, spec, scale, deterministic):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, spec, scale, deterministic = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse)
+    ctx.spec, ctx.scale, ctx.deterministic = spec, scale, deterministic
+    ctx.mark_non_differentiable(lse)
+
+
+def _attention_backward(ctx, grad_out, grad_lse):
+    q, k, v, out, lse = ctx.saved_tensors
+    dq, dk, dv = attention_bwd(grad_out, q, k, v, out, lse, ctx.spec, ctx.scale, ctx.deterministic)
+    return dq, dk, dv, None, None, None
+
+
+torch.library.register_autograd("sparse_transformer::triton_attention_fwd", _attention_backward,
+                                setup_context=_setup_context)
