@@ -139,8 +139,17 @@ class LayerKVCache:
         dtype: the values' dtype (keys are always fp32).
     """
 
-    def __init__(self, pattern: _PatternBase, n_head: int, batch: int, length: int, dk: int, dv: int,
-                 device=None, dtype=torch.float32):
+    def __init__(
+        self,
+        pattern: _PatternBase,
+        n_head: int,
+        batch: int,
+        length: int,
+        dk: int,
+        dv: int,
+        device=None,
+        dtype=torch.float32,
+    ):
         self.length = length
         self.dv = dv
         self.groups = []  # (head index tensor or None for all heads, [term caches])
