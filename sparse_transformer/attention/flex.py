@@ -1,0 +1,154 @@
+"""FlexAttention backend: the factorization of ``factorized.py`` with one Flex call per term.
+
+Each head's key set is a disjoint union of terms (:mod:`sparse_transformer.patterns`). A Flex
+``BlockMask`` skips only whole 128 x 128 tiles, and strided's stride part and fixed's summary
+columns touch every tile of the ``n x n`` score matrix (anchors.md), so the pattern is never
+given to Flex as one mask. Each term becomes a Flex call on a rearranged sequence whose mask is
+dense in few tiles:
+
+* ``Band(w)``    sliding window ``i - w < j <= i`` (``w=None``: causal) on the sequence itself.
+* ``Block(l)``   block-diagonal causal: ``j // l == i // l``, ``j <= i``.
+* ``Stride(l)``  the sequence viewed as ``[n/l, l]`` and transposed, so each residue class ``i mod l``
+                 is a contiguous run of ``R = ceil(n/l)`` positions; the term is causal attention
+                 inside runs (block-causal-within-runs mask), rows at least ``ceil(min_distance/l)``
+                 apart.
+* ``Summary``    the summary cells of every block gathered into a compact K/V of length
+                 ``c·ceil(n/l)``; a query reads the summaries of earlier blocks (block-causal mask)
+                 or, for the standalone summary part, every summary cell ``j <= i``.
+
+The terms' normalized outputs are merged exactly by their log-sum-exps (Flex returns them in fp32),
+the same merge as the ``factorized`` backend. Block masks are built with
+``create_block_mask(..., _compile=True)`` (O(n) memory, no ``n x n`` mask) and cached per
+``(term, n, device)``; ``flex_attention`` is compiled once per process.
+
+This is the "composed Flex" baseline of anchors.md, for every pattern. CUDA is its target; on other
+devices it runs Flex's unfused eager path (O(n^2) memory), which is useful only for small checks.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
+
+from ..patterns import Band, Block, Stride, Summary, Term, _PatternBase
+from .factorized import _merge
+
+try:  # torch >= 2.9 asks for the log-sum-exp through an AuxRequest; return_lse is deprecated there
+    from torch.nn.attention.flex_attention import AuxRequest
+except ImportError:  # pragma: no cover - older torch
+    AuxRequest = None
+
+__all__ = ["flex_attention_sparse"]
+
+
+@functools.cache
+def _compiled_flex():
+    """``flex_attention`` compiled once. Every distinct mask function and shape is its own graph
+    (a benchmark over patterns x lengths x fwd/bwd needs dozens), so the recompile limit is raised
+    from its default of 8: past it Dynamo would fall back to the unfused O(n^2) eager path."""
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 256)
+    torch._dynamo.config.accumulated_cache_size_limit = max(torch._dynamo.config.accumulated_cache_size_limit, 1024)
+    return torch.compile(flex_attention, dynamic=False)
+
+
+def _flex(q, k, v, block_mask: BlockMask, scale: float):
+    """One Flex call: ``q [B, H, Q, dk]``, ``k [B, H, K, dk]``, ``v [B, H, K, dv]`` ->
+    ``(out [B, H, Q, dv], lse [B, H, Q] fp32)``; rows with no allowed key give 0 and ``-inf``."""
+    fn = _compiled_flex() if q.device.type == "cuda" else flex_attention
+    if AuxRequest is not None:
+        out, aux = fn(q, k, v, block_mask=block_mask, scale=scale, return_aux=AuxRequest(lse=True))
+        return out, aux.lse
+    return fn(q, k, v, block_mask=block_mask, scale=scale, return_lse=True)
+
+
+def _mask_mod(term: Term, n: int):
+    """The term's mask on the (rearranged) sequence it is computed on, and ``(Q_LEN, KV_LEN)``."""
+    if isinstance(term, Band):
+        w = term.window
+        if w is None:
+            return (lambda b, h, i, j: i >= j), (n, n)
+        return (lambda b, h, i, j: (i >= j) & (i - j < w)), (n, n)
+    if isinstance(term, Block):
+        size = term.size
+        return (lambda b, h, i, j: (i >= j) & (i // size == j // size)), (n, n)
+    if isinstance(term, Stride):
+        R = -(-n // term.size)  # run length after the transpose
+        gap = max(-(-term.min_distance // term.size), 0)  # rows between query and key, at least
+        L = R * term.size
+        return (lambda b, h, i, j: (i // R == j // R) & (i - j >= gap)), (L, L)
+    if isinstance(term, Summary):
+        l, lo, c = term.size, term.lo, term.hi - term.lo
+        S = -(-n // l) * c
+        if term.earlier_blocks_only:
+            return (lambda b, h, i, s: s // c < i // l), (n, S)
+        return (lambda b, h, i, s: (s // c) * l + lo + s % c <= i), (n, S)
+    raise TypeError(f"unknown pattern term {term!r}")
+
+
+@functools.lru_cache(maxsize=128)
+def _block_mask(term: Term, n: int, device: torch.device) -> BlockMask:
+    """The cached Flex ``BlockMask`` of ``term`` at length ``n`` (shared by every batch and head)."""
+    mask_mod, (q_len, kv_len) = _mask_mod(term, n)
+    return create_block_mask(mask_mod, None, None, q_len, kv_len, device=device, _compile=device.type == "cuda")
+
+
+def _pad_to(x: torch.Tensor, multiple: int) -> torch.Tensor:
+    extra = (-x.shape[2]) % multiple
+    return F.pad(x, (0, 0, 0, extra)) if extra else x
+
+
+def _term(q, k, v, term: Term, scale: float):
+    """``(out [B, H, n, dv] fp32-or-input dtype, lse [B, H, n] fp32)`` of one term."""
+    B, H, n, _ = q.shape
+    bm = _block_mask(term, n, q.device)
+    if isinstance(term, (Band, Block)):
+        return _flex(q, k, v, bm, scale)
+    l = term.size
+    R = -(-n // l)
+    if isinstance(term, Stride):
+
+        def transpose(x):  # [B, H, n, d] -> [B, H, l*R, d]: residue classes become contiguous runs
+            return _pad_to(x, l).view(B, H, R, l, x.shape[-1]).transpose(2, 3).reshape(B, H, l * R, x.shape[-1])
+
+        out, lse = _flex(transpose(q), transpose(k), transpose(v), bm, scale)
+        out = out.view(B, H, l, R, -1).transpose(2, 3).reshape(B, H, R * l, -1)[:, :, :n]
+        lse = lse.view(B, H, l, R).transpose(2, 3).reshape(B, H, R * l)[:, :, :n]
+        return out, lse
+    # Summary: gather the c summary cells of every block into a compact K/V of length c*R
+    def gather(x):
+        return _pad_to(x, l).view(B, H, R, l, x.shape[-1])[:, :, :, term.lo:term.hi].reshape(B, H, -1, x.shape[-1])
+
+    return _flex(q, gather(k), gather(v), bm, scale)
+
+
+def flex_attention_sparse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: _PatternBase,
+                          scale: float | None = None) -> torch.Tensor:
+    """Causal attention restricted to ``pattern``, one FlexAttention call per pattern term.
+
+    Args:
+        q, k: ``[B, H, n, dk]``; v: ``[B, H, n, dv]`` (same dtype and CUDA device).
+        pattern: from :mod:`sparse_transformer.patterns`; head ``h`` reads ``pattern.mask(n, h)``.
+        scale: softmax scale, default ``dk ** -0.5``.
+
+    Returns: ``[B, H, n, dv]`` in ``q.dtype``; queries with no allowed key give zeros.
+    Heads with identical key sets are computed together, as in the ``factorized`` backend.
+    """
+    H = q.shape[1]
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    groups = pattern.head_groups(H)
+    results, order = [], []
+    for terms, heads in groups:
+        if len(groups) == 1:
+            qs, ks, vs = q, k, v
+        else:
+            idx = torch.tensor(heads, device=q.device)
+            qs, ks, vs = q.index_select(1, idx), k.index_select(1, idx), v.index_select(1, idx)
+        results.append(_merge([_term(qs, ks, vs, t, scale) for t in terms]))
+        order.extend(heads)
+    out = results[0] if len(results) == 1 else torch.cat(results, dim=1)
+    if order != list(range(H)):
+        out = out.index_select(1, torch.tensor(order, device=q.device).argsort())
+    return out.to(q.dtype)
