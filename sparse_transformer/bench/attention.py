@@ -360,8 +360,6 @@ def bench_attention(
             raise UserError(f"unknown mode {m!r}; choose fwd and/or fwdbwd")
     if dtype not in _DTYPES:
         raise UserError(f"unknown dtype {dtype!r}; choose {', '.join(_DTYPES)}")
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True  # fp32 runs: what a user of the GPU would enable
 
     records: list[dict] = []
     for n in ns:
@@ -369,31 +367,34 @@ def bench_attention(
         runs = [(b, P.dense()) for b in backends if b in DENSE_BACKENDS]
         runs += [(b, pattern_for(s, n)) for b in backends if b not in DENSE_BACKENDS for s in patterns]
         recs_n = []
-        for backend, pattern in runs:
-            skip = _skip_reason(backend, n, device, max_n)
-            for mode in modes:
-                case = Case(backend, pattern, n, batch, heads, head_dim, dtype, str(device), mode)
-                if skip:
-                    fields = {"error": skip}
-                elif device.type == "cuda":
-                    fields = _run_case(case)
-                else:
-                    fields = _run_isolated(case, case_timeout_s)
-                if "ms" in fields:
-                    flops = 4 * head_dim * useful_pairs(pattern, n, heads, batch) * (3.5 if mode == "fwdbwd" else 1.0)
-                    fields["useful_tflops"] = flops / (fields["ms"] * 1e-3) / 1e12
-                rec = case.record(**fields)
-                recs_n.append(rec)
-                if verbose:
-                    status = f"{rec['ms']:.3f} ms" if "ms" in rec else rec["error"]
-                    print(f"[bench attention] n={n} {backend} {rec['pattern']} {mode}: {status}", file=sys.stderr, flush=True)
-        _add_speedups(recs_n)
-        if out_jsonl:
-            with open(out_jsonl, "a") as f:
-                f.writelines(json.dumps(r) + "\n" for r in recs_n)
-        if verbose:
-            for r in recs_n:
-                print(json.dumps(r), flush=True)
+        try:
+            for backend, pattern in runs:
+                skip = _skip_reason(backend, n, device, max_n)
+                for mode in modes:
+                    case = Case(backend, pattern, n, batch, heads, head_dim, dtype, str(device), mode)
+                    if skip:
+                        fields = {"error": skip}
+                    elif device.type == "cuda":
+                        fields = _run_case(case)
+                    else:
+                        fields = _run_isolated(case, case_timeout_s)
+                    if "ms" in fields:
+                        flops = 4 * head_dim * useful_pairs(pattern, n, heads, batch) * (3.5 if mode == "fwdbwd" else 1.0)
+                        fields["useful_tflops"] = flops / (fields["ms"] * 1e-3) / 1e12
+                    rec = case.record(**fields)
+                    recs_n.append(rec)
+                    if verbose:
+                        status = f"{rec['ms']:.3f} ms" if "ms" in rec else rec["error"]
+                        print(f"[bench attention] n={n} {backend} {rec['pattern']} {mode}: {status}",
+                              file=sys.stderr, flush=True)
+        finally:  # an interrupted run (Ctrl-C, a shell timeout's SIGINT) still writes what it measured
+            _add_speedups(recs_n)
+            if out_jsonl:
+                with open(out_jsonl, "a") as f:
+                    f.writelines(json.dumps(r) + "\n" for r in recs_n)
+            if verbose:
+                for r in recs_n:
+                    print(json.dumps(r), flush=True)
         records += recs_n
     return records
 

@@ -141,6 +141,22 @@ def _run_model(cfg: Config, device, dtype, steps, warmup, dense) -> dict:
     return fields
 
 
+def _compare(records: list[dict], is_dense: list[bool], dense: bool, target, dense_note) -> None:
+    """Add ``speedup_vs_dense`` (and the target verdict) to the sparse records."""
+    dense_rec = next((r for r, d in zip(records, is_dense) if d), None)
+    for r, d in zip(records, is_dense):
+        if d:
+            continue
+        if dense_rec is not None and "tokens_per_s" in r and "tokens_per_s" in dense_rec:
+            r["speedup_vs_dense"] = r["tokens_per_s"] / dense_rec["tokens_per_s"]
+        elif not dense and dense_note:
+            r["note"] = dense_note
+        if target is not None:
+            r["target_speedup"] = target
+            if "speedup_vs_dense" in r:
+                r["target_met"] = r["speedup_vs_dense"] >= target
+
+
 def bench_train(
     preset_or_cfg: str | Path | Config,
     n: int | None = None,
@@ -196,36 +212,28 @@ def bench_train(
         runs.append((validate(apply_overrides(copy.deepcopy(cfg), ["--model.pattern=dense", "--model.backend=sdpa"])), True))
 
     records = []
-    for c, is_dense in runs:
-        pattern = model_pattern(c.model).for_layer(0)
-        rec = {"case": case, "device": str(device), "dtype": dtype, "n": c.data.seq_len, "batch": c.train.batch_size,
-               "steps": steps, "n_layer": c.model.n_layer, "d_model": c.model.d_model, "n_head": c.model.n_head,
-               "pattern": pattern_label(model_pattern(c.model)) if not is_dense else "dense",
-               "backend": resolve_backend(c.model.backend, pattern, device) + (" (cuDNN)" if is_dense and device.type == "cuda" else ""),
-               "checkpoint": c.model.checkpoint}
+    try:
+        for c, is_dense in runs:
+            pattern = model_pattern(c.model).for_layer(0)
+            rec = {"case": case, "device": str(device), "dtype": dtype, "n": c.data.seq_len,
+                   "batch": c.train.batch_size, "steps": steps, "n_layer": c.model.n_layer, "d_model": c.model.d_model,
+                   "n_head": c.model.n_head, "pattern": "dense" if is_dense else pattern_label(model_pattern(c.model)),
+                   "backend": resolve_backend(c.model.backend, pattern, device)
+                   + (" (cuDNN)" if is_dense and device.type == "cuda" else ""),
+                   "checkpoint": c.model.checkpoint}
+            if verbose:
+                print(f"[bench train] {case or ''} {rec['pattern']} {rec['backend']} n={rec['n']} batch={rec['batch']}",
+                      file=sys.stderr, flush=True)
+            rec.update(_run_model(c, device, _DTYPES[dtype], steps, warmup, is_dense))
+            records.append(rec)
+    finally:  # an interrupted run (Ctrl-C, a shell timeout's SIGINT) still writes what it measured
+        _compare(records, [d for _, d in runs], dense, target, dense_note)
+        if out_jsonl:
+            with open(out_jsonl, "a") as f:
+                f.writelines(json.dumps(r) + "\n" for r in records)
         if verbose:
-            print(f"[bench train] {case or ''} {rec['pattern']} {rec['backend']} n={rec['n']} batch={rec['batch']} ...",
-                  file=sys.stderr, flush=True)
-        rec.update(_run_model(c, device, _DTYPES[dtype], steps, warmup, is_dense))
-        records.append(rec)
-    dense_rec = next((r for r, (_, d) in zip(records, runs) if d), None)
-    for r, (_, is_dense) in zip(records, runs):
-        if is_dense:
-            continue
-        if dense_rec is not None and "tokens_per_s" in r and "tokens_per_s" in dense_rec:
-            r["speedup_vs_dense"] = r["tokens_per_s"] / dense_rec["tokens_per_s"]
-        elif not dense and dense_note:
-            r["note"] = dense_note
-        if target is not None:
-            r["target_speedup"] = target
-            if "speedup_vs_dense" in r:
-                r["target_met"] = r["speedup_vs_dense"] >= target
-    if out_jsonl:
-        with open(out_jsonl, "a") as f:
-            f.writelines(json.dumps(r) + "\n" for r in records)
-    if verbose:
-        for r in records:
-            print(json.dumps(r), flush=True)
+            for r in records:
+                print(json.dumps(r), flush=True)
     return records
 
 

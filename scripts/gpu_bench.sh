@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# Issue 4 items 4-5 on one GPU in one call: attention backends x patterns x n (triton, composed
+# Flex, factorized, dense SDPA cuDNN/flash), then full training steps sparse vs dense, then the
+# flex backend's GPU numerics. Each step has a timeout (min of its cap and the time left of
+# BUDGET seconds); an interrupted step still writes the cases it finished.
+#
+#   PYTHONPATH=. BUDGET=380 bash scripts/gpu_bench.sh
+#
+# Writes $OUT/attention.jsonl, $OUT/train.jsonl, $OUT/bench.log, $OUT/tables.md; prints the tables last.
+set -u
+OUT=${OUT:-bench_out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$(pwd)"
+PY=${PYTHON:-python3}
+BUDGET=${BUDGET:-380}
+LOG="$OUT/bench.log"
+START=$SECONDS
+
+step() {  # step CAP NAME COMMAND...: run COMMAND with a timeout of min(CAP, time left)
+  local cap=$1 name=$2 left t rc
+  shift 2
+  left=$((BUDGET - (SECONDS - START)))
+  if [ "$left" -lt 20 ]; then echo "== $name: not run, budget spent" | tee -a "$LOG"; return; fi
+  t=$((cap < left ? cap : left))
+  echo "== $name (timeout ${t}s): $*" | tee -a "$LOG"
+  timeout --signal=INT --kill-after=15 "$t" "$@" >>"$LOG" 2>&1
+  rc=$?
+  echo "== $name: exit $rc, $((SECONDS - START)) s since start" | tee -a "$LOG"
+}
+
+ATTN="$PY -m sparse_transformer bench attention --out $OUT/attention.jsonl"
+TRAIN="$PY -m sparse_transformer bench train --out $OUT/train.jsonl"
+$PY -c "import torch, triton; print(torch.cuda.get_device_name(), '| torch', torch.__version__, '| triton', triton.__version__)" | tee -a "$LOG"
+
+# the targets first: strided and fixed at 16K, the paper models' training steps, then 1M
+step 85 attn_16k $ATTN --n 16K --backends sdpa_cudnn,sdpa_flash,triton,factorized,flex
+step 80 train_enwik8 $TRAIN --case enwik8,strided64k --steps 3 --warmup 2
+step 75 attn_1m $ATTN --n 1M --backends sdpa_cudnn,triton,flex
+step 45 train_audio $TRAIN --case audio1m --steps 2 --warmup 1
+step 60 attn_64k $ATTN --n 64K --backends sdpa_cudnn,sdpa_flash,triton,factorized,flex
+step 40 attn_4k_256k $ATTN --n 4K,256K --backends sdpa_cudnn,triton
+step 60 test_flex $PY -m pytest -q -x tests/test_flex.py -k "bf16 and (strided or fixed)"
+
+$PY - "$OUT" <<'PYEOF' | tee "$OUT/tables.md"
+import json, os, sys
+from sparse_transformer.bench import attention, train
+out = sys.argv[1]
+def load(name):
+    path = os.path.join(out, name)
+    return [json.loads(line) for line in open(path)] if os.path.exists(path) else []
+print(attention.format_table(load("attention.jsonl")))
+print()
+print(train.format_table(load("train.jsonl")))
+PYEOF

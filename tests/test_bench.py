@@ -1,0 +1,96 @@
+"""The benchmarks run at tiny sizes on CPU and emit valid JSON lines and a table (timings are never
+asserted)."""
+
+import argparse
+import json
+
+import pytest
+
+from sparse_transformer import patterns as P
+from sparse_transformer.bench import attention as bench_attention_mod
+from sparse_transformer.bench import train as bench_train_mod
+from sparse_transformer.bench.attention import bench_attention, pattern_for, useful_pairs
+from sparse_transformer.bench.train import bench_train
+from sparse_transformer.config import Config
+from sparse_transformer.errors import UserError
+
+
+def test_pattern_for_sizes_by_length():
+    assert [pattern_for("strided", n).stride for n in (4096, 16384, 65536, 262144, 1048576)] == [64, 128, 256, 512, 1024]
+    assert (pattern_for("fixed", 16384).stride, pattern_for("fixed", 65536).stride, pattern_for("fixed", 4096).c) == (128, 256, 32)
+    assert pattern_for("fixed:64:8", 1 << 20) == P.fixed(64, 8)
+    assert pattern_for("strided:32", 1024) == P.strided(32)
+    with pytest.raises(UserError):
+        pattern_for("banded", 1024)
+    with pytest.raises(UserError):
+        pattern_for("fixed:16:32", 1024)  # c > l
+
+
+def test_useful_pairs_counts_allowed_pairs():
+    n = 100
+    assert useful_pairs(P.dense(), n, heads=3, batch=2) == 2 * 3 * n * (n + 1) // 2
+    p = P.multihead(P.strided(10))
+    assert useful_pairs(p, n, heads=4, batch=1) == sum(int(p.mask(n, h).sum()) for h in range(4))
+
+
+def test_bench_attention_cpu_jsonl_and_table(tmp_path, capsys):
+    out = tmp_path / "attn.jsonl"
+    parser = argparse.ArgumentParser()
+    bench_attention_mod.add_arguments(parser)
+    args = parser.parse_args(["--device", "cpu", "--backends", "factorized,sdpa,flex", "--patterns", "strided:8,fixed:8:2",
+                              "--n", "64", "--batch-tokens", "128", "--heads", "2", "--head-dim", "8",
+                              "--out", str(out)])
+    assert bench_attention_mod.run(args) == 0
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    # dense sdpa (1 pattern) + factorized and flex on 2 patterns, each fwd and fwdbwd
+    assert len(records) == 2 * (1 + 2 + 2)
+    for r in records:
+        assert r["n"] == 64 and r["batch"] == 2
+        if r["backend"] == "flex":
+            assert r["error"].startswith("skipped")  # CUDA only
+            continue
+        assert "error" not in r, r
+        assert r["ms"] > 0 and r["useful_tflops"] > 0 and r["peak_mib"] >= 0
+        if r["backend"] == "factorized":
+            assert set(r["speedup_vs"]) == {"sdpa"}
+    table = capsys.readouterr().out.split("\n\n")[-1]
+    assert table.startswith("| n | B | pattern | backend | mode | ms |")
+    assert "| 64 | 2 | strided l=8 | factorized | fwdbwd |" in table
+    assert "skipped: flex needs CUDA" in table
+
+
+def test_bench_attention_records_failures():
+    recs = bench_attention(backends=["factorized"], patterns=["strided:8"], ns=[32], batch_tokens=32, heads=1,
+                           head_dim=4, device="cpu", modes=["fwd"], max_n={"factorized": 16}, verbose=False)
+    assert recs[0]["error"].startswith("skipped: n > 16")
+    with pytest.raises(UserError):
+        bench_attention(backends=["nope"], ns=[32], device="cpu", verbose=False)
+
+
+def test_bench_train_cpu_sparse_vs_dense(tmp_path):
+    cfg = Config()
+    out = tmp_path / "train.jsonl"
+    recs = bench_train(cfg, n=64, batch=2, steps=1, warmup=1, sparse_backend="factorized", device="cpu",
+                       overrides=["--model.n_layer", "1", "--model.d_model", "32", "--model.n_head", "2",
+                                  "--model.stride", "8", "--model.c", "2"],
+                       target=1.0, case="tiny", out_jsonl=str(out), verbose=False)
+    assert [json.loads(line) for line in out.read_text().splitlines()] == recs
+    sparse, dense = recs
+    assert sparse["pattern"] == "fixed l=8 c=2" and sparse["backend"] == "factorized" and sparse["checkpoint"]
+    assert dense["pattern"] == "dense" and dense["backend"] == "sdpa"
+    assert sparse["params"] == dense["params"] > 0
+    assert sparse["tokens_per_s"] > 0 and dense["tokens_per_s"] > 0
+    assert sparse["speedup_vs_dense"] > 0 and "target_met" in sparse
+    table = bench_train_mod.format_table(recs)
+    assert table.count("\n") == 3 and "| tiny | 1L d32 h2 | 64 | 2 | fixed l=8 c=2 | factorized |" in table
+
+
+def test_bench_train_cli_case_without_dense(capsys):
+    parser = argparse.ArgumentParser()
+    bench_train_mod.add_arguments(parser)
+    args = parser.parse_args(["--case", "audio1m", "--n", "256", "--steps", "1", "--warmup", "0", "--device", "cpu",
+                              "--set", "model.n_layer=1", "--set", "model.stride=16"])
+    assert bench_train_mod.run(args) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    (rec,) = [json.loads(line) for line in lines]
+    assert rec["case"] == "audio1m" and rec["n"] == 256 and rec["d_model"] == 128 and "dense not run" in rec["note"]
