@@ -17,7 +17,7 @@ if not torch.cuda.is_available():
 
 triton = pytest.importorskip("triton")
 
-from attention_cases import (  # noqa: E402
+from attention_cases import (
     assert_close_by_rule,
     lowp_masked_attention,
     outputs_and_grads,
@@ -25,9 +25,9 @@ from attention_cases import (  # noqa: E402
     random_qkv,
 )
 
-from sparse_transformer import patterns as P  # noqa: E402
-from sparse_transformer.attention.reference import reference_attention  # noqa: E402
-from sparse_transformer.attention.triton import ops, triton_attention  # noqa: E402
+from sparse_transformer import patterns as P
+from sparse_transformer.attention.reference import reference_attention
+from sparse_transformer.attention.triton import ops, triton_attention
 
 GRID = pattern_grid()
 # the interpreter trips numpy's scalar-conversion deprecation on every program id
@@ -143,22 +143,18 @@ def test_custom_op_registration_and_no_graph_breaks():
 
 
 # ---------------------------------------------------------------------------------------------
-# GPU: realistic sizes (a covering design over n x l x dtype x head dim, not the full product,
-# to keep kernel compilation to about a minute)
+# GPU: realistic sizes. A covering design over n x l x dtype x head dim (every value of each axis
+# at least once), not the full product: each combination compiles its own kernels.
 # ---------------------------------------------------------------------------------------------
 
-GPU_CASES = [  # (pattern, n, B, H, dk, dv, dtype)
-    ("strided", 1000, 2, 4, 64, 64, torch.bfloat16, 64),
-    ("fixed", 1000, 2, 4, 32, 32, torch.float16, 64),
-    ("multihead-fixed", 4096, 1, 4, 128, 128, torch.bfloat16, 128),
-    ("strided-stride", 4096, 1, 2, 32, 32, torch.float32, 256),
-    ("fixed-summary", 4096, 1, 2, 64, 64, torch.bfloat16, 256),
-    ("multihead-strided", 1000, 1, 4, 128, 128, torch.float16, 128),
-    ("fixed", 4096, 1, 2, 64, 32, torch.bfloat16, 128),  # half-size q/k
-    ("dense", 1000, 1, 2, 80, 80, torch.bfloat16, 64),  # padded head dim
+GPU_CASES = [  # (pattern, n, B, H, dk, dv, dtype, l)
     ("strided", 16384, 1, 1, 64, 64, torch.bfloat16, 128),
-    ("fixed", 16384, 1, 1, 64, 64, torch.bfloat16, 128),
+    ("strided", 1000, 2, 4, 64, 64, torch.bfloat16, 64),
+    ("fixed", 4096, 1, 2, 32, 32, torch.float16, 128),
+    ("multihead-fixed", 4096, 1, 4, 128, 128, torch.bfloat16, 256),
     ("fixed", 4096, 1, 2, 128, 128, torch.float32, 256),
+    ("fixed-summary", 1000, 1, 2, 64, 32, torch.bfloat16, 64),  # half-size q/k, empty rows
+    ("multihead-strided", 1000, 1, 4, 80, 80, torch.float16, 128),  # padded head dim
 ]
 
 
@@ -190,7 +186,7 @@ def test_gpu_deterministic_grads_are_bitwise_identical(pattern):
 @pytest.mark.gpu
 def test_gpu_torch_compile_fullgraph():
     pattern = P.fixed(128, 32)
-    q, k, v, do = random_qkv(1, 2, 2048, 64, 64, torch.bfloat16, device="cuda", seed=2)
+    q, k, v, _ = random_qkv(1, 2, 2048, 64, 64, torch.bfloat16, device="cuda", seed=2)
 
     def layer(a, b, c):
         return (triton_attention(a * 1.0, b, c, pattern) * 2.0).sum(-1)
@@ -202,4 +198,5 @@ def test_gpu_torch_compile_fullgraph():
     q.grad = None
     ref = layer(q, k, v)
     ref.sum().backward()
-    assert torch.equal(got, ref) and torch.equal(dq, q.grad)
+    assert torch.allclose(got.float(), ref.float(), atol=1e-2, rtol=1e-2)
+    assert torch.allclose(dq.float(), q.grad.float(), atol=1e-2, rtol=1e-2)

@@ -30,7 +30,6 @@ probability in that row is exp2(-inf) = 0 and its gradients are 0, with no NaN.
 import triton
 import triton.language as tl
 
-
 # ---------------------------------------------------------------------------------------------
 # Index helpers (all non-decreasing in the row index, which the tile ranges rely on)
 # ---------------------------------------------------------------------------------------------

@@ -111,7 +111,7 @@ def _plan_terms(terms: list[tuple[int, ...]]) -> tuple[_Pass, ...]:
             # residue classes of i mod a are contiguous causal runs; j = i - m·a with m·a >= b
             strides.append(_Pass(step=a, has_range=True, offset=-(-b // a)))
         elif code == _SUMMARY:
-            summaries.append(dict(sum_c=c - b, sum_l=a, sum_lo=b, sum_earlier=bool(d)))
+            summaries.append({"sum_c": c - b, "sum_l": a, "sum_lo": b, "sum_earlier": bool(d)})
         else:
             raise ValueError(f"unknown term code {code}")
     passes = []
@@ -138,21 +138,30 @@ def decode(spec: list[int]) -> list[_Group]:
 # Block sizes
 # ---------------------------------------------------------------------------------------------
 
-# (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel and padded head dim. BLOCK_M counts queries
-# and BLOCK_N keys in every kernel. Measured on an H100 with scripts/gpu_triton_check.py.
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel and padded head dim; BLOCK_M counts queries
+# and BLOCK_N keys in every kernel. Head dim 64 (bf16) is the sweep of scripts/gpu_triton_check.py on
+# an H200 (strided l=128 and fixed l=128 c=32, n=16384, B=8, H=8): fwd 64x64 beat 128x64 by 21 % on
+# strided (0.55 vs 0.69 ms) and 3 % on fixed; dq 64x64 beat 128x64 by 8 %; dK/dV with 32-query tiles
+# cut strided fwd+bwd from 4.22 to 2.22 ms (the band and stride passes are short, so small tiles
+# give more programs), at +2 % on fixed. 16/32 reuse the 64 entries; 128 keeps the larger-warp
+# tiles that passed the GPU tests.
 CONFIGS = {
-    "fwd": {16: (128, 64, 4, 3), 32: (128, 64, 4, 3), 64: (128, 64, 4, 3), 128: (128, 64, 8, 3)},
-    "dq": {16: (128, 64, 4, 3), 32: (128, 64, 4, 3), 64: (128, 64, 4, 3), 128: (128, 64, 8, 2)},
-    "dkdv": {16: (64, 128, 4, 3), 32: (64, 128, 4, 3), 64: (64, 128, 4, 3), 128: (64, 128, 8, 2)},
+    "fwd": {16: (64, 64, 4, 3), 32: (64, 64, 4, 3), 64: (64, 64, 4, 3), 128: (128, 64, 8, 3)},
+    "dq": {16: (64, 64, 4, 3), 32: (64, 64, 4, 3), 64: (64, 64, 4, 3), 128: (128, 64, 8, 2)},
+    "dkdv": {16: (32, 128, 4, 3), 32: (32, 128, 4, 3), 64: (32, 128, 4, 3), 128: (64, 128, 8, 2)},
 }
+# fp32 tiles are twice the bytes: halve them and pipeline two deep so K/V stages fit shared memory.
+_FP32_CONFIG = {"fwd": (64, 32, 4, 2), "dq": (64, 32, 4, 2), "dkdv": (32, 64, 4, 2)}
 # The CPU interpreter's cost is per program and per op: mid-size tiles keep tests quick while still
 # giving several tiles (and every masked/unmasked run) at test sizes.
 _INTERPRET_CONFIG = (32, 32, 1, 1)
 
 
-def _config(kind: str, d_pad: int):
+def _config(kind: str, d_pad: int, dtype: torch.dtype):
     if _INTERPRET:
         return _INTERPRET_CONFIG
+    if dtype == torch.float32:
+        return _FP32_CONFIG[kind]
     table = CONFIGS[kind]
     return table[d_pad] if d_pad in table else table[max(k for k in table if k <= d_pad)]
 
@@ -162,13 +171,14 @@ def _pad(d: int) -> int:
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
-    # fp32 inputs get exact fp32 products (tf32 would cost ~3e-4 relative error)
-    return "ieee" if dtype == torch.float32 else "tf32"
+    # fp32 inputs: three tf32 tensor-core products per dot (error near fp32's; plain tf32 costs
+    # ~3e-4 relative). "ieee" lowers to FMA loops whose compile did not finish in minutes at d=128.
+    return "tf32x3" if dtype == torch.float32 else "tf32"
 
 
 def _pass_args(p: _Pass):
-    return dict(STEP=p.step, WINDOW=p.window, BLOCK=p.block, OFFSET=p.offset, SUM_C=p.sum_c,
-                SUM_L=p.sum_l, SUM_LO=p.sum_lo, SUM_EARLIER=p.sum_earlier)
+    return {"STEP": p.step, "WINDOW": p.window, "BLOCK": p.block, "OFFSET": p.offset, "SUM_C": p.sum_c,
+            "SUM_L": p.sum_l, "SUM_LO": p.sum_lo, "SUM_EARLIER": p.sum_earlier}
 
 
 def _query_grid(p: _Pass, n: int, block_m: int, bh: int):
@@ -193,7 +203,7 @@ def _forward(q, k, v, spec, scale):
     out = torch.empty(B, H, n, dv, device=q.device, dtype=q.dtype)
     lse = torch.empty(B, H, n, device=q.device, dtype=torch.float32)
     dkp, dvp = _pad(dk), _pad(dv)
-    bm, bn, warps, stages = _config("fwd", max(dkp, dvp))
+    bm, bn, warps, stages = _config("fwd", max(dkp, dvp), q.dtype)
     for g in decode(spec):
         for i, p in enumerate(g.passes):
             grid, per_class = _query_grid(p, n, bm, B * g.count)
@@ -222,7 +232,7 @@ def _backward(do, q, k, v, out, lse, spec, scale):
     qk_scale = scale * math.log2(math.e)
     strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3])
 
-    bm, bn, warps, stages = _config("dq", max(dkp, dvp))
+    bm, bn, warps, stages = _config("dq", max(dkp, dvp), q.dtype)
     for g in groups:
         for i, p in enumerate(g.passes):
             grid, per_class = _query_grid(p, n, bm, B * g.count)
@@ -232,7 +242,7 @@ def _backward(do, q, k, v, out, lse, spec, scale):
                 HAS_RANGE=p.has_range, FIRST=i == 0, BLOCK_M=bm, BLOCK_N=bn, DK_PAD=dkp, DV_PAD=dvp,
                 DOT_PREC=prec, num_warps=warps, num_stages=stages, **_pass_args(p))
 
-    bm, bn, warps, stages = _config("dkdv", max(dkp, dvp))
+    bm, bn, warps, stages = _config("dkdv", max(dkp, dvp), q.dtype)
     for g in groups:
         first = not needs_zero
         for p in g.passes:
