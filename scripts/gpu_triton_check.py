@@ -1,7 +1,12 @@
-"""GPU check of the triton backend in one call: numerics (the gpu-marked tests plus spot checks),
-a small block-size sweep, and timings against dense causal SDPA (cuDNN) in the same process.
+"""GPU check of the triton backend in one call: numerics first (the gpu-marked tests under a time
+budget, then spot checks of both backward modes), timings of both modes (deterministic=False: fused
+dQ with atomics; True: atomic-free) against dense causal SDPA (cuDNN) in the same process, and,
+with time left, a few block sizes for the fused dK/dV/dQ kernel.
 
-    PYTHONPATH=. python3 scripts/gpu_triton_check.py [--sweep] [--budget SECONDS]
+    PYTHONPATH=. PYTHONUNBUFFERED=1 python3 scripts/gpu_triton_check.py [--budget S] [--pytest-budget S]
+
+The fused-dQ backward is opt-in (ops.FUSED_DQ); this script turns it on, for itself and for the
+pytest run (SPARSE_TRANSFORMER_TRITON_FUSED_DQ=1), so the default-mode GPU tests check it.
 
 Writes JSON lines to $OUT/triton_check.jsonl (or ./triton_check.jsonl) and prints a table last.
 Useful FLOPs count only the pairs the pattern allows: 4·d per pair forward, 3.5x that forward+backward.
@@ -21,6 +26,8 @@ import torch.nn.functional as F
 import triton
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from triton.testing import do_bench
+
+os.environ["SPARSE_TRANSFORMER_TRITON_FUSED_DQ"] = "1"  # before the import: ops reads it once
 
 from sparse_transformer import patterns as P
 from sparse_transformer.attention.reference import reference_attention
@@ -58,11 +65,11 @@ def ceilings():
     return 2 * 8192**3 / t / 1e9, 2 * x.numel() * 4 / tc / 1e9
 
 
-def spot_check(name, pattern, B, H, n, d, dtype):
+def spot_check(name, pattern, B, H, n, d, dtype, det=False):
     """Output and grads vs the fp32 reference on a few heads (max error relative to max |ref|)."""
     q, k, v = qkv(B, H, n, d, dtype)
     do = torch.randn_like(v)
-    out = triton_attention(q, k, v, pattern)
+    out = triton_attention(q, k, v, pattern, deterministic=det)
     grads = torch.autograd.grad(out, (q, k, v), do)
     qf, kf, vf = (t.detach().float().requires_grad_(True) for t in (q, k, v))
     ref = reference_attention(qf, kf, vf, pattern)
@@ -70,134 +77,131 @@ def spot_check(name, pattern, B, H, n, d, dtype):
     errs = {nm: ((a.float() - r).abs().max() / r.abs().max()).item()
             for nm, a, r in zip(("out", "dq", "dk", "dv"), (out, *grads), (ref, *rgrads))}
     ok = all(e < (2e-2 if dtype != torch.float32 else 1e-4) for e in errs.values())
-    rec(kind="spot", name=name, n=n, dtype=str(dtype), d=d, ok=ok, **{f"rel_err_{k}": v for k, v in errs.items()})
+    rec(kind="spot", name=name, det=det, n=n, dtype=str(dtype), d=d, ok=ok, **{f"rel_err_{k}": v for k, v in errs.items()})
     return ok
 
 
-def bench_triton(name, pattern, B, H, n, d, dense=True, reps=(20, 100)):
+def dense_cudnn(B, H, n, d, reps=(5, 30)):
+    q, k, v = qkv(B, H, n, d)
+    g = torch.randn_like(v)
+    with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
+        sd = lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        with torch.no_grad():
+            s_f = do_bench(sd, warmup=reps[0], rep=reps[1], return_mode="median")
+        s_fb = do_bench(lambda: sd().backward(g), warmup=reps[0], rep=reps[1], return_mode="median",
+                        grad_to_none=[q, k, v])
+    rec(kind="dense", n=n, B=B, H=H, d=d, cudnn_fwd_ms=s_f, cudnn_fwdbwd_ms=s_fb)
+    return s_f, s_fb
+
+
+def bench_triton(name, pattern, B, H, n, d, dets=(False, True), dense=None, reps=(20, 100), tag=""):
+    """Forward once (it is the same in both modes), fwd+bwd per backward mode; fresh random inputs."""
     q, k, v = qkv(B, H, n, d)
     g = torch.randn_like(v)
     with torch.no_grad():
         t_f = do_bench(lambda: triton_attention(q, k, v, pattern), warmup=reps[0], rep=reps[1], return_mode="median")
-    t_fb = do_bench(lambda: triton_attention(q, k, v, pattern).backward(g), warmup=reps[0], rep=reps[1],
-                    return_mode="median", grad_to_none=[q, k, v])
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    triton_attention(q, k, v, pattern).backward(g)
-    torch.cuda.synchronize()
-    peak = (torch.cuda.max_memory_allocated() - base) / 2**20
     pairs = useful_pairs(pattern, n, B, H)
-    row = {"kind": "bench", "name": name, "n": n, "B": B, "H": H, "d": d, "fwd_ms": t_f, "fwdbwd_ms": t_fb,
-           "peak_extra_MiB": peak, "useful_fwd_tflops": 4 * d * pairs / t_f / 1e9,
-           "useful_fwdbwd_tflops": 3.5 * 4 * d * pairs / t_fb / 1e9, "qkvo_bytes": 4 * q.numel() * 2}
-    if dense:
-        with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
-            sd = lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True)
-            with torch.no_grad():
-                s_f = do_bench(sd, warmup=5, rep=30, return_mode="median")
-            s_fb = do_bench(lambda: sd().backward(g), warmup=3, rep=30, return_mode="median", grad_to_none=[q, k, v])
-        row.update(cudnn_fwd_ms=s_f, cudnn_fwdbwd_ms=s_fb, speedup_fwd=s_f / t_f, speedup_fwdbwd=s_fb / t_fb)
-    rec(**row)
-    return row
+    rows = []
+    for det in dets:
+        fb = lambda det=det: triton_attention(q, k, v, pattern, deterministic=det).backward(g)
+        t_fb = do_bench(fb, warmup=reps[0], rep=reps[1], return_mode="median", grad_to_none=[q, k, v])
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        fb()
+        torch.cuda.synchronize()
+        peak = (torch.cuda.max_memory_allocated() - base) / 2**20
+        row = {"kind": "bench", "name": name + tag, "det": det, "n": n, "B": B, "H": H, "d": d, "fwd_ms": t_f,
+               "fwdbwd_ms": t_fb, "bwd_ms": t_fb - t_f, "peak_extra_MiB": peak,
+               "useful_fwd_tflops": 4 * d * pairs / t_f / 1e9,
+               "useful_fwdbwd_tflops": 3.5 * 4 * d * pairs / t_fb / 1e9}
+        if dense:
+            row.update(cudnn_fwd_ms=dense[0], cudnn_fwdbwd_ms=dense[1], speedup_fwd=dense[0] / t_f,
+                       speedup_fwdbwd=dense[1] / t_fb)
+        rec(**row)
+        rows.append(row)
+    return rows
 
 
-SWEEP = {  # a few candidates per kernel (each costs compiles); the first is the current default
-    "fwd": [(64, 64, 4, 3), (128, 64, 4, 3), (64, 128, 4, 3)],
-    "dq": [(64, 64, 4, 3), (128, 64, 4, 3), (64, 32, 4, 3)],
-    "dkdv": [(32, 128, 4, 3), (64, 128, 4, 3), (128, 128, 8, 2)],
-}
+FUSED_SWEEP = [(64, 128, 8, 2), (64, 64, 4, 3), (32, 64, 4, 3)]  # the default (32, 128, 4, 3) is timed above
 
 
-def sweep(d, cases):
-    """Time each config of each kernel on ``cases``; keep the config with the lowest summed time."""
-    for kind, configs in SWEEP.items():
-        best, keep = None, ops.CONFIGS[kind][d]
-        for cfg in configs:
-            ops.CONFIGS[kind][d] = cfg
-            total = 0.0
-            try:
-                for name, pattern, B, H, n in cases:
-                    q, k, v = qkv(B, H, n, d)
-                    g = torch.randn_like(v)
-                    if kind == "fwd":
-                        fn = lambda q=q, k=k, v=v, p=pattern: triton_attention(q, k, v, p)
-                        with torch.no_grad():
-                            t = do_bench(fn, warmup=10, rep=50, return_mode="median")
-                    else:  # the forward is the same for every backward config: compare fwd+bwd
-                        fn = lambda q=q, k=k, v=v, p=pattern, g=g: triton_attention(q, k, v, p).backward(g)
-                        t = do_bench(fn, warmup=10, rep=50, return_mode="median", grad_to_none=[q, k, v])
-                    rec(kind="sweep", kernel=kind, d=d, cfg=cfg, case=name, ms=t)
-                    total += t
-            except Exception as e:  # noqa: BLE001 - a config that does not fit (shared memory, registers)
-                rec(kind="sweep", kernel=kind, d=d, cfg=cfg, error=str(e)[:200])
-                continue
-            if best is None or total < best[0]:
-                best = (total, cfg)
-        ops.CONFIGS[kind][d] = best[1] if best else keep
-        rec(kind="sweep_best", kernel=kind, d=d, cfg=ops.CONFIGS[kind][d], total_ms=best[0] if best else None)
+def fused_sweep(cases, deadline):
+    """fwd+bwd (deterministic=False) with other block sizes for the fused dK/dV/dQ kernel."""
+    keep = ops.CONFIGS["dkdv_fused"][64]
+    out = []
+    for cfg in FUSED_SWEEP:
+        if time.time() > deadline:
+            rec(kind="sweep", cfg=cfg, skipped="time")
+            continue
+        ops.CONFIGS["dkdv_fused"][64] = cfg
+        try:
+            for name, pattern, B, H, n in cases:
+                out += bench_triton(name, pattern, B, H, n, 64, dets=(False,), reps=(10, 50), tag=f" fused{cfg}")
+        except Exception as e:  # noqa: BLE001 - a config that does not fit (shared memory, registers)
+            rec(kind="sweep", cfg=cfg, error=str(e)[:300])
+    ops.CONFIGS["dkdv_fused"][64] = keep
+    return out
 
 
-def table(results, mm, bw, ok):
+def run_pytest(budget):
+    """The gpu-marked tests in a subprocess with a hard time limit, streamed to a log so a timeout
+    still leaves a record. They compile first, which warms the on-disk Triton cache for the timings."""
+    log = os.path.join(OUT, "pytest_gpu.log")
+    cmd = [sys.executable, "-m", "pytest", "tests/test_triton.py", "-m", "gpu", "-q", "-x", "-p", "no:cacheprovider",
+           "--durations=8"]
+    with open(log, "w") as f:
+        try:
+            rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, timeout=budget, check=False).returncode
+        except subprocess.TimeoutExpired:
+            rc = "timeout"
+    with open(log) as f:
+        lines = f.read().strip().splitlines()
+    print("\n".join(lines[-30:]), flush=True)
+    rec(kind="pytest_gpu", rc=rc, summary=lines[-1] if lines else "")
+    return rc
+
+
+def table(results, mm, bw, ok, test_rc):
     print(f"\n{torch.cuda.get_device_name()}  torch {torch.__version__}  triton {triton.__version__}  "
-          f"bf16 matmul {mm:.0f} TFLOP/s  copy {bw:.2f} TB/s  spot checks {'ok' if ok else 'FAILED'}")
-    print("| case | n | B | d | fwd ms | fwd+bwd ms | useful fwd TFLOP/s | useful f+b TFLOP/s | cuDNN fwd | cuDNN f+b "
-          "| speed-up f / f+b | peak extra MiB |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+          f"bf16 matmul {mm:.0f} TFLOP/s  copy {bw:.2f} TB/s  spot checks {'ok' if ok else 'FAILED'}  "
+          f"pytest -m gpu rc={test_rc}")
+    print("| case | det | n | B | fwd ms | fwd+bwd ms | bwd ms | useful f / f+b TFLOP/s | cuDNN f / f+b ms "
+          "| speed-up f+b | peak extra MiB |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
-        dn = (f"{r['cudnn_fwd_ms']:.2f} | {r['cudnn_fwdbwd_ms']:.2f} | {r['speedup_fwd']:.1f}x / {r['speedup_fwdbwd']:.1f}x"
-              if "cudnn_fwd_ms" in r else "- | - | -")
-        print(f"| {r['name']} | {r['n']} | {r['B']} | {r['d']} | {r['fwd_ms']:.3f} | {r['fwdbwd_ms']:.3f} | "
-              f"{r['useful_fwd_tflops']:.0f} | {r['useful_fwdbwd_tflops']:.0f} | {dn} | {r['peak_extra_MiB']:.0f} |")
-    print("configs:", json.dumps({k: v[64] for k, v in ops.CONFIGS.items()}), f"total {time.time() - T0:.0f}s",
+        dn = (f"{r['cudnn_fwd_ms']:.2f} / {r['cudnn_fwdbwd_ms']:.2f} | {r['speedup_fwdbwd']:.1f}x"
+              if "cudnn_fwd_ms" in r else "- | -")
+        print(f"| {r['name']} | {r['det']} | {r['n']} | {r['B']} | {r['fwd_ms']:.3f} | {r['fwdbwd_ms']:.3f} | "
+              f"{r['bwd_ms']:.3f} | {r['useful_fwd_tflops']:.0f} / {r['useful_fwdbwd_tflops']:.0f} | {dn} | "
+              f"{r['peak_extra_MiB']:.0f} |")
+    print("configs d=64:", json.dumps({k: v[64] for k, v in ops.CONFIGS.items()}), f"total {time.time() - T0:.0f}s",
           flush=True)
 
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--sweep", action="store_true")
-    ap.add_argument("--budget", type=float, default=480, help="seconds for the whole script")
+    ap.add_argument("--budget", type=float, default=320, help="seconds for the whole script")
+    ap.add_argument("--pytest-budget", type=float, default=150)
     args = ap.parse_args()
-    rec(kind="env", card=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
+    ops.FUSED_DQ = True
+    rec(kind="env", fused_dq=ops.FUSED_DQ, card=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
         sms=torch.cuda.get_device_properties(0).multi_processor_count)
+    test_rc = run_pytest(args.pytest_budget)
     mm, bw = ceilings()
     s128, f128 = P.strided(128), P.fixed(128, 32)
-    ok = all([
-        spot_check("strided l=128", s128, 1, 2, 8192, 64, torch.bfloat16),
-        spot_check("fixed l=128 c=32", f128, 1, 2, 8192, 64, torch.bfloat16),
-    ])
-    results = [
-        bench_triton("strided l=128", s128, 8, 8, 16384, 64),
-        bench_triton("fixed l=128 c=32", f128, 8, 8, 16384, 64),
-        bench_triton("strided l=256", P.strided(256), 2, 8, 65536, 64),
-        bench_triton("fixed l=256 c=32", P.fixed(256, 32), 2, 8, 65536, 64),
-        bench_triton("strided l=1024", P.strided(1024), 1, 8, 1048576, 64, dense=False, reps=(5, 30)),
-    ]
-    table(results, mm, bw, ok)
-
-    if args.sweep and time.time() - T0 < args.budget * 0.45:
-        sweep(64, [("strided", s128, 8, 8, 16384), ("fixed", f128, 8, 8, 16384)])
-        results += [bench_triton("strided l=128 tuned", s128, 8, 8, 16384, 64),
-                    bench_triton("fixed l=128 c=32 tuned", f128, 8, 8, 16384, 64)]
-
-    left = args.budget - (time.time() - T0)
-    if left > 60:  # the gpu-marked tests, streamed to a log so a timeout still leaves a record
-        log = os.path.join(OUT, "pytest_gpu.log")
-        with open(log, "w") as f:
-            try:
-                r = subprocess.run([sys.executable, "-m", "pytest", "-v", "-m", "gpu", "tests/test_triton.py",
-                                    "-p", "no:cacheprovider", "--durations=5"], stdout=f, stderr=subprocess.STDOUT,
-                                   timeout=left - 20, check=False)
-                rc = r.returncode
-            except subprocess.TimeoutExpired:
-                rc = "timeout"
-        with open(log) as f:
-            lines = f.read().strip().splitlines()
-        print("\n".join(lines[-25:]), flush=True)
-        rec(kind="pytest_gpu", rc=rc, summary=lines[-1] if lines else "")
-    else:
-        rec(kind="pytest_gpu", rc="skipped (time)")
-    table(results, mm, bw, ok)
+    spots = [spot_check(nm, pat, 1, 2, 8192, 64, torch.bfloat16, det)  # every check runs, then all()
+             for det in (False, True) for nm, pat in (("strided l=128", s128), ("fixed l=128 c=32", f128))]
+    ok = all(spots)
+    dense = dense_cudnn(8, 8, 16384, 64)  # same shape for both 16K cases
+    results = bench_triton("strided l=128", s128, 8, 8, 16384, 64, dense=dense)
+    results += bench_triton("fixed l=128 c=32", f128, 8, 8, 16384, 64, dense=dense)
+    table(results, mm, bw, ok, test_rc)  # an early copy, in case the 1M case runs out of time
+    if time.time() - T0 < args.budget - 45:
+        results += bench_triton("strided l=1024", P.strided(1024), 1, 8, 1048576, 64, reps=(3, 25))
+    sweep = fused_sweep([("strided l=128", s128, 8, 8, 16384), ("fixed l=128 c=32", f128, 8, 8, 16384)],
+                        deadline=T0 + args.budget - 40)
+    table(results + sweep, mm, bw, ok, test_rc)
 
 
 if __name__ == "__main__":

@@ -36,8 +36,9 @@ cpu_interpreter = pytest.mark.skipif(
     not ops._INTERPRET, reason="CPU tests need the Triton interpreter (kernels were imported compiled)")
 
 
-def _check(pattern, q, k, v, do, dtype, fp32_tol=2e-5):
-    got = outputs_and_grads(lambda a, b, c: triton_attention(a, b, c, pattern), q, k, v, do)
+def _check(pattern, q, k, v, do, dtype, fp32_tol=2e-5, deterministic=False):
+    got = outputs_and_grads(lambda a, b, c: triton_attention(a, b, c, pattern, deterministic=deterministic),
+                            q, k, v, do)
     ref_in = [t.detach().float().requires_grad_(True) for t in (q, k, v)]
     ref = outputs_and_grads(lambda a, b, c: reference_attention(a, b, c, pattern), *ref_in, do.float())
     lowp = None
@@ -105,11 +106,63 @@ def test_strided_inputs_and_explicit_scale():
 
 
 @cpu_interpreter
-def test_deterministic_backward_is_bitwise_reproducible():
+@pytest.mark.parametrize("pattern", [P.strided(8), P.fixed(8, 2, num_verts=2)], ids=["strided8", "fixed8"])
+def test_deterministic_backward_is_bitwise_reproducible(pattern):
     q, k, v, do = random_qkv(1, 2, 70, 32, 32, torch.float32, seed=9)
-    runs = [torch.autograd.grad(triton_attention(q, k, v, P.strided(8), deterministic=True), (q, k, v), do)
+    runs = [torch.autograd.grad(triton_attention(q, k, v, pattern, deterministic=True), (q, k, v), do)
             for _ in range(2)]
     for a, b in zip(*runs):
+        assert torch.equal(a, b)
+
+
+def _grads_both_modes(pattern, q, k, v, do):
+    return [torch.autograd.grad(triton_attention(q, k, v, pattern, deterministic=det), (q, k, v), do)
+            for det in (False, True)]
+
+
+def _assert_modes_agree(fused, det, tol):
+    """dK and dV run the same code in both modes (bitwise equal); dQ differs only in summation
+    order: the fused mode adds per-key-tile shares in fp32, the deterministic one sums per query."""
+    (dq_f, dk_f, dv_f), (dq_d, dk_d, dv_d) = fused, det
+    assert torch.equal(dk_f, dk_d) and torch.equal(dv_f, dv_d)
+    err = (dq_f.float() - dq_d.float()).abs().max().item()
+    assert err <= tol * (1 + dq_d.float().abs().max().item()), err
+
+
+@pytest.fixture
+def fused_dq(monkeypatch):
+    """Turn on the (opt-in) fused-dQ backward for deterministic=False."""
+    monkeypatch.setattr(ops, "FUSED_DQ", True)
+
+
+@cpu_interpreter
+@pytest.mark.parametrize("name", list(GRID))
+def test_fused_dq_backward_matches_reference(name, fused_dq):
+    q, k, v, do = random_qkv(1, 4, 300, 40, 24, torch.float32, seed=13)
+    _check(GRID[name], q, k, v, do, torch.float32)
+
+
+@cpu_interpreter
+@pytest.mark.parametrize("name", ["strided-both", "fixed-both", "fixed-summary", "multihead-strided", "local"])
+def test_fused_dq_backward_matches_deterministic(name, fused_dq):
+    """The fused-dQ (atomic) backward and the atomic-free one agree."""
+    q, k, v, do = random_qkv(1, 4, 100, 40, 24, torch.float32, seed=11)
+    _assert_modes_agree(*_grads_both_modes(GRID[name], q, k, v, do), tol=2e-6)
+
+
+@cpu_interpreter
+@pytest.mark.parametrize("dk,dv", [(64, 64), (40, 24)])
+def test_fused_dq_backward_fp16(dk, dv, fused_dq):
+    q, k, v, do = random_qkv(1, 4, 64, dk, dv, torch.float16, seed=12)
+    _check(GRID["fixed-both"], q, k, v, do, torch.float16)
+
+
+@cpu_interpreter
+def test_fused_dq_switch_off_gives_the_atomic_free_backward(monkeypatch):
+    monkeypatch.setattr(ops, "FUSED_DQ", False)
+    q, k, v, do = random_qkv(1, 2, 40, 32, 32, torch.float32, seed=4)
+    fused, det = _grads_both_modes(P.strided(8), q, k, v, do)
+    for a, b in zip(fused, det):
         assert torch.equal(a, b)
 
 
@@ -152,7 +205,6 @@ GPU_CASES = [  # (pattern, n, B, H, dk, dv, dtype, l)
     ("strided", 1000, 2, 4, 64, 64, torch.bfloat16, 64),
     ("fixed", 4096, 1, 2, 32, 32, torch.float16, 128),
     ("multihead-fixed", 4096, 1, 4, 128, 128, torch.bfloat16, 256),
-    ("fixed", 4096, 1, 2, 128, 128, torch.float32, 256),
     ("fixed-summary", 1000, 1, 2, 64, 32, torch.bfloat16, 64),  # half-size q/k, empty rows
     ("multihead-strided", 1000, 1, 4, 80, 80, torch.float16, 128),  # padded head dim
 ]
@@ -184,6 +236,14 @@ def test_gpu_deterministic_grads_are_bitwise_identical(pattern):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("name,l", [("strided", 128), ("fixed", 128), ("multihead-strided", 64)])
+def test_gpu_fused_and_deterministic_backward_agree(name, l, fused_dq):
+    q, k, v, do = random_qkv(2, 4, 4096, 64, 64, torch.bfloat16, device="cuda", seed=3)
+    # bf16 dQ: the two summation orders differ by bf16 rounding of the final cast, at most
+    _assert_modes_agree(*_grads_both_modes(_gpu_pattern(name, l), q, k, v, do), tol=1e-2)
+
+
+@pytest.mark.gpu
 def test_gpu_torch_compile_fullgraph():
     pattern = P.fixed(128, 32)
     q, k, v, _ = random_qkv(1, 2, 2048, 64, 64, torch.bfloat16, device="cuda", seed=2)
@@ -200,3 +260,12 @@ def test_gpu_torch_compile_fullgraph():
     ref.sum().backward()
     assert torch.allclose(got.float(), ref.float(), atol=1e-2, rtol=1e-2)
     assert torch.allclose(dq.float(), q.grad.float(), atol=1e-2, rtol=1e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("deterministic", [False, True], ids=["fused", "deterministic"])
+def test_gpu_fp32_matches_reference(deterministic, fused_dq):
+    """fp32 (tf32x3 dots) at d=64 and a small n, last in the file: fp32 kernels are the slowest to
+    compile (an earlier 'ieee' build stalled for minutes), so a slow compile stops nothing else."""
+    q, k, v, do = random_qkv(1, 2, 1024, 64, 64, torch.float32, device="cuda", seed=8)
+    _check(P.fixed(128, 32, num_verts=2), q, k, v, do, torch.float32, fp32_tol=1e-4, deterministic=deterministic)

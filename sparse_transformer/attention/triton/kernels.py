@@ -6,6 +6,15 @@ Every pass of the attention is one launch of one of three kernels over a *virtua
 * ``_attn_bwd_dq`` one program per query tile: dQ (and, on the first pass, delta = rowsum(dO·O)).
 * ``_attn_bwd_dkdv`` one program per key tile of one term: dK and dV.
 
+The backward runs in one of two modes (ops.py picks):
+
+* deterministic (atomic-free, bitwise reproducible): ``_attn_bwd_dq`` passes, then ``_attn_bwd_dkdv``
+  launches. dQ needs S = QKᵀ and dP = dO·Vᵀ again, so the backward does 7 tile matmuls per pair.
+* fused (``FUSE_DQ``, non-deterministic, opt-in: ops.FUSED_DQ): ``_attn_bwd_delta`` writes delta, then each
+  ``_attn_bwd_dkdv`` program also forms its key tile's share of dQ, dS·K, and adds it with fp32
+  atomics into a zeroed fp32 buffer (5 matmuls per pair, and no second walk over the tiles). The
+  order of the atomic adds varies from run to run, so dQ may differ in the last bits.
+
 The virtual sequence is either the natural order (``STEP == 1``: row ``t`` is position ``t``) or one
 residue class of the transposed order (``STEP == l``: row ``t`` of class ``r`` is position
 ``t·l + r``). The transposition is index arithmetic on the row pointers, never a copy: strided's
@@ -269,6 +278,20 @@ def _attn_fwd(
 
 
 @triton.jit
+def _attn_bwd_delta(O, DO, DELTA, rows, dv: tl.constexpr, BLOCK: tl.constexpr, DV_PAD: tl.constexpr):
+    """delta = rowsum(dO·O) in fp32 for ``rows`` rows of the contiguous [B·H·n, dv] O and dO. Only
+    the fused backward needs it as its own launch: there no query-tile pass runs before the
+    key-tile programs, which read delta for every query row they visit."""
+    r = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    offs = tl.arange(0, DV_PAD)
+    mask = (r[:, None] < rows) & (offs[None, :] < dv)
+    ptrs = r.to(tl.int64)[:, None] * dv + offs[None, :]
+    o = tl.load(O + ptrs, mask=mask, other=0.0).to(tl.float32)
+    do = tl.load(DO + ptrs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(DELTA + r, tl.sum(o * do, 1), mask=r < rows)
+
+
+@triton.jit
 def _dq_tiles(dq, q, do, lse, delta, k_ptr, v_ptr, skn, svn, row_lo, row_hi, k_start, k_stop, key_end,
               base, qk_scale, offs_dk, offs_dv, dk, dv,
               STEP: tl.constexpr, IS_SUMMARY: tl.constexpr, SUM_C: tl.constexpr, SUM_L: tl.constexpr,
@@ -375,14 +398,15 @@ def _attn_bwd_dq(
 
 
 @triton.jit
-def _dkdv_tiles(dk_acc, dv_acc, k, v, q_ptr, do_ptr, sqn, son, LSE_ROW, DELTA_ROW, kidx, q_start, q_stop,
-                length, base, qk_scale, offs_dk, offs_dv, dk, dv,
+def _dkdv_tiles(dk_acc, dv_acc, k, v, q_ptr, do_ptr, dq_ptr, sqn, son, LSE_ROW, DELTA_ROW, kidx, q_start,
+                q_stop, length, base, qk_scale, sm_scale, offs_dk, offs_dv, dk, dv,
                 STEP: tl.constexpr, IS_SUMMARY: tl.constexpr, WINDOW: tl.constexpr, BLOCK: tl.constexpr,
                 OFFSET: tl.constexpr, SUM_C: tl.constexpr, SUM_L: tl.constexpr, SUM_LO: tl.constexpr,
                 SUM_EARLIER: tl.constexpr, MASK: tl.constexpr, BLOCK_M: tl.constexpr,
-                EVEN_DK: tl.constexpr, EVEN_DV: tl.constexpr, DOT_PREC: tl.constexpr):
+                EVEN_DK: tl.constexpr, EVEN_DV: tl.constexpr, FUSE_DQ: tl.constexpr, DOT_PREC: tl.constexpr):
     """Accumulate dK, dV of one key tile over query tiles ``q_start, ... < q_stop``. Works on the
-    transposed score tile [keys, queries] so dK and dV come out of plain dots."""
+    transposed score tile [keys, queries] so dK and dV come out of plain dots. With ``FUSE_DQ`` each
+    query tile also receives this key tile's dQ share dSᵀ·K (fp32 atomics into ``dq_ptr``)."""
     for m0 in range(q_start, q_stop, BLOCK_M):
         rows = m0 + tl.arange(0, BLOCK_M)
         row_ok = rows < length
@@ -405,26 +429,34 @@ def _dkdv_tiles(dk_acc, dv_acc, k, v, q_ptr, do_ptr, sqn, son, LSE_ROW, DELTA_RO
             pt = tl.where(ok, pt, 0.0)
         dv_acc = tl.dot(pt.to(do.dtype), do, dv_acc, input_precision=DOT_PREC)
         dpt = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
-        dst = pt * (dpt - delta[None, :])
-        dk_acc = tl.dot(dst.to(q.dtype), q, dk_acc, input_precision=DOT_PREC)
+        dst = (pt * (dpt - delta[None, :])).to(q.dtype)
+        dk_acc = tl.dot(dst, q, dk_acc, input_precision=DOT_PREC)
+        if FUSE_DQ:
+            # the fifth matmul: dQ[rows] += scale·dS·K. "relaxed": only the sum matters, no ordering
+            # with other memory (the default acq_rel would fence every add)
+            dq = tl.dot(tl.trans(dst), k, input_precision=DOT_PREC) * sm_scale
+            dq_ptrs = dq_ptr + pos[:, None] * dk + offs_dk[None, :]
+            tl.atomic_add(dq_ptrs, dq, mask=row_ok[:, None] & (offs_dk[None, :] < dk), sem="relaxed")
     return dk_acc, dv_acc
 
 
 @triton.jit
 def _attn_bwd_dkdv(
-    Q, K, V, DO, DK, DV, LSE, DELTA,
+    Q, K, V, DO, DK, DV, DQ, LSE, DELTA,
     sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son,
     n, n_heads, head0, head_step, heads_in_group, tiles_per_class, qk_scale, sm_scale, dk: tl.constexpr, dv: tl.constexpr,
     STEP: tl.constexpr, IS_SUMMARY: tl.constexpr, WINDOW: tl.constexpr, BLOCK: tl.constexpr,
     OFFSET: tl.constexpr, SUM_C: tl.constexpr, SUM_L: tl.constexpr, SUM_LO: tl.constexpr,
-    SUM_EARLIER: tl.constexpr, ACCUMULATE: tl.constexpr,
+    SUM_EARLIER: tl.constexpr, ACCUMULATE: tl.constexpr, FUSE_DQ: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DK_PAD: tl.constexpr, DV_PAD: tl.constexpr,
     DOT_PREC: tl.constexpr,
 ):
     """dK, dV of one key tile of one term. The key tile is in the term's coordinates (virtual rows
     for a range term, compact summary index for a summary term); each key belongs to exactly one
     program of a launch, so ``ACCUMULATE`` (read-add-write over an earlier term's launch) needs no
-    atomics. DO shares O's strides ``so*``; DK and DV are contiguous."""
+    atomics. DO shares O's strides ``so*``; DK and DV are contiguous. With ``FUSE_DQ``, DQ is a
+    zeroed contiguous fp32 [B, H, n, dk] that the programs add their dQ shares into (any order);
+    without it DQ is not touched."""
     pid_bh = tl.program_id(1)
     b = (pid_bh // heads_in_group).to(tl.int64)
     h = (head0 + (pid_bh % heads_in_group) * head_step).to(tl.int64)
@@ -460,18 +492,22 @@ def _attn_bwd_dkdv(
         length, BLOCK_M)
     q_ptr = Q + b * sqb + h * sqh
     do_ptr = DO + b * sob + h * soh
-    dk_acc, dv_acc = _dkdv_tiles(dk_acc, dv_acc, k, v, q_ptr, do_ptr, sqn, son, LSE + stat_off,
-                                 DELTA + stat_off, kidx, start, f_lo, length, base, qk_scale, offs_dk,
-                                 offs_dv, dk, dv, STEP, IS_SUMMARY, WINDOW, BLOCK, OFFSET, SUM_C, SUM_L,
-                                 SUM_LO, SUM_EARLIER, True, BLOCK_M, EVEN_DK, EVEN_DV, DOT_PREC)
-    dk_acc, dv_acc = _dkdv_tiles(dk_acc, dv_acc, k, v, q_ptr, do_ptr, sqn, son, LSE + stat_off,
-                                 DELTA + stat_off, kidx, f_lo, f_hi, length, base, qk_scale, offs_dk,
-                                 offs_dv, dk, dv, STEP, IS_SUMMARY, WINDOW, BLOCK, OFFSET, SUM_C, SUM_L,
-                                 SUM_LO, SUM_EARLIER, False, BLOCK_M, EVEN_DK, EVEN_DV, DOT_PREC)
-    dk_acc, dv_acc = _dkdv_tiles(dk_acc, dv_acc, k, v, q_ptr, do_ptr, sqn, son, LSE + stat_off,
-                                 DELTA + stat_off, kidx, f_hi, end, length, base, qk_scale, offs_dk,
-                                 offs_dv, dk, dv, STEP, IS_SUMMARY, WINDOW, BLOCK, OFFSET, SUM_C, SUM_L,
-                                 SUM_LO, SUM_EARLIER, True, BLOCK_M, EVEN_DK, EVEN_DV, DOT_PREC)
+    dq_ptr = DQ + (b * n_heads + h) * n * dk
+    dk_acc, dv_acc = _dkdv_tiles(dk_acc, dv_acc, k, v, q_ptr, do_ptr, dq_ptr, sqn, son, LSE + stat_off,
+                                 DELTA + stat_off, kidx, start, f_lo, length, base, qk_scale, sm_scale,
+                                 offs_dk, offs_dv, dk, dv, STEP, IS_SUMMARY, WINDOW, BLOCK, OFFSET, SUM_C,
+                                 SUM_L, SUM_LO, SUM_EARLIER, True, BLOCK_M, EVEN_DK, EVEN_DV, FUSE_DQ,
+                                 DOT_PREC)
+    dk_acc, dv_acc = _dkdv_tiles(dk_acc, dv_acc, k, v, q_ptr, do_ptr, dq_ptr, sqn, son, LSE + stat_off,
+                                 DELTA + stat_off, kidx, f_lo, f_hi, length, base, qk_scale, sm_scale,
+                                 offs_dk, offs_dv, dk, dv, STEP, IS_SUMMARY, WINDOW, BLOCK, OFFSET, SUM_C,
+                                 SUM_L, SUM_LO, SUM_EARLIER, False, BLOCK_M, EVEN_DK, EVEN_DV, FUSE_DQ,
+                                 DOT_PREC)
+    dk_acc, dv_acc = _dkdv_tiles(dk_acc, dv_acc, k, v, q_ptr, do_ptr, dq_ptr, sqn, son, LSE + stat_off,
+                                 DELTA + stat_off, kidx, f_hi, end, length, base, qk_scale, sm_scale,
+                                 offs_dk, offs_dv, dk, dv, STEP, IS_SUMMARY, WINDOW, BLOCK, OFFSET, SUM_C,
+                                 SUM_L, SUM_LO, SUM_EARLIER, True, BLOCK_M, EVEN_DK, EVEN_DV, FUSE_DQ,
+                                 DOT_PREC)
 
     dk_acc = dk_acc * sm_scale
     row_off = (b * n_heads + h) * n

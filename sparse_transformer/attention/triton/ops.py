@@ -10,9 +10,14 @@ a few *passes*, one kernel launch each (kernels.py explains the virtual sequence
   pass's output and lse, so the two query orders of strided ``both`` merge exactly with no merge
   kernel.
 
-Backward: the dQ passes first (the first one also writes delta = rowsum(dO·O)), then one dK/dV
-launch per term, each adding onto the previous one. No atomics anywhere, so the backward is
-deterministic in both modes (``deterministic`` is kept in the signature for that contract).
+Backward, two modes (kernels.py says what each kernel does):
+
+* ``deterministic=True``: the dQ passes first (the first one also writes delta = rowsum(dO·O)), then
+  one dK/dV launch per term, each adding onto the previous one. No atomics: bitwise reproducible.
+* ``deterministic=False`` with :data:`FUSED_DQ` on (opt-in, see there): one delta launch, then the
+  same dK/dV launches with dQ fused in (fp32 atomic adds into a zeroed buffer, cast at the end).
+  Two fewer matmuls per (query, key) tile pair and no query-side walk; dQ's last bits vary between
+  runs. With it off (the default) ``deterministic=False`` runs the atomic-free backward too.
 """
 
 from __future__ import annotations
@@ -145,13 +150,24 @@ def decode(spec: list[int]) -> list[_Group]:
 # cut strided fwd+bwd from 4.22 to 2.22 ms (the band and stride passes are short, so small tiles
 # give more programs), at +2 % on fixed. 16/32 reuse the 64 entries; 128 keeps the larger-warp
 # tiles that passed the GPU tests.
+# "dkdv_fused" (the dK/dV kernel with dQ fused in) starts from the dkdv tiles: the extra dQ tile is
+# [BLOCK_M, d] fp32, small beside the [BLOCK_N, d] dK/dV accumulators; its atomics per matmul flop
+# fall as 1 / BLOCK_N, so the key tile stays 128 (as FlashAttention 2's atomic dQ does).
 CONFIGS = {
     "fwd": {16: (64, 64, 4, 3), 32: (64, 64, 4, 3), 64: (64, 64, 4, 3), 128: (128, 64, 8, 3)},
     "dq": {16: (64, 64, 4, 3), 32: (64, 64, 4, 3), 64: (64, 64, 4, 3), 128: (128, 64, 8, 2)},
     "dkdv": {16: (32, 128, 4, 3), 32: (32, 128, 4, 3), 64: (32, 128, 4, 3), 128: (64, 128, 8, 2)},
+    "dkdv_fused": {16: (32, 128, 4, 3), 32: (32, 128, 4, 3), 64: (32, 128, 4, 3), 128: (64, 128, 8, 2)},
 }
 # fp32 tiles are twice the bytes: halve them and pipeline two deep so K/V stages fit shared memory.
-_FP32_CONFIG = {"fwd": (64, 32, 4, 2), "dq": (64, 32, 4, 2), "dkdv": (32, 64, 4, 2)}
+_FP32_CONFIG = {"fwd": (64, 32, 4, 2), "dq": (64, 32, 4, 2), "dkdv": (32, 64, 4, 2), "dkdv_fused": (32, 64, 4, 2)}
+# Non-deterministic mode uses the fused-dQ backward while this is on; off, both modes run the
+# atomic-free backward. OFF by default until the fused kernel has passed the GPU tests and timings
+# (scripts/gpu_triton_check.py turns it on): so far it is checked only by the CPU interpreter, and
+# atomics, compiled register pressure and speed are GPU questions. Opt in with
+# SPARSE_TRANSFORMER_TRITON_FUSED_DQ=1 or by setting ``ops.FUSED_DQ = True``.
+FUSED_DQ = os.environ.get("SPARSE_TRANSFORMER_TRITON_FUSED_DQ", "0") == "1"
+_DELTA_ROWS = 64  # rows per program of the delta kernel
 # The CPU interpreter's cost is per program and per op: mid-size tiles keep tests quick while still
 # giving several tiles (and every masked/unmasked run) at test sizes.
 _INTERPRET_CONFIG = (32, 32, 1, 1)
@@ -215,12 +231,12 @@ def _forward(q, k, v, spec, scale):
     return out, lse
 
 
-def _backward(do, q, k, v, out, lse, spec, scale):
+def _backward(do, q, k, v, out, lse, spec, scale, deterministic=True):
     B, H, n, dk = q.shape
     dv = v.shape[-1]
     do = do.contiguous()  # shares out's (contiguous) strides in the kernels
+    fused = FUSED_DQ and not deterministic
     groups = decode(spec)
-    dq = torch.empty(B, H, n, dk, device=q.device, dtype=q.dtype)
     # a group made only of summary terms leaves non-summary keys untouched: start from zeros
     needs_zero = any(not any(p.has_range for p in g.passes) for g in groups)
     alloc = torch.zeros if needs_zero else torch.empty
@@ -232,17 +248,26 @@ def _backward(do, q, k, v, out, lse, spec, scale):
     qk_scale = scale * math.log2(math.e)
     strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3])
 
-    bm, bn, warps, stages = _config("dq", max(dkp, dvp), q.dtype)
-    for g in groups:
-        for i, p in enumerate(g.passes):
-            grid, per_class = _query_grid(p, n, bm, B * g.count)
-            kernels._attn_bwd_dq[grid](
-                q, k, v, out, do, dq, lse, delta, *strides,
-                n, H, g.head0, g.head_step, g.count, per_class, qk_scale, scale, dk, dv,
-                HAS_RANGE=p.has_range, FIRST=i == 0, BLOCK_M=bm, BLOCK_N=bn, DK_PAD=dkp, DV_PAD=dvp,
-                DOT_PREC=prec, num_warps=warps, num_stages=stages, **_pass_args(p))
+    if fused:
+        # delta for every row first (the key-tile programs read it for any query); dQ is summed in
+        # fp32 whatever the input dtype, since many programs add into each row
+        out_c = out.contiguous()
+        kernels._attn_bwd_delta[(triton.cdiv(B * H * n, _DELTA_ROWS),)](
+            out_c, do, delta, B * H * n, dv, BLOCK=_DELTA_ROWS, DV_PAD=dvp)
+        dq = torch.zeros(B, H, n, dk, device=q.device, dtype=torch.float32)
+    else:
+        dq = torch.empty(B, H, n, dk, device=q.device, dtype=q.dtype)
+        bm, bn, warps, stages = _config("dq", max(dkp, dvp), q.dtype)
+        for g in groups:
+            for i, p in enumerate(g.passes):
+                grid, per_class = _query_grid(p, n, bm, B * g.count)
+                kernels._attn_bwd_dq[grid](
+                    q, k, v, out, do, dq, lse, delta, *strides,
+                    n, H, g.head0, g.head_step, g.count, per_class, qk_scale, scale, dk, dv,
+                    HAS_RANGE=p.has_range, FIRST=i == 0, BLOCK_M=bm, BLOCK_N=bn, DK_PAD=dkp, DV_PAD=dvp,
+                    DOT_PREC=prec, num_warps=warps, num_stages=stages, **_pass_args(p))
 
-    bm, bn, warps, stages = _config("dkdv", max(dkp, dvp), q.dtype)
+    bm, bn, warps, stages = _config("dkdv_fused" if fused else "dkdv", max(dkp, dvp), q.dtype)
     for g in groups:
         first = not needs_zero
         for p in g.passes:
@@ -260,11 +285,14 @@ def _backward(do, q, k, v, out, lse, spec, scale):
                 else:
                     grid, per_class = _query_grid(pp, n, bn, B * g.count)
                 kernels._attn_bwd_dkdv[grid](
-                    q, k, v, do, dkk, dvv, lse, delta, *strides,
+                    q, k, v, do, dkk, dvv, dq, lse, delta, *strides,
                     n, H, g.head0, g.head_step, g.count, per_class, qk_scale, scale, dk, dv,
-                    IS_SUMMARY=is_summary, ACCUMULATE=not first, BLOCK_M=bm, BLOCK_N=bn, DK_PAD=dkp,
-                    DV_PAD=dvp, DOT_PREC=prec, num_warps=warps, num_stages=stages, **_pass_args(pp))
+                    IS_SUMMARY=is_summary, ACCUMULATE=not first, FUSE_DQ=fused, BLOCK_M=bm, BLOCK_N=bn,
+                    DK_PAD=dkp, DV_PAD=dvp, DOT_PREC=prec, num_warps=warps, num_stages=stages,
+                    **_pass_args(pp))
                 first = False
+    if fused and dq.dtype != q.dtype:
+        dq = dq.to(q.dtype)
     return dq, dkk, dvv
 
 
@@ -290,7 +318,7 @@ def _(q, k, v, spec, scale, deterministic):
 def attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
                   lse: torch.Tensor, spec: list[int], scale: float,
                   deterministic: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _backward(do, q, k, v, out, lse, spec, scale)
+    return _backward(do, q, k, v, out, lse, spec, scale, deterministic)
 
 
 @attention_bwd.register_fake
