@@ -44,8 +44,8 @@ import resource
 import statistics
 import sys
 import time
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
-from typing import Callable, Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -68,7 +68,7 @@ DEFAULTS = {
     "cpu": {"backends": ("factorized", "sdpa"), "ns": (1024, 4096), "batch_tokens": 4096, "dtype": "fp32"},
 }
 
-__all__ = ["bench_attention", "pattern_for", "format_table", "add_arguments", "run"]
+__all__ = ["add_arguments", "bench_attention", "format_table", "pattern_for", "run"]
 
 
 # --------------------------------------------------------------------------------------------

@@ -35,9 +35,9 @@ import json
 import resource
 import sys
 import time
+from collections.abc import Sequence
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Sequence
 
 import torch
 
@@ -47,7 +47,7 @@ from ..errors import UserError
 from ..model import SparseTransformer, model_pattern
 from .attention import pattern_label
 
-__all__ = ["CASES", "bench_train", "format_table", "add_arguments", "run"]
+__all__ = ["CASES", "add_arguments", "bench_train", "format_table", "run"]
 
 CASES = {
     "enwik8": {"preset": "enwik8", "n": 12288, "batch": 8, "overrides": [], "target": 1.8},
