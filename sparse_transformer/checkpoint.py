@@ -1,0 +1,260 @@
+"""Checkpoints: atomic save, exact resume, safe load (no code execution), safetensors export.
+
+A run directory holds
+
+    config.json          the resolved config (written at the start of training)
+    checkpoint.pt        the latest training state: model, optimizer, grad scaler, step, per-rank
+                         RNG states and data position (single process and DDP)
+    checkpoint-dcp-N/    FSDP2 runs only: model and optimizer shards (torch.distributed.checkpoint);
+                         checkpoint.pt then holds everything else and names this folder
+    model.safetensors    the exported weights (with config.json: everything sampling needs)
+
+Every file is written under a temporary name in the same folder, fsynced and renamed over the old
+one (``os.replace`` is atomic), so a crash during a save leaves the previous checkpoint usable.
+Files are read with ``torch.load(weights_only=True)``: tensors, numbers, strings, lists and dicts
+only, so a tampered checkpoint cannot execute code.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import shutil
+import warnings
+import zipfile
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from .config import Config, config_from_dict
+from .errors import UserError
+from .model import SparseTransformer
+
+CHECKPOINT = "checkpoint.pt"
+WEIGHTS = "model.safetensors"
+CONFIG = "config.json"
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # e.g. Windows: folders cannot be opened; the rename is still atomic
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _atomic_write(path: Path, write) -> Path:
+    """Call ``write(file)`` on a temporary file next to ``path``, fsync it, then rename it to ``path``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    _fsync_dir(path.parent)
+    return path
+
+
+def save(run_dir: str | Path, state: dict, name: str = CHECKPOINT) -> Path:
+    """Write ``state`` (tensors, numbers, strings, lists, dicts) to ``run_dir/name`` atomically."""
+    return _atomic_write(Path(run_dir) / name, lambda f: torch.save(state, f))
+
+
+def save_config(run_dir: str | Path, cfg: Config) -> Path:
+    """Write the resolved config as ``run_dir/config.json`` atomically."""
+    return _atomic_write(Path(run_dir) / CONFIG, lambda f: f.write((cfg.to_json() + "\n").encode()))
+
+
+def load(path: str | Path, map_location="cpu") -> dict:
+    """Read a checkpoint written by :func:`save` without executing code (``weights_only=True``).
+
+    Raises UserError when the file is missing, truncated, corrupt, or holds arbitrary Python objects.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"checkpoint: {path} does not exist; train first (sparse-transformer train --run-dir DIR)")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "weights only" in str(e).lower() or "weights_only" in str(e).lower():
+            raise UserError(f"checkpoint: refused to load {path}: it holds Python objects that could run code, "
+                            "not only tensors; use a checkpoint written by sparse-transformer") from None
+        raise UserError(f"checkpoint: {path} is corrupt ({_first_line(e)}); resume from an intact run or train again") from None
+    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as e:
+        raise UserError(f"checkpoint: {path} is corrupt or truncated ({_first_line(e)}); "
+                        "resume from an intact run or train again") from None
+    if not isinstance(state, dict):
+        raise UserError(f"checkpoint: {path} does not hold a state dict; use a checkpoint written by sparse-transformer")
+    return state
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0][:200] if text else type(e).__name__
+
+
+def check_compatible(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """Raise UserError naming the first difference between ``model``'s parameters and ``state``."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    extra = [k for k in state if k not in own]
+    shapes = [k for k in own if k in state and tuple(own[k].shape) != tuple(state[k].shape)]
+    fix = "use the config.json saved with it (drop --model.* overrides when resuming), or start a new --run-dir"
+    if shapes:
+        k = shapes[0]
+        raise UserError(f"checkpoint: {source} is from another architecture: {k} has shape {list(state[k].shape)} there "
+                        f"but {list(own[k].shape)} in this model ({len(shapes)} tensors differ); {fix}")
+    if missing or extra:
+        what = f"lacks {missing[0]}" if missing else f"has an unknown tensor {extra[0]}"
+        raise UserError(f"checkpoint: {source} is from another architecture: it {what} "
+                        f"({len(missing)} missing, {len(extra)} unexpected); {fix}")
+
+
+def load_weights(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """``model.load_state_dict(state)`` after :func:`check_compatible` (one-line errors)."""
+    check_compatible(model, state, source)
+    model.load_state_dict(state)
+
+
+# --- FSDP2: model and optimizer shards through torch.distributed.checkpoint -------------------------
+
+
+def save_sharded(run_dir: str | Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer) -> str:
+    """Save FSDP2 model and optimizer shards into ``run_dir/checkpoint-dcp-<step>`` (all ranks call this).
+
+    The folder becomes the checkpoint only when rank 0 then saves checkpoint.pt naming it, so a crash
+    while writing shards leaves the previous checkpoint in place. Returns the folder name.
+    """
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    name = f"checkpoint-dcp-{step}"
+    model_state, optim_state = get_state_dict(model, optimizer)
+    dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=str(Path(run_dir) / name))
+    return name
+
+
+def load_sharded(run_dir: str | Path, name: str, model: nn.Module, optimizer: torch.optim.Optimizer | None) -> None:
+    """Load shards saved by :func:`save_sharded` into an FSDP2 (or plain) model and optimizer."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    folder = Path(run_dir) / name
+    if not folder.is_dir():
+        raise UserError(f"checkpoint: {folder} is missing; resume from an intact run or train again")
+    if optimizer is None:
+        state = {"model": model.state_dict()}
+        _dcp_load(dcp, state, folder)
+        model.load_state_dict(state["model"])
+        return
+    model_state, optim_state = get_state_dict(model, optimizer)
+    state = {"model": model_state, "optimizer": optim_state}
+    _dcp_load(dcp, state, folder)
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+
+
+def _dcp_load(dcp, state: dict, folder: Path) -> None:
+    try:
+        with warnings.catch_warnings():  # loading in one process (eval, sample) is intended; no need to warn
+            warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process")
+            dcp.load(state, checkpoint_id=str(folder))
+    except Exception as e:  # DCP wraps planner errors (missing keys, shape mismatches) in its own types
+        raise UserError(f"checkpoint: cannot load {folder} into this model ({_first_line(e)}); it is from another "
+                        "architecture or corrupt: use the config.json saved with it, or start a new --run-dir") from None
+
+
+def remove_old_sharded(run_dir: str | Path, keep: str) -> None:
+    """Delete ``checkpoint-dcp-*`` folders other than ``keep`` (after checkpoint.pt names ``keep``)."""
+    for folder in Path(run_dir).glob("checkpoint-dcp-*"):
+        if folder.name != keep:
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+# --- export and loading for evaluation / sampling -------------------------------------------------
+
+
+def export(model: nn.Module, cfg: Config, out_dir: str | Path) -> Path:
+    """Write ``out_dir/model.safetensors`` (fp32 weights) and ``out_dir/config.json``.
+
+    ``model`` is the plain (unwrapped) model, or an FSDP2 model: then every rank must call this (the
+    full weights are gathered) and only rank 0 writes. Returns the weights' path.
+    """
+    from safetensors.torch import save as safetensors_bytes
+
+    out = Path(out_dir)
+    state = full_model_state(model)
+    if state is None:  # a non-zero rank of an FSDP2 run
+        return out / WEIGHTS
+    tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in state.items()}
+    payload = safetensors_bytes(tensors, metadata={"format": "pt", "config": cfg.to_json()})
+    save_config(out, cfg)
+    return _atomic_write(out / WEIGHTS, lambda f: f.write(payload))
+
+
+def full_model_state(model: nn.Module) -> dict[str, torch.Tensor] | None:
+    """The unsharded state dict; for FSDP2 gathered to rank 0 (other ranks get None)."""
+    import torch.distributed as dist
+    from torch.distributed.fsdp import FSDPModule
+
+    if not isinstance(model, FSDPModule):
+        return model.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return state if dist.get_rank() == 0 else None
+
+
+def read_run_config(run_dir: str | Path) -> Config:
+    """The resolved config saved in ``run_dir/config.json``."""
+    path = Path(run_dir) / CONFIG
+    if not path.is_file():
+        raise UserError(f"checkpoint: {path} is missing; pass a run directory written by sparse-transformer train")
+    try:
+        return config_from_dict(json.loads(path.read_text()))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"checkpoint: {path} is not valid JSON ({e}); restore it from the run or train again") from None
+
+
+def load_model(run_dir: str | Path, device: str | torch.device = "cpu") -> tuple[SparseTransformer, Config]:
+    """The model of a run (latest checkpoint, else the export) in eval mode on ``device``, and its config.
+
+    Raises UserError when the folder has no config.json, no weights, corrupt weights, or weights of
+    another architecture than config.json describes.
+    """
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise UserError(f"checkpoint: run directory {run_dir} does not exist; pass --run DIR of a finished or running training")
+    cfg = read_run_config(run_dir)
+    model = SparseTransformer(cfg.model)
+    ckpt, weights = run_dir / CHECKPOINT, run_dir / WEIGHTS
+    if ckpt.is_file():
+        state = load(ckpt)
+        if "model" in state:
+            load_weights(model, state["model"], str(ckpt))
+        else:
+            load_sharded(run_dir, state["sharded"], model, None)
+    elif weights.is_file():
+        load_weights(model, _read_safetensors(weights), str(weights))
+    else:
+        raise UserError(f"checkpoint: {run_dir} has neither {CHECKPOINT} nor {WEIGHTS}; train it first "
+                        f"(sparse-transformer train --run-dir {run_dir})")
+    return model.to(device).eval(), cfg
+
+
+def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise UserError(f"checkpoint: {path} is corrupt ({_first_line(e)}); export it again or train again") from None

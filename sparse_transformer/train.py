@@ -1,0 +1,339 @@
+"""Training loop: data -> model -> loss -> optimizer; logs, evaluation, checkpoints (plain functions).
+
+Recipe (paper-spec.md §7.1):
+
+* AdamW (fused on CUDA) with decoupled weight decay ``train.weight_decay`` on matrices only: every
+  2-D weight of the blocks and W_out. Token embeddings, position tables, the start embedding,
+  LayerNorm gains and all biases are not decayed.
+* linear warmup over ``warmup_steps``, then cosine decay to ``lr * min_lr_ratio`` at ``max_steps``.
+* global-norm gradient clipping at ``grad_clip``; ``grad_accum`` micro-batches per step.
+* dtypes: bf16 autocast, fp16 autocast with dynamic loss scaling (GradScaler), fp32; ``auto`` = bf16
+  on CUDA, fp32 on CPU. Weights stay fp32.
+
+A step is one optimizer update; ``step`` counts completed updates. Everything that decides the
+future of a run (weights, optimizer, grad scaler, step, torch/CUDA RNG, the numpy Generator that
+draws batches, the partial log interval) is in the checkpoint, so an interrupted run resumed with
+``--resume`` reproduces the uninterrupted one bit for bit (same device, same number of processes).
+
+Under ``torchrun`` each rank draws its own batches (seed + rank); only rank 0 writes files.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from . import checkpoint, parallel
+from .config import Config, TrainConfig, apply_overrides, validate
+from .data.loader import default_data_dir, open_split, read_meta, sample_batch
+from .errors import UserError
+from .evaluate import bits_per_dim, resolve_dtype
+from .model import SparseTransformer
+
+METRICS = "metrics.jsonl"
+
+
+def lr_at(step: int, t: TrainConfig) -> float:
+    """Learning rate of update ``step`` (0-based): linear warmup, then cosine to ``lr * min_lr_ratio``."""
+    if step < t.warmup_steps:
+        return t.lr * (step + 1) / t.warmup_steps
+    progress = min(1.0, (step - t.warmup_steps) / max(1, t.max_steps - t.warmup_steps))
+    min_lr = t.lr * t.min_lr_ratio
+    return min_lr + 0.5 * (t.lr - min_lr) * (1.0 + math.cos(math.pi * progress))
+
+
+def make_optimizer(model: nn.Module, t: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices only (2-D weights except the embedding tables)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        is_matrix = p.dim() >= 2 and not name.startswith(("tok_emb.", "pos_emb."))
+        (decay if is_matrix else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps, fused=device.type == "cuda")
+
+
+def set_threads(device: torch.device) -> None:
+    """On CPU use this process's share of the cores (torchrun starts several processes per host)."""
+    if device.type != "cpu" or "OMP_NUM_THREADS" in os.environ:
+        return
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    torch.set_num_threads(max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
+
+
+def rng_state(rng: np.random.Generator, device: torch.device) -> dict:
+    """This process's random state as tensors, ints and dicts (loadable with weights_only)."""
+    state = {"torch": torch.get_rng_state(), "numpy": rng.bit_generator.state}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state: dict, rng: np.random.Generator, device: torch.device) -> None:
+    torch.set_rng_state(state["torch"])
+    rng.bit_generator.state = state["numpy"]
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def _resolve_config(cfg: Config | None, run_dir, resume, overrides) -> tuple[Config, Path | None]:
+    if resume is None:
+        if cfg is None:
+            raise UserError("train: no config given; pass a Config (or --config FILE) or --resume DIR")
+        return validate(cfg), Path(run_dir) if run_dir is not None else None
+    resume = Path(resume)
+    if not (resume / checkpoint.CHECKPOINT).is_file():
+        raise UserError(f"train: {resume} has no {checkpoint.CHECKPOINT} to resume; pass a run directory written by "
+                        "sparse-transformer train")
+    cfg = checkpoint.read_run_config(resume)
+    apply_overrides(cfg, list(overrides))
+    return validate(cfg), Path(run_dir) if run_dir is not None else resume
+
+
+def _new_run_dir(d: parallel.Dist) -> Path:
+    stamp = parallel.all_gather_object(time.strftime("%Y%m%d-%H%M%S"))[0]  # one name for all ranks
+    return Path("runs") / stamp
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop log lines after ``step`` (written after the checkpoint by an interrupted run)."""
+    if not path.is_file():
+        return
+    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= step]
+    path.write_text("".join(line + "\n" for line in keep))
+
+
+class Logger:
+    """metrics.jsonl (one JSON object per line) and TensorBoard events, rank 0 only."""
+
+    def __init__(self, run_dir: Path, enabled: bool, purge_step: int | None):
+        self.enabled = enabled
+        self.file = self.writer = None
+        if enabled:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.file = open(run_dir / METRICS, "a")
+            self.writer = SummaryWriter(str(run_dir), purge_step=purge_step)
+
+    def log(self, record: dict, prefix: str) -> None:
+        if not self.enabled:
+            return
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        for key, value in record.items():
+            if key not in ("step", "elapsed_s") and isinstance(value, (int, float)):
+                self.writer.add_scalar(f"{prefix}/{key}", value, record["step"])
+        self.writer.flush()
+
+    def close(self) -> None:
+        if self.enabled:
+            self.file.close()
+            self.writer.close()
+
+
+def train(cfg: Config | None, run_dir: str | Path | None, resume: str | Path | None = None,
+          overrides: list[str] = ()) -> dict:
+    """Train (or with ``resume``, continue) a run; returns a summary dict.
+
+    Args:
+        cfg: the resolved config; ignored with ``resume`` (the run's config.json is used instead).
+        run_dir: where to write; None = ``runs/<timestamp>`` (or the resumed folder).
+        resume: a run directory to continue to its configured end; ``overrides``
+            (``["--train.max_steps", "2000"]``) apply on top of its saved config, e.g. to extend it.
+    Returns:
+        dict with ``run_dir``, ``step``, ``params``, ``val_bits_per_dim`` (if evaluated),
+        ``test_bits_per_dim``, ``test_tokens``, ``elapsed_s`` and ``sample`` (text runs, if any).
+    """
+    cfg, run_dir = _resolve_config(cfg, run_dir, resume, overrides)
+    t = cfg.train
+    d = parallel.init_distributed(t.device)
+    try:
+        return _train(cfg, run_dir, resume is not None, d)
+    finally:
+        parallel.shutdown()
+
+
+def _train(cfg: Config, run_dir: Path | None, resuming: bool, d: parallel.Dist) -> dict:
+    t, device = cfg.train, d.device
+    set_threads(device)
+    dtype = resolve_dtype(t.dtype, device)
+    run_dir = run_dir or _new_run_dir(d)
+    if not resuming and (run_dir / checkpoint.CHECKPOINT).exists():
+        raise UserError(f"train: {run_dir} already holds a run; continue it with --resume {run_dir} or choose a new --run-dir")
+    if d.main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        checkpoint.save_config(run_dir, cfg)
+    say = tqdm.write if d.main else (lambda *_: None)
+
+    data_dir = Path(cfg.data.dir) if cfg.data.dir else default_data_dir()
+    meta = read_meta(data_dir)
+    record_len = meta["record_len"] or None
+    train_data, val_data = open_split(data_dir, "train"), open_split(data_dir, "val")
+    unit = "bits per dim" if meta["modality"] == "image" else "bits per byte"
+
+    torch.manual_seed(t.seed)  # the same initial weights on every rank (FSDP2 does not broadcast them)
+    model = SparseTransformer(cfg.model).to(device)
+    torch.manual_seed(t.seed + d.rank)  # then a different dropout stream and batch order per rank
+    rng = np.random.default_rng(t.seed + d.rank)
+    ddp_model = parallel.parallelize(model, t, d)
+    optimizer = make_optimizer(model, t, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+
+    step, elapsed0, loss_sum, loss_steps = 0, 0.0, 0.0, 0
+    if resuming:
+        state = checkpoint.load(run_dir / checkpoint.CHECKPOINT, map_location="cpu")
+        if "sharded" in state:
+            if not parallel.is_sharded(model):
+                raise UserError(f"train: {run_dir} was trained with FSDP; resume it under torchrun with --train.parallel fsdp")
+            checkpoint.load_sharded(run_dir, state["sharded"], model, optimizer)
+        else:
+            if parallel.is_sharded(model):
+                raise UserError(f"train: {run_dir} was not trained with FSDP; resume it with --train.parallel ddp")
+            checkpoint.load_weights(model, state["model"], str(run_dir / checkpoint.CHECKPOINT))
+            optimizer.load_state_dict(state["optimizer"])
+        scaler.load_state_dict(state["scaler"])
+        step, elapsed0 = state["step"], state["elapsed_s"]
+        ranks = state["ranks"]
+        if len(ranks) != d.world:
+            say(f"note: resuming {len(ranks)}-process state with {d.world} processes; the batch order will differ "
+                "from an uninterrupted run")
+        mine = ranks[d.rank % len(ranks)]
+        set_rng_state(mine["rng"], rng, device)
+        loss_sum, loss_steps = mine["loss_sum"], mine["loss_steps"]
+        if d.main:
+            _truncate_metrics(run_dir / METRICS, step)
+            say(f"resumed {run_dir} at step {step} of {t.max_steps}")
+
+    loss_sum = torch.tensor(loss_sum, dtype=torch.float64, device=device)  # this log interval's summed losses
+    logger = Logger(run_dir, d.main, purge_step=step + 1 if resuming else None)
+    eval_model = parallel.unwrap(ddp_model)
+    tokens_per_step = t.batch_size * t.grad_accum * cfg.data.seq_len * d.world
+    val_tokens = t.eval_batches * t.batch_size * cfg.data.seq_len or None
+    if d.main:
+        say(f"run {run_dir}: {model.num_params():,} parameters, {d.world} x {device}, {dtype}, "
+            f"data {data_dir} ({meta['splits']['train']:,} train bytes)")
+
+    def evaluate_val() -> dict:
+        nats, tokens = bits_per_dim(eval_model, val_data, cfg.data.seq_len, record_len, t.batch_size, device, dtype, val_tokens)
+        rec = {"step": step, "val_loss": nats / tokens, "val_bits_per_dim": nats / tokens / math.log(2),
+               "val_tokens": tokens, "elapsed_s": elapsed0 + time.perf_counter() - t_start}
+        logger.log(rec, "val")
+        return rec
+
+    def save_checkpoint() -> None:
+        mine = {"rng": rng_state(rng, device), "loss_sum": loss_sum.item(), "loss_steps": loss_steps}
+        ranks = parallel.all_gather_object(mine)
+        state = {"step": step, "elapsed_s": elapsed0 + time.perf_counter() - t_start, "scaler": scaler.state_dict(),
+                 "ranks": ranks}
+        if parallel.is_sharded(model):
+            state["sharded"] = checkpoint.save_sharded(run_dir, step, model, optimizer)
+            parallel.barrier()
+        else:
+            state["model"], state["optimizer"] = model.state_dict(), optimizer.state_dict()
+        if d.main:
+            checkpoint.save(run_dir, state)
+            if "sharded" in state:
+                checkpoint.remove_old_sharded(run_dir, state["sharded"])
+        parallel.barrier()
+
+    bar = tqdm(total=t.max_steps, initial=step, disable=not (t.progress and d.main), desc="train", unit="step",
+               dynamic_ncols=True)
+    t_start = t_log = time.perf_counter()
+    steps_since_log = 0
+    val = None
+    model.train()
+    while step < t.max_steps:
+        lr = lr_at(step, t)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        step_loss = torch.zeros((), device=device)
+        for micro in range(t.grad_accum):
+            x = sample_batch(train_data, t.batch_size, cfg.data.seq_len, rng, record_len).to(device, non_blocking=True)
+            with parallel.gradient_sync(ddp_model, micro == t.grad_accum - 1):
+                with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+                    logits = ddp_model(x)
+                loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), x.reshape(-1)) / t.grad_accum
+                scaler.scale(loss).backward()
+            step_loss += loss.detach()
+        scaler.unscale_(optimizer)
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip if t.grad_clip > 0 else math.inf)
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        steps_since_log += 1
+        loss_sum += step_loss.double()  # stays on the device: no host sync per step
+        loss_steps += 1
+        bar.update(1)
+
+        if step % t.log_every == 0 or step == t.max_steps:
+            total, count = parallel.all_reduce_sum([loss_sum.item(), loss_steps], device)
+            now = time.perf_counter()
+            norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+            rec = {"step": step, "loss": total / count, "bits_per_dim": total / count / math.log(2), "lr": lr,
+                   "grad_norm": norm.item(), "tokens_per_s": tokens_per_step * steps_since_log / (now - t_log),
+                   "elapsed_s": elapsed0 + now - t_start}
+            if device.type == "cuda":
+                rec["memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+            logger.log(rec, "train")
+            bar.set_postfix(loss=f"{rec['loss']:.3f}", lr=f"{lr:.2e}")
+            loss_sum, loss_steps, steps_since_log = torch.zeros((), dtype=torch.float64, device=device), 0, 0
+            t_log = time.perf_counter()
+        if (t.eval_every > 0 and step % t.eval_every == 0) or step == t.max_steps:
+            val = evaluate_val()
+            say(f"step {step}: val {unit} {val['val_bits_per_dim']:.4f}")
+            t_log = time.perf_counter()
+        if (t.checkpoint_every > 0 and step % t.checkpoint_every == 0) or step == t.max_steps:
+            save_checkpoint()
+            t_log = time.perf_counter()
+    bar.close()
+    return _finish(cfg, run_dir, model, eval_model, d, dtype, record_len, unit, step, val, logger,
+                   elapsed0 + time.perf_counter() - t_start, data_dir)
+
+
+def _finish(cfg: Config, run_dir: Path, model: nn.Module, eval_model: nn.Module, d: parallel.Dist, dtype: torch.dtype,
+            record_len: int | None, unit: str, step: int, val: dict | None, logger: Logger, elapsed: float,
+            data_dir: Path) -> dict:
+    """Export the weights, score the whole test split, print bits per byte and a sample."""
+    t, device = cfg.train, d.device
+    checkpoint.export(model, cfg, run_dir)
+    test_data = open_split(data_dir, "test")
+    nats, tokens = bits_per_dim(eval_model, test_data, cfg.data.seq_len, record_len, t.batch_size, device, dtype)
+    test_bpd = nats / tokens / math.log(2)
+    logger.log({"step": step, "test_bits_per_dim": test_bpd, "test_tokens": tokens}, "test")
+    logger.close()
+    summary = {"run_dir": str(run_dir), "step": step, "params": model.num_params(), "test_bits_per_dim": test_bpd,
+               "test_tokens": tokens, "elapsed_s": elapsed}
+    if val is not None:
+        summary["val_bits_per_dim"] = val["val_bits_per_dim"]
+    if d.main:
+        print(f"test {unit}: {test_bpd:.3f}")
+        text = _sample_text(cfg, run_dir, model, device) if not parallel.is_sharded(model) else None
+        if text is not None:
+            summary["sample"] = text
+            print("sample:\n" + text)
+    return summary
+
+
+def _sample_text(cfg: Config, run_dir: Path, model: nn.Module, device: torch.device) -> str | None:
+    """A short text sample of a text run (written to run_dir/sample.txt), if sample.py is available."""
+    try:
+        from .sample import generate
+    except ImportError:
+        return None
+    if cfg.model.position == "image" or read_meta(cfg.data.dir or default_data_dir())["modality"] != "text":
+        return None
+    s = cfg.sample
+    tokens = generate(model, cfg, num=1, length=min(s.length or cfg.data.seq_len, cfg.data.seq_len),
+                      temperature=s.temperature, top_k=s.top_k, prefix=None, device=device, seed=s.seed)
+    text = bytes(tokens[0].tolist()).decode("utf-8", errors="replace")
+    (run_dir / "sample.txt").write_text(text)
+    return text

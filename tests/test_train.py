@@ -1,0 +1,139 @@
+"""Training: exact resume, the external check command, schedule, optimizer groups, run-dir safety."""
+
+import json
+import math
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from sparse_transformer import train as train_mod
+from sparse_transformer.config import load_config
+from sparse_transformer.data.prepare import prepare
+from sparse_transformer.errors import UserError
+from sparse_transformer.model import SparseTransformer
+from sparse_transformer.train import lr_at, make_optimizer, train
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    """A small prepared text folder: words drawn from a fixed random vocabulary (learnable, not trivial)."""
+    root = tmp_path_factory.mktemp("text")
+    rng = np.random.default_rng(0)
+    words = ["".join(chr(97 + c) for c in rng.integers(0, 26, rng.integers(2, 8))) for _ in range(200)]
+    (root / "corpus.txt").write_bytes(" ".join(rng.choice(words, 12000)).encode())
+    prepare("text", root / "corpus.txt", root / "data", progress=False)
+    return root / "data"
+
+
+def tiny(data_dir, *extra):
+    return load_config(None, ["--data.dir", str(data_dir), "--data.seq_len", "64", "--model.n_layer", "2",
+                              "--model.d_model", "32", "--model.n_head", "2", "--model.stride", "16", "--model.c", "4",
+                              "--model.dropout", "0.1", "--train.batch_size", "4", "--train.device", "cpu",
+                              "--train.dtype", "fp32", "--train.warmup_steps", "3", "--train.log_every", "1",
+                              "--train.eval_every", "4", "--train.eval_batches", "2", "--train.progress", "false",
+                              *extra])
+
+
+def losses(run_dir):
+    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [(r["step"], r["loss"], r["grad_norm"], r["lr"]) for r in lines if "loss" in r]
+
+
+def test_interrupted_then_resumed_equals_straight(data_dir, tmp_path, monkeypatch):
+    cfg = tiny(data_dir, "--train.max_steps", "10", "--train.checkpoint_every", "4")
+    straight = train(cfg, tmp_path / "straight")
+
+    real_sample_batch = train_mod.sample_batch
+    calls = []
+
+    def crash_in_step_7(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 7:
+            raise KeyboardInterrupt  # killed in step 7, after the step-4 checkpoint
+        return real_sample_batch(*args, **kwargs)
+
+    monkeypatch.setattr(train_mod, "sample_batch", crash_in_step_7)
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny(data_dir, "--train.max_steps", "10", "--train.checkpoint_every", "4"), tmp_path / "crashed")
+    assert max(s for s, *_ in losses(tmp_path / "crashed")) == 6  # logged past its last checkpoint (step 4)
+    monkeypatch.setattr(train_mod, "sample_batch", real_sample_batch)
+
+    resumed = train(None, None, resume=tmp_path / "crashed")
+    assert resumed["step"] == straight["step"] == 10
+    assert losses(tmp_path / "crashed") == losses(tmp_path / "straight")  # same values, no duplicated steps
+    a, b = load_file(tmp_path / "straight" / "model.safetensors"), load_file(tmp_path / "crashed" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert resumed["test_bits_per_dim"] == straight["test_bits_per_dim"]
+
+
+def test_check_command_and_extend(data_dir, tmp_path, capsys):
+    args = ["--data.dir", str(data_dir), "--model.n_layer", "2", "--model.d_model", "64", "--model.n_head", "2",
+            "--data.seq_len", "256", "--train.batch_size", "4", "--train.max_steps", "12",
+            "--train.checkpoint_every", "6", "--train.device", "cpu", "--train.progress", "false"]
+    run = tmp_path / "run"
+    summary = train(load_config(None, args), run)
+    assert summary["step"] == 12 and summary["test_bits_per_dim"] < 8.0
+    out = capsys.readouterr().out
+    assert f"test bits per byte: {summary['test_bits_per_dim']:.3f}" in out
+    for name in ("config.json", "metrics.jsonl", "checkpoint.pt", "model.safetensors"):
+        assert (run / name).is_file(), name
+    assert any(p.name.startswith("events.out.tfevents") for p in run.iterdir())
+    assert json.loads((run / "config.json").read_text())["train"]["max_steps"] == 12
+
+    extended = train(None, run, resume=run, overrides=["--train.max_steps", "18"])
+    assert extended["step"] == 18
+    steps = [s for s, *_ in losses(run)]
+    assert steps == sorted(steps) and steps[-1] == 18 and len(steps) == len(set(steps))
+    assert json.loads((run / "config.json").read_text())["train"]["max_steps"] == 18
+    with pytest.raises(UserError, match="already holds a run"):
+        train(load_config(None, args), run)
+
+
+def test_check_command_through_cli(data_dir, tmp_path):
+    run = tmp_path / "run"
+    base = [sys.executable, "-m", "sparse_transformer", "train"]
+    r = subprocess.run(base + ["--run-dir", str(run), "--data.dir", str(data_dir), "--model.n_layer", "2",
+                               "--model.d_model", "64", "--model.n_head", "2", "--data.seq_len", "256",
+                               "--train.batch_size", "4", "--train.max_steps", "12", "--train.checkpoint_every", "6",
+                               "--train.device", "cpu"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert "test bits per byte:" in r.stdout
+    r = subprocess.run(base + ["--resume", str(run), "--train.max_steps", "18"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert max(s for s, *_ in losses(run)) == 18
+
+
+def test_resume_with_another_architecture_is_a_user_error(data_dir, tmp_path):
+    train(tiny(data_dir, "--train.max_steps", "2"), tmp_path / "run")
+    with pytest.raises(UserError, match="another architecture"):
+        train(None, None, resume=tmp_path / "run", overrides=["--model.d_model", "64", "--train.max_steps", "4"])
+    with pytest.raises(UserError, match="no checkpoint.pt"):
+        train(None, None, resume=tmp_path / "nothing-here")
+
+
+def test_lr_schedule_warmup_then_cosine():
+    t = load_config(None, ["--train.lr", "1.0", "--train.warmup_steps", "10", "--train.max_steps", "110",
+                           "--train.min_lr_ratio", "0.1"]).train
+    assert lr_at(0, t) == pytest.approx(0.1) and lr_at(9, t) == pytest.approx(1.0)
+    assert lr_at(10, t) == pytest.approx(1.0)
+    assert lr_at(60, t) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
+    assert lr_at(110, t) == pytest.approx(0.1)
+    values = [lr_at(s, t) for s in range(10, 111)]
+    assert all(a >= b for a, b in zip(values, values[1:]))
+
+
+def test_weight_decay_on_matrices_only():
+    cfg = load_config(None, ["--model.n_layer", "1", "--model.d_model", "32", "--model.n_head", "2"])
+    model = SparseTransformer(cfg.model)
+    opt = make_optimizer(model, cfg.train, torch.device("cpu"))
+    names = {id(p): n for n, p in model.named_parameters()}
+    decayed = {names[id(p)] for g in opt.param_groups if g["weight_decay"] > 0 for p in g["params"]}
+    plain = {names[id(p)] for g in opt.param_groups if g["weight_decay"] == 0 for p in g["params"]}
+    assert decayed == {"blocks.0.attn.qkv.weight", "blocks.0.attn.proj.weight", "blocks.0.ff.fc.weight",
+                       "blocks.0.ff.proj.weight", "head.weight"}
+    assert {"tok_emb.weight", "start", "pos_emb.tables.0", "blocks.0.ln_1.weight", "blocks.0.attn.qkv.bias"} <= plain
+    assert len(decayed) + len(plain) == len(list(model.parameters()))
