@@ -5,8 +5,8 @@ with time left, a few block sizes for the fused dK/dV/dQ kernel.
 
     PYTHONPATH=. PYTHONUNBUFFERED=1 python3 scripts/gpu_triton_check.py [--budget S] [--pytest-budget S]
 
-The fused-dQ backward is opt-in (ops.FUSED_DQ); this script turns it on, for itself and for the
-pytest run (SPARSE_TRANSFORMER_TRITON_FUSED_DQ=1), so the default-mode GPU tests check it.
+The fused-dQ backward is off by default (ops.FUSED_DQ); this script turns it on for its own timings;
+the gpu tests check it through their fused_dq fixture.
 
 Writes JSON lines to $OUT/triton_check.jsonl (or ./triton_check.jsonl) and prints a table last.
 Useful FLOPs count only the pairs the pattern allows: 4·d per pair forward, 3.5x that forward+backward.
@@ -26,8 +26,6 @@ import torch.nn.functional as F
 import triton
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from triton.testing import do_bench
-
-os.environ["SPARSE_TRANSFORMER_TRITON_FUSED_DQ"] = "1"  # before the import: ops reads it once
 
 from sparse_transformer import patterns as P
 from sparse_transformer.attention.reference import reference_attention

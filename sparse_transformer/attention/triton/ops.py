@@ -14,7 +14,7 @@ Backward, two modes (kernels.py says what each kernel does):
 
 * ``deterministic=True``: the dQ passes first (the first one also writes delta = rowsum(dO·O)), then
   one dK/dV launch per term, each adding onto the previous one. No atomics: bitwise reproducible.
-* ``deterministic=False`` with :data:`FUSED_DQ` on (opt-in, see there): one delta launch, then the
+* ``deterministic=False`` with :data:`FUSED_DQ` on (off: measured no faster, see there): one delta launch, then the
   same dK/dV launches with dQ fused in (fp32 atomic adds into a zeroed buffer, cast at the end).
   Two fewer matmuls per (query, key) tile pair and no query-side walk; dQ's last bits vary between
   runs. With it off (the default) ``deterministic=False`` runs the atomic-free backward too.
@@ -161,12 +161,12 @@ CONFIGS = {
 }
 # fp32 tiles are twice the bytes: halve them and pipeline two deep so K/V stages fit shared memory.
 _FP32_CONFIG = {"fwd": (64, 32, 4, 2), "dq": (64, 32, 4, 2), "dkdv": (32, 64, 4, 2), "dkdv_fused": (32, 64, 4, 2)}
-# Non-deterministic mode uses the fused-dQ backward while this is on; off, both modes run the
-# atomic-free backward. OFF by default until the fused kernel has passed the GPU tests and timings
-# (scripts/gpu_triton_check.py turns it on): so far it is checked only by the CPU interpreter, and
-# atomics, compiled register pressure and speed are GPU questions. Opt in with
-# SPARSE_TRANSFORMER_TRITON_FUSED_DQ=1 or by setting ``ops.FUSED_DQ = True``.
-FUSED_DQ = os.environ.get("SPARSE_TRANSFORMER_TRITON_FUSED_DQ", "0") == "1"
+# The fused-dQ backward (non-deterministic mode only) passed the GPU tests on an H200 (2026-11-28) but
+# did not pay: at n = 16K (bf16, d 64, B 8, H 8) it ran strided l=128 fwd+bwd in 2.30 ms and fixed
+# l=128 c=32 in 7.78 ms against 2.21 / 7.04 ms for the atomic-free backward; its best tiles gained
+# 6 % / 3 % (within run-to-run spread) and at n = 1M it was slower (50.0 vs 46.5 ms). So it stays
+# off: both modes run the atomic-free backward. Tests and scripts/gpu_triton_check.py switch it on.
+FUSED_DQ = False
 _DELTA_ROWS = 64  # rows per program of the delta kernel
 # The CPU interpreter's cost is per program and per op: mid-size tiles keep tests quick while still
 # giving several tiles (and every masked/unmasked run) at test sizes.
