@@ -127,7 +127,7 @@ def _block(q, k, v, term: Block, scale, dt):
 
 
 def _stride(q, k, v, term: Stride, scale, dt):
-    B, H, n, dk = q.shape
+    B, H, n, _ = q.shape
     l = term.size
     R = -(-n // l)
 
@@ -174,16 +174,10 @@ def _merge(parts):
     return sum(wt.unsqueeze(-1) * o for wt, o in zip(w, outs)) / total.unsqueeze(-1)
 
 
-def factorized_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: _PatternBase,
-                         scale: float | None = None) -> torch.Tensor:
-    """``q, k [B, H, n, dk]``, ``v [B, H, n, dv]`` -> ``[B, H, n, dv]`` in ``q.dtype``.
-
-    Heads with identical key sets are computed together; heads that differ (per-head summary
-    offsets, multi-head integration) are computed group by group and put back in head order.
-    """
-    H, dt = q.shape[1], q.dtype
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
-    q, k, v = q.float(), k.float(), v.float()  # no-ops for fp32 inputs
+def by_head_group(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: _PatternBase, attend) -> torch.Tensor:
+    """``attend(q, k, v, terms) -> [B, h, n, dv]`` run once per group of heads that share a key set
+    (per-head summary offsets and the multi-head integration make groups); heads back in order."""
+    H = q.shape[1]
     groups = pattern.head_groups(H)
     results, order = [], []
     for terms, heads in groups:
@@ -192,9 +186,20 @@ def factorized_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, patt
         else:
             idx = torch.tensor(heads, device=q.device)
             qs, ks, vs = q.index_select(1, idx), k.index_select(1, idx), v.index_select(1, idx)
-        results.append(_merge([_TERMS[type(t)](qs, ks, vs, t, scale, dt) for t in terms]))
+        results.append(attend(qs, ks, vs, terms))
         order.extend(heads)
     out = results[0] if len(results) == 1 else torch.cat(results, dim=1)
     if order != list(range(H)):
         out = out.index_select(1, torch.tensor(order, device=q.device).argsort())
+    return out
+
+
+def factorized_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: _PatternBase,
+                         scale: float | None = None) -> torch.Tensor:
+    """``q, k [B, H, n, dk]``, ``v [B, H, n, dv]`` -> ``[B, H, n, dv]`` in ``q.dtype``."""
+    dt = q.dtype
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    q, k, v = q.float(), k.float(), v.float()  # no-ops for fp32 inputs
+    out = by_head_group(q, k, v, pattern,
+                        lambda qs, ks, vs, terms: _merge([_TERMS[type(t)](qs, ks, vs, t, scale, dt) for t in terms]))
     return out.to(dt)

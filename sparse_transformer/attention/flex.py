@@ -30,11 +30,10 @@ from __future__ import annotations
 import functools
 
 import torch
-import torch.nn.functional as F
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
 from ..patterns import Band, Block, Stride, Summary, Term, _PatternBase
-from .factorized import _merge
+from .factorized import _merge, _pad_to, by_head_group
 
 try:  # torch >= 2.9 asks for the log-sum-exp through an AuxRequest; return_lse is deprecated there
     from torch.nn.attention.flex_attention import AuxRequest
@@ -95,11 +94,6 @@ def _block_mask(term: Term, n: int, device: torch.device) -> BlockMask:
     return create_block_mask(mask_mod, None, None, q_len, kv_len, device=device, _compile=device.type == "cuda")
 
 
-def _pad_to(x: torch.Tensor, multiple: int) -> torch.Tensor:
-    extra = (-x.shape[2]) % multiple
-    return F.pad(x, (0, 0, 0, extra)) if extra else x
-
-
 def _term(q, k, v, term: Term, scale: float):
     """``(out [B, H, n, dv] fp32-or-input dtype, lse [B, H, n] fp32)`` of one term."""
     B, H, n, _ = q.shape
@@ -136,19 +130,6 @@ def flex_attention_sparse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pat
     Returns: ``[B, H, n, dv]`` in ``q.dtype``; queries with no allowed key give zeros.
     Heads with identical key sets are computed together, as in the ``factorized`` backend.
     """
-    H = q.shape[1]
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    groups = pattern.head_groups(H)
-    results, order = [], []
-    for terms, heads in groups:
-        if len(groups) == 1:
-            qs, ks, vs = q, k, v
-        else:
-            idx = torch.tensor(heads, device=q.device)
-            qs, ks, vs = q.index_select(1, idx), k.index_select(1, idx), v.index_select(1, idx)
-        results.append(_merge([_term(qs, ks, vs, t, scale) for t in terms]))
-        order.extend(heads)
-    out = results[0] if len(results) == 1 else torch.cat(results, dim=1)
-    if order != list(range(H)):
-        out = out.index_select(1, torch.tensor(order, device=q.device).argsort())
+    out = by_head_group(q, k, v, pattern, lambda qs, ks, vs, terms: _merge([_term(qs, ks, vs, t, scale) for t in terms]))
     return out.to(q.dtype)

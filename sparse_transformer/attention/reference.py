@@ -14,7 +14,7 @@ def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, patte
 
     A query with no allowed key gets a zero output (and zero gradients), never NaN.
     """
-    B, H, n, dk = q.shape
+    H, n, dk = q.shape[1:]
     scale = dk ** -0.5 if scale is None else scale
     mask = torch.stack([pattern.mask(n, head=h) for h in range(H)]).to(q.device)  # [H, n, n]
     s = torch.einsum("bhid,bhjd->bhij", q.float(), k.float()) * scale
