@@ -163,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
         return {"prepare": cmd_prepare, "eval": cmd_eval, "sample": cmd_sample, "layout": cmd_layout,
                 "bench": cmd_bench}[args.command](args)
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print("error: " + " ".join(str(e).split()), file=sys.stderr)  # one line, even when a library's message is not
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
