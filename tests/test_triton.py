@@ -201,7 +201,8 @@ def test_custom_op_registration_and_no_graph_breaks():
 # ---------------------------------------------------------------------------------------------
 
 GPU_CASES = [  # (pattern, n, B, H, dk, dv, dtype, l)
-    ("strided", 16384, 1, 1, 64, 64, torch.bfloat16, 128),
+    ("strided", 16384, 1, 1, 64, 64, torch.bfloat16, 128),  # classes of 128: the owned stride term
+    ("strided", 9000, 1, 2, 64, 64, torch.bfloat16, 32),  # classes of 282: stride term as dQ + dK/dV passes
     ("strided", 1000, 2, 4, 64, 64, torch.bfloat16, 64),
     ("fixed", 4096, 1, 2, 32, 32, torch.float16, 128),
     ("multihead-fixed", 4096, 1, 4, 128, 128, torch.bfloat16, 256),

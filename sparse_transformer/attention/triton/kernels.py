@@ -10,10 +10,17 @@ The backward runs in one of two modes (ops.py picks):
 
 * deterministic (atomic-free, bitwise reproducible): ``_attn_bwd_dq`` passes, then ``_attn_bwd_dkdv``
   launches. dQ needs S = QKᵀ and dP = dO·Vᵀ again, so the backward does 7 tile matmuls per pair.
-* fused (``FUSE_DQ``, non-deterministic, opt-in: ops.FUSED_DQ): ``_attn_bwd_delta`` writes delta, then each
-  ``_attn_bwd_dkdv`` program also forms its key tile's share of dQ, dS·K, and adds it with fp32
-  atomics into a zeroed fp32 buffer (5 matmuls per pair, and no second walk over the tiles). The
-  order of the atomic adds varies from run to run, so dQ may differ in the last bits.
+* fused (``DQ_MODE == 1``, non-deterministic, opt-in: ops.FUSED_DQ): ``_attn_bwd_delta`` writes delta,
+  then each ``_attn_bwd_dkdv`` program also forms its key tile's share of dQ, dS·K, and adds it with
+  fp32 atomics into a zeroed fp32 buffer (5 matmuls per pair, and no second walk over the tiles).
+  The order of the atomic adds varies from run to run, so dQ may differ in the last bits.
+
+Both modes use one more schedule where it is exact without atomics (``DQ_MODE == 2``, "owned"): a
+transposed pass whose residue classes are no longer than one key tile. Then one ``_attn_bwd_dkdv``
+program holds every key of its class, so it is the only program that ever adds to the dQ rows of
+that class for this term: it forms dS·K and adds it with a plain read-add-write, and the term needs
+no dQ pass (5 matmuls per pair instead of 7, one walk over q, dO, lse and delta instead of two).
+Strided at n <= l·128 (e.g. l = 128 at n = 16K) runs its stride term this way.
 
 The virtual sequence is either the natural order (``STEP == 1``: row ``t`` is position ``t``) or one
 residue class of the transposed order (``STEP == l``: row ``t`` of class ``r`` is position
@@ -403,10 +410,11 @@ def _dkdv_tiles(dk_acc, dv_acc, k, v, q_ptr, do_ptr, dq_ptr, sqn, son, LSE_ROW, 
                 STEP: tl.constexpr, IS_SUMMARY: tl.constexpr, WINDOW: tl.constexpr, BLOCK: tl.constexpr,
                 OFFSET: tl.constexpr, SUM_C: tl.constexpr, SUM_L: tl.constexpr, SUM_LO: tl.constexpr,
                 SUM_EARLIER: tl.constexpr, MASK: tl.constexpr, BLOCK_M: tl.constexpr,
-                EVEN_DK: tl.constexpr, EVEN_DV: tl.constexpr, FUSE_DQ: tl.constexpr, DOT_PREC: tl.constexpr):
+                EVEN_DK: tl.constexpr, EVEN_DV: tl.constexpr, DQ_MODE: tl.constexpr, DOT_PREC: tl.constexpr):
     """Accumulate dK, dV of one key tile over query tiles ``q_start, ... < q_stop``. Works on the
-    transposed score tile [keys, queries] so dK and dV come out of plain dots. With ``FUSE_DQ`` each
-    query tile also receives this key tile's dQ share dSᵀ·K (fp32 atomics into ``dq_ptr``)."""
+    transposed score tile [keys, queries] so dK and dV come out of plain dots. With ``DQ_MODE`` 1 or 2
+    each query tile also receives this key tile's dQ share dSᵀ·K into ``dq_ptr``: fp32 atomics (1),
+    or a plain read-add-write when this program is the only one that touches those rows (2)."""
     for m0 in range(q_start, q_stop, BLOCK_M):
         rows = m0 + tl.arange(0, BLOCK_M)
         row_ok = rows < length
@@ -431,12 +439,19 @@ def _dkdv_tiles(dk_acc, dv_acc, k, v, q_ptr, do_ptr, dq_ptr, sqn, son, LSE_ROW, 
         dpt = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
         dst = (pt * (dpt - delta[None, :])).to(q.dtype)
         dk_acc = tl.dot(dst, q, dk_acc, input_precision=DOT_PREC)
-        if FUSE_DQ:
-            # the fifth matmul: dQ[rows] += scale·dS·K. "relaxed": only the sum matters, no ordering
-            # with other memory (the default acq_rel would fence every add)
+        if DQ_MODE > 0:
+            # the fifth matmul: dQ[rows] += scale·dS·K
             dq = tl.dot(tl.trans(dst), k, input_precision=DOT_PREC) * sm_scale
             dq_ptrs = dq_ptr + pos[:, None] * dk + offs_dk[None, :]
-            tl.atomic_add(dq_ptrs, dq, mask=row_ok[:, None] & (offs_dk[None, :] < dk), sem="relaxed")
+            dq_mask = row_ok[:, None] & (offs_dk[None, :] < dk)
+            if DQ_MODE == 1:
+                # "relaxed": only the sum matters, no ordering with other memory (the default
+                # acq_rel would fence every add)
+                tl.atomic_add(dq_ptrs, dq, mask=dq_mask, sem="relaxed")
+            else:
+                # owned rows: each query tile is visited once per launch, by this program alone
+                dq += tl.load(dq_ptrs, mask=dq_mask, other=0.0).to(tl.float32)
+                tl.store(dq_ptrs, dq.to(dq_ptr.dtype.element_ty), mask=dq_mask)
     return dk_acc, dv_acc
 
 
@@ -447,16 +462,17 @@ def _attn_bwd_dkdv(
     n, n_heads, head0, head_step, heads_in_group, tiles_per_class, qk_scale, sm_scale, dk: tl.constexpr, dv: tl.constexpr,
     STEP: tl.constexpr, IS_SUMMARY: tl.constexpr, WINDOW: tl.constexpr, BLOCK: tl.constexpr,
     OFFSET: tl.constexpr, SUM_C: tl.constexpr, SUM_L: tl.constexpr, SUM_LO: tl.constexpr,
-    SUM_EARLIER: tl.constexpr, ACCUMULATE: tl.constexpr, FUSE_DQ: tl.constexpr,
+    SUM_EARLIER: tl.constexpr, ACCUMULATE: tl.constexpr, DQ_MODE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DK_PAD: tl.constexpr, DV_PAD: tl.constexpr,
     DOT_PREC: tl.constexpr,
 ):
     """dK, dV of one key tile of one term. The key tile is in the term's coordinates (virtual rows
     for a range term, compact summary index for a summary term); each key belongs to exactly one
     program of a launch, so ``ACCUMULATE`` (read-add-write over an earlier term's launch) needs no
-    atomics. DO shares O's strides ``so*``; DK and DV are contiguous. With ``FUSE_DQ``, DQ is a
-    zeroed contiguous fp32 [B, H, n, dk] that the programs add their dQ shares into (any order);
-    without it DQ is not touched."""
+    atomics. DO shares O's strides ``so*``; DK and DV are contiguous. DQ is contiguous [B, H, n, dk]:
+    with ``DQ_MODE == 1`` a zeroed fp32 buffer that the programs add their dQ shares into (any
+    order); with ``DQ_MODE == 2`` (one key tile holds the whole residue class) dQ as the earlier
+    passes left it, each program adding its class's share; with 0 it is not touched."""
     pid_bh = tl.program_id(1)
     b = (pid_bh // heads_in_group).to(tl.int64)
     h = (head0 + (pid_bh % heads_in_group) * head_step).to(tl.int64)
@@ -496,17 +512,17 @@ def _attn_bwd_dkdv(
     dk_acc, dv_acc = _dkdv_tiles(dk_acc, dv_acc, k, v, q_ptr, do_ptr, dq_ptr, sqn, son, LSE + stat_off,
                                  DELTA + stat_off, kidx, start, f_lo, length, base, qk_scale, sm_scale,
                                  offs_dk, offs_dv, dk, dv, STEP, IS_SUMMARY, WINDOW, BLOCK, OFFSET, SUM_C,
-                                 SUM_L, SUM_LO, SUM_EARLIER, True, BLOCK_M, EVEN_DK, EVEN_DV, FUSE_DQ,
+                                 SUM_L, SUM_LO, SUM_EARLIER, True, BLOCK_M, EVEN_DK, EVEN_DV, DQ_MODE,
                                  DOT_PREC)
     dk_acc, dv_acc = _dkdv_tiles(dk_acc, dv_acc, k, v, q_ptr, do_ptr, dq_ptr, sqn, son, LSE + stat_off,
                                  DELTA + stat_off, kidx, f_lo, f_hi, length, base, qk_scale, sm_scale,
                                  offs_dk, offs_dv, dk, dv, STEP, IS_SUMMARY, WINDOW, BLOCK, OFFSET, SUM_C,
-                                 SUM_L, SUM_LO, SUM_EARLIER, False, BLOCK_M, EVEN_DK, EVEN_DV, FUSE_DQ,
+                                 SUM_L, SUM_LO, SUM_EARLIER, False, BLOCK_M, EVEN_DK, EVEN_DV, DQ_MODE,
                                  DOT_PREC)
     dk_acc, dv_acc = _dkdv_tiles(dk_acc, dv_acc, k, v, q_ptr, do_ptr, dq_ptr, sqn, son, LSE + stat_off,
                                  DELTA + stat_off, kidx, f_hi, end, length, base, qk_scale, sm_scale,
                                  offs_dk, offs_dv, dk, dv, STEP, IS_SUMMARY, WINDOW, BLOCK, OFFSET, SUM_C,
-                                 SUM_L, SUM_LO, SUM_EARLIER, True, BLOCK_M, EVEN_DK, EVEN_DV, FUSE_DQ,
+                                 SUM_L, SUM_LO, SUM_EARLIER, True, BLOCK_M, EVEN_DK, EVEN_DV, DQ_MODE,
                                  DOT_PREC)
 
     dk_acc = dk_acc * sm_scale

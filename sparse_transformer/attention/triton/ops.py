@@ -14,6 +14,8 @@ Backward, two modes (kernels.py says what each kernel does):
 
 * ``deterministic=True``: the dQ passes first (the first one also writes delta = rowsum(dO·O)), then
   one dK/dV launch per term, each adding onto the previous one. No atomics: bitwise reproducible.
+  A transposed pass whose residue classes fit one key tile has no dQ pass: its dK/dV launch adds
+  dQ too (kernels.py, "owned"), since one program holds all the keys its queries read.
 * ``deterministic=False`` with :data:`FUSED_DQ` on (off: measured no faster, see there): one delta launch, then the
   same dK/dV launches with dQ fused in (fp32 atomic adds into a zeroed buffer, cast at the end).
   Two fewer matmuls per (query, key) tile pair and no query-side walk; dQ's last bits vary between
@@ -143,24 +145,47 @@ def decode(spec: list[int]) -> list[_Group]:
 # Block sizes
 # ---------------------------------------------------------------------------------------------
 
-# (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel and padded head dim; BLOCK_M counts queries
-# and BLOCK_N keys in every kernel. Head dim 64 (bf16) is the sweep of scripts/gpu_triton_check.py on
-# an H200 (strided l=128 and fixed l=128 c=32, n=16384, B=8, H=8): fwd 64x64 beat 128x64 by 21 % on
-# strided (0.55 vs 0.69 ms) and 3 % on fixed; dq 64x64 beat 128x64 by 8 %; dK/dV with 32-query tiles
-# cut strided fwd+bwd from 4.22 to 2.22 ms (the band and stride passes are short, so small tiles
-# give more programs), at +2 % on fixed. 16/32 reuse the 64 entries; 128 keeps the larger-warp
-# tiles that passed the GPU tests.
-# "dkdv_fused" (the dK/dV kernel with dQ fused in) starts from the dkdv tiles: the extra dQ tile is
-# [BLOCK_M, d] fp32, small beside the [BLOCK_N, d] dK/dV accumulators; its atomics per matmul flop
-# fall as 1 / BLOCK_N, so the key tile stays 128 (as FlashAttention 2's atomic dQ does).
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) per launch role and padded head dim; BLOCK_M counts
+# queries and BLOCK_N keys in every kernel. Roles: "fwd", "dq", "dkdv" for natural-order passes of
+# a band or block term, "fwd_summary" and "dq_summary" for natural passes that hold a summary term
+# (with or without a block), "*_stride" for the transposed passes, "dkdv_summary" for the summary
+# keys, "dkdv_owned" for a transposed pass whose residue classes fit one key tile (its BLOCK_N is the
+# longest class it takes; the tile is the class length rounded up to a power of two), "dkdv_fused"
+# for the opt-in atomic-dQ backward.
+# Head dim 64 (bf16): the first sweep of scripts/gpu_triton_check.py on an H200 (strided l=128 and
+# fixed l=128 c=32, n=16384, B=8, H=8): fwd 64x64 beat 128x64 by 21 % on strided (0.55 vs 0.69 ms)
+# and 3 % on fixed; dq 64x64 beat 128x64 by 8 %; dK/dV with 32-query tiles cut strided fwd+bwd from
+# 4.22 to 2.22 ms (short band and stride passes: small tiles give more programs), at +2 % on fixed.
+# 16/32 reuse the 64 entries; 128 keeps the larger-warp tiles that passed the GPU tests.
+# "dkdv_fused" starts from the dkdv tiles: the extra dQ tile is [BLOCK_M, d] fp32, small beside the
+# [BLOCK_N, d] dK/dV accumulators; its atomics per matmul flop fall as 1 / BLOCK_N, so the key tile
+# stays 128 (as FlashAttention 2's atomic dQ does).
+_D64_FWD, _D128_FWD = (64, 64, 4, 3), (128, 64, 8, 3)
+_D64_DQ, _D128_DQ = (64, 64, 4, 3), (128, 64, 8, 2)
+_D64_DKDV, _D128_DKDV = (32, 128, 4, 3), (64, 128, 8, 2)
+
+
+def _by_dim(d64, d128):
+    return {16: d64, 32: d64, 64: d64, 128: d128}
+
+
 CONFIGS = {
-    "fwd": {16: (64, 64, 4, 3), 32: (64, 64, 4, 3), 64: (64, 64, 4, 3), 128: (128, 64, 8, 3)},
-    "dq": {16: (64, 64, 4, 3), 32: (64, 64, 4, 3), 64: (64, 64, 4, 3), 128: (128, 64, 8, 2)},
-    "dkdv": {16: (32, 128, 4, 3), 32: (32, 128, 4, 3), 64: (32, 128, 4, 3), 128: (64, 128, 8, 2)},
-    "dkdv_fused": {16: (32, 128, 4, 3), 32: (32, 128, 4, 3), 64: (32, 128, 4, 3), 128: (64, 128, 8, 2)},
+    "fwd": _by_dim(_D64_FWD, _D128_FWD),
+    "fwd_summary": _by_dim(_D64_FWD, _D128_FWD),
+    "fwd_stride": _by_dim(_D64_FWD, _D128_FWD),
+    "dq": _by_dim(_D64_DQ, _D128_DQ),
+    "dq_summary": _by_dim(_D64_DQ, _D128_DQ),
+    "dq_stride": _by_dim(_D64_DQ, _D128_DQ),
+    "dkdv": _by_dim(_D64_DKDV, _D128_DKDV),
+    "dkdv_stride": _by_dim(_D64_DKDV, _D128_DKDV),
+    "dkdv_summary": _by_dim(_D64_DKDV, _D128_DKDV),
+    # the dQ tile [BLOCK_M, d] fp32 joins the dK/dV accumulators: d 128 takes classes up to 64 keys
+    "dkdv_owned": _by_dim((32, 128, 4, 3), (32, 64, 8, 2)),
+    "dkdv_fused": _by_dim(_D64_DKDV, _D128_DKDV),
 }
 # fp32 tiles are twice the bytes: halve them and pipeline two deep so K/V stages fit shared memory.
-_FP32_CONFIG = {"fwd": (64, 32, 4, 2), "dq": (64, 32, 4, 2), "dkdv": (32, 64, 4, 2), "dkdv_fused": (32, 64, 4, 2)}
+_FP32_CONFIG = {"fwd": (64, 32, 4, 2), "dq": (64, 32, 4, 2), "dkdv": (32, 64, 4, 2), "dkdv_owned": (32, 64, 4, 2),
+                "dkdv_fused": (32, 64, 4, 2)}
 # The fused-dQ backward (non-deterministic mode only) passed the GPU tests on an H200 (2026-11-28) but
 # did not pay: at n = 16K (bf16, d 64, B 8, H 8) it ran strided l=128 fwd+bwd in 2.30 ms and fixed
 # l=128 c=32 in 7.78 ms against 2.21 / 7.04 ms for the atomic-free backward; its best tiles gained
@@ -169,16 +194,17 @@ _FP32_CONFIG = {"fwd": (64, 32, 4, 2), "dq": (64, 32, 4, 2), "dkdv": (32, 64, 4,
 FUSED_DQ = False
 _DELTA_ROWS = 64  # rows per program of the delta kernel
 # The CPU interpreter's cost is per program and per op: mid-size tiles keep tests quick while still
-# giving several tiles (and every masked/unmasked run) at test sizes.
+# giving several tiles (and every masked/unmasked run) at test sizes. Its owned classes are at most
+# 32 long, so test lengths reach both the owned and the two-pass schedule of the stride term.
 _INTERPRET_CONFIG = (32, 32, 1, 1)
 
 
-def _config(kind: str, d_pad: int, dtype: torch.dtype):
+def _config(role: str, d_pad: int, dtype: torch.dtype):
     if _INTERPRET:
         return _INTERPRET_CONFIG
     if dtype == torch.float32:
-        return _FP32_CONFIG[kind]
-    table = CONFIGS[kind]
+        return _FP32_CONFIG[role] if role in _FP32_CONFIG else _FP32_CONFIG[role.split("_")[0]]
+    table = CONFIGS[role]
     return table[d_pad] if d_pad in table else table[max(k for k in table if k <= d_pad)]
 
 
@@ -219,9 +245,9 @@ def _forward(q, k, v, spec, scale):
     out = torch.empty(B, H, n, dv, device=q.device, dtype=q.dtype)
     lse = torch.empty(B, H, n, device=q.device, dtype=torch.float32)
     dkp, dvp = _pad(dk), _pad(dv)
-    bm, bn, warps, stages = _config("fwd", max(dkp, dvp), q.dtype)
     for g in decode(spec):
         for i, p in enumerate(g.passes):
+            bm, bn, warps, stages = _config(_role("fwd", p), max(dkp, dvp), q.dtype)
             grid, per_class = _query_grid(p, n, bm, B * g.count)
             kernels._attn_fwd[grid](
                 q, k, v, out, lse, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
@@ -231,52 +257,86 @@ def _forward(q, k, v, spec, scale):
     return out, lse
 
 
+def _role(kernel: str, p: _Pass) -> str:
+    """The CONFIGS entry of a query-tile pass (``kernel`` "fwd" or "dq")."""
+    return kernel + ("_stride" if p.step > 1 else "_summary" if p.sum_c else "")
+
+
+def _owned_tile(p: _Pass, n: int, d_pad: int, dtype: torch.dtype) -> int:
+    """The key tile that holds a whole residue class of transposed pass ``p``, or 0 when its classes
+    are longer than ``dkdv_owned`` takes (then the pass runs as a dQ pass plus a dK/dV launch)."""
+    if p.step == 1:
+        return 0
+    length = triton.cdiv(n, p.step)
+    return max(16, triton.next_power_of_2(length)) if length <= _config("dkdv_owned", d_pad, dtype)[1] else 0
+
+
 def _backward(do, q, k, v, out, lse, spec, scale, deterministic=True):
     B, H, n, dk = q.shape
     dv = v.shape[-1]
     do = do.contiguous()  # shares out's (contiguous) strides in the kernels
     fused = FUSED_DQ and not deterministic
     groups = decode(spec)
+    dkp, dvp = _pad(dk), _pad(dv)
+    d_pad = max(dkp, dvp)
+    owned = {(gi, pi): _owned_tile(p, n, d_pad, q.dtype)
+             for gi, g in enumerate(groups) for pi, p in enumerate(g.passes)}
     # a group made only of summary terms leaves non-summary keys untouched: start from zeros
     needs_zero = any(not any(p.has_range for p in g.passes) for g in groups)
     alloc = torch.zeros if needs_zero else torch.empty
     dkk = alloc(B, H, n, dk, device=q.device, dtype=k.dtype)
     dvv = alloc(B, H, n, dv, device=q.device, dtype=v.dtype)
     delta = torch.empty(B, H, n, device=q.device, dtype=torch.float32)
-    dkp, dvp = _pad(dk), _pad(dv)
     prec = _dot_precision(q.dtype)
     qk_scale = scale * math.log2(math.e)
     strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3])
+    # a group whose every pass is owned has no dQ pass: nothing writes delta or the dQ rows its
+    # classes never read (the first ``offset`` rows of each class), so both come from here
+    no_dq_pass = not fused and any(all(owned[gi, pi] for pi in range(len(g.passes))) for gi, g in enumerate(groups))
 
-    if fused:
-        # delta for every row first (the key-tile programs read it for any query); dQ is summed in
-        # fp32 whatever the input dtype, since many programs add into each row
-        out_c = out.contiguous()
+    if fused or no_dq_pass:
+        # delta for every row first (the key-tile programs read it for any query)
         kernels._attn_bwd_delta[(triton.cdiv(B * H * n, _DELTA_ROWS),)](
-            out_c, do, delta, B * H * n, dv, BLOCK=_DELTA_ROWS, DV_PAD=dvp)
+            out.contiguous(), do, delta, B * H * n, dv, BLOCK=_DELTA_ROWS, DV_PAD=dvp)
+    if fused:  # dQ is summed in fp32 whatever the input dtype, since many programs add into each row
         dq = torch.zeros(B, H, n, dk, device=q.device, dtype=torch.float32)
     else:
-        dq = torch.empty(B, H, n, dk, device=q.device, dtype=q.dtype)
-        bm, bn, warps, stages = _config("dq", max(dkp, dvp), q.dtype)
-        for g in groups:
-            for i, p in enumerate(g.passes):
+        dq = (torch.zeros if no_dq_pass else torch.empty)(B, H, n, dk, device=q.device, dtype=q.dtype)
+        for gi, g in enumerate(groups):
+            first = True
+            for pi, p in enumerate(g.passes):
+                if owned[gi, pi]:
+                    continue
+                bm, bn, warps, stages = _config(_role("dq", p), d_pad, q.dtype)
                 grid, per_class = _query_grid(p, n, bm, B * g.count)
                 kernels._attn_bwd_dq[grid](
                     q, k, v, out, do, dq, lse, delta, *strides,
                     n, H, g.head0, g.head_step, g.count, per_class, qk_scale, scale, dk, dv,
-                    HAS_RANGE=p.has_range, FIRST=i == 0, BLOCK_M=bm, BLOCK_N=bn, DK_PAD=dkp, DV_PAD=dvp,
+                    HAS_RANGE=p.has_range, FIRST=first, BLOCK_M=bm, BLOCK_N=bn, DK_PAD=dkp, DV_PAD=dvp,
                     DOT_PREC=prec, num_warps=warps, num_stages=stages, **_pass_args(p))
+                first = False
 
-    bm, bn, warps, stages = _config("dkdv_fused" if fused else "dkdv", max(dkp, dvp), q.dtype)
-    for g in groups:
+    for gi, g in enumerate(groups):
         first = not needs_zero
-        for p in g.passes:
+        for pi, p in enumerate(g.passes):
             launches = []
             if p.has_range:
                 launches.append((False, p))
             if p.sum_c:
                 launches.append((True, p))
             for is_summary, pp in launches:
+                own = owned[gi, pi] if not is_summary else 0
+                if own:
+                    role = "dkdv_owned"
+                elif fused:
+                    role = "dkdv_fused"
+                elif is_summary:
+                    role = "dkdv_summary"
+                else:
+                    role = "dkdv_stride" if pp.step > 1 else "dkdv"
+                bm, bn, warps, stages = _config(role, d_pad, q.dtype)
+                if own:
+                    bn = own
                 if is_summary:
                     keys = _summary_keys(pp, n)
                     grid, per_class = (triton.cdiv(keys, bn), B * g.count), 1
@@ -287,9 +347,9 @@ def _backward(do, q, k, v, out, lse, spec, scale, deterministic=True):
                 kernels._attn_bwd_dkdv[grid](
                     q, k, v, do, dkk, dvv, dq, lse, delta, *strides,
                     n, H, g.head0, g.head_step, g.count, per_class, qk_scale, scale, dk, dv,
-                    IS_SUMMARY=is_summary, ACCUMULATE=not first, FUSE_DQ=fused, BLOCK_M=bm, BLOCK_N=bn,
-                    DK_PAD=dkp, DV_PAD=dvp, DOT_PREC=prec, num_warps=warps, num_stages=stages,
-                    **_pass_args(pp))
+                    IS_SUMMARY=is_summary, ACCUMULATE=not first, DQ_MODE=2 if own else 1 if fused else 0,
+                    BLOCK_M=bm, BLOCK_N=bn, DK_PAD=dkp, DV_PAD=dvp, DOT_PREC=prec, num_warps=warps,
+                    num_stages=stages, **_pass_args(pp))
                 first = False
     if fused and dq.dtype != q.dtype:
         dq = dq.to(q.dtype)

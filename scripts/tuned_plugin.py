@@ -1,0 +1,19 @@
+"""pytest plugin: run the tests with the tiles that ``scripts/gpu_tune.py`` chose (before they are
+committed to ``ops.CONFIGS``), so one GPU call can tune and then check the tuned kernels.
+
+    TUNED_CONFIGS=$OUT/tuned.json python3 -m pytest -p tuned_plugin ...   (scripts/ on PYTHONPATH)
+"""
+
+import json
+import os
+
+
+def pytest_configure(config):
+    path = os.environ.get("TUNED_CONFIGS")
+    if not path or not os.path.exists(path):
+        return
+    from sparse_transformer.attention.triton import ops
+
+    with open(path) as f:
+        for role, cfg in json.load(f).items():
+            ops.CONFIGS[role][64] = tuple(cfg)
