@@ -16,4 +16,7 @@ def pytest_configure(config):
 
     with open(path) as f:
         for role, cfg in json.load(f).items():
-            ops.CONFIGS[role][64] = tuple(cfg)
+            if role == "SHORT_RUN_TILES":
+                ops.SHORT_RUN_TILES = cfg
+            else:
+                ops.CONFIGS[role][64] = tuple(cfg)

@@ -128,15 +128,19 @@ def _key_pos(kidx, base, STEP: tl.constexpr, IS_SUMMARY: tl.constexpr, SUM_C: tl
 
 
 @triton.jit
-def _segments(lo_first, lo_last, hi_first, hi_last, limit, TILE: tl.constexpr):
+def _segments(lo_first, lo_last, hi_first, hi_last, limit, TILE: tl.constexpr, SPLIT: tl.constexpr):
     """Split the tiles covering ``[lo_first, hi_last]`` into masked head ``[start, f_lo)``,
     unmasked full tiles ``[f_lo, f_hi)`` and masked tail ``[f_hi, end)``.
 
     A tile is full when every row of the other side reads all of it: it starts at or after the
     last row's lower edge and ends at or before the first row's upper edge (and inside ``limit``).
+    Without ``SPLIT`` every tile is one masked run ``[start, end)``: for a short range (a band of a
+    few tiles) one loop that the compiler pipelines beats three loops of one iteration each.
     """
     start = (lo_first // TILE) * TILE
     end = hi_last + 1
+    if not SPLIT:
+        return start, end, end, end
     f_lo = tl.maximum((lo_last + TILE - 1) // TILE * TILE, start)
     f_hi = (tl.minimum(hi_first + 1, limit) // TILE) * TILE
     # no full tile: everything is one masked run [start, end)
@@ -203,7 +207,7 @@ def _attn_fwd(
     n, n_heads, head0, head_step, heads_in_group, tiles_per_class, qk_scale, dk: tl.constexpr, dv: tl.constexpr,
     STEP: tl.constexpr, HAS_RANGE: tl.constexpr, WINDOW: tl.constexpr, BLOCK: tl.constexpr,
     OFFSET: tl.constexpr, SUM_C: tl.constexpr, SUM_L: tl.constexpr, SUM_LO: tl.constexpr,
-    SUM_EARLIER: tl.constexpr, INIT_FROM_OUT: tl.constexpr,
+    SUM_EARLIER: tl.constexpr, INIT_FROM_OUT: tl.constexpr, SPLIT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DK_PAD: tl.constexpr, DV_PAD: tl.constexpr,
     DOT_PREC: tl.constexpr,
 ):
@@ -248,7 +252,7 @@ def _attn_fwd(
         start, f_lo, f_hi, end = _segments(
             _key_lo(m0, False, WINDOW, BLOCK), _key_lo(m_last, False, WINDOW, BLOCK),
             _key_hi(m0, False, OFFSET, 0, 1, 0, False), _key_hi(m_last, False, OFFSET, 0, 1, 0, False),
-            length, BLOCK_N)
+            length, BLOCK_N, SPLIT)
         acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_ptr, v_ptr, skn, svn, lo, hi, start, f_lo, end,
                                    base, qk_scale, offs_dk, offs_dv, dk, dv, STEP, False, 1, 1, 0,
                                    True, BLOCK_N, EVEN_DK, EVEN_DV, DOT_PREC)
@@ -263,7 +267,7 @@ def _attn_fwd(
         hi = _key_hi(rows, True, 0, SUM_C, SUM_L, SUM_LO, SUM_EARLIER)
         start, f_lo, f_hi, end = _segments(
             0, 0, _key_hi(m0, True, 0, SUM_C, SUM_L, SUM_LO, SUM_EARLIER),
-            _key_hi(m_last, True, 0, SUM_C, SUM_L, SUM_LO, SUM_EARLIER), n, BLOCK_N)
+            _key_hi(m_last, True, 0, SUM_C, SUM_L, SUM_LO, SUM_EARLIER), n, BLOCK_N, True)
         acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_ptr, v_ptr, skn, svn, lo, hi, f_lo, f_hi, end,
                                    base, qk_scale, offs_dk, offs_dv, dk, dv, STEP, True, SUM_C, SUM_L,
                                    SUM_LO, False, BLOCK_N, EVEN_DK, EVEN_DV, DOT_PREC)
@@ -328,7 +332,7 @@ def _attn_bwd_dq(
     n, n_heads, head0, head_step, heads_in_group, tiles_per_class, qk_scale, sm_scale, dk: tl.constexpr, dv: tl.constexpr,
     STEP: tl.constexpr, HAS_RANGE: tl.constexpr, WINDOW: tl.constexpr, BLOCK: tl.constexpr,
     OFFSET: tl.constexpr, SUM_C: tl.constexpr, SUM_L: tl.constexpr, SUM_LO: tl.constexpr,
-    SUM_EARLIER: tl.constexpr, FIRST: tl.constexpr,
+    SUM_EARLIER: tl.constexpr, FIRST: tl.constexpr, SPLIT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DK_PAD: tl.constexpr, DV_PAD: tl.constexpr,
     DOT_PREC: tl.constexpr,
 ):
@@ -373,7 +377,7 @@ def _attn_bwd_dq(
         start, f_lo, f_hi, end = _segments(
             _key_lo(m0, False, WINDOW, BLOCK), _key_lo(m_last, False, WINDOW, BLOCK),
             _key_hi(m0, False, OFFSET, 0, 1, 0, False), _key_hi(m_last, False, OFFSET, 0, 1, 0, False),
-            length, BLOCK_N)
+            length, BLOCK_N, SPLIT)
         dq = _dq_tiles(dq, q, do, lse, delta, k_ptr, v_ptr, skn, svn, lo, hi, start, f_lo, end, base,
                        qk_scale, offs_dk, offs_dv, dk, dv, STEP, False, 1, 1, 0, True, BLOCK_N,
                        EVEN_DK, EVEN_DV, DOT_PREC)
@@ -388,7 +392,7 @@ def _attn_bwd_dq(
         hi = _key_hi(rows, True, 0, SUM_C, SUM_L, SUM_LO, SUM_EARLIER)
         start, f_lo, f_hi, end = _segments(
             0, 0, _key_hi(m0, True, 0, SUM_C, SUM_L, SUM_LO, SUM_EARLIER),
-            _key_hi(m_last, True, 0, SUM_C, SUM_L, SUM_LO, SUM_EARLIER), n, BLOCK_N)
+            _key_hi(m_last, True, 0, SUM_C, SUM_L, SUM_LO, SUM_EARLIER), n, BLOCK_N, True)
         dq = _dq_tiles(dq, q, do, lse, delta, k_ptr, v_ptr, skn, svn, lo, hi, f_lo, f_hi, end, base,
                        qk_scale, offs_dk, offs_dv, dk, dv, STEP, True, SUM_C, SUM_L, SUM_LO, False,
                        BLOCK_N, EVEN_DK, EVEN_DV, DOT_PREC)
@@ -462,7 +466,7 @@ def _attn_bwd_dkdv(
     n, n_heads, head0, head_step, heads_in_group, tiles_per_class, qk_scale, sm_scale, dk: tl.constexpr, dv: tl.constexpr,
     STEP: tl.constexpr, IS_SUMMARY: tl.constexpr, WINDOW: tl.constexpr, BLOCK: tl.constexpr,
     OFFSET: tl.constexpr, SUM_C: tl.constexpr, SUM_L: tl.constexpr, SUM_LO: tl.constexpr,
-    SUM_EARLIER: tl.constexpr, ACCUMULATE: tl.constexpr, DQ_MODE: tl.constexpr,
+    SUM_EARLIER: tl.constexpr, ACCUMULATE: tl.constexpr, DQ_MODE: tl.constexpr, SPLIT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DK_PAD: tl.constexpr, DV_PAD: tl.constexpr,
     DOT_PREC: tl.constexpr,
 ):
@@ -505,7 +509,7 @@ def _attn_bwd_dkdv(
         _query_lo(n0, IS_SUMMARY, OFFSET, SUM_C, SUM_L, SUM_LO, SUM_EARLIER),
         _query_lo(n_last, IS_SUMMARY, OFFSET, SUM_C, SUM_L, SUM_LO, SUM_EARLIER),
         _query_hi(n0, length, IS_SUMMARY, WINDOW, BLOCK), _query_hi(n_last, length, IS_SUMMARY, WINDOW, BLOCK),
-        length, BLOCK_M)
+        length, BLOCK_M, SPLIT or IS_SUMMARY)
     q_ptr = Q + b * sqb + h * sqh
     do_ptr = DO + b * sob + h * soh
     dq_ptr = DQ + (b * n_heads + h) * n * dk

@@ -152,17 +152,18 @@ def decode(spec: list[int]) -> list[_Group]:
 # keys, "dkdv_owned" for a transposed pass whose residue classes fit one key tile (its BLOCK_N is the
 # longest class it takes; the tile is the class length rounded up to a power of two), "dkdv_fused"
 # for the opt-in atomic-dQ backward.
-# Head dim 64 (bf16): the first sweep of scripts/gpu_triton_check.py on an H200 (strided l=128 and
-# fixed l=128 c=32, n=16384, B=8, H=8): fwd 64x64 beat 128x64 by 21 % on strided (0.55 vs 0.69 ms)
-# and 3 % on fixed; dq 64x64 beat 128x64 by 8 %; dK/dV with 32-query tiles cut strided fwd+bwd from
-# 4.22 to 2.22 ms (short band and stride passes: small tiles give more programs), at +2 % on fixed.
-# 16/32 reuse the 64 entries; 128 keeps the larger-warp tiles that passed the GPU tests.
-# "dkdv_fused" starts from the dkdv tiles: the extra dQ tile is [BLOCK_M, d] fp32, small beside the
-# [BLOCK_N, d] dK/dV accumulators; its atomics per matmul flop fall as 1 / BLOCK_N, so the key tile
-# stays 128 (as FlashAttention 2's atomic dQ does).
-_D64_FWD, _D128_FWD = (64, 64, 4, 3), (128, 64, 8, 3)
-_D64_DQ, _D128_DQ = (64, 64, 4, 3), (128, 64, 8, 2)
-_D64_DKDV, _D128_DKDV = (32, 128, 4, 3), (64, 128, 8, 2)
+# Head dim 64 (bf16): scripts/gpu_tune.py on an H200 (2026-11-28; strided l=128 and fixed l=128 c=32
+# at n=16K B=8, strided l=256 at 64K B=2, strided l=1024 at 1M; 8 heads), each launch timed on its
+# own: the short band and stride passes want narrow key tiles (fwd 64x32 took the strided band pass
+# from 0.43 to 0.39 ms, dK/dV 32x64 from 0.63 to 0.45 ms, the stride dK/dV 16x128 from 0.61 to 0.54
+# ms at 64K), the summary passes keep 64x64 (fwd, dQ; the larger tiles were 2-50 % slower) and dK/dV
+# 32x64 (3.36 -> 2.86 ms). Together: strided 16K fwd+bwd 2.14 -> 1.93 ms, fixed 16K 6.85 -> 6.68,
+# strided 64K 2.71 -> 2.47. 16/32 reuse the 64 entries; 128 keeps the larger-warp tiles that passed
+# the GPU tests.
+# "dkdv_fused" starts from the first sweep's dkdv tiles: the extra dQ tile is [BLOCK_M, d] fp32, small
+# beside the [BLOCK_N, d] dK/dV accumulators; its atomics per matmul flop fall as 1 / BLOCK_N, so the
+# key tile stays 128 (as FlashAttention 2's atomic dQ does).
+_D128_FWD, _D128_DQ, _D128_DKDV = (128, 64, 8, 3), (128, 64, 8, 2), (64, 128, 8, 2)
 
 
 def _by_dim(d64, d128):
@@ -170,18 +171,18 @@ def _by_dim(d64, d128):
 
 
 CONFIGS = {
-    "fwd": _by_dim(_D64_FWD, _D128_FWD),
-    "fwd_summary": _by_dim(_D64_FWD, _D128_FWD),
-    "fwd_stride": _by_dim(_D64_FWD, _D128_FWD),
-    "dq": _by_dim(_D64_DQ, _D128_DQ),
-    "dq_summary": _by_dim(_D64_DQ, _D128_DQ),
-    "dq_stride": _by_dim(_D64_DQ, _D128_DQ),
-    "dkdv": _by_dim(_D64_DKDV, _D128_DKDV),
-    "dkdv_stride": _by_dim(_D64_DKDV, _D128_DKDV),
-    "dkdv_summary": _by_dim(_D64_DKDV, _D128_DKDV),
+    "fwd": _by_dim((64, 32, 4, 3), _D128_FWD),
+    "fwd_summary": _by_dim((64, 64, 4, 3), _D128_FWD),
+    "fwd_stride": _by_dim((64, 32, 4, 3), _D128_FWD),
+    "dq": _by_dim((64, 64, 4, 3), _D128_DQ),
+    "dq_summary": _by_dim((64, 64, 4, 3), _D128_DQ),
+    "dq_stride": _by_dim((64, 32, 4, 3), _D128_DQ),
+    "dkdv": _by_dim((32, 64, 4, 3), _D128_DKDV),
+    "dkdv_stride": _by_dim((16, 128, 4, 3), _D128_DKDV),
+    "dkdv_summary": _by_dim((32, 64, 4, 3), _D128_DKDV),
     # the dQ tile [BLOCK_M, d] fp32 joins the dK/dV accumulators: d 128 takes classes up to 64 keys
-    "dkdv_owned": _by_dim((32, 128, 4, 3), (32, 64, 8, 2)),
-    "dkdv_fused": _by_dim(_D64_DKDV, _D128_DKDV),
+    "dkdv_owned": _by_dim((32, 128, 4, 2), (32, 64, 8, 2)),
+    "dkdv_fused": _by_dim((32, 128, 4, 3), _D128_DKDV),
 }
 # fp32 tiles are twice the bytes: halve them and pipeline two deep so K/V stages fit shared memory.
 _FP32_CONFIG = {"fwd": (64, 32, 4, 2), "dq": (64, 32, 4, 2), "dkdv": (32, 64, 4, 2), "dkdv_owned": (32, 64, 4, 2),
@@ -223,6 +224,25 @@ def _pass_args(p: _Pass):
             "SUM_L": p.sum_l, "SUM_LO": p.sum_lo, "SUM_EARLIER": p.sum_earlier}
 
 
+# A range term whose rows read at most this many tiles runs as one masked loop (kernels._segments).
+SHORT_RUN_TILES = 4
+
+
+def _split(p: _Pass, n: int, block_m: int, block_n: int) -> bool:
+    """Whether the range term of pass ``p`` walks its tiles as masked head, full middle, masked tail
+    (long ranges) rather than one masked loop: the keys one query tile reads (or, in dK/dV, the
+    queries one key tile meets, the same span) against ``SHORT_RUN_TILES`` tiles."""
+    if p.step > 1:
+        span = triton.cdiv(n, p.step)  # a residue class
+    elif p.block:
+        span = p.block + block_m
+    elif p.window:
+        span = p.window + block_m
+    else:
+        span = n
+    return span > SHORT_RUN_TILES * block_n
+
+
 def _query_grid(p: _Pass, n: int, block_m: int, bh: int):
     if p.step == 1:
         return (triton.cdiv(n, block_m), bh), 1
@@ -252,7 +272,8 @@ def _forward(q, k, v, spec, scale):
             kernels._attn_fwd[grid](
                 q, k, v, out, lse, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
                 n, H, g.head0, g.head_step, g.count, per_class, scale * math.log2(math.e), dk, dv,
-                HAS_RANGE=p.has_range, INIT_FROM_OUT=i > 0, BLOCK_M=bm, BLOCK_N=bn, DK_PAD=dkp, DV_PAD=dvp,
+                HAS_RANGE=p.has_range, INIT_FROM_OUT=i > 0, SPLIT=_split(p, n, bm, bn), BLOCK_M=bm, BLOCK_N=bn,
+                DK_PAD=dkp, DV_PAD=dvp,
                 DOT_PREC=_dot_precision(q.dtype), num_warps=warps, num_stages=stages, **_pass_args(p))
     return out, lse
 
@@ -312,7 +333,8 @@ def _backward(do, q, k, v, out, lse, spec, scale, deterministic=True):
                 kernels._attn_bwd_dq[grid](
                     q, k, v, out, do, dq, lse, delta, *strides,
                     n, H, g.head0, g.head_step, g.count, per_class, qk_scale, scale, dk, dv,
-                    HAS_RANGE=p.has_range, FIRST=first, BLOCK_M=bm, BLOCK_N=bn, DK_PAD=dkp, DV_PAD=dvp,
+                    HAS_RANGE=p.has_range, FIRST=first, SPLIT=_split(p, n, bm, bn), BLOCK_M=bm, BLOCK_N=bn,
+                    DK_PAD=dkp, DV_PAD=dvp,
                     DOT_PREC=prec, num_warps=warps, num_stages=stages, **_pass_args(p))
                 first = False
 
@@ -348,6 +370,7 @@ def _backward(do, q, k, v, out, lse, spec, scale, deterministic=True):
                     q, k, v, do, dkk, dvv, dq, lse, delta, *strides,
                     n, H, g.head0, g.head_step, g.count, per_class, qk_scale, scale, dk, dv,
                     IS_SUMMARY=is_summary, ACCUMULATE=not first, DQ_MODE=2 if own else 1 if fused else 0,
+                    SPLIT=is_summary or _split(pp, n, bn, bm),
                     BLOCK_M=bm, BLOCK_N=bn, DK_PAD=dkp, DV_PAD=dvp, DOT_PREC=prec, num_warps=warps,
                     num_stages=stages, **_pass_args(pp))
                 first = False
