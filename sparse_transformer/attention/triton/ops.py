@@ -152,17 +152,16 @@ def decode(spec: list[int]) -> list[_Group]:
 # keys, "dkdv_owned" for a transposed pass whose residue classes fit one key tile (its BLOCK_N is the
 # longest class it takes; the tile is the class length rounded up to a power of two), "dkdv_fused"
 # for the opt-in atomic-dQ backward.
-# Head dim 64 (bf16): scripts/gpu_tune.py on an H200 (2026-11-28; strided l=128 and fixed l=128 c=32
-# at n=16K B=8, strided l=256 at 64K B=2, strided l=1024 at 1M; 8 heads), each launch timed on its
-# own: the short band and stride passes want narrow key tiles (fwd 64x32 took the strided band pass
-# from 0.43 to 0.39 ms, dK/dV 32x64 from 0.63 to 0.45 ms, the stride dK/dV 16x128 from 0.61 to 0.54
-# ms at 64K), the summary passes keep 64x64 (fwd, dQ; the larger tiles were 2-50 % slower) and dK/dV
-# 32x64 (3.36 -> 2.86 ms). Together: strided 16K fwd+bwd 2.14 -> 1.93 ms, fixed 16K 6.85 -> 6.68,
-# strided 64K 2.71 -> 2.47. 16/32 reuse the 64 entries; 128 keeps the larger-warp tiles that passed
-# the GPU tests.
-# "dkdv_fused" starts from the first sweep's dkdv tiles: the extra dQ tile is [BLOCK_M, d] fp32, small
-# beside the [BLOCK_N, d] dK/dV accumulators; its atomics per matmul flop fall as 1 / BLOCK_N, so the
-# key tile stays 128 (as FlashAttention 2's atomic dQ does).
+# Head dim 64 (bf16): two runs of scripts/gpu_tune.py on an H200 (2026-11-28; strided l=128 and fixed
+# l=128 c=32 at n=16K B=8, strided l=256 at 64K B=2, strided l=1024 at 1M; 8 heads), each launch
+# timed on its own. The short band and stride passes walk one masked loop (SHORT_RUN_TILES) and want
+# narrow tiles there (dQ 64x32, stride dK/dV 16x64; the band dK/dV went from 0.63 to 0.43 ms at 16K
+# against the first sweep's 32x128); the summary passes keep 64x64 (fwd, dQ: larger tiles were 2-50 %
+# slower) and dK/dV 32x64 (3.36 -> 2.99 ms). fwd+bwd, do_bench medians, against the one tile set per
+# kernel used before (owned stride backward in both): strided 16K 2.14 -> 1.73 ms, fixed 16K 6.85 -> 6.49, strided 64K 2.71 -> 2.38, strided 1M
+# 45.8 -> 46.6 (one or two calls per median at 1M: within its spread). 16/32 reuse the 64 entries;
+# 128 keeps the larger-warp tiles that passed the GPU tests. "dkdv_fused" keeps the key tile 128: its
+# atomics per matmul flop fall as 1 / BLOCK_N (as FlashAttention 2's atomic dQ).
 _D128_FWD, _D128_DQ, _D128_DKDV = (128, 64, 8, 3), (128, 64, 8, 2), (64, 128, 8, 2)
 
 
@@ -171,17 +170,17 @@ def _by_dim(d64, d128):
 
 
 CONFIGS = {
-    "fwd": _by_dim((64, 32, 4, 3), _D128_FWD),
+    "fwd": _by_dim((64, 64, 4, 3), _D128_FWD),
     "fwd_summary": _by_dim((64, 64, 4, 3), _D128_FWD),
-    "fwd_stride": _by_dim((64, 32, 4, 3), _D128_FWD),
-    "dq": _by_dim((64, 64, 4, 3), _D128_DQ),
+    "fwd_stride": _by_dim((64, 64, 4, 3), _D128_FWD),
+    "dq": _by_dim((64, 32, 4, 3), _D128_DQ),
     "dq_summary": _by_dim((64, 64, 4, 3), _D128_DQ),
     "dq_stride": _by_dim((64, 32, 4, 3), _D128_DQ),
-    "dkdv": _by_dim((32, 64, 4, 3), _D128_DKDV),
-    "dkdv_stride": _by_dim((16, 128, 4, 3), _D128_DKDV),
+    "dkdv": _by_dim((64, 64, 4, 3), _D128_DKDV),
+    "dkdv_stride": _by_dim((16, 64, 4, 3), _D128_DKDV),
     "dkdv_summary": _by_dim((32, 64, 4, 3), _D128_DKDV),
     # the dQ tile [BLOCK_M, d] fp32 joins the dK/dV accumulators: d 128 takes classes up to 64 keys
-    "dkdv_owned": _by_dim((32, 128, 4, 2), (32, 64, 8, 2)),
+    "dkdv_owned": _by_dim((32, 128, 4, 3), (32, 64, 8, 2)),
     "dkdv_fused": _by_dim((32, 128, 4, 3), _D128_DKDV),
 }
 # fp32 tiles are twice the bytes: halve them and pipeline two deep so K/V stages fit shared memory.
@@ -225,7 +224,9 @@ def _pass_args(p: _Pass):
 
 
 # A range term whose rows read at most this many tiles runs as one masked loop (kernels._segments).
-SHORT_RUN_TILES = 4
+# H200 (gpu_tune.py, tiles as CONFIGS): strided l=128 16K fwd+bwd 2.06 ms always split, 1.74 at 4,
+# 1.73 at 8; strided l=256 64K 2.53 / 2.53 / 2.38; fixed and strided 1M within 1-3 %.
+SHORT_RUN_TILES = 8
 
 
 def _split(p: _Pass, n: int, block_m: int, block_n: int) -> bool:
