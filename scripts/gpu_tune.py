@@ -44,7 +44,6 @@ CANDIDATES = {  # (BLOCK_M, BLOCK_N, num_warps, num_stages) per role; index 0 = 
     "dkdv_summary": [(32, 64, 4, 3), (64, 64, 4, 3), (64, 128, 4, 3), (32, 128, 4, 3)],
     "dkdv_owned": [(32, 128, 4, 2), (16, 128, 4, 3), (32, 128, 4, 3), (16, 128, 4, 2)],
 }
-ROLES = CANDIDATES
 N_VARIANTS = max(len(c) for c in CANDIDATES.values())
 SHORT_RUNS = (4, 0, 8)  # ops.SHORT_RUN_TILES: as committed, always split, more one-loop runs
 
@@ -58,13 +57,13 @@ RECORD: list | None = None
 
 
 def role_of(kernel: str, kw: dict) -> str:
+    """The ops.CONFIGS role of one launch, from its keyword arguments (as ops picks it)."""
     if kernel == "delta":
         return "delta"
-    if kernel == "dkdv":
-        if kw["DQ_MODE"] == 2:
-            return "dkdv_owned"
-        return "dkdv_summary" if kw["IS_SUMMARY"] else "dkdv_stride" if kw["STEP"] > 1 else "dkdv"
-    return kernel + ("_stride" if kw["STEP"] > 1 else "_summary" if kw["SUM_C"] else "")
+    if kernel == "dkdv" and kw["DQ_MODE"]:
+        return "dkdv_owned" if kw["DQ_MODE"] == 2 else "dkdv_fused"
+    summary = kw["IS_SUMMARY"] if kernel == "dkdv" else kw["SUM_C"] > 0
+    return ops._role(kernel, ops._Pass(step=kw["STEP"]), summary)
 
 
 class Timed:
@@ -149,7 +148,7 @@ def main():
     ap.add_argument("--budget", type=float, default=240, help="seconds for the sweep (the final timings follow)")
     args = ap.parse_args()
     rec(kind="env", card=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__)
-    committed = {role: ops.CONFIGS[role][64] for role in ROLES}
+    committed = {role: ops.CONFIGS[role][64] for role in CANDIDATES}
     data = {name: inputs(B, n) for name, _, B, n, _ in CASES}
     base = {}
     for name, pattern, B, n, _ in CASES:
@@ -157,7 +156,7 @@ def main():
         rec(kind="committed", case=name, fwd_ms=base[name][0], fwdbwd_ms=base[name][1])
     results = {}  # (variant, case) -> {role: ms}
     for i in range(N_VARIANTS):
-        variant = {role: cands[i % len(cands)] for role, cands in ROLES.items()}
+        variant = {role: cands[i % len(cands)] for role, cands in CANDIDATES.items()}
         set_configs(variant)
         for name, pattern, B, n, iters in CASES:
             if time.time() - T0 > args.budget:
@@ -170,7 +169,7 @@ def main():
                 rec(kind="variant", variant=i, case=name, error=str(e)[:300])
     # winners: least normalized time summed over the cases that use the role
     best = dict(committed)
-    for role, cands in ROLES.items():
+    for role, cands in CANDIDATES.items():
         score = {}
         for i in range(min(N_VARIANTS, len(cands))):
             for name, *_ in CASES:
@@ -183,7 +182,8 @@ def main():
         if full:
             win = min(full, key=lambda i: sum(score[i]))
             best[role] = cands[win]
-            rec(kind="role", role=role, winner=cands[win], scores={str(cands[i]): round(sum(score[i]), 3) for i in score})
+            scores = {str(cands[i]): round(sum(score[i]), 3) for i in score}
+            rec(kind="role", role=role, winner=cands[win], scores=scores)
     set_configs(best)
     # the winners under each SHORT_RUN_TILES; the least normalized fwd+bwd sum wins
     timed = {}
@@ -211,7 +211,7 @@ def main():
         print(f"| {name} | {n} | {B} | {f0:.3f} / {fb0:.3f} | {f:.3f} / {fb:.3f} |")
     for t in SHORT_RUNS:
         print(f"SHORT_RUN_TILES={t}: " + ", ".join(f"{name} {timed[t, name][1]:.3f}" for name, *_ in CASES))
-    print("tuned:", json.dumps({**{r: best[r] for r in ROLES}, "SHORT_RUN_TILES": short}))
+    print("tuned:", json.dumps({**{r: best[r] for r in CANDIDATES}, "SHORT_RUN_TILES": short}))
 
 
 if __name__ == "__main__":

@@ -18,5 +18,6 @@ def pytest_configure(config):
         for role, cfg in json.load(f).items():
             if role == "SHORT_RUN_TILES":
                 ops.SHORT_RUN_TILES = cfg
-            else:
-                ops.CONFIGS[role][64] = tuple(cfg)
+            else:  # as ops.CONFIGS lays them out: head dims 16 and 32 share the 64 tiles
+                for d in (16, 32, 64):
+                    ops.CONFIGS[role][d] = tuple(cfg)

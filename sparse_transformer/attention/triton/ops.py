@@ -158,8 +158,9 @@ def decode(spec: list[int]) -> list[_Group]:
 # narrow tiles there (dQ 64x32, stride dK/dV 16x64; the band dK/dV went from 0.63 to 0.43 ms at 16K
 # against the first sweep's 32x128); the summary passes keep 64x64 (fwd, dQ: larger tiles were 2-50 %
 # slower) and dK/dV 32x64 (3.36 -> 2.99 ms). fwd+bwd, do_bench medians, against the one tile set per
-# kernel used before (owned stride backward in both): strided 16K 2.14 -> 1.73 ms, fixed 16K 6.85 -> 6.49, strided 64K 2.71 -> 2.38, strided 1M
-# 45.8 -> 46.6 (one or two calls per median at 1M: within its spread). 16/32 reuse the 64 entries;
+# kernel used before (owned stride backward in both): strided 16K 2.14 -> 1.73 ms, fixed 16K 6.85 ->
+# 6.49, strided 64K 2.71 -> 2.38, strided 1M 45.8 -> 46.6 (one or two calls per median at 1M: within
+# its spread). 16/32 reuse the 64 entries;
 # 128 keeps the larger-warp tiles that passed the GPU tests. "dkdv_fused" keeps the key tile 128: its
 # atomics per matmul flop fall as 1 / BLOCK_N (as FlashAttention 2's atomic dQ).
 _D128_FWD, _D128_DQ, _D128_DKDV = (128, 64, 8, 3), (128, 64, 8, 2), (64, 128, 8, 2)
@@ -268,7 +269,7 @@ def _forward(q, k, v, spec, scale):
     dkp, dvp = _pad(dk), _pad(dv)
     for g in decode(spec):
         for i, p in enumerate(g.passes):
-            bm, bn, warps, stages = _config(_role("fwd", p), max(dkp, dvp), q.dtype)
+            bm, bn, warps, stages = _config(_role("fwd", p, p.sum_c > 0), max(dkp, dvp), q.dtype)
             grid, per_class = _query_grid(p, n, bm, B * g.count)
             kernels._attn_fwd[grid](
                 q, k, v, out, lse, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
@@ -279,9 +280,11 @@ def _forward(q, k, v, spec, scale):
     return out, lse
 
 
-def _role(kernel: str, p: _Pass) -> str:
-    """The CONFIGS entry of a query-tile pass (``kernel`` "fwd" or "dq")."""
-    return kernel + ("_stride" if p.step > 1 else "_summary" if p.sum_c else "")
+def _role(kernel: str, p: _Pass, summary: bool) -> str:
+    """The CONFIGS entry of a launch of ``kernel`` ("fwd", "dq" or "dkdv") over pass ``p``:
+    transposed, holding a summary term (``summary``; for dK/dV: the summary keys' launch), or a
+    natural-order range term. The owned and fused dK/dV launches have their own entries."""
+    return kernel + ("_stride" if p.step > 1 else "_summary" if summary else "")
 
 
 def _owned_tile(p: _Pass, n: int, d_pad: int, dtype: torch.dtype) -> int:
@@ -329,7 +332,7 @@ def _backward(do, q, k, v, out, lse, spec, scale, deterministic=True):
             for pi, p in enumerate(g.passes):
                 if owned[gi, pi]:
                     continue
-                bm, bn, warps, stages = _config(_role("dq", p), d_pad, q.dtype)
+                bm, bn, warps, stages = _config(_role("dq", p, p.sum_c > 0), d_pad, q.dtype)
                 grid, per_class = _query_grid(p, n, bm, B * g.count)
                 kernels._attn_bwd_dq[grid](
                     q, k, v, out, do, dq, lse, delta, *strides,
@@ -349,14 +352,7 @@ def _backward(do, q, k, v, out, lse, spec, scale, deterministic=True):
                 launches.append((True, p))
             for is_summary, pp in launches:
                 own = owned[gi, pi] if not is_summary else 0
-                if own:
-                    role = "dkdv_owned"
-                elif fused:
-                    role = "dkdv_fused"
-                elif is_summary:
-                    role = "dkdv_summary"
-                else:
-                    role = "dkdv_stride" if pp.step > 1 else "dkdv"
+                role = "dkdv_owned" if own else "dkdv_fused" if fused else _role("dkdv", pp, is_summary)
                 bm, bn, warps, stages = _config(role, d_pad, q.dtype)
                 if own:
                     bn = own
