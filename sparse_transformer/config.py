@@ -63,6 +63,7 @@ class TrainConfig:
     batch_size: int = 8  # sequences per step per process (before accumulation)
     grad_accum: int = 1
     max_steps: int = 3200
+    max_minutes: float = 0.0  # > 0: also stop after this many minutes of training (schedule over the budget)
     lr: float = 2e-3
     warmup_steps: int = 100
     min_lr_ratio: float = 0.0  # cosine decays to lr * min_lr_ratio at max_steps
@@ -73,6 +74,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     eval_every: int = 1000
     eval_batches: int = 10  # 0 = the whole validation split
+    test_tokens: int = 0  # bytes of the test split scored at the end; 0 = all of it
     log_every: int = 20
     checkpoint_every: int = 1000
     seed: int = 1337
@@ -216,6 +218,9 @@ def validate(cfg: Config) -> Config:
     for key in ("batch_size", "grad_accum", "max_steps", "log_every"):
         if getattr(t, key) < 1:
             raise UserError(f"config: train.{key} = {getattr(t, key)} must be at least 1")
+    for key in ("max_minutes", "test_tokens"):
+        if getattr(t, key) < 0:
+            raise UserError(f"config: train.{key} = {getattr(t, key)} must be 0 (off) or positive")
     return cfg
 
 

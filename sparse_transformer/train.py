@@ -42,11 +42,17 @@ from .model import SparseTransformer
 METRICS = "metrics.jsonl"
 
 
-def lr_at(step: int, t: TrainConfig) -> float:
-    """Learning rate of update ``step`` (0-based): linear warmup, then cosine to ``lr * min_lr_ratio``."""
+def lr_at(step: int, t: TrainConfig, time_progress: float = 0.0) -> float:
+    """Learning rate of update ``step`` (0-based): linear warmup, then cosine to ``lr * min_lr_ratio``.
+
+    The cosine runs over what is left of the run after the warmup: by steps up to ``max_steps`` or,
+    with a time budget (``max_minutes``), by ``time_progress`` (the fraction of the post-warmup
+    training time already spent), whichever is further along, so that a budgeted run ends at the
+    bottom of its schedule wherever the budget stops it.
+    """
     if step < t.warmup_steps:
         return t.lr * (step + 1) / t.warmup_steps
-    progress = min(1.0, (step - t.warmup_steps) / max(1, t.max_steps - t.warmup_steps))
+    progress = min(1.0, max(time_progress, (step - t.warmup_steps) / max(1, t.max_steps - t.warmup_steps)))
     min_lr = t.lr * t.min_lr_ratio
     return min_lr + 0.5 * (t.lr - min_lr) * (1.0 + math.cos(math.pi * progress))
 
@@ -59,6 +65,13 @@ def make_optimizer(model: nn.Module, t: TrainConfig, device: torch.device) -> to
         (decay if is_matrix else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps, fused=device.type == "cuda")
+
+
+def new_timing() -> dict:
+    """Seconds spent per activity (kept in the checkpoint): ``train_s`` optimizer steps, ``eval_s``
+    validation, ``compile_s`` the first step's excess over the second (kernel compilation),
+    ``warmup_end_s`` the training time at which the warmup ended (None before)."""
+    return {"train_s": 0.0, "eval_s": 0.0, "compile_s": 0.0, "first_step_s": None, "warmup_end_s": None}
 
 
 def set_threads(device: torch.device) -> None:
@@ -188,6 +201,7 @@ def _train(cfg: Config, run_dir: Path | None, resuming: bool, d: parallel.Dist) 
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
 
     step, elapsed0, loss_sum, loss_steps = 0, 0.0, 0.0, 0
+    timing = new_timing()
     if resuming:
         state = checkpoint.load(run_dir / checkpoint.CHECKPOINT, map_location="cpu")
         if "sharded" in state:
@@ -201,6 +215,8 @@ def _train(cfg: Config, run_dir: Path | None, resuming: bool, d: parallel.Dist) 
             optimizer.load_state_dict(state["optimizer"])
         scaler.load_state_dict(state["scaler"])
         step, elapsed0 = state["step"], state["elapsed_s"]
+        timing.update({k: state["timing"][k] for k in ("train_s", "eval_s", "compile_s", "warmup_end_s")}
+                      if "timing" in state else {})
         ranks = state["ranks"]
         if len(ranks) != d.world:
             say(f"note: resuming {len(ranks)}-process state with {d.world} processes; the batch order will differ "
@@ -224,7 +240,8 @@ def _train(cfg: Config, run_dir: Path | None, resuming: bool, d: parallel.Dist) 
     def evaluate_val() -> dict:
         nats, tokens = bits_per_dim(eval_model, val_data, cfg.data.seq_len, record_len, t.batch_size, device, dtype, val_tokens)
         rec = {"step": step, "val_loss": nats / tokens, "val_bits_per_dim": nats / tokens / math.log(2),
-               "val_tokens": tokens, "elapsed_s": elapsed0 + time.perf_counter() - t_start}
+               "val_tokens": tokens, "elapsed_s": elapsed0 + time.perf_counter() - t_start,
+               "train_s": timing["train_s"]}
         logger.log(rec, "val")
         return rec
 
@@ -232,6 +249,7 @@ def _train(cfg: Config, run_dir: Path | None, resuming: bool, d: parallel.Dist) 
         mine = {"rng": rng_state(rng, device), "loss_sum": loss_sum.item(), "loss_steps": loss_steps}
         ranks = parallel.all_gather_object(mine)
         state = {"step": step, "elapsed_s": elapsed0 + time.perf_counter() - t_start, "scaler": scaler.state_dict(),
+                 "timing": dict(timing),
                  "ranks": ranks}
         if parallel.is_sharded(model):
             state["sharded"] = checkpoint.save_sharded(run_dir, step, model, optimizer)
@@ -246,14 +264,25 @@ def _train(cfg: Config, run_dir: Path | None, resuming: bool, d: parallel.Dist) 
 
     bar = tqdm(total=t.max_steps, initial=step, disable=not (t.progress and d.main), desc="train", unit="step",
                dynamic_ncols=True)
+    # Clocks: ``train_s`` counts optimizer steps only (not evaluation, checkpoints or the first
+    # step's compilation), which is what a time budget and an equal-wall-clock comparison measure.
+    budget_s = t.max_minutes * 60.0
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    first_step_s = None
     t_start = t_log = time.perf_counter()
     steps_since_log = 0
     val = None
     model.train()
-    while step < t.max_steps:
-        lr = lr_at(step, t)
+    while step < t.max_steps and not (budget_s and timing["train_s"] >= budget_s):
+        if budget_s and step >= t.warmup_steps and timing["warmup_end_s"] is None:
+            timing["warmup_end_s"] = timing["train_s"]
+        time_progress = 0.0
+        if budget_s and timing["warmup_end_s"] is not None:
+            time_progress = (timing["train_s"] - timing["warmup_end_s"]) / max(1e-9, budget_s - timing["warmup_end_s"])
+        lr = lr_at(step, t, time_progress)
         for group in optimizer.param_groups:
             group["lr"] = lr
+        t_step = time.perf_counter()
         step_loss = torch.zeros((), device=device)
         for micro in range(t.grad_accum):
             x = sample_batch(train_data, t.batch_size, cfg.data.seq_len, rng, record_len).to(device, non_blocking=True)
@@ -268,54 +297,78 @@ def _train(cfg: Config, run_dir: Path | None, resuming: bool, d: parallel.Dist) 
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
+        if budget_s or timing["first_step_s"] is None:
+            sync()  # a budget needs each step's true end; otherwise only the first two are waited for
+        step_s = time.perf_counter() - t_step
+        if first_step_s is None:
+            # The first step of a process compiles kernels (Triton, torch.compile). It is charged
+            # the second step's time and the rest is reported as compilation.
+            first_step_s = step_s
+        else:
+            if timing["first_step_s"] is None:
+                timing["first_step_s"] = first_step_s
+                timing["compile_s"] += max(0.0, first_step_s - step_s)
+                timing["train_s"] += step_s
+                say(f"first step {first_step_s:.1f} s (compilation and warm-up {first_step_s - step_s:.1f} s, "
+                    "not counted as training time)")
+            timing["train_s"] += step_s
         step += 1
         steps_since_log += 1
         loss_sum += step_loss.double()  # stays on the device: no host sync per step
         loss_steps += 1
         bar.update(1)
+        done = step == t.max_steps or bool(budget_s and timing["train_s"] >= budget_s)
 
-        if step % t.log_every == 0 or step == t.max_steps:
+        if step % t.log_every == 0 or done:
             total, count = parallel.all_reduce_sum([loss_sum.item(), loss_steps], device)
             now = time.perf_counter()
             norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
             rec = {"step": step, "loss": total / count, "bits_per_dim": total / count / math.log(2), "lr": lr,
                    "grad_norm": norm.item(), "tokens_per_s": tokens_per_step * steps_since_log / (now - t_log),
-                   "elapsed_s": elapsed0 + now - t_start}
+                   "elapsed_s": elapsed0 + now - t_start, "train_s": timing["train_s"]}
             if device.type == "cuda":
                 rec["memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
             logger.log(rec, "train")
             bar.set_postfix(loss=f"{rec['loss']:.3f}", lr=f"{lr:.2e}")
             loss_sum, loss_steps, steps_since_log = torch.zeros((), dtype=torch.float64, device=device), 0, 0
             t_log = time.perf_counter()
-        if (t.eval_every > 0 and step % t.eval_every == 0) or step == t.max_steps:
+        if (t.eval_every > 0 and step % t.eval_every == 0) or done:
+            t_eval = time.perf_counter()
             val = evaluate_val()
-            say(f"step {step}: val {unit} {val['val_bits_per_dim']:.4f}")
+            timing["eval_s"] += time.perf_counter() - t_eval
+            say(f"step {step}: val {unit} {val['val_bits_per_dim']:.4f} (training time {timing['train_s']:.0f} s)")
             t_log = time.perf_counter()
-        if (t.checkpoint_every > 0 and step % t.checkpoint_every == 0) or step == t.max_steps:
+        if (t.checkpoint_every > 0 and step % t.checkpoint_every == 0) or done:
             save_checkpoint()
             t_log = time.perf_counter()
     bar.close()
     return _finish(cfg, run_dir, model, eval_model, d, dtype, record_len, unit, step, val, logger,
-                   elapsed0 + time.perf_counter() - t_start, data_dir)
+                   elapsed0 + time.perf_counter() - t_start, data_dir, timing)
 
 
 def _finish(cfg: Config, run_dir: Path, model: nn.Module, eval_model: nn.Module, d: parallel.Dist, dtype: torch.dtype,
             record_len: int | None, unit: str, step: int, val: dict | None, logger: Logger, elapsed: float,
-            data_dir: Path) -> dict:
-    """Export the weights, score the whole test split, print bits per byte and a sample."""
+            data_dir: Path, timing: dict) -> dict:
+    """Export the weights, score the test split (its first ``train.test_tokens`` bytes if set), print
+    bits per byte and a sample."""
     t, device = cfg.train, d.device
     checkpoint.export(model, cfg, run_dir)
     test_data = open_split(data_dir, "test")
-    nats, tokens = bits_per_dim(eval_model, test_data, cfg.data.seq_len, record_len, t.batch_size, device, dtype)
+    t_test = time.perf_counter()
+    nats, tokens = bits_per_dim(eval_model, test_data, cfg.data.seq_len, record_len, t.batch_size, device, dtype,
+                                t.test_tokens or None)
     test_bpd = nats / tokens / math.log(2)
-    logger.log({"step": step, "test_bits_per_dim": test_bpd, "test_tokens": tokens}, "test")
+    times = {k: round(v, 3) for k, v in timing.items() if k in ("train_s", "eval_s", "compile_s")}
+    times["test_s"] = round(time.perf_counter() - t_test, 3)
+    logger.log({"step": step, "test_bits_per_dim": test_bpd, "test_tokens": tokens, **times}, "test")
     logger.close()
     summary = {"run_dir": str(run_dir), "step": step, "params": model.num_params(), "test_bits_per_dim": test_bpd,
-               "test_tokens": tokens, "elapsed_s": elapsed}
+               "test_tokens": tokens, "elapsed_s": elapsed, **times}
     if val is not None:
         summary["val_bits_per_dim"] = val["val_bits_per_dim"]
     if d.main:
-        print(f"test {unit}: {test_bpd:.3f}")
+        print(f"test {unit}: {test_bpd:.3f} ({tokens:,} bytes); time: training {times['train_s']:.1f} s, "
+              f"validation {times['eval_s']:.1f} s, compilation {times['compile_s']:.1f} s, test {times['test_s']:.1f} s")
         text = _sample_text(cfg, run_dir, model, device) if not parallel.is_sharded(model) else None
         if text is not None:
             summary["sample"] = text
