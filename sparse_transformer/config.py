@@ -46,6 +46,7 @@ class ModelConfig:
     checkpoint: bool = False  # recompute attention and feed-forward in the backward pass
     backend: str = "auto"  # attention backend (see sparse_transformer.attention)
     ln_eps: float = 1e-5
+    bias: bool = True  # biases in the blocks' linear layers (W_qkv, W_p, W_1, W_2)
 
 
 @dataclass

@@ -54,8 +54,8 @@ class Attention(nn.Module):
         self.n_head = cfg.n_head
         self.d_qk = int(cfg.d_model * cfg.qk_ratio)
         self.d_model = cfg.d_model
-        self.qkv = nn.Linear(cfg.d_model, 2 * self.d_qk + cfg.d_model)
-        self.proj = nn.Linear(cfg.d_model, cfg.d_model)  # W_p
+        self.qkv = nn.Linear(cfg.d_model, 2 * self.d_qk + cfg.d_model, bias=cfg.bias)
+        self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=cfg.bias)  # W_p
         self.pattern = model_pattern(cfg).for_layer(layer)
         self.backend = cfg.backend
 
@@ -84,8 +84,8 @@ class FeedForward(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         hidden = int(cfg.ff_mult * cfg.d_model)
-        self.fc = nn.Linear(cfg.d_model, hidden)  # W_1
-        self.proj = nn.Linear(hidden, cfg.d_model)  # W_2
+        self.fc = nn.Linear(cfg.d_model, hidden, bias=cfg.bias)  # W_1
+        self.proj = nn.Linear(hidden, cfg.d_model, bias=cfg.bias)  # W_2
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.proj(gelu(self.fc(x)))
