@@ -33,7 +33,7 @@ GRID = pattern_grid()
 # the interpreter trips numpy's scalar-conversion deprecation on every program id
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 cpu_interpreter = pytest.mark.skipif(
-    not ops._INTERPRET, reason="CPU tests need the Triton interpreter (kernels were imported compiled)")
+    not ops.INTERPRET, reason="CPU tests need the Triton interpreter (kernels were imported compiled)")
 
 
 def _check(pattern, q, k, v, do, dtype, fp32_tol=2e-5, deterministic=False):
