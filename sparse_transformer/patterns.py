@@ -595,5 +595,5 @@ def from_name(name: str, stride: int | None = None, c: int | None = None, num_ve
 
 
 # Deprecated spelling of :class:`Pattern`, kept only while sparse_transformer/kv_cache.py still
-# imports it (issue 9 moves the cache to the public name); new code uses ``Pattern``.
+# imports it; new code uses ``Pattern``, and the alias goes once the cache does too.
 _PatternBase = Pattern

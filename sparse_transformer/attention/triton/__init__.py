@@ -1,4 +1,4 @@
-"""Fused flash-style Triton kernels for the Sparse Transformer patterns (design.md §4).
+"""Fused flash-style Triton kernels for the Sparse Transformer patterns (docs/design.md §4).
 
 ``triton_attention(q, k, v, pattern)`` factorizes instead of masking: a band or block term is a
 causal band walked tile by tile in natural order, the strided stride term is causal attention inside
