@@ -103,11 +103,13 @@ def _term(q, k, v, term: Term, scale: float):
 
 def flex_attention_sparse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Pattern,
                           scale: float | None = None) -> torch.Tensor:
-    """Causal attention restricted to ``pattern``, one FlexAttention call per pattern term.
+    """Causal attention restricted to ``pattern``, one FlexAttention call per pattern term (paper
+    §4.2 Eqs. 2-4, computed by term as in §5.5; docs/design.md §4).
 
     Args:
         q, k: ``[B, H, n, dk]``; v: ``[B, H, n, dv]`` (same dtype and CUDA device).
-        pattern: from :mod:`sparse_transformer.patterns`; head ``h`` reads ``pattern.mask(n, h)``.
+        pattern: from :mod:`sparse_transformer.patterns`; head ``h`` reads ``pattern.mask(n, h)``;
+            an unresolved Interleaved pattern raises ValueError.
         scale: softmax scale, default ``dk ** -0.5``.
 
     Returns: ``[B, H, n, dv]`` in ``q.dtype``; queries with no allowed key give zeros.

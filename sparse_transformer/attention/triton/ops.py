@@ -88,7 +88,8 @@ def _term_of(code: int, a: int, b: int, c: int, d: int) -> Term:
 def encode(pattern: Pattern, n_heads: int) -> list[int]:
     """The pattern's per-head structure as ints (a custom op takes no Python objects):
     ``[n_groups, (head0, head_step, count, n_terms, (code, a, b, c, d) * n_terms) * n_groups]``.
-    An Interleaved pattern raises its ValueError (resolve it with ``.for_layer`` first)."""
+    An Interleaved pattern raises its ValueError (resolve it with ``.for_layer`` first); a term the
+    kernels do not know raises ValueError."""
     spec = []
     n_groups = 0
     for terms, heads in pattern.head_groups(n_heads):
@@ -180,7 +181,9 @@ def _plan_terms(terms: list[Term]) -> tuple[_Pass, ...]:
 
 
 def decode(spec: list[int]) -> list[_Group]:
-    """The launch plan of an :func:`encode` spec: head groups, each with its passes."""
+    """The launch plan of an :func:`encode` spec: head groups (heads ``head0 + i·head_step`` for
+    ``i < count``), each with its passes (docs/design.md §4). Raises ValueError for an unknown
+    term code."""
     groups, pos = [], 1
     for _ in range(spec[0]):
         h0, step, count, nt = spec[pos:pos + 4]
