@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Issue 4 item 4 on one GPU in one call: attention backends x patterns x n (triton, dense SDPA
-# cuDNN/flash, factorized, composed Flex), the flex backend's GPU numerics, then (time left) full
-# training steps sparse vs dense. Each step has a timeout (min of its cap and the time left of
+# The GPU measurements of docs/benchmarks.md in one call: attention backends x patterns x n
+# (triton, dense SDPA cuDNN/flash, factorized, composed Flex), the flex backend's GPU numerics, then
+# (time left) full training steps sparse vs dense. Each step has a timeout (min of its cap and the time left of
 # BUDGET seconds); an interrupted step still writes the cases it finished. Steps that time the
 # composed-Flex baseline re-time triton in the same process, so their rows carry "x flex".
 #

@@ -1,7 +1,7 @@
 """Tile sweep of the Triton kernels, per launch role, in one GPU call.
 
 Every launch of a forward + backward is timed on its own (CUDA events around each kernel launch;
-``ops`` resolves ``kernels._attn_*`` at call time, so wrapping them is enough). Variant ``i`` gives
+``ops`` resolves ``kernels.attn_*`` at call time, so wrapping them is enough). Variant ``i`` gives
 every role of ``ops.CONFIGS`` its ``i``-th candidate at once, so one fwd+bwd per variant measures
 all roles together; a role's winner is the candidate with the least time summed over the cases
 that use it, each case's time divided by that case's best (so the 1M case does not outvote 16K).
@@ -63,7 +63,7 @@ def role_of(kernel: str, kw: dict) -> str:
     if kernel == "dkdv" and kw["DQ_MODE"]:
         return "dkdv_owned" if kw["DQ_MODE"] == 2 else "dkdv_fused"
     summary = kw["IS_SUMMARY"] if kernel == "dkdv" else kw["SUM_C"] > 0
-    return ops._role(kernel, ops._Pass(step=kw["STEP"]), summary)
+    return ops.role(kernel, kw["STEP"], summary)
 
 
 class Timed:
@@ -87,8 +87,8 @@ class Timed:
         return run
 
 
-for _name, _kernel in (("_attn_fwd", "fwd"), ("_attn_bwd_dq", "dq"), ("_attn_bwd_dkdv", "dkdv"),
-                       ("_attn_bwd_delta", "delta")):
+for _name, _kernel in (("attn_fwd", "fwd"), ("attn_bwd_dq", "dq"), ("attn_bwd_dkdv", "dkdv"),
+                       ("attn_bwd_delta", "delta")):
     setattr(kernels, _name, Timed(getattr(kernels, _name), _kernel))
 
 

@@ -25,7 +25,7 @@ else:  # pragma: no cover - Python 3.10
 
 @dataclass
 class ModelConfig:
-    """The Sparse Transformer (paper-spec.md §5). Defaults: the small text model of the default run."""
+    """The Sparse Transformer (paper §5.2-5.3, docs/method.md §5). Defaults: the small text model of the default run."""
 
     vocab_size: int = 256
     n_layer: int = 3
@@ -40,7 +40,7 @@ class ModelConfig:
     c: int = 8  # fixed: summary cells per block
     num_verts: int = 1  # fixed: distinct per-head summary sub-blocks
     part: str = "both"  # both | local | stride | block | summary
-    integration: str = "merged"  # merged | interleaved | multihead (paper-spec.md §4)
+    integration: str = "merged"  # merged | interleaved | multihead (paper §5.1, docs/method.md §4)
     position: str = "grid"  # grid: row/column of the width-l grid (text, audio); image: row/column/channel
     image_shape: list[int] = field(default_factory=list)  # [height, width, channels] for position="image"
     checkpoint: bool = False  # recompute attention and feed-forward in the backward pass

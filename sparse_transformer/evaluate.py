@@ -2,7 +2,7 @@
 
 Each split is tiled into non-overlapping windows of ``seq_len`` bytes (the last one may be shorter;
 images: aligned parts of one image), every byte is scored exactly once with the context of its own
-window, and ``bits_per_dim = sum(nats) / sum(tokens) / ln 2`` (paper-spec.md §8). Never a mean of
+window, and ``bits_per_dim = sum(nats) / sum(tokens) / ln 2`` (docs/method.md §9). Never a mean of
 per-window or per-batch means: windows of unequal length would be weighted wrongly.
 """
 

@@ -1,4 +1,4 @@
-"""Shared helpers for backend tests: the pattern grid and the tolerance rule of style.md."""
+"""Shared helpers for backend tests: the pattern grid and the tolerance rule of docs/design.md §6."""
 
 import torch
 

@@ -1,5 +1,5 @@
 """The factorized backend equals the fp32 reference: output and every gradient, over patterns x
-parts x lengths x head dims x dtypes (tolerance rule of style.md)."""
+parts x lengths x head dims x dtypes (tolerance rule of docs/design.md §6)."""
 
 import pytest
 import torch

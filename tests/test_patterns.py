@@ -7,7 +7,7 @@ import torch
 
 from sparse_transformer import patterns as P
 
-# paper-spec.md §3.3, n = 12, l = 4, c = 1 (strided local part: the released code's l keys)
+# docs/method.md §2-3 (paper §4.3, Fig. 3), n = 12, l = 4, c = 1 (strided local part: the released code's l keys)
 PICTURES = {
     "strided-local": (P.strided(4, "local"), """
 x...........
@@ -112,7 +112,7 @@ def test_closed_forms_match_the_mask(pattern):
 
 
 def test_block_layout_at_paper_size_without_n_squared():
-    # strided A2 in natural order touches every 128x128 tile (paper-spec.md §3.4)
+    # strided A2 in natural order touches every 128x128 tile (docs/method.md §2)
     n = 12288
     lay = P.strided(128, "stride").block_layout(n, 128)
     assert lay.sum().item() == 4656 == (96 * 97) // 2
@@ -190,11 +190,23 @@ def test_integrations():
         (lambda: P.strided(8, part="summary"), "part='summary' is not one of"),
         (lambda: P.from_name("sparse", 8), "unknown pattern 'sparse'"),
         (lambda: P.from_name("fixed", 8, 2, integration="mixed"), "unknown integration"),
+        (lambda: P.from_name("fixed", 8, 2, part="summary", integration="interleaved"), "use part='both'"),
+        (lambda: P.from_name("strided", 8, part="local", integration="multihead"), "use part='both'"),
+        (lambda: P.from_name("dense", integration="multihead"), "needs a strided or fixed pattern"),
+        (lambda: P.from_name("local", 8, part="stride"), "it has no parts"),
     ],
 )
 def test_bad_parameters(make, message):
     with pytest.raises(ValueError, match=message):
         make()
+
+
+def test_from_name_builds_what_it_is_told():
+    assert P.from_name("fixed", 8, 2, 2, "summary") == P.fixed(8, 2, 2, "summary")  # merged: the part itself
+    assert P.from_name("strided", 8, integration="interleaved") == P.interleaved(P.strided(8))
+    assert P.from_name("fixed", 8, 2, 2, integration="multihead") == P.multihead(P.fixed(8, 2, 2))
+    assert P.from_name("local", 5) == P.local(5) and P.from_name("dense", 32) == P.dense()
+    assert isinstance(P.from_name("strided", 8, integration="interleaved"), P.Pattern)
 
 
 def test_picture(tmp_path):

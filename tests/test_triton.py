@@ -1,5 +1,5 @@
 """The triton backend equals the fp32 reference: output and dq, dk, dv over patterns x parts x
-lengths x head dims x dtypes (tolerance rule of style.md).
+lengths x head dims x dtypes (tolerance rule of docs/design.md §6).
 
 Without CUDA the kernels run under Triton's CPU interpreter (TRITON_INTERPRET=1, set here before
 the kernels are imported). The interpreter's bf16 ``tl.dot`` is wrong (numpy has no bf16), so bf16
@@ -33,7 +33,7 @@ GRID = pattern_grid()
 # the interpreter trips numpy's scalar-conversion deprecation on every program id
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 cpu_interpreter = pytest.mark.skipif(
-    not ops._INTERPRET, reason="CPU tests need the Triton interpreter (kernels were imported compiled)")
+    not ops.INTERPRET, reason="CPU tests need the Triton interpreter (kernels were imported compiled)")
 
 
 def _check(pattern, q, k, v, do, dtype, fp32_tol=2e-5, deterministic=False):

@@ -17,7 +17,7 @@ import importlib
 import torch
 import torch.nn.functional as F
 
-from ..patterns import Pattern, _PatternBase
+from ..patterns import NamedPattern, Pattern
 
 BACKENDS = ("auto", "reference", "factorized", "triton", "flex", "sdpa")
 _GPU_ONLY = ("triton", "flex")
@@ -26,7 +26,7 @@ _GPU_ONLY = ("triton", "flex")
 def _check_inputs(q, k, v, pattern, backend):
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
-    if not isinstance(pattern, _PatternBase):
+    if not isinstance(pattern, Pattern):
         raise ValueError(f"pattern must come from sparse_transformer.patterns (e.g. patterns.strided(128)), got {type(pattern).__name__}")
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor) or t.dim() != 4:
@@ -51,24 +51,24 @@ def _triton_available() -> bool:
         return False
 
 
-def resolve_backend(backend: str, pattern: _PatternBase, device: torch.device) -> str:
+def resolve_backend(backend: str, pattern: Pattern, device: torch.device) -> str:
     """The backend ``auto`` stands for on ``device`` (or ``backend`` itself when forced)."""
     if backend != "auto":
         return backend
     if device.type == "cuda" and _triton_available():
         return "triton"
-    if isinstance(pattern, Pattern) and pattern.name == "dense":
+    if isinstance(pattern, NamedPattern) and pattern.name == "dense":
         return "sdpa"
     return "factorized"
 
 
 def _sdpa(q, k, v, pattern, scale):
-    if not (isinstance(pattern, Pattern) and pattern.name == "dense"):
+    if not (isinstance(pattern, NamedPattern) and pattern.name == "dense"):
         raise ValueError("backend 'sdpa' computes only the dense causal pattern; use 'factorized' or 'triton'")
     return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
 
 
-def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: _PatternBase,
+def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Pattern,
                      backend: str = "auto", scale: float | None = None) -> torch.Tensor:
     """Causal attention restricted to ``pattern``.
 

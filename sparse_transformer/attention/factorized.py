@@ -25,13 +25,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..patterns import Band, Block, Stride, Summary, _PatternBase
-
-
-def _pad_to(x: torch.Tensor, multiple: int) -> torch.Tensor:
-    """Pad dim 2 (the sequence) of ``[B, H, n, d]`` with zeros up to a multiple of ``multiple``."""
-    extra = (-x.shape[2]) % multiple
-    return F.pad(x, (0, 0, 0, extra)) if extra else x
+from ..patterns import Band, Block, Pattern, Stride, Summary
+from .common import by_head_group, from_runs, gather_summary, merge_by_lse, pad_to, to_runs
 
 
 def _masked_scores(q, k, allowed, scale, dt):
@@ -89,15 +84,12 @@ def _softmax_lse(q, k, v, allowed, scale, dt):
 
 def _band(q, k, v, term: Band, scale, dt):
     n = q.shape[2]
-    w = term.window
-    if w is None or w >= n:  # the band covers everything: plain causal attention
+    if term.covers(n):  # the band reaches everything: plain causal attention
         i = torch.arange(n, device=q.device)
-        allowed = i.view(n, 1) >= i.view(1, n)
-        if w is not None:
-            allowed &= (i.view(n, 1) - i.view(1, n)) < w
-        return _softmax_lse(q, k, v, allowed, scale, dt)
+        return _softmax_lse(q, k, v, term.allows(i.view(n, 1), i.view(1, n)), scale, dt)
+    w = term.window
     B, H, _, dk = q.shape
-    qc, kc, vc = (_pad_to(x, w) for x in (q, k, v))
+    qc, kc, vc = (pad_to(x, w) for x in (q, k, v))
     C = qc.shape[2] // w
     qc = qc.view(B, H, C, w, dk)
     kc = kc.view(B, H, C, w, dk)
@@ -107,7 +99,7 @@ def _band(q, k, v, term: Band, scale, dt):
     v2 = torch.cat([F.pad(vc, (0, 0, 0, 0, 1, 0))[:, :, :C], vc], dim=3)
     t = torch.arange(w, device=q.device).view(w, 1)  # query offset in its chunk
     u = torch.arange(2 * w, device=q.device).view(1, 2 * w)  # key offset from the previous chunk
-    allowed = (u > t) & (u <= t + w)  # i - j = t - u + w in [0, w)
+    allowed = term.allows(t + w, u)  # query t + w and key u, both counted from the previous chunk
     first = torch.arange(C, device=q.device).view(C, 1, 1) > 0
     allowed = allowed & (first | (u >= w))
     out, lse = _softmax_lse(qc, k2, v2, allowed, scale, dt)
@@ -117,89 +109,50 @@ def _band(q, k, v, term: Band, scale, dt):
 def _block(q, k, v, term: Block, scale, dt):
     B, H, n, dk = q.shape
     l = term.size
-    qb, kb, vb = (_pad_to(x, l) for x in (q, k, v))
+    qb, kb, vb = (pad_to(x, l) for x in (q, k, v))
     C = qb.shape[2] // l
     qb, kb = qb.view(B, H, C, l, dk), kb.view(B, H, C, l, dk)
     vb = vb.view(B, H, C, l, v.shape[-1])
-    allowed = torch.ones(l, l, dtype=torch.bool, device=q.device).tril()
+    t = torch.arange(l, device=q.device)
+    allowed = term.allows(t.view(l, 1), t.view(1, l))  # offsets inside one block
     out, lse = _softmax_lse(qb, kb, vb, allowed, scale, dt)
     return out.reshape(B, H, C * l, -1)[:, :, :n], lse.reshape(B, H, C * l)[:, :, :n]
 
 
 def _stride(q, k, v, term: Stride, scale, dt):
-    B, H, n, _ = q.shape
-    l = term.size
-    R = -(-n // l)
-
-    def transpose(x):  # [B, H, R*l, d] -> [B, H, l, R, d]: residue classes become contiguous runs
-        return _pad_to(x, l).view(B, H, R, l, x.shape[-1]).transpose(2, 3)
-
-    r = torch.arange(R, device=q.device)
-    gap = -(-term.min_distance // l)  # rows between query and key, at least
-    allowed = (r.view(R, 1) - r.view(1, R)) >= max(gap, 0)
-    out, lse = _softmax_lse(transpose(q), transpose(k), transpose(v), allowed, scale, dt)
-    out = out.transpose(2, 3).reshape(B, H, R * l, -1)[:, :, :n]
-    lse = lse.transpose(2, 3).reshape(B, H, R * l)[:, :, :n]
-    return out, lse
+    n = q.shape[2]
+    r = torch.arange(term.run_length(n), device=q.device)
+    allowed = term.run_allows(r.view(-1, 1), r.view(1, -1))
+    out, lse = _softmax_lse(to_runs(q, term), to_runs(k, term), to_runs(v, term), allowed, scale, dt)
+    return from_runs(out, n), from_runs(lse, n)
 
 
 def _summary(q, k, v, term: Summary, scale, dt):
-    B, H, n, dk = q.shape
-    l, c = term.size, term.hi - term.lo
-    kb, vb = _pad_to(k, l), _pad_to(v, l)
-    C = kb.shape[2] // l
-    ks = kb.view(B, H, C, l, dk)[:, :, :, term.lo:term.hi].reshape(B, H, C * c, dk)
-    vs = vb.view(B, H, C, l, v.shape[-1])[:, :, :, term.lo:term.hi].reshape(B, H, C * c, v.shape[-1])
+    n = q.shape[2]
     i = torch.arange(n, device=q.device).view(n, 1)
-    s_idx = torch.arange(C * c, device=q.device).view(1, C * c)
-    block, j = s_idx // c, (s_idx // c) * l + term.lo + s_idx % c
-    allowed = (block < i // l) if term.earlier_blocks_only else (j <= i)
-    return _softmax_lse(q, ks, vs, allowed, scale, dt)
+    s = torch.arange(term.compact_length(n), device=q.device).view(1, -1)
+    return _softmax_lse(q, gather_summary(k, term), gather_summary(v, term), term.allows_compact(i, s), scale, dt)
 
 
 _TERMS = {Band: _band, Block: _block, Stride: _stride, Summary: _summary}
 
 
-def _merge(parts):
-    """Exact combination of disjoint terms from their normalized outputs and log-sum-exps."""
-    if len(parts) == 1:
-        return parts[0][0]
-    outs = [o for o, _ in parts]
-    lse = torch.stack([s for _, s in parts])  # [T, B, H, n]
-    m = lse.amax(0).detach()
-    m = torch.where(torch.isinf(m), torch.zeros_like(m), m)
-    w = torch.exp(lse - m)  # 0 for an empty term
-    total = w.sum(0)
-    total = torch.where(total > 0, total, torch.ones_like(total))
-    return sum(wt.unsqueeze(-1) * o for wt, o in zip(w, outs)) / total.unsqueeze(-1)
-
-
-def by_head_group(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: _PatternBase, attend) -> torch.Tensor:
-    """``attend(q, k, v, terms) -> [B, h, n, dv]`` run once per group of heads that share a key set
-    (per-head summary offsets and the multi-head integration make groups); heads back in order."""
-    H = q.shape[1]
-    groups = pattern.head_groups(H)
-    results, order = [], []
-    for terms, heads in groups:
-        if len(groups) == 1:
-            qs, ks, vs = q, k, v
-        else:
-            idx = torch.tensor(heads, device=q.device)
-            qs, ks, vs = q.index_select(1, idx), k.index_select(1, idx), v.index_select(1, idx)
-        results.append(attend(qs, ks, vs, terms))
-        order.extend(heads)
-    out = results[0] if len(results) == 1 else torch.cat(results, dim=1)
-    if order != list(range(H)):
-        out = out.index_select(1, torch.tensor(order, device=q.device).argsort())
-    return out
-
-
-def factorized_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: _PatternBase,
+def factorized_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Pattern,
                          scale: float | None = None) -> torch.Tensor:
-    """``q, k [B, H, n, dk]``, ``v [B, H, n, dv]`` -> ``[B, H, n, dv]`` in ``q.dtype``."""
+    """Causal attention restricted to ``pattern`` in pure PyTorch (paper §4.2 Eqs. 2-4, computed by
+    term as the paper's §5.5 describes).
+
+    Args:
+        q, k: ``[B, H, n, dk]``; v: ``[B, H, n, dv]``, one dtype and device.
+        pattern: head ``h`` reads ``pattern.mask(n, h)``; an unresolved Interleaved pattern raises
+            ValueError.
+        scale: softmax scale, default ``dk ** -0.5``.
+
+    Returns: ``[B, H, n, dv]`` in ``q.dtype``; queries with no allowed key give zeros.
+    """
     dt = q.dtype
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     q, k, v = q.float(), k.float(), v.float()  # no-ops for fp32 inputs
     out = by_head_group(q, k, v, pattern,
-                        lambda qs, ks, vs, terms: _merge([_TERMS[type(t)](qs, ks, vs, t, scale, dt) for t in terms]))
+                        lambda qs, ks, vs, terms: merge_by_lse([_TERMS[type(t)](qs, ks, vs, t, scale, dt) for t in terms]))
     return out.to(dt)

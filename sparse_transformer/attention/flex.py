@@ -2,7 +2,7 @@
 
 Each head's key set is a disjoint union of terms (:mod:`sparse_transformer.patterns`). A Flex
 ``BlockMask`` skips only whole 128 x 128 tiles, and strided's stride part and fixed's summary
-columns touch every tile of the ``n x n`` score matrix (anchors.md), so the pattern is never
+columns touch every tile of the ``n x n`` score matrix (docs/design.md §4), so the pattern is never
 given to Flex as one mask. Each term becomes a Flex call on a rearranged sequence whose mask is
 dense in few tiles:
 
@@ -21,7 +21,7 @@ the same merge as the ``factorized`` backend. Block masks are built with
 ``create_block_mask(..., _compile=True)`` (O(n) memory, no ``n x n`` mask) and cached per
 ``(term, n, device)``; ``flex_attention`` is compiled once per process.
 
-This is the "composed Flex" baseline of anchors.md, for every pattern. CUDA is its target; on other
+This is the "composed Flex" baseline of docs/benchmarks.md, for every pattern. CUDA is its target; on other
 devices it runs Flex's unfused eager path (O(n^2) memory), which is useful only for small checks.
 """
 
@@ -32,8 +32,8 @@ import functools
 import torch
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
-from ..patterns import Band, Block, Stride, Summary, Term, _PatternBase
-from .factorized import _merge, _pad_to, by_head_group
+from ..patterns import Band, Block, Pattern, Stride, Summary, Term
+from .common import by_head_group, from_runs, gather_summary, merge_by_lse, to_runs
 
 try:  # torch >= 2.9 asks for the log-sum-exp through an AuxRequest; return_lse is deprecated there
     from torch.nn.attention.flex_attention import AuxRequest
@@ -64,26 +64,16 @@ def _flex(q, k, v, block_mask: BlockMask, scale: float):
 
 
 def _mask_mod(term: Term, n: int):
-    """The term's mask on the (rearranged) sequence it is computed on, and ``(Q_LEN, KV_LEN)``."""
-    if isinstance(term, Band):
-        w = term.window
-        if w is None:
-            return (lambda b, h, i, j: i >= j), (n, n)
-        return (lambda b, h, i, j: (i >= j) & (i - j < w)), (n, n)
-    if isinstance(term, Block):
-        size = term.size
-        return (lambda b, h, i, j: (i >= j) & (i // size == j // size)), (n, n)
-    if isinstance(term, Stride):
-        R = -(-n // term.size)  # run length after the transpose
-        gap = max(-(-term.min_distance // term.size), 0)  # rows between query and key, at least
-        L = R * term.size
-        return (lambda b, h, i, j: (i // R == j // R) & (i - j >= gap)), (L, L)
+    """The term's mask on the (rearranged) sequence it is computed on, and ``(Q_LEN, KV_LEN)``:
+    the term's own rule (:mod:`sparse_transformer.patterns`) in the coordinates of that sequence."""
+    if isinstance(term, (Band, Block)):
+        return (lambda b, h, i, j: term.allows(i, j)), (n, n)
+    if isinstance(term, Stride):  # the runs laid end to end: index run·R + row, R = run length
+        R = term.run_length(n)
+        # same run, and rows far enough apart (the row difference is i - j inside one run)
+        return (lambda b, h, i, j: (i // R == j // R) & term.run_allows(i, j)), (R * term.size, R * term.size)
     if isinstance(term, Summary):
-        l, lo, c = term.size, term.lo, term.hi - term.lo
-        S = -(-n // l) * c
-        if term.earlier_blocks_only:
-            return (lambda b, h, i, s: s // c < i // l), (n, S)
-        return (lambda b, h, i, s: (s // c) * l + lo + s % c <= i), (n, S)
+        return (lambda b, h, i, s: term.allows_compact(i, s)), (n, term.compact_length(n))
     raise TypeError(f"unknown pattern term {term!r}")
 
 
@@ -100,36 +90,31 @@ def _term(q, k, v, term: Term, scale: float):
     bm = _block_mask(term, n, q.device)
     if isinstance(term, (Band, Block)):
         return _flex(q, k, v, bm, scale)
-    l = term.size
-    R = -(-n // l)
     if isinstance(term, Stride):
 
-        def transpose(x):  # [B, H, n, d] -> [B, H, l*R, d]: residue classes become contiguous runs
-            return _pad_to(x, l).view(B, H, R, l, x.shape[-1]).transpose(2, 3).reshape(B, H, l * R, x.shape[-1])
+        def runs(x):  # [B, H, n, d] -> [B, H, l*R, d]: the residue runs laid end to end
+            return to_runs(x, term).reshape(B, H, -1, x.shape[-1])
 
-        out, lse = _flex(transpose(q), transpose(k), transpose(v), bm, scale)
-        out = out.view(B, H, l, R, -1).transpose(2, 3).reshape(B, H, R * l, -1)[:, :, :n]
-        lse = lse.view(B, H, l, R).transpose(2, 3).reshape(B, H, R * l)[:, :, :n]
-        return out, lse
-    # Summary: gather the c summary cells of every block into a compact K/V of length c*R
-    def gather(x):
-        return _pad_to(x, l).view(B, H, R, l, x.shape[-1])[:, :, :, term.lo:term.hi].reshape(B, H, -1, x.shape[-1])
-
-    return _flex(q, gather(k), gather(v), bm, scale)
+        out, lse = _flex(runs(q), runs(k), runs(v), bm, scale)
+        l, R = term.size, term.run_length(n)
+        return from_runs(out.view(B, H, l, R, -1), n), from_runs(lse.view(B, H, l, R), n)
+    return _flex(q, gather_summary(k, term), gather_summary(v, term), bm, scale)
 
 
-def flex_attention_sparse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: _PatternBase,
+def flex_attention_sparse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Pattern,
                           scale: float | None = None) -> torch.Tensor:
-    """Causal attention restricted to ``pattern``, one FlexAttention call per pattern term.
+    """Causal attention restricted to ``pattern``, one FlexAttention call per pattern term (paper
+    §4.2 Eqs. 2-4, computed by term as in §5.5; docs/design.md §4).
 
     Args:
         q, k: ``[B, H, n, dk]``; v: ``[B, H, n, dv]`` (same dtype and CUDA device).
-        pattern: from :mod:`sparse_transformer.patterns`; head ``h`` reads ``pattern.mask(n, h)``.
+        pattern: from :mod:`sparse_transformer.patterns`; head ``h`` reads ``pattern.mask(n, h)``;
+            an unresolved Interleaved pattern raises ValueError.
         scale: softmax scale, default ``dk ** -0.5``.
 
     Returns: ``[B, H, n, dv]`` in ``q.dtype``; queries with no allowed key give zeros.
     Heads with identical key sets are computed together, as in the ``factorized`` backend.
     """
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    out = by_head_group(q, k, v, pattern, lambda qs, ks, vs, terms: _merge([_term(qs, ks, vs, t, scale) for t in terms]))
+    out = by_head_group(q, k, v, pattern, lambda qs, ks, vs, terms: merge_by_lse([_term(qs, ks, vs, t, scale) for t in terms]))
     return out.to(q.dtype)

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import torch
 
-from ..patterns import _PatternBase
+from ..patterns import Pattern
 
 
-def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: _PatternBase,
+def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Pattern,
                         scale: float | None = None) -> torch.Tensor:
     """Attention of ``q [B, H, n, dk]``, ``k [B, H, n, dk]``, ``v [B, H, n, dv]`` under ``pattern``
     (head ``h`` uses ``pattern.mask(n, head=h)``), computed in fp32 and returned in ``q.dtype``.

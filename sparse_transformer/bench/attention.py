@@ -76,7 +76,7 @@ __all__ = ["add_arguments", "bench_attention", "format_table", "pattern_for", "r
 # --------------------------------------------------------------------------------------------
 
 
-def pattern_for(spec: str | P._PatternBase, n: int) -> P._PatternBase:
+def pattern_for(spec: str | P.Pattern, n: int) -> P.Pattern:
     """The pattern a spec names at length ``n``.
 
     ``strided[:l]``, ``fixed[:l[:c]]``, ``local[:w]``, ``dense``; without ``l``: strided uses
@@ -84,7 +84,7 @@ def pattern_for(spec: str | P._PatternBase, n: int) -> P._PatternBase:
     ``l = 128`` for ``n <= 16,384`` else 256 and ``c = 32``, local ``w = 256``. A pattern object is
     returned as it is.
     """
-    if isinstance(spec, P._PatternBase):
+    if isinstance(spec, P.Pattern):
         return spec
     name, *args = spec.strip().split(":")
     try:
@@ -106,9 +106,9 @@ def pattern_for(spec: str | P._PatternBase, n: int) -> P._PatternBase:
     raise UserError(f"unknown pattern spec {spec!r}; use strided[:l], fixed[:l[:c]], local[:w] or dense")
 
 
-def pattern_label(pattern: P._PatternBase) -> str:
+def pattern_label(pattern: P.Pattern) -> str:
     """A short name for tables: ``strided l=256``, ``fixed l=128 c=32``, ``dense``."""
-    if isinstance(pattern, P.Pattern):
+    if isinstance(pattern, P.NamedPattern):
         if pattern.name == "dense":
             return "dense"
         label = f"{pattern.name} l={pattern.stride}"
@@ -118,7 +118,7 @@ def pattern_label(pattern: P._PatternBase) -> str:
     return pattern.describe()
 
 
-def useful_pairs(pattern: P._PatternBase, n: int, heads: int, batch: int) -> int:
+def useful_pairs(pattern: P.Pattern, n: int, heads: int, batch: int) -> int:
     """Allowed (i, j) pairs over all heads and the batch: the work a pattern really asks for."""
     return batch * sum(pattern.num_pairs(n, hs[0]) * len(hs) for _, hs in pattern.head_groups(heads))
 
@@ -133,7 +133,7 @@ class Case:
     """One measurement: a backend on a pattern at one length, in one mode."""
 
     backend: str
-    pattern: P._PatternBase
+    pattern: P.Pattern
     n: int
     batch: int
     heads: int
@@ -150,7 +150,7 @@ class Case:
         return rec
 
 
-def _attend_fn(backend: str, pattern: P._PatternBase) -> Callable:
+def _attend_fn(backend: str, pattern: P.Pattern) -> Callable:
     """``f(q, k, v) -> out`` for a backend name (the dense baselines pin an SDPA kernel)."""
     if backend in ("sdpa_cudnn", "sdpa_flash"):
         from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -322,7 +322,7 @@ def _add_speedups(records: list[dict], rec: dict) -> None:
 
 def bench_attention(
     backends: Sequence[str] | None = None,
-    patterns: Sequence[str | P._PatternBase] = ("strided", "fixed"),
+    patterns: Sequence[str | P.Pattern] = ("strided", "fixed"),
     ns: Iterable[int] | None = None,
     batch_tokens: int | None = None,
     heads: int = 8,

@@ -16,10 +16,8 @@ import numpy as np
 import torch
 
 from ..errors import UserError
-
-SPLITS = ("train", "val", "test")
-FORMAT_VERSION = 1
-META_KEYS = ("kind", "modality", "record_len", "shape", "sample_rate", "splits", "source", "format_version")
+from .format import FORMAT_VERSION, META_KEYS, SPLITS
+from .prepare import prepare
 
 # The embedded data set: a 6 MB slice of an English Wikipedia XML dump (see default/LICENSE.md).
 DEFAULT_SOURCE = Path(__file__).with_name("default") / "enwiki-sample.xml.bz2"
@@ -163,8 +161,6 @@ def default_data_dir() -> Path:
     Returns:
         path of the prepared directory (5,480,771 / 304,487 / 304,488 bytes of train / val / test).
     """
-    from .prepare import prepare  # prepare imports this module; import here to keep the layering one-way
-
     target = _cache_root() / "enwiki-sample"
     if _is_valid(target):
         return target

@@ -41,7 +41,7 @@ import numpy as np
 from tqdm import tqdm
 
 from ..errors import UserError
-from .loader import FORMAT_VERSION, META_KEYS, SPLITS
+from .format import FORMAT_VERSION, META_KEYS, SPLITS
 from .mulaw import mulaw_encode
 
 KINDS = ("enwik8", "text", "cifar10", "imagenet64", "mnist", "fashion-mnist", "audio")

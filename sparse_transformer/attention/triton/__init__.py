@@ -1,4 +1,4 @@
-"""Fused flash-style Triton kernels for the Sparse Transformer patterns (design.md §4).
+"""Fused flash-style Triton kernels for the Sparse Transformer patterns (docs/design.md §4).
 
 ``triton_attention(q, k, v, pattern)`` factorizes instead of masking: a band or block term is a
 causal band walked tile by tile in natural order, the strided stride term is causal attention inside
@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from ...patterns import _PatternBase
+from ...patterns import Pattern
 from .ops import attention_fwd, encode
 
 __all__ = ["triton_attention"]
@@ -21,7 +21,7 @@ __all__ = ["triton_attention"]
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
-def triton_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: _PatternBase,
+def triton_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Pattern,
                      scale: float | None = None, deterministic: bool = False) -> torch.Tensor:
     """Causal attention restricted to ``pattern`` with fused Triton kernels (forward and backward).
 

@@ -1,22 +1,22 @@
-"""Triton kernels for the factorized Sparse Transformer attention (design.md §4). @triton.jit only.
+"""Triton kernels for the factorized Sparse Transformer attention (docs/design.md §4). @triton.jit only.
 
 Every pass of the attention is one launch of one of three kernels over a *virtual sequence*:
 
-* ``_attn_fwd``   one program per query tile: online softmax over the key tiles of its terms.
-* ``_attn_bwd_dq`` one program per query tile: dQ (and, on the first pass, delta = rowsum(dO·O)).
-* ``_attn_bwd_dkdv`` one program per key tile of one term: dK and dV.
+* ``attn_fwd``   one program per query tile: online softmax over the key tiles of its terms.
+* ``attn_bwd_dq`` one program per query tile: dQ (and, on the first pass, delta = rowsum(dO·O)).
+* ``attn_bwd_dkdv`` one program per key tile of one term: dK and dV.
 
 The backward runs in one of two modes (ops.py picks):
 
-* deterministic (atomic-free, bitwise reproducible): ``_attn_bwd_dq`` passes, then ``_attn_bwd_dkdv``
+* deterministic (atomic-free, bitwise reproducible): ``attn_bwd_dq`` passes, then ``attn_bwd_dkdv``
   launches. dQ needs S = QKᵀ and dP = dO·Vᵀ again, so the backward does 7 tile matmuls per pair.
-* fused (``DQ_MODE == 1``, non-deterministic, opt-in: ops.FUSED_DQ): ``_attn_bwd_delta`` writes delta,
-  then each ``_attn_bwd_dkdv`` program also forms its key tile's share of dQ, dS·K, and adds it with
+* fused (``DQ_MODE == 1``, non-deterministic, opt-in: ops.FUSED_DQ): ``attn_bwd_delta`` writes delta,
+  then each ``attn_bwd_dkdv`` program also forms its key tile's share of dQ, dS·K, and adds it with
   fp32 atomics into a zeroed fp32 buffer (5 matmuls per pair, and no second walk over the tiles).
   The order of the atomic adds varies from run to run, so dQ may differ in the last bits.
 
 Both modes use one more schedule where it is exact without atomics (``DQ_MODE == 2``, "owned"): a
-transposed pass whose residue classes are no longer than one key tile. Then one ``_attn_bwd_dkdv``
+transposed pass whose residue classes are no longer than one key tile. Then one ``attn_bwd_dkdv``
 program holds every key of its class, so it is the only program that ever adds to the dQ rows of
 that class for this term: it forms dS·K and adds it with a plain read-add-write, and the term needs
 no dQ pass (5 matmuls per pair instead of 7, one walk over q, dO, lse and delta instead of two).
@@ -201,7 +201,7 @@ def _fwd_tiles(acc, l_i, m_i, q, k_ptr, v_ptr, skn, svn, row_lo, row_hi, k_start
 
 
 @triton.jit
-def _attn_fwd(
+def attn_fwd(
     Q, K, V, O, LSE,
     sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son,
     n, n_heads, head0, head_step, heads_in_group, tiles_per_class, qk_scale, dk: tl.constexpr, dv: tl.constexpr,
@@ -289,7 +289,7 @@ def _attn_fwd(
 
 
 @triton.jit
-def _attn_bwd_delta(O, DO, DELTA, rows, dv: tl.constexpr, BLOCK: tl.constexpr, DV_PAD: tl.constexpr):
+def attn_bwd_delta(O, DO, DELTA, rows, dv: tl.constexpr, BLOCK: tl.constexpr, DV_PAD: tl.constexpr):
     """delta = rowsum(dO·O) in fp32 for ``rows`` rows of the contiguous [B·H·n, dv] O and dO. Only
     the fused backward needs it as its own launch: there no query-tile pass runs before the
     key-tile programs, which read delta for every query row they visit."""
@@ -326,7 +326,7 @@ def _dq_tiles(dq, q, do, lse, delta, k_ptr, v_ptr, skn, svn, row_lo, row_hi, k_s
 
 
 @triton.jit
-def _attn_bwd_dq(
+def attn_bwd_dq(
     Q, K, V, O, DO, DQ, LSE, DELTA,
     sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son,
     n, n_heads, head0, head_step, heads_in_group, tiles_per_class, qk_scale, sm_scale, dk: tl.constexpr, dv: tl.constexpr,
@@ -460,7 +460,7 @@ def _dkdv_tiles(dk_acc, dv_acc, k, v, q_ptr, do_ptr, dq_ptr, sqn, son, LSE_ROW, 
 
 
 @triton.jit
-def _attn_bwd_dkdv(
+def attn_bwd_dkdv(
     Q, K, V, DO, DK, DV, DQ, LSE, DELTA,
     sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son,
     n, n_heads, head0, head_step, heads_in_group, tiles_per_class, qk_scale, sm_scale, dk: tl.constexpr, dv: tl.constexpr,
@@ -484,7 +484,7 @@ def _attn_bwd_dkdv(
         base = tl.program_id(0) * 0
         length = n + base
         n0 = tl.program_id(0) * BLOCK_N
-        # compact keys: every summary cell before position n
+        # compact keys: every summary cell before position n (Summary.count_below(n) on the host)
         key_len = (n // SUM_L) * SUM_C + tl.minimum(tl.maximum(n % SUM_L - SUM_LO, 0), SUM_C)
     else:
         base, length, n0 = _virtual_rows(tl.program_id(0), n, tiles_per_class, STEP, BLOCK_N)

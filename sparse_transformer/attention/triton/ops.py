@@ -2,7 +2,8 @@
 
 A pattern is not a tensor, so it reaches the custom op as a flat tuple of ints (:func:`encode`):
 its head groups, each an arithmetic progression of heads sharing one term list. Each group runs as
-a few *passes*, one kernel launch each (kernels.py explains the virtual sequences):
+a few *passes*, one kernel launch each (kernels.py explains the virtual sequences; docs/design.md §4 how
+the plan reads them off the pattern's terms):
 
 * one natural-order pass holding the group's Band or Block term and its Summary term, walked by one
   online softmax (fixed ``both`` is a single launch);
@@ -31,11 +32,11 @@ from dataclasses import dataclass
 import torch
 import triton
 
-from ...patterns import Band, Block, Stride, Summary, _PatternBase
+from ...patterns import Band, Block, Pattern, Stride, Summary, Term, ceil_div
 from . import kernels
 
 _BAND, _BLOCK, _STRIDE, _SUMMARY = 0, 1, 2, 3
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # kernels run on Triton's CPU interpreter
 
 
 # ---------------------------------------------------------------------------------------------
@@ -58,7 +59,8 @@ def _progressions(heads: list[int]) -> list[tuple[int, int, int]]:
     return out
 
 
-def _term_ints(t) -> tuple[int, int, int, int, int]:
+def _term_ints(t: Term) -> tuple[int, int, int, int, int]:
+    """A term as ``(code, a, b, c, d)``, the inverse of :func:`_term_of`."""
     if isinstance(t, Band):
         return (_BAND, t.window or 0, 0, 0, 0)
     if isinstance(t, Block):
@@ -70,9 +72,24 @@ def _term_ints(t) -> tuple[int, int, int, int, int]:
     raise ValueError(f"the triton backend does not know the pattern term {t!r}")
 
 
-def encode(pattern: _PatternBase, n_heads: int) -> list[int]:
-    """The pattern's per-head structure as ints: ``[n_groups, (head0, head_step, count, n_terms,
-    (code, a, b, c, d) * n_terms) * n_groups]``. An Interleaved pattern raises its ValueError."""
+def _term_of(code: int, a: int, b: int, c: int, d: int) -> Term:
+    """The term that :func:`_term_ints` encoded."""
+    if code == _BAND:
+        return Band(a or None)
+    if code == _BLOCK:
+        return Block(a)
+    if code == _STRIDE:
+        return Stride(a, b)
+    if code == _SUMMARY:
+        return Summary(a, b, c, bool(d))
+    raise ValueError(f"unknown term code {code}")
+
+
+def encode(pattern: Pattern, n_heads: int) -> list[int]:
+    """The pattern's per-head structure as ints (a custom op takes no Python objects):
+    ``[n_groups, (head0, head_step, count, n_terms, (code, a, b, c, d) * n_terms) * n_groups]``.
+    An Interleaved pattern raises its ValueError (resolve it with ``.for_layer`` first); a term the
+    kernels do not know raises ValueError."""
     spec = []
     n_groups = 0
     for terms, heads in pattern.head_groups(n_heads):
@@ -85,18 +102,57 @@ def encode(pattern: _PatternBase, n_heads: int) -> list[int]:
 
 @dataclass(frozen=True)
 class _Pass:
-    """One launch: a virtual sequence (natural if step == 1, else transposed by ``step``), at most
-    one contiguous range term and at most one summary term."""
+    """One launch: at most one *range* term (a Band or Block walked in natural order, or a Stride
+    term walked on its residue runs, the virtual sequence ``STEP = l``) and at most one summary
+    term. The kernels' constexprs are read off the terms' own rules (docs/design.md §4)."""
 
-    step: int = 1
-    has_range: bool = False
-    window: int = 0  # 0: unbounded
-    block: int = 0  # 0: none
-    offset: int = 0
-    sum_c: int = 0  # 0: no summary term
-    sum_l: int = 1
-    sum_lo: int = 0
-    sum_earlier: bool = False
+    range_term: Band | Block | Stride | None = None
+    summary: Summary | None = None
+
+    @property
+    def step(self) -> int:
+        """1: natural order; ``l``: the residue runs of a Stride term."""
+        return self.range_term.size if isinstance(self.range_term, Stride) else 1
+
+    @property
+    def has_range(self) -> bool:
+        return self.range_term is not None
+
+    @property
+    def window(self) -> int:
+        """A Band's window (0: unbounded or none)."""
+        return (self.range_term.window or 0) if isinstance(self.range_term, Band) else 0
+
+    @property
+    def block(self) -> int:
+        """A Block's size (0: none)."""
+        return self.range_term.size if isinstance(self.range_term, Block) else 0
+
+    @property
+    def offset(self) -> int:
+        """Rows between a query and its nearest key in a residue run: the Stride term's gap."""
+        return self.range_term.gap if isinstance(self.range_term, Stride) else 0
+
+    @property
+    def sum_c(self) -> int:
+        """Summary cells per block (0: no summary term)."""
+        return self.summary.cells if self.summary else 0
+
+    @property
+    def sum_l(self) -> int:
+        return self.summary.size if self.summary else 1
+
+    @property
+    def sum_lo(self) -> int:
+        return self.summary.lo if self.summary else 0
+
+    @property
+    def sum_earlier(self) -> bool:
+        return self.summary.earlier_blocks_only if self.summary else False
+
+    def length(self, n: int) -> int:
+        """Rows of the virtual sequence at length ``n``: ``n``, or the longest residue run."""
+        return self.range_term.run_length(n) if self.step > 1 else n
 
 
 @dataclass(frozen=True)
@@ -107,35 +163,32 @@ class _Group:
     passes: tuple[_Pass, ...]
 
 
-def _plan_terms(terms: list[tuple[int, ...]]) -> tuple[_Pass, ...]:
+def _plan_terms(terms: list[Term]) -> tuple[_Pass, ...]:
+    """Natural-order passes first (one range term and one summary term share a launch), then one
+    transposed pass per Stride term."""
     ranges, summaries, strides = [], [], []
-    for code, a, b, c, d in terms:
-        if code == _BAND:
-            ranges.append(_Pass(has_range=True, window=a))
-        elif code == _BLOCK:
-            ranges.append(_Pass(has_range=True, block=a))
-        elif code == _STRIDE:
-            # residue classes of i mod a are contiguous causal runs; j = i - m·a with m·a >= b
-            strides.append(_Pass(step=a, has_range=True, offset=-(-b // a)))
-        elif code == _SUMMARY:
-            summaries.append({"sum_c": c - b, "sum_l": a, "sum_lo": b, "sum_earlier": bool(d)})
+    for t in terms:
+        if isinstance(t, Stride):
+            strides.append(_Pass(range_term=t))
+        elif isinstance(t, Summary):
+            summaries.append(t)
         else:
-            raise ValueError(f"unknown term code {code}")
+            ranges.append(t)
     passes = []
-    while ranges or summaries:  # natural order: one range and one summary share a launch
-        p = ranges.pop(0) if ranges else _Pass()
-        if summaries:
-            p = _Pass(**{**p.__dict__, **summaries.pop(0)})
-        passes.append(p)
+    while ranges or summaries:
+        passes.append(_Pass(ranges.pop(0) if ranges else None, summaries.pop(0) if summaries else None))
     return tuple(passes + strides)
 
 
 def decode(spec: list[int]) -> list[_Group]:
+    """The launch plan of an :func:`encode` spec: head groups (heads ``head0 + i·head_step`` for
+    ``i < count``), each with its passes (docs/design.md §4). Raises ValueError for an unknown
+    term code."""
     groups, pos = [], 1
     for _ in range(spec[0]):
         h0, step, count, nt = spec[pos:pos + 4]
         pos += 4
-        terms = [tuple(spec[pos + 5 * i: pos + 5 * i + 5]) for i in range(nt)]
+        terms = [_term_of(*spec[pos + 5 * i: pos + 5 * i + 5]) for i in range(nt)]
         pos += 5 * nt
         groups.append(_Group(h0, step, count, _plan_terms(terms)))
     return groups
@@ -201,7 +254,7 @@ _INTERPRET_CONFIG = (32, 32, 1, 1)
 
 
 def _config(role: str, d_pad: int, dtype: torch.dtype):
-    if _INTERPRET:
+    if INTERPRET:
         return _INTERPRET_CONFIG
     if dtype == torch.float32:
         return _FP32_CONFIG[role] if role in _FP32_CONFIG else _FP32_CONFIG[role.split("_")[0]]
@@ -233,27 +286,18 @@ SHORT_RUN_TILES = 8
 def _split(p: _Pass, n: int, block_m: int, block_n: int) -> bool:
     """Whether the range term of pass ``p`` walks its tiles as masked head, full middle, masked tail
     (long ranges) rather than one masked loop: the keys one query tile reads (or, in dK/dV, the
-    queries one key tile meets, the same span) against ``SHORT_RUN_TILES`` tiles."""
-    if p.step > 1:
-        span = triton.cdiv(n, p.step)  # a residue class
-    elif p.block:
-        span = p.block + block_m
-    elif p.window:
-        span = p.window + block_m
-    else:
-        span = n
+    queries one key tile meets, the same span; the term's ``key_span``) against ``SHORT_RUN_TILES``
+    tiles. A pass without a range term reads as spanning ``n`` (its launch has no range walk)."""
+    span = p.range_term.key_span(n, block_m) if p.range_term else n
     return span > SHORT_RUN_TILES * block_n
 
 
 def _query_grid(p: _Pass, n: int, block_m: int, bh: int):
+    """The launch grid of a pass over tiles of ``block_m`` rows, and its tiles per residue run."""
     if p.step == 1:
-        return (triton.cdiv(n, block_m), bh), 1
-    per_class = triton.cdiv(triton.cdiv(n, p.step), block_m)
+        return (ceil_div(n, block_m), bh), 1
+    per_class = ceil_div(p.length(n), block_m)
     return (p.step * per_class, bh), per_class
-
-
-def _summary_keys(p: _Pass, n: int) -> int:
-    return (n // p.sum_l) * p.sum_c + min(max(n % p.sum_l - p.sum_lo, 0), p.sum_c)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -269,9 +313,9 @@ def _forward(q, k, v, spec, scale):
     dkp, dvp = _pad(dk), _pad(dv)
     for g in decode(spec):
         for i, p in enumerate(g.passes):
-            bm, bn, warps, stages = _config(_role("fwd", p, p.sum_c > 0), max(dkp, dvp), q.dtype)
+            bm, bn, warps, stages = _config(role("fwd", p.step, p.sum_c > 0), max(dkp, dvp), q.dtype)
             grid, per_class = _query_grid(p, n, bm, B * g.count)
-            kernels._attn_fwd[grid](
+            kernels.attn_fwd[grid](
                 q, k, v, out, lse, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
                 n, H, g.head0, g.head_step, g.count, per_class, scale * math.log2(math.e), dk, dv,
                 HAS_RANGE=p.has_range, INIT_FROM_OUT=i > 0, SPLIT=_split(p, n, bm, bn), BLOCK_M=bm, BLOCK_N=bn,
@@ -280,11 +324,12 @@ def _forward(q, k, v, spec, scale):
     return out, lse
 
 
-def _role(kernel: str, p: _Pass, summary: bool) -> str:
-    """The CONFIGS entry of a launch of ``kernel`` ("fwd", "dq" or "dkdv") over pass ``p``:
-    transposed, holding a summary term (``summary``; for dK/dV: the summary keys' launch), or a
-    natural-order range term. The owned and fused dK/dV launches have their own entries."""
-    return kernel + ("_stride" if p.step > 1 else "_summary" if summary else "")
+def role(kernel: str, step: int, summary: bool) -> str:
+    """The CONFIGS entry of a launch of ``kernel`` ("fwd", "dq" or "dkdv") over a pass of virtual
+    step ``step``: transposed (``step > 1``), holding a summary term (``summary``; for dK/dV: the
+    summary keys' launch), or a natural-order range term. The owned and fused dK/dV launches have
+    their own entries."""
+    return kernel + ("_stride" if step > 1 else "_summary" if summary else "")
 
 
 def _owned_tile(p: _Pass, n: int, d_pad: int, dtype: torch.dtype) -> int:
@@ -292,7 +337,7 @@ def _owned_tile(p: _Pass, n: int, d_pad: int, dtype: torch.dtype) -> int:
     are longer than ``dkdv_owned`` takes (then the pass runs as a dQ pass plus a dK/dV launch)."""
     if p.step == 1:
         return 0
-    length = triton.cdiv(n, p.step)
+    length = p.length(n)
     return max(16, triton.next_power_of_2(length)) if length <= _config("dkdv_owned", d_pad, dtype)[1] else 0
 
 
@@ -321,7 +366,7 @@ def _backward(do, q, k, v, out, lse, spec, scale, deterministic=True):
 
     if fused or no_dq_pass:
         # delta for every row first (the key-tile programs read it for any query)
-        kernels._attn_bwd_delta[(triton.cdiv(B * H * n, _DELTA_ROWS),)](
+        kernels.attn_bwd_delta[(ceil_div(B * H * n, _DELTA_ROWS),)](
             out.contiguous(), do, delta, B * H * n, dv, BLOCK=_DELTA_ROWS, DV_PAD=dvp)
     if fused:  # dQ is summed in fp32 whatever the input dtype, since many programs add into each row
         dq = torch.zeros(B, H, n, dk, device=q.device, dtype=torch.float32)
@@ -332,9 +377,9 @@ def _backward(do, q, k, v, out, lse, spec, scale, deterministic=True):
             for pi, p in enumerate(g.passes):
                 if owned[gi, pi]:
                     continue
-                bm, bn, warps, stages = _config(_role("dq", p, p.sum_c > 0), d_pad, q.dtype)
+                bm, bn, warps, stages = _config(role("dq", p.step, p.sum_c > 0), d_pad, q.dtype)
                 grid, per_class = _query_grid(p, n, bm, B * g.count)
-                kernels._attn_bwd_dq[grid](
+                kernels.attn_bwd_dq[grid](
                     q, k, v, out, do, dq, lse, delta, *strides,
                     n, H, g.head0, g.head_step, g.count, per_class, qk_scale, scale, dk, dv,
                     HAS_RANGE=p.has_range, FIRST=first, SPLIT=_split(p, n, bm, bn), BLOCK_M=bm, BLOCK_N=bn,
@@ -352,18 +397,18 @@ def _backward(do, q, k, v, out, lse, spec, scale, deterministic=True):
                 launches.append((True, p))
             for is_summary, pp in launches:
                 own = owned[gi, pi] if not is_summary else 0
-                role = "dkdv_owned" if own else "dkdv_fused" if fused else _role("dkdv", pp, is_summary)
-                bm, bn, warps, stages = _config(role, d_pad, q.dtype)
+                name = "dkdv_owned" if own else "dkdv_fused" if fused else role("dkdv", pp.step, is_summary)
+                bm, bn, warps, stages = _config(name, d_pad, q.dtype)
                 if own:
                     bn = own
                 if is_summary:
-                    keys = _summary_keys(pp, n)
-                    grid, per_class = (triton.cdiv(keys, bn), B * g.count), 1
+                    keys = pp.summary.count_below(n)  # every real compact key
+                    grid, per_class = (ceil_div(keys, bn), B * g.count), 1
                     if keys == 0:
                         continue
                 else:
                     grid, per_class = _query_grid(pp, n, bn, B * g.count)
-                kernels._attn_bwd_dkdv[grid](
+                kernels.attn_bwd_dkdv[grid](
                     q, k, v, do, dkk, dvv, dq, lse, delta, *strides,
                     n, H, g.head0, g.head_step, g.count, per_class, qk_scale, scale, dk, dv,
                     IS_SUMMARY=is_summary, ACCUMULATE=not first, DQ_MODE=2 if own else 1 if fused else 0,

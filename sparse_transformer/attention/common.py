@@ -1,0 +1,88 @@
+"""Helpers every attention backend shares: padding, the two rearrangements of a term's sequence,
+head grouping and the exact merge of disjoint terms by log-sum-exp (docs/design.md §4).
+
+The index rules themselves (run lengths, gaps, compact summary positions) are the pattern terms'
+(:mod:`sparse_transformer.patterns`); these functions only move tensors according to them.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from ..patterns import Pattern, Stride, Summary, Term
+
+__all__ = ["pad_to", "to_runs", "from_runs", "gather_summary", "merge_by_lse", "by_head_group"]
+
+
+def pad_to(x: torch.Tensor, multiple: int) -> torch.Tensor:
+    """Pad dim 2 (the sequence) of ``[B, H, n, d]`` with zeros up to a multiple of ``multiple``."""
+    extra = (-x.shape[2]) % multiple
+    return F.pad(x, (0, 0, 0, extra)) if extra else x
+
+
+def to_runs(x: torch.Tensor, term: Stride) -> torch.Tensor:
+    """``[B, H, n, d]`` -> ``[B, H, l, R, d]`` with ``l = term.size`` and ``R = term.run_length(n)``:
+    the residue runs of the stride term (paper §5.5, "transpose, then a local window"). Run ``r``
+    row ``t`` is position ``t·l + r``; positions past ``n`` are zeros. A view of the padded input."""
+    B, H, n, d = x.shape
+    l = term.size
+    return pad_to(x, l).view(B, H, term.run_length(n), l, d).transpose(2, 3)
+
+
+def from_runs(x: torch.Tensor, n: int) -> torch.Tensor:
+    """The inverse of :func:`to_runs`: ``[B, H, l, R, *rest]`` -> ``[B, H, n, *rest]`` (``rest``
+    may be empty, as for a log-sum-exp ``[B, H, l, R]``)."""
+    B, H, l, R = x.shape[:4]
+    return x.transpose(2, 3).reshape(B, H, R * l, *x.shape[4:])[:, :, :n]
+
+
+def gather_summary(x: torch.Tensor, term: Summary) -> torch.Tensor:
+    """``[B, H, n, d]`` -> ``[B, H, term.compact_length(n), d]``: the ``c`` summary cells of every
+    block in position order (compact key ``s`` is position ``term.position(s)``; the cells of the
+    padded last block past ``n`` are zeros and no query reads them)."""
+    B, H, n, d = x.shape
+    blocks = pad_to(x, term.size).view(B, H, -1, term.size, d)
+    return blocks[:, :, :, term.lo:term.hi].reshape(B, H, term.compact_length(n), d)
+
+
+def merge_by_lse(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    """Exact softmax over the union of disjoint key sets from each set's normalized output and
+    log-sum-exp: ``parts`` is ``[(out [B, H, n, dv], lse [B, H, n] fp32), ...]``; an empty set has
+    ``lse = -inf`` and weight 0, and a row empty in every part gives 0 (never NaN)."""
+    if len(parts) == 1:
+        return parts[0][0]
+    outs = [o for o, _ in parts]
+    lse = torch.stack([s for _, s in parts])  # [T, B, H, n]
+    m = lse.amax(0).detach()
+    m = torch.where(torch.isinf(m), torch.zeros_like(m), m)
+    w = torch.exp(lse - m)  # 0 for an empty term
+    total = w.sum(0)
+    total = torch.where(total > 0, total, torch.ones_like(total))
+    return sum(wt.unsqueeze(-1) * o for wt, o in zip(w, outs)) / total.unsqueeze(-1)
+
+
+def by_head_group(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Pattern,
+                  attend: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, tuple[Term, ...]], torch.Tensor]
+                  ) -> torch.Tensor:
+    """Run ``attend(q, k, v, terms) -> [B, h, n, dv]`` once per group of heads that share a key set
+    (``pattern.head_groups``: per-head summary offsets and the multi-head integration make groups)
+    on ``q, k [B, H, n, dk]``, ``v [B, H, n, dv]``; returns ``[B, H, n, dv]`` with the heads back in
+    order. Raises the pattern's ValueError for an unresolved :class:`~sparse_transformer.patterns.Interleaved`."""
+    H = q.shape[1]
+    groups = pattern.head_groups(H)
+    results, order = [], []
+    for terms, heads in groups:
+        if len(groups) == 1:
+            qs, ks, vs = q, k, v
+        else:
+            idx = torch.tensor(heads, device=q.device)
+            qs, ks, vs = q.index_select(1, idx), k.index_select(1, idx), v.index_select(1, idx)
+        results.append(attend(qs, ks, vs, terms))
+        order.extend(heads)
+    out = results[0] if len(results) == 1 else torch.cat(results, dim=1)
+    if order != list(range(H)):
+        out = out.index_select(1, torch.tensor(order, device=q.device).argsort())
+    return out
