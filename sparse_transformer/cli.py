@@ -81,6 +81,22 @@ def cmd_layout(args) -> int:
     return 0
 
 
+def cmd_plot(args) -> int:
+    from .plot import plot_runs
+
+    baselines = {}
+    for item in args.baseline:
+        label, sep, value = item.rpartition("=")
+        try:
+            baselines[label] = float(value)
+        except ValueError:
+            raise UserError(f"plot: --baseline {item!r} must look like LABEL=BITS, e.g. 'xz -9e=2.09'") from None
+        if not sep or not label:
+            raise UserError(f"plot: --baseline {item!r} must look like LABEL=BITS, e.g. 'xz -9e=2.09'")
+    print(plot_runs(args.runs, args.out, title=args.title, baselines=baselines, unit=args.unit))
+    return 0
+
+
 def cmd_bench(args) -> int:
     if args.what == "attention":
         from .bench.attention import run
@@ -141,6 +157,14 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--block", type=int, default=None, help="draw the block layout at this block size")
     sp.add_argument("--png", default=None)
 
+    sp = sub.add_parser("plot", help="validation bits per dim of runs against training time and step (PNG)")
+    sp.add_argument("runs", nargs="+", help="run folders (each with metrics.jsonl)")
+    sp.add_argument("--out", required=True, help="the PNG to write")
+    sp.add_argument("--title", default=None)
+    sp.add_argument("--unit", default="bits per dim", help="y-axis unit, e.g. 'bits per byte'")
+    sp.add_argument("--baseline", action="append", default=[], metavar="LABEL=BITS",
+                    help="a horizontal reference line, e.g. 'xz -9e=2.09' (repeatable)")
+
     sp = sub.add_parser("bench", help="benchmarks: attention kernels, training steps, sampling")
     bsub = sp.add_subparsers(dest="what", required=True)
     from .bench import attention as bench_attention, sample as bench_sample, train as bench_train
@@ -161,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
         if extra:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         return {"prepare": cmd_prepare, "eval": cmd_eval, "sample": cmd_sample, "layout": cmd_layout,
-                "bench": cmd_bench}[args.command](args)
+                "plot": cmd_plot, "bench": cmd_bench}[args.command](args)
     except UserError as e:
         print("error: " + " ".join(str(e).split()), file=sys.stderr)  # one line, even when a library's message is not
         return 2

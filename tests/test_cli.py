@@ -37,3 +37,23 @@ def test_unknown_config_key_exit_2_no_traceback(tmp_path):
     assert r.returncode == 2
     assert "Traceback" not in r.stderr and "unknown key 'model.n_layers'" in r.stderr
     assert not (tmp_path / "run").exists() or not any((tmp_path / "run").iterdir())
+
+
+def test_plot_runs(tmp_path, capsys):
+    import json
+
+    for name, start in (("dense", 4.0), ("fixed", 3.5)):
+        run = tmp_path / name
+        run.mkdir()
+        lines = [{"step": 10 * i, "loss": 1.0, "train_s": 6.0 * i} for i in range(1, 4)]
+        lines += [{"step": 10 * i, "val_bits_per_dim": start - 0.1 * i, "train_s": 6.0 * i} for i in range(1, 4)]
+        lines.append({"step": 30, "test_bits_per_dim": start - 0.3})
+        (run / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    out = tmp_path / "plots" / "curves.png"
+    assert main(["plot", str(tmp_path / "dense"), str(tmp_path / "fixed"), "--out", str(out),
+                 "--baseline", "xz -9e=2.09"]) == 0
+    assert Image.open(out).size[0] > 500
+    assert main(["plot", str(tmp_path / "missing"), "--out", str(out)]) == 2
+    assert "no metrics.jsonl" in capsys.readouterr().err
+    assert main(["plot", str(tmp_path / "dense"), "--out", str(out), "--baseline", "xz"]) == 2
+    assert "LABEL=BITS" in capsys.readouterr().err

@@ -156,3 +156,36 @@ def test_default_run_beats_gzip(tmp_path):
     line = next(x for x in r.stdout.splitlines() if x.startswith("test bits per byte:"))
     assert float(line.split(":")[1]) < 2.841
     assert "sample:" in r.stdout
+
+
+def test_lr_schedule_follows_the_time_budget():
+    t = load_config(None, ["--train.lr", "1.0", "--train.warmup_steps", "10", "--train.max_steps", "1000000",
+                           "--train.max_minutes", "1"]).train
+    assert lr_at(5, t, time_progress=0.9) == pytest.approx(0.6)  # warmup is by steps
+    assert lr_at(20, t, time_progress=0.0) == pytest.approx(1.0, abs=1e-4)
+    assert lr_at(20, t, time_progress=0.5) == pytest.approx(0.5)
+    assert lr_at(20, t, time_progress=1.0) == pytest.approx(0.0)
+    # whichever of steps and time is further along decides
+    t2 = load_config(None, ["--train.lr", "1.0", "--train.warmup_steps", "0", "--train.max_steps", "100"]).train
+    assert lr_at(50, t2, time_progress=0.1) == pytest.approx(0.5)
+
+
+def test_time_budget_ends_the_run_and_reports_the_clocks(data_dir, tmp_path):
+    summary = train(tiny(data_dir, "--train.max_steps", "100000", "--train.max_minutes", "0.1",
+                         "--train.warmup_steps", "0", "--train.test_tokens", "256"), tmp_path / "run")
+    assert 2 < summary["step"] < 100000
+    assert 6.0 <= summary["train_s"] < 6.0 + 5.0  # stops at the first step boundary after 6 s of training
+    assert summary["test_tokens"] == 256
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    train_s = [r["train_s"] for r in records if "loss" in r]
+    assert train_s == sorted(train_s) and train_s[-1] == pytest.approx(summary["train_s"], abs=1e-3)
+    last_lr = [r["lr"] for r in records if "lr" in r][-1]
+    assert last_lr < 0.5 * load_config(None).train.lr  # the last step ran in the second half of the cosine
+    assert {"train_s", "eval_s", "compile_s", "test_s"} <= set(records[-1])
+
+
+def test_blocks_without_biases(data_dir):
+    cfg = tiny(data_dir, "--model.bias", "false")
+    names = [n for n, _ in SparseTransformer(cfg.model).named_parameters()]
+    assert not [n for n in names if n.startswith("blocks.") and n.endswith(".bias") and ".ln_" not in n]
+    assert "blocks.0.ln_1.bias" in names and "blocks.0.attn.qkv.weight" in names

@@ -1,0 +1,81 @@
+"""``sparse-transformer plot``: validation bits per dim of runs against training time and steps.
+
+Reads each run folder's ``metrics.jsonl`` (the validation records written by ``train``) and draws two
+panels with matplotlib: bits per dim against training time (``train_s``: optimizer steps only, no
+evaluation or compilation; the equal-wall-clock comparison of the paper's §7, Table 2) and against
+the optimizer step. matplotlib is imported only here (``pip install matplotlib``).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .errors import UserError
+
+
+def read_curve(run: str | Path) -> dict:
+    """The validation curve of one run.
+
+    Returns:
+        dict with ``name`` (the folder name), ``step``, ``train_s`` (seconds of training, or the
+        wall-clock ``elapsed_s`` for runs written before ``train_s`` was logged), ``val`` (bits per
+        dim) lists, and ``test`` (the final test bits per dim, or None).
+    Raises:
+        UserError: the folder has no ``metrics.jsonl`` or it holds no validation record.
+    """
+    path = Path(run) / "metrics.jsonl"
+    if not path.is_file():
+        raise UserError(f"plot: {run} has no metrics.jsonl; pass run folders written by sparse-transformer train")
+    curve = {"name": Path(run).resolve().name, "step": [], "train_s": [], "val": [], "test": None}
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            raise UserError(f"plot: {path} line {n} is not JSON; remove the damaged line") from None
+        if "val_bits_per_dim" in rec:
+            curve["step"].append(rec["step"])
+            curve["train_s"].append(rec.get("train_s", rec.get("elapsed_s", 0.0)))
+            curve["val"].append(rec["val_bits_per_dim"])
+        elif "test_bits_per_dim" in rec:
+            curve["test"] = rec["test_bits_per_dim"]
+    if not curve["val"]:
+        raise UserError(f"plot: {path} holds no validation record; train with --train.eval_every N")
+    return curve
+
+
+def plot_runs(runs: list[str | Path], out: str | Path, title: str | None = None,
+              baselines: dict[str, float] | None = None, unit: str = "bits per dim") -> Path:
+    """Draw the validation curves of ``runs`` into the PNG ``out``; ``baselines`` maps a label (e.g.
+    ``"xz -9e"``) to a bits-per-dim value drawn as a horizontal line. Returns the written path."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise UserError("plot: matplotlib is not installed; pip install matplotlib") from None
+    curves = [read_curve(r) for r in runs]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
+    for c in curves:
+        label = c["name"] + (f" (test {c['test']:.3f})" if c["test"] is not None else "")
+        axes[0].plot([s / 60 for s in c["train_s"]], c["val"], marker=".", label=label)
+        axes[1].plot(c["step"], c["val"], marker=".", label=label)
+    for ax, xlabel in zip(axes, ("training time (minutes, evaluation and compilation excluded)", "optimizer step")):
+        for name, value in (baselines or {}).items():
+            ax.axhline(value, color="gray", linestyle="--", linewidth=0.8)
+            ax.annotate(name, (ax.get_xlim()[0], value), ha="left", va="bottom", fontsize=8, color="gray")
+        ax.set_xlabel(xlabel)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel(f"validation {unit}")
+    axes[1].legend(fontsize=8)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
