@@ -64,6 +64,20 @@ _PARTS = {"dense": ("both",), "local": ("both",), "strided": ("both", "local", "
 # --------------------------------------------------------------------------------------------
 # Terms: the simple index sets a head's key set is built from. Each is causal (j <= i).
 # --------------------------------------------------------------------------------------------
+#
+# Besides ``allows``, ``keys_per_query`` and ``tiles``, each term gives the KV cache of sampling
+# (``kv_cache.py``) its rules, so the cache holds and reads exactly the term's keys:
+#
+# * ``cache_slots(n)``: the size of the term's own buffer of keys for ``n`` positions, laid out so
+#   that query ``i`` reads its slots ``0 .. keys_per_query(i) - 1`` (a ring of the last keys, the
+#   current block, the compacted summary cells); None when no such buffer exists (``Stride``: a query
+#   reads its residue class, so every key must be kept at its position).
+# * ``cache_slot(j, n)``: the slot of key ``j`` in that buffer, -1 for a key no query reads.
+# * ``cache_keys(i, n)``: a fixed-length ``[K]`` tensor of positions whose first ``keys_per_query(i)``
+#   entries are the keys of query ``i`` (the rest are arbitrary), for a buffer of every position.
+#
+# ``i`` and ``j`` are int64 tensors (``keys_per_query`` takes numpy arrays too); nothing here
+# depends on their values on the host, so a decoding step built from these rules never syncs.
 
 
 def _ceil_div(a, b):
@@ -81,13 +95,22 @@ class Band:
         return (d >= 0) if self.window is None else (d >= 0) & (d < self.window)
 
     def keys_per_query(self, i: np.ndarray) -> np.ndarray:
-        return i + 1 if self.window is None else np.minimum(i + 1, self.window)
+        return i + 1 if self.window is None else (i + 1).clip(max=self.window)
 
     def tiles(self, qb: torch.Tensor, kb: torch.Tensor, b: int, n: int) -> torch.Tensor:
         dmax = torch.clamp(qb * b + b - 1, max=n - 1) - kb * b  # largest i - j in the tile
         dmin = qb * b - torch.clamp(kb * b + b - 1, max=n - 1)  # smallest i - j in the tile
         ok = dmax >= 0
         return ok if self.window is None else ok & (dmin < self.window)
+
+    def cache_slots(self, n: int) -> int:
+        return n if self.window is None else min(self.window, n)
+
+    def cache_slot(self, j: torch.Tensor, n: int) -> torch.Tensor:
+        return j % self.cache_slots(n)  # a ring of the last window keys
+
+    def cache_keys(self, i: torch.Tensor, n: int) -> torch.Tensor:
+        return i - torch.arange(self.cache_slots(n), device=i.device)  # i, i - 1, ...
 
 
 @dataclass(frozen=True)
@@ -108,6 +131,15 @@ class Block:
         k_lo, k_hi = kb * b // l, torch.clamp(kb * b + b - 1, max=n - 1) // l
         return (kb <= qb) & (torch.maximum(q_lo, k_lo) <= torch.minimum(q_hi, k_hi))
 
+    def cache_slots(self, n: int) -> int:
+        return min(self.size, n)
+
+    def cache_slot(self, j: torch.Tensor, n: int) -> torch.Tensor:
+        return j % self.size  # the current block overwrites the previous one
+
+    def cache_keys(self, i: torch.Tensor, n: int) -> torch.Tensor:
+        return (i // self.size) * self.size + torch.arange(self.cache_slots(n), device=i.device)
+
 
 @dataclass(frozen=True)
 class Stride:
@@ -125,13 +157,21 @@ class Stride:
         return (d >= self.min_distance) & (d >= 0) & (d % self.size == 0)
 
     def keys_per_query(self, i):
-        return np.maximum(0, i // self.size - _ceil_div(self.min_distance, self.size) + 1)
+        return (i // self.size - _ceil_div(self.min_distance, self.size) + 1).clip(min=0)
 
     def tiles(self, qb, kb, b, n):
         dmax = torch.clamp(qb * b + b - 1, max=n - 1) - kb * b
         dmin = torch.clamp(qb * b - (kb * b + b - 1), min=max(self.min_distance, 0))
         first = _ceil_div(dmin, self.size) * self.size  # smallest multiple of size >= dmin
         return first <= dmax
+
+    def cache_slots(self, n: int) -> None:
+        return None  # each key is read again by every later query of its residue class
+
+    def cache_keys(self, i: torch.Tensor, n: int) -> torch.Tensor:
+        gap = _ceil_div(self.min_distance, self.size)  # strides between a query and its nearest key
+        count = max(_ceil_div(n, self.size) - gap, 1)
+        return i - self.size * (gap + torch.arange(count, device=i.device))
 
 
 @dataclass(frozen=True)
@@ -151,7 +191,7 @@ class Summary:
 
     def _count_below(self, m):  # summary positions in [0, m)
         c = self.hi - self.lo
-        return (m // self.size) * c + np.clip(m % self.size - self.lo, 0, c)
+        return (m // self.size) * c + (m % self.size - self.lo).clip(0, c)
 
     def keys_per_query(self, i):
         m = (i // self.size) * self.size if self.earlier_blocks_only else i + 1
@@ -168,6 +208,18 @@ class Summary:
         i_max = torch.clamp(qb * b + b - 1, max=n - 1)
         reach = (j_min // l < i_max // l) if self.earlier_blocks_only else (j_min <= i_max)
         return (j_min <= k_end) & reach
+
+    def cache_slots(self, n: int) -> int:
+        return (self.hi - self.lo) * _ceil_div(n, self.size)
+
+    def cache_slot(self, j: torch.Tensor, n: int) -> torch.Tensor:
+        c, r = self.hi - self.lo, j % self.size - self.lo  # the cells of each block, in position order
+        return torch.where((r >= 0) & (r < c), (j // self.size) * c + r, -1)
+
+    def cache_keys(self, i: torch.Tensor, n: int) -> torch.Tensor:
+        c = self.hi - self.lo
+        t = torch.arange(self.cache_slots(n), device=i.device)
+        return (t // c) * self.size + self.lo + t % c  # every summary cell in position order
 
 
 Term = Union[Band, Block, Stride, Summary]

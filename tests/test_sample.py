@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from sparse_transformer.config import Config, DataConfig, ModelConfig, validate
-from sparse_transformer.kv_cache import BlockCache, StrideCache, SummaryCache
+from sparse_transformer.kv_cache import KVCache
 from sparse_transformer.model import SparseTransformer
 from sparse_transformer.sample import generate, sample_command, sample_logits
 
@@ -71,41 +71,58 @@ def test_cached_decoding_matches_full_forward(name):
 
 @pytest.mark.parametrize("name", list(PATTERNS))
 def test_cache_reads_exactly_the_pattern_keys(name):
-    """Every term buffer serves query i exactly as many keys as the term allows."""
+    """Follow each layout's writes with position numbers: at every step the slots a query attends to
+    (bias 0) hold exactly the keys the pattern gives that head, each once."""
     model, _ = tiny(**PATTERNS[name])
     cache = model.new_cache(1)
     for block, layer in zip(model.blocks, cache.layers):
-        groups = block.attn.pattern.head_groups(model.cfg.n_head)
-        assert len(groups) == len(layer.groups)
-        for (terms, _), (_, caches) in zip(groups, layer.groups):
-            for term, c in zip(terms, caches):
-                reads = [c.read(i)[0].shape[2] for i in range(N)]
-                assert reads == term.keys_per_query(np.arange(N)).tolist(), term
+        pattern = block.attn.pattern
+        for group in layer.groups:
+            layout = group.layout
+            heads = range(model.cfg.n_head) if group.heads is None else group.heads.tolist()
+            masks = {h: pattern.mask(N, h) for h in heads}
+            held = torch.full((layout.slots,), -1)  # the position each slot holds
+            for i in range(N):
+                index = layout.step(torch.tensor([i]))
+                held[index.write] = i
+                read = torch.arange(layout.slots) if index.read is None else index.read
+                got = sorted(held[read][index.bias == 0].tolist())
+                for h in heads:
+                    assert got == masks[h][i].nonzero().view(-1).tolist(), (name, h, i)
 
 
 def test_fixed_cache_holds_only_the_current_block_and_summaries():
     n, l, c = 1000, 32, 4
     model, _ = tiny(n=n, d_model=16, n_head=4, pattern="fixed", stride=l, c=c, num_verts=2)
     cache = model.new_cache(3)
+    per_head = l + c * math.ceil(n / l) + 1  # block, summary cells, one spare slot: 161 keys, not 1000
     for layer in cache.layers:
         assert len(layer.groups) == 2  # two summary offsets
-        for _, caches in layer.groups:
-            block, summary = caches
-            assert isinstance(block, BlockCache) and block.slots == l
-            assert isinstance(summary, SummaryCache) and summary.slots == c * math.ceil(n / l)
-            assert block.k.shape == (3, 2, l, 4) and summary.v.shape == (3, 2, c * math.ceil(n / l), 4)
-    per_head = l + c * math.ceil(n / l)  # 160 keys instead of 1000
+        for g in layer.groups:
+            assert g.layout.compact
+            assert g.k.shape == (3 * 2, per_head, 4) and g.v.shape == (3 * 2, per_head, 4)
     assert cache.nbytes == 2 * 3 * 4 * per_head * (4 * 4 + 4 * 4)
     assert cache.nbytes / cache.dense_nbytes == pytest.approx(per_head / n)
 
 
-def test_strided_cache_layout():
-    n, l = 1000, 32
-    model, _ = tiny(n=n, d_model=16, n_head=2, pattern="strided", stride=l, integration="multihead")
-    layer = model.new_cache(1).layers[0]
-    (_, (band,)), (_, (stride,)) = layer.groups
-    assert band.slots == l
-    assert isinstance(stride, StrideCache) and stride.k.shape[2:4] == (l, math.ceil(n / l))
+@pytest.mark.parametrize("n", [4096, 1000])
+def test_strided_cache_is_no_larger_than_dense(n):
+    """The stride term keeps every key; the local band reads the same buffer instead of a ring."""
+    model, _ = tiny(n=n, d_model=16, n_head=2, pattern="strided", stride=64)
+    cache = model.new_cache(1)
+    assert cache.nbytes == cache.dense_nbytes
+    model, _ = tiny(n=n, d_model=16, n_head=2, pattern="strided", stride=64, integration="multihead")
+    band, stride = model.new_cache(1).layers[0].groups  # even heads: local band; odd heads: stride
+    assert band.layout.compact and band.k.shape[1] == 64
+    assert not stride.layout.compact and stride.k.shape[1] == n
+
+
+@pytest.mark.parametrize("name", list(PATTERNS))
+def test_no_cache_is_larger_than_dense(name):
+    for n in (3, 5, 6, N, 64):
+        model, _ = tiny(n=n, **PATTERNS[name])
+        cache = model.new_cache(2, device="meta")
+        assert cache.nbytes <= cache.dense_nbytes, n
 
 
 def test_generate_keeps_prefix_and_top_k_1_is_greedy():
