@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import sys
@@ -14,9 +15,8 @@ import torch
 from PIL import Image
 
 from sparse_transformer.config import Config, DataConfig, ModelConfig, validate
-from sparse_transformer.kv_cache import KVCache
 from sparse_transformer.model import SparseTransformer
-from sparse_transformer.sample import generate, sample_command, sample_logits
+from sparse_transformer.sample import Decoder, generate, sample_command, sample_logits
 
 N = 23  # not a multiple of the stride 5
 
@@ -123,6 +123,91 @@ def test_no_cache_is_larger_than_dense(name):
         model, _ = tiny(n=n, **PATTERNS[name])
         cache = model.new_cache(2, device="meta")
         assert cache.nbytes <= cache.dense_nbytes, n
+
+
+@pytest.mark.parametrize("name", list(PATTERNS))
+def test_prefill_then_decoding_matches_full_forward(name):
+    """A prefix fed in one forward pass fills the cache as decoding it position by position would."""
+    model, _cfg = tiny(**PATTERNS[name])
+    x = torch.randint(0, 256, (2, N))
+    with torch.no_grad():
+        full = model(x)
+        for P in (1, 4, 5, 11, N - 1):  # shorter and longer than the stride 5 (ring buffers wrap)
+            cache = model.new_cache(2)
+            pre = model(x[:, :P], cache)
+            steps = [model.decode_step(x[:, i - 1], torch.tensor([i]), cache) for i in range(P, N)]
+            torch.testing.assert_close(torch.cat([pre, torch.stack(steps, 1)], 1), full, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", list(PATTERNS))
+def test_greedy_samples_match_full_forward(name):
+    """Greedy decoding with the cache picks, at every position, the argmax of the full forward pass."""
+    model, cfg = tiny(**PATTERNS[name])
+    for prefix in (None, torch.tensor([72, 105, 33], dtype=torch.uint8)):
+        out = generate(model, cfg, num=2, length=N, top_k=1, prefix=prefix)
+        with torch.no_grad():
+            greedy = model(out).argmax(-1)
+        P = 0 if prefix is None else len(prefix)
+        assert torch.equal(out[:, P:], greedy[:, P:]), (name, P)
+
+
+def test_batched_samples_equal_samples_drawn_one_by_one():
+    model, cfg = tiny(**PATTERNS["fixed-multihead"])
+    prefixes = torch.randint(0, 256, (3, 4))
+    batched = generate(model, cfg, num=3, length=N, top_k=1, prefix=prefixes)
+    rows = [generate(model, cfg, num=1, length=N, top_k=1, prefix=p) for p in prefixes]
+    assert torch.equal(batched, torch.cat(rows))
+    x = torch.randint(0, 256, (3, N))
+    with torch.no_grad():
+        caches = [model.new_cache(3)] + [model.new_cache(1) for _ in range(3)]
+        for i in range(N):
+            pos = torch.tensor([i])
+            both = model.decode_step(x[:, i - 1], pos, caches[0])
+            one = torch.cat([model.decode_step(x[b : b + 1, i - 1], pos, caches[1 + b]) for b in range(3)])
+            torch.testing.assert_close(both, one, atol=1e-5, rtol=1e-5)
+
+
+def test_decoder_step_is_fixed_shape_and_advances_the_position():
+    """The step reads the position from its device tensor: no Python int, no new shapes."""
+    model, _cfg = tiny(**PATTERNS["strided-both"])
+    with torch.inference_mode():
+        tokens = torch.zeros(2, N, dtype=torch.long)
+        tokens[:, :3] = torch.tensor([1, 2, 3])
+        decoder = Decoder(model, tokens, temperature=0.0)
+        decoder.prefill(3)
+        shapes = set()
+        for i in range(3, N):
+            assert decoder.pos.item() == i
+            shapes.add(tuple(decoder.step().shape))
+            index = decoder.cache.step(decoder.pos)
+            shapes.add(tuple((t.shape for t in (index[0].write, index[0].bias))))
+        assert len(shapes) == 2 and decoder.pos.item() == N
+        assert torch.equal(tokens[:, :3], torch.tensor([[1, 2, 3]] * 2))
+        with pytest.raises(ValueError, match="CUDA graphs"):
+            Decoder(model, tokens, graphs=True)
+
+
+def test_decode_step_rejects_positions_outside_the_cache():
+    model, _cfg = tiny(**PATTERNS["local"])
+    with pytest.raises(ValueError, match="outside the cache"):
+        model.decode_step(torch.zeros(1, dtype=torch.long), 5, model.new_cache(1, length=5))
+    with pytest.raises(ValueError, match="does not fit"):
+        model(torch.zeros(1, 6, dtype=torch.long), model.new_cache(1, length=5))
+
+
+@pytest.mark.slow
+def test_compiled_step_equals_plain_step():
+    """torch.compile of the whole step (no graph break) decodes the same logits and bytes (CPU)."""
+    model, _cfg = tiny(**PATTERNS["fixed-multihead"])
+    runs = []
+    with torch.inference_mode():
+        for compile in (False, True):
+            tokens = torch.zeros(2, N, dtype=torch.long)
+            noise = torch.empty(8, 2, 256).exponential_(generator=torch.Generator().manual_seed(0))
+            decoder = Decoder(model, tokens, noise=noise, compile=compile)
+            runs.append((torch.stack([decoder.step().clone() for _ in range(N)], 1), tokens))
+    torch.testing.assert_close(runs[0][0], runs[1][0], atol=1e-4, rtol=1e-4)
+    assert torch.equal(runs[0][1], runs[1][1])
 
 
 def test_generate_keeps_prefix_and_top_k_1_is_greedy():
@@ -264,3 +349,80 @@ def test_sample_command_text(fake_run, tmp_path):
     )
     assert [p.suffix for p in paths] == [".txt"] * 3
     assert all(p.stat().st_size == N for p in paths)
+
+
+# --------------------------------------------------------------------------------------------
+# CUDA: the captured step (CUDA graph) against the eager step and the full forward pass
+# --------------------------------------------------------------------------------------------
+
+
+def _decode_all(model, n, graphs, compile=False, temperature=0.0, seed=0):
+    """Logits ``[2, n, V]`` (fp32) and bytes ``[2, n]`` of a Decoder run from position 0."""
+    tokens = torch.zeros(2, n, dtype=torch.long, device="cuda")
+    noise = None
+    if temperature > 0:
+        noise = torch.empty(16, 2, 256, device="cuda").exponential_(generator=torch.Generator("cuda").manual_seed(seed))
+    decoder = Decoder(model, tokens, temperature=temperature, noise=noise, graphs=graphs, compile=compile)
+    assert (decoder.graph is not None) == graphs  # the capture did not fall back
+    logits = torch.stack([decoder.step().float().clone() for _ in range(n)], 1)
+    return logits, tokens
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["dense", "strided-both", "strided-multihead", "fixed-both", "fixed-summary"])
+def test_cuda_graph_step_matches_eager_step_and_full_forward(name):
+    n = 64
+    model32, _cfg = tiny(n=n, **PATTERNS[name] | {"stride": 8})
+    model32 = model32.cuda()
+    model = copy.deepcopy(model32).to(torch.bfloat16)
+    with torch.inference_mode():
+        graph_logits, graph_tokens = _decode_all(model, n, graphs=True)
+        eager_logits, eager_tokens = _decode_all(model, n, graphs=False)
+        # the replayed graph runs the eager step's kernels: the same logits and bytes
+        torch.testing.assert_close(graph_logits, eager_logits, atol=0, rtol=0)
+        assert torch.equal(graph_tokens, eager_tokens)
+        # against the full forward pass over the decoded bytes: no further from fp32 than the bf16
+        # full forward pass itself is (twice its error, as the attention tests judge backends)
+        exact = model32(graph_tokens)
+        bf16_error = (model(graph_tokens).float() - exact).abs().max()
+        assert (graph_logits - exact).abs().max() <= 2 * bf16_error + 1e-3
+        # sampling: the same seed draws the same bytes in the graph and eagerly
+        _, a = _decode_all(model, n, graphs=True, temperature=1.0)
+        _, b = _decode_all(model, n, graphs=False, temperature=1.0)
+        assert torch.equal(a, b)
+
+
+@pytest.mark.gpu
+def test_eager_step_never_syncs_with_the_host():
+    model, _cfg = tiny(n=64, **PATTERNS["fixed-multihead"] | {"stride": 8})
+    model = model.cuda()
+    with torch.inference_mode():
+        tokens = torch.zeros(2, 64, dtype=torch.long, device="cuda")
+        decoder = Decoder(model, tokens, temperature=0.0)
+        decoder.step()  # first call: lazy initialization may sync
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            for _ in range(10):
+                decoder.step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.gpu
+def test_generate_on_cuda_uses_graphs_and_matches_cpu_greedy():
+    model, cfg = tiny(**PATTERNS["strided-multihead"])
+    cpu = generate(model, cfg, num=3, length=N, top_k=1, prefix=torch.tensor([1, 2, 3]))
+    gpu = generate(model.cuda(), cfg, num=3, length=N, top_k=1, prefix=torch.tensor([1, 2, 3]))
+    assert torch.equal(gpu.cpu(), cpu)
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+def test_compiled_cuda_graph_step_matches_full_forward():
+    n = 64
+    model, _cfg = tiny(n=n, **PATTERNS["strided-multihead"] | {"stride": 8})
+    model = model.cuda()
+    with torch.inference_mode():
+        logits, tokens = _decode_all(model, n, graphs=True, compile=True)
+        torch.testing.assert_close(logits, model(tokens), atol=1e-3, rtol=1e-3)
