@@ -96,7 +96,8 @@ class Decoder:
         if graphs:
             self._capture()
         elif compile:
-            self._warm_up(torch.cuda.current_stream() if tokens.is_cuda else None)
+            self._warm_up(None)
+            self._reset()
 
     def _step(self) -> torch.Tensor:
         pos, tokens = self.pos, self.tokens
@@ -113,7 +114,8 @@ class Decoder:
         self.tokens.zero_()
 
     def _warm_up(self, stream) -> None:
-        """Run (and, when compiling, compile) the step a few times at position 0, then clear the state."""
+        """Run (and, when compiling, compile) the step a few times at position 0 on ``stream`` (None:
+        the current one); the state is left dirty for :meth:`_reset`."""
         try:
             with torch.cuda.stream(stream) if stream is not None else _nothing():
                 for _ in range(3):
@@ -124,7 +126,6 @@ class Decoder:
                 raise
             warnings.warn(f"torch.compile of the decoding step failed ({type(e).__name__}: {e}); decoding uncompiled")
             self.step_fn = self._step
-        self._reset()
 
     def _capture(self) -> None:
         """Warm up on a side stream and capture one step in a CUDA graph (as the CUDA graphs notes of
@@ -133,6 +134,8 @@ class Decoder:
         stream.wait_stream(torch.cuda.current_stream(self.tokens.device))
         self._warm_up(stream)
         torch.cuda.current_stream(self.tokens.device).wait_stream(stream)
+        self._reset()
+        stream.wait_stream(torch.cuda.current_stream(self.tokens.device))
         graph = torch.cuda.CUDAGraph()
         try:
             with torch.cuda.graph(graph, stream=stream):
