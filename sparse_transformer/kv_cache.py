@@ -130,6 +130,17 @@ class _Layout:
         return self._prefill[length]
 
 
+def _head_selector(heads: list[int], n_head: int, device) -> slice | torch.Tensor | None:
+    """None for all heads, a slice for evenly spaced heads (multi-head integration, summary offsets:
+    a view, no copy), else an index tensor."""
+    if heads == list(range(n_head)):
+        return None
+    step = heads[1] - heads[0] if len(heads) > 1 else 1
+    if heads == list(range(heads[0], heads[-1] + 1, step)):
+        return slice(heads[0], heads[-1] + 1, step)
+    return torch.tensor(heads, device=device)
+
+
 class _Group:
     """The key and value buffers ``[B·Hg, slots, d]`` of the heads ``heads`` of one layer (batch and
     head in one dimension: a step is then a few batched matrix products)."""
@@ -137,7 +148,7 @@ class _Group:
     def __init__(self, layout: _Layout, layout_id: int, heads: list[int], n_head: int, batch: int, dk: int,
                  dv: int, device, dtype):
         self.layout, self.layout_id = layout, layout_id
-        self.heads = None if len(heads) == n_head else torch.tensor(heads, device=device)
+        self.heads = _head_selector(heads, n_head, device)
         self.k = torch.zeros(batch * len(heads), layout.slots, dk, device=device, dtype=key_dtype(dtype))
         self.v = torch.zeros(batch * len(heads), layout.slots, dv, device=device, dtype=dtype)
 
@@ -187,7 +198,9 @@ class LayerKVCache:
         return sum(g.nbytes for g in self.groups)
 
     def _split(self, t: torch.Tensor, g: _Group) -> torch.Tensor:
-        return t if g.heads is None else t.index_select(1, g.heads)
+        if g.heads is None:
+            return t
+        return t[:, g.heads] if isinstance(g.heads, slice) else t.index_select(1, g.heads)
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, step: list[StepIndex]) -> torch.Tensor:
         """Store the key and value of the decoded position and attend to the keys the pattern allows.

@@ -335,12 +335,15 @@ def sample_command(
     length: int = 0,
     seed: int = 0,
     device: str = "auto",
+    graphs: bool | None = None,
+    compile: bool = False,
 ) -> list[Path]:
     """``sparse-transformer sample``: load the model of run directory ``run``, draw ``num`` samples of
-    ``length`` bytes (0 = ``cfg.sample.length``, or the model's context when that is 0 too) and write
-    them to ``out_dir`` (default ``run/samples``) as text, one PNG grid or WAV files, following the
-    data's ``meta.json`` (the embedded default data set is text). ``prefix_file``: its raw bytes
-    condition the first positions (for images: the first rows in raster order). Prints tokens/s.
+    ``length`` bytes in one batch (0 = ``cfg.sample.length``, or the model's context when that is 0
+    too) and write them to ``out_dir`` (default ``run/samples``) as text, one PNG grid or WAV files,
+    following the data's ``meta.json`` (the embedded default data set is text). ``prefix_file``: its
+    raw bytes condition the first positions (for images: the first rows in raster order), fed in one
+    forward pass. ``graphs``, ``compile``: see :func:`generate`. Prints tokens/s.
 
     Returns: the written paths.
     """
@@ -375,7 +378,8 @@ def sample_command(
 
     t0 = time.perf_counter()
     samples = generate(
-        model, cfg, num, length, temperature=temperature, top_k=top_k, prefix=prefix, device=dev, seed=seed
+        model, cfg, num, length, temperature=temperature, top_k=top_k, prefix=prefix, device=dev, seed=seed,
+        graphs=graphs, compile=compile,
     )
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)

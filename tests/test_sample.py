@@ -79,7 +79,8 @@ def test_cache_reads_exactly_the_pattern_keys(name):
         pattern = block.attn.pattern
         for group in layer.groups:
             layout = group.layout
-            heads = range(model.cfg.n_head) if group.heads is None else group.heads.tolist()
+            heads = torch.arange(model.cfg.n_head)
+            heads = (heads if group.heads is None else heads[group.heads]).tolist()
             masks = {h: pattern.mask(N, h) for h in heads}
             held = torch.full((layout.slots,), -1)  # the position each slot holds
             for i in range(N):
