@@ -268,7 +268,7 @@ class KVCache:
         cache's device; ``0 <= pos < length``, not checked, as that would sync)."""
         return [layout.step(pos) for layout in self.layouts]
 
-    def zero_(self) -> "KVCache":
+    def zero_(self) -> KVCache:
         """Clear every buffer (a fresh cache, e.g. after a warm-up wrote into it)."""
         for layer in self.layers:
             for g in layer.groups:

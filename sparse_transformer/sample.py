@@ -30,7 +30,7 @@ import torch
 from .config import Config
 from .errors import UserError
 
-__all__ = ["Decoder", "generate", "sample_command", "sample_logits", "write_samples", "NOISE_STEPS"]
+__all__ = ["NOISE_STEPS", "Decoder", "generate", "sample_command", "sample_logits", "write_samples"]
 
 NOISE_STEPS = 256  # decoding steps whose sampling noise is drawn at once
 
@@ -121,7 +121,7 @@ class Decoder:
                 for _ in range(3):
                     self.pos.zero_()
                     self.step_fn()
-        except Exception as e:  # noqa: BLE001 - any compiler error: keep the plain step
+        except Exception as e:  # a compiler error: keep the plain step
             if self.step_fn is self._step:
                 raise
             warnings.warn(f"torch.compile of the decoding step failed ({type(e).__name__}: {e}); decoding uncompiled")
@@ -140,7 +140,7 @@ class Decoder:
         try:
             with torch.cuda.graph(graph, stream=stream):
                 logits = self.step_fn()
-        except Exception as e:  # noqa: BLE001 - e.g. an operation that cannot be captured
+        except Exception as e:  # e.g. an operation that cannot be captured: decode eagerly
             warnings.warn(f"CUDA graph capture of the decoding step failed ({type(e).__name__}: {e}); decoding eagerly")
             torch.cuda.synchronize(self.tokens.device)
         else:

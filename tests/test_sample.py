@@ -181,7 +181,7 @@ def test_decoder_step_is_fixed_shape_and_advances_the_position():
             assert decoder.pos.item() == i
             shapes.add(tuple(decoder.step().shape))
             index = decoder.cache.step(decoder.pos)
-            shapes.add(tuple((t.shape for t in (index[0].write, index[0].bias))))
+            shapes.add(tuple(t.shape for t in (index[0].write, index[0].bias)))
         assert len(shapes) == 2 and decoder.pos.item() == N
         assert torch.equal(tokens[:, :3], torch.tensor([[1, 2, 3]] * 2))
         with pytest.raises(ValueError, match="CUDA graphs"):
