@@ -156,8 +156,10 @@ class _Group:
         """``q, k [B, Hg, 1, dk]``, ``v [B, Hg, 1, dv]`` -> ``[B, Hg, 1, dv]``."""
         B, Hg, _, dk = q.shape
         q, k, v = q.reshape(B * Hg, 1, dk), k.reshape(B * Hg, 1, dk), v.reshape(B * Hg, 1, -1)
-        if k.dtype != self.k.dtype:
+        if k.dtype != self.k.dtype:  # fp16 models keep fp32 keys
             q, k = q.to(self.k.dtype), k.to(self.k.dtype)
+        if v.dtype != self.v.dtype:
+            v = v.to(self.v.dtype)
         T = index.write.shape[0]
         if T > 1:  # one slot per term
             k, v = k.expand(-1, T, -1), v.expand(-1, T, -1)

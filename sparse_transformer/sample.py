@@ -343,15 +343,19 @@ def sample_command(
     too) and write them to ``out_dir`` (default ``run/samples``) as text, one PNG grid or WAV files,
     following the data's ``meta.json`` (the embedded default data set is text). ``prefix_file``: its
     raw bytes condition the first positions (for images: the first rows in raster order), fed in one
-    forward pass. ``graphs``, ``compile``: see :func:`generate`. Prints tokens/s.
+    forward pass. ``graphs``, ``compile``: see :func:`generate`. The weights are cast to the run's
+    ``train.dtype`` (``auto``: bf16 on CUDA, fp32 on CPU). Prints tokens/s.
 
     Returns: the written paths.
     """
     from .checkpoint import load_model
 
     run = Path(run)
+    from .evaluate import resolve_dtype
+
     dev = _resolve_device(device)
     model, cfg = load_model(run, dev)
+    model = model.to(resolve_dtype(cfg.train.dtype, dev))  # the run's compute dtype (auto: bf16 on CUDA)
     if cfg.data.dir:
         from .data.loader import read_meta
 
@@ -388,7 +392,8 @@ def sample_command(
     kv = model.new_cache(num, length, device="meta")  # sizes only
     memory = f", peak {torch.cuda.max_memory_allocated(dev) / 2**20:.0f} MiB" if dev.type == "cuda" else ""
     print(
-        f"sampled {num} x {length} bytes in {seconds:.1f} s: {num * length / seconds:,.0f} tokens/s on {dev} "
+        f"sampled {num} x {length} bytes in {seconds:.1f} s: {num * length / seconds:,.0f} tokens/s on {dev}, "
+        f"{str(model.head.weight.dtype).removeprefix('torch.')} "
         f"(KV cache {kv.nbytes / 2**20:.2f} MiB, dense would be {kv.dense_nbytes / 2**20:.2f} MiB{memory})"
     )
     return paths

@@ -427,3 +427,20 @@ def test_compiled_cuda_graph_step_matches_full_forward():
     with torch.inference_mode():
         logits, tokens = _decode_all(model, n, graphs=True, compile=True)
         torch.testing.assert_close(logits, model(tokens), atol=1e-3, rtol=1e-3)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_decoding(dtype):
+    """bf16 keeps bf16 keys, fp16 keeps fp32 keys (fp16 q·k can overflow); either way decoding is no
+    further from the fp32 model than the full forward pass in that dtype (twice its error)."""
+    model32, _cfg = tiny(**PATTERNS["fixed-multihead"])
+    model = copy.deepcopy(model32).to(dtype)
+    x = torch.randint(0, 256, (2, N))
+    with torch.no_grad():
+        exact = model32(x)
+        error = (model(x).float() - exact).abs().max()
+        cache = model.new_cache(2)
+        assert {g.k.dtype for layer in cache.layers for g in layer.groups} == {torch.float32 if dtype == torch.float16 else dtype}
+        assert {g.v.dtype for layer in cache.layers for g in layer.groups} == {dtype}
+        steps = torch.stack([model.decode_step(x[:, i - 1], i, cache).float() for i in range(N)], 1)
+    assert (steps - exact).abs().max() <= 2 * error
