@@ -63,11 +63,12 @@ def sample_logits(
 
 class Decoder:
     """Samples ``tokens [B, L]`` position by position with the sparse KV cache, one fixed-shape step
-    per position (paper §5's model, decoded as in its §7 samples).
+    per position (autoregressive sampling of the model of paper §5, as for the samples of its §7.3-7.4).
 
     A step reads the byte at ``pos - 1``, computes the logits of position ``pos`` from the cache,
     draws a byte into ``tokens[:, pos]`` and adds one to ``pos`` (an int64 ``[1]`` device tensor).
-    Every buffer is allocated here, so a step allocates nothing new and never syncs with the host.
+    The cache, the tokens and the position are allocated here; a step only makes intermediates of
+    fixed shapes (from the graph's own memory when replayed) and never syncs with the host.
 
     Args:
         model: a :class:`~sparse_transformer.model.SparseTransformer` in eval mode.

@@ -14,7 +14,7 @@ about 30 s. Prints one JSON line per pattern and a markdown table with tokens/s,
 the speed-up, and the KV cache's bytes next to a dense KV cache's.
 
 On CUDA (``--device cuda``), a preset model (default the 152M-parameter ``audio`` model, strided
-l = 256 at 65,536 tokens, paper §7.2) with random weights in bf16, per batch size and per mode of
+l = 256 at 65,536 tokens, paper §7.4) with random weights in bf16, per batch size and per mode of
 the decoding step: ``eager`` (the fixed-shape step run op by op), ``graphs`` (captured once in a CUDA
 graph and replayed) and ``compile`` (compiled by ``torch.compile``, then captured). A step's work does not
 depend on the position (every shape is fixed), so the step is timed over a window of ``--window``
