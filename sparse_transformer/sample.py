@@ -91,6 +91,7 @@ class Decoder:
         self.cache = model.new_cache(tokens.shape[0], tokens.shape[1])
         self.pos = torch.zeros(1, dtype=torch.long, device=tokens.device)
         self.graph, self.graph_logits = None, None
+        self.compiled = compile  # False again if compiling fails
         self.step_fn = self._step
         if compile:
             self.step_fn = torch.compile(self._step, fullgraph=True, dynamic=False)
@@ -123,10 +124,10 @@ class Decoder:
                     self.pos.zero_()
                     self.step_fn()
         except Exception as e:  # a compiler error: keep the plain step
-            if self.step_fn is self._step:
+            if not self.compiled:
                 raise
             warnings.warn(f"torch.compile of the decoding step failed ({type(e).__name__}: {e}); decoding uncompiled")
-            self.step_fn = self._step
+            self.compiled, self.step_fn = False, self._step
 
     def _capture(self) -> None:
         """Warm up on a side stream and capture one step in a CUDA graph (as the CUDA graphs notes of

@@ -196,6 +196,25 @@ def test_decode_step_rejects_positions_outside_the_cache():
         model(torch.zeros(1, 6, dtype=torch.long), model.new_cache(1, length=5))
 
 
+def test_failed_compile_falls_back_to_the_plain_step(monkeypatch):
+    def broken(fn, **kwargs):
+        def compiled():
+            raise RuntimeError("no compiler here")
+
+        return compiled
+
+    monkeypatch.setattr(torch, "compile", broken)
+    model, cfg = tiny(**PATTERNS["strided-both"])
+    with torch.inference_mode(), pytest.warns(UserWarning, match="decoding uncompiled"):
+        tokens = torch.zeros(2, N, dtype=torch.long)
+        decoder = Decoder(model, tokens, temperature=0.0, compile=True)
+    assert not decoder.compiled
+    with torch.inference_mode():
+        for _ in range(N):
+            decoder.step()
+    assert torch.equal(tokens, generate(model, cfg, num=2, length=N, top_k=1))
+
+
 @pytest.mark.slow
 def test_compiled_step_equals_plain_step():
     """torch.compile of the whole step (no graph break) decodes the same logits and bytes (CPU)."""
@@ -206,6 +225,7 @@ def test_compiled_step_equals_plain_step():
             tokens = torch.zeros(2, N, dtype=torch.long)
             noise = torch.empty(8, 2, 256).exponential_(generator=torch.Generator().manual_seed(0))
             decoder = Decoder(model, tokens, noise=noise, compile=compile)
+            assert decoder.compiled == compile
             runs.append((torch.stack([decoder.step().clone() for _ in range(N)], 1), tokens))
     torch.testing.assert_close(runs[0][0], runs[1][0], atol=1e-4, rtol=1e-4)
     assert torch.equal(runs[0][1], runs[1][1])
@@ -364,7 +384,7 @@ def _decode_all(model, n, graphs, compile=False, temperature=0.0, seed=0):
     if temperature > 0:
         noise = torch.empty(16, 2, 256, device="cuda").exponential_(generator=torch.Generator("cuda").manual_seed(seed))
     decoder = Decoder(model, tokens, temperature=temperature, noise=noise, graphs=graphs, compile=compile)
-    assert (decoder.graph is not None) == graphs  # the capture did not fall back
+    assert (decoder.graph is not None) == graphs and decoder.compiled == compile  # no fallback
     logits = torch.stack([decoder.step().float().clone() for _ in range(n)], 1)
     return logits, tokens
 

@@ -203,7 +203,7 @@ def _time_mode(model, batch: int, length: int, mode: str, window: int, warmup: i
     seconds = time.perf_counter() - t0
     row = {
         "captured": decoder.graph is not None,
-        "compiled": decoder.step_fn is not decoder._step,
+        "compiled": decoder.compiled,
         "timed_steps": window,
         "ms_per_step": round(1e3 * seconds / window, 4),
         "tokens_per_s": round(batch * window / seconds, 1),
