@@ -164,6 +164,9 @@ def bench_sample(
     return rows
 
 
+HBM_BYTES_PER_S = 4.8e12  # an H200's memory bandwidth, for the weight-reading bound in the table
+
+
 def _random_model(cfg: Config, device, dtype) -> SparseTransformer:
     torch.manual_seed(0)
     model = SparseTransformer(cfg.model)
@@ -298,6 +301,14 @@ def format_cuda_table(rows: list[dict]) -> str:
             f"| {mode} | {r['batch']} | {r['length']:,} | {r['ms_per_step']:.3f} | {r['tokens_per_s']:,.0f} "
             f"| {r['sample_s']:,.1f} s{est} | {r['setup_s']:.0f} s | {r['cache_bytes'] / 2**30:.2f} GiB "
             f"| {r['dense_cache_bytes'] / 2**30:.2f} GiB |"
+        )
+    if rows:
+        r = rows[0]
+        bound = r["weight_bytes"] / HBM_BYTES_PER_S
+        lines.append(
+            f"\nEvery step reads all {r['weight_bytes'] / 1e6:,.0f} MB of weights: at {HBM_BYTES_PER_S / 1e12:.1f} TB/s "
+            f"(H200 HBM3e) that bounds batch-1 decoding at {1e3 * bound:.3f} ms/step, "
+            f"{bound * max(x['length'] for x in rows):,.1f} s for {max(x['length'] for x in rows):,} tokens."
         )
     return "\n".join(lines)
 
