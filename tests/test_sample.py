@@ -431,7 +431,8 @@ def test_eager_step_never_syncs_with_the_host():
 
 
 @pytest.mark.gpu
-def test_generate_on_cuda_uses_graphs_and_matches_cpu_greedy():
+def test_generate_on_cuda_matches_cpu_greedy():
+    """generate captures the step in a CUDA graph by default (prefix fed by prefill)."""
     model, cfg = tiny(**PATTERNS["strided-multihead"])
     cpu = generate(model, cfg, num=3, length=N, top_k=1, prefix=torch.tensor([1, 2, 3]))
     gpu = generate(model.cuda(), cfg, num=3, length=N, top_k=1, prefix=torch.tensor([1, 2, 3]))
