@@ -28,7 +28,6 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 from . import patterns
 from .attention import sparse_attention
@@ -39,6 +38,13 @@ from .kv_cache import KVCache, LayerKVCache
 def gelu(x: torch.Tensor) -> torch.Tensor:
     """The paper's GeLU approximation x·sigmoid(1.702x)."""
     return x * torch.sigmoid(1.702 * x)
+
+
+def cross_entropy(logits: torch.Tensor, x: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """The training and evaluation objective: nats of every byte of ``x [B, n]`` under ``logits
+    [B, n, vocab]`` (``logits[:, i]`` predicts ``x[:, i]``), computed in fp32 whatever the logits'
+    dtype; ``reduction`` as in ``F.cross_entropy`` (``mean`` per byte, ``sum``, ``none`` ``[B*n]``)."""
+    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), x.reshape(-1).long(), reduction=reduction)
 
 
 def model_pattern(cfg: ModelConfig):
@@ -101,7 +107,6 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(cfg.d_model, eps=cfg.ln_eps)
         self.ff = FeedForward(cfg)
         self.dropout = nn.Dropout(cfg.dropout)
-        self.checkpoint = cfg.checkpoint
 
     def _attn_branch(self, x):
         return self.dropout(self.attn(self.ln_1(x)))
@@ -110,11 +115,7 @@ class Block(nn.Module):
         return self.dropout(self.ff(self.ln_2(x)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.checkpoint and torch.is_grad_enabled():
-            # Recompute both branches in the backward pass (paper §5.4); only block inputs are kept.
-            # The saved RNG state makes the recomputed dropout masks equal the forward ones.
-            x = x + checkpoint(self._attn_branch, x, use_reentrant=False)
-            return x + checkpoint(self._ff_branch, x, use_reentrant=False)
+        # activation checkpointing (paper §5.4) is applied from outside: parallel.checkpoint_blocks
         x = x + self._attn_branch(x)
         return x + self._ff_branch(x)
 
@@ -238,5 +239,4 @@ class SparseTransformer(nn.Module):
 
     def loss(self, x: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
         """Cross-entropy in nats of every byte of ``x [B, n]`` (``reduction`` as in F.cross_entropy)."""
-        logits = self(x)
-        return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), x.reshape(-1).long(), reduction=reduction)
+        return cross_entropy(self(x), x, reduction)
