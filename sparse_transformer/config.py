@@ -175,6 +175,10 @@ def _coerce(section: str, key: str, value, typ):
     """Convert ``value`` (TOML value or CLI string) to the field type ``typ``, or raise UserError."""
     where = f"{section}.{key}"
     origin = typing.get_origin(typ)
+    if origin is Literal:
+        if value not in typing.get_args(typ):
+            raise UserError(f"config: {where} = {value!r}; choose one of {', '.join(typing.get_args(typ))}")
+        return value
     try:
         if typ is bool:
             if isinstance(value, bool):
@@ -194,11 +198,6 @@ def _coerce(section: str, key: str, value, typ):
             if not isinstance(value, (str, int, float)) or isinstance(value, bool):
                 raise ValueError
             return str(value)
-        if origin is Literal:
-            allowed = typing.get_args(typ)
-            if value in allowed:
-                return value
-            raise UserError(f"config: {where} = {value!r}; choose one of {', '.join(allowed)}")
         if origin is list:
             if isinstance(value, str):
                 value = [v for v in value.replace("x", ",").split(",") if v.strip()] if value.strip() else []
