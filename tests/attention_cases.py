@@ -55,9 +55,12 @@ def assert_matches_torch(fn, pattern, q, k, v, do=None, scale=None, atol_rel=Non
     """The tolerance rule of every backend test (docs/design.md §6, as FlashAttention's tests):
 
     for the output and each gradient, ``max |fn - exact| <= 2 * max |torch - exact| + atol_rel *
-    max |exact|``, where ``exact`` is :func:`torch_attention` in fp64 and ``torch`` is the same in
+    max(max |exact|, 1)``, where ``exact`` is :func:`torch_attention` in fp64 and ``torch`` is the same in
     the inputs' dtype: a backend may be at most twice as wrong as PyTorch's own computation in the
-    same precision. ``atol_rel`` defaults to one unit of a 16-bit dtype (the rounding of the result
+    same precision. The floor is taken at the largest exact value, or at 1 (the scale of the unit
+    normal inputs) where the result is smaller: a gradient that is exactly 0 (a row with one key)
+    comes out of any computation that does not cancel exactly as a few roundings of terms of size 1.
+    ``atol_rel`` defaults to one unit of a 16-bit dtype (the rounding of the result
     itself; on the small tensors of CPU tests a single element can otherwise decide the test) and to
     16 units of fp32, where the yardstick's error is itself a few units and a backend's few extra
     rounding steps (the log-sum-exp merge of terms, tiled accumulation) count as much (the
@@ -73,5 +76,6 @@ def assert_matches_torch(fn, pattern, q, k, v, do=None, scale=None, atol_rel=Non
     for name, a, e, t in zip(("out", "dq", "dk", "dv"), got, exact, same):
         assert torch.isfinite(a).all(), f"{name}: non-finite values"
         err, base, size = ((x - e).abs().max().item() for x in (a, t, torch.zeros_like(e)))
+        size = max(size, 1.0)
         assert err <= 2 * base + atol_rel * size, (
             f"{name}: error {err:.3g} > 2 x PyTorch's {q.dtype} error {base:.3g} + {atol_rel:.2g} x {size:.3g}")
