@@ -28,8 +28,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from .errors import UserError
 from . import patterns
+from .errors import UserError
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -37,7 +37,7 @@ else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
 
-PatternName = Literal[patterns.PATTERN_NAMES]  # the paper's patterns (§4.2, docs/method.md §3)
+PatternName = Literal[patterns.PATTERN_NAMES]  # the paper's patterns (§4.2-4.3, docs/method.md §2-3)
 Part = Literal["both", "local", "stride", "block", "summary"]  # which parts of strided / fixed
 Integration = Literal[tuple(patterns.INTEGRATIONS)]  # paper §5.1, docs/method.md §4
 Position = Literal["grid", "image"]  # grid: row/column of the width-l grid; image: row/column/channel

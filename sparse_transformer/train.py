@@ -1,6 +1,6 @@
 """Training loop: data -> model -> loss -> optimizer; logs, evaluation, checkpoints (plain functions).
 
-Recipe (paper §5.4 and §7, docs/method.md §8):
+Recipe (paper §5.6 and §7; docs/method.md §8 and §10 for the readings we chose):
 
 * AdamW (fused on CUDA) with decoupled weight decay ``train.weight_decay`` on matrices only: every
   2-D weight of the blocks and W_out. Token embeddings, position tables, the start embedding,
@@ -81,7 +81,7 @@ def setup_training(model: nn.Module, cfg: Config, d: parallel.Dist, dtype: torch
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
                next_batch: Callable[[], torch.Tensor], t: TrainConfig, dtype: torch.dtype,
                lr: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """One optimizer update, as ``train`` and ``bench train`` run it (docs/method.md §8).
+    """One optimizer update, as ``train`` and ``bench train`` run it (paper §5.6, §7; docs/method.md §8, §10).
 
     ``t.grad_accum`` micro-batches ``x = next_batch()`` (int ``[B, n]`` bytes on the model's
     device): forward under autocast to ``dtype`` (none for fp32), cross-entropy over every byte,
