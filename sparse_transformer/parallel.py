@@ -69,18 +69,19 @@ def checkpoint_blocks(model: nn.Module) -> nn.Module:
     The recomputation runs under ``torch.utils.checkpoint`` with ``use_reentrant=False``, which saves
     and restores the RNG state, so the recomputed dropout masks equal the forward ones and the
     gradients equal those without checkpointing. Without autograd (evaluation, sampling) blocks run
-    as they are. Parameter names and the blocks' other methods (``decode``) are unchanged; applying it
-    twice changes nothing. Returns ``model``.
+    as they are. The block's forward keeps its signature (extra arguments pass through); parameter
+    names and the blocks' other methods are unchanged; applying it twice changes nothing. Returns
+    ``model``.
     """
     for block in model.blocks:
         if getattr(block.forward, "recomputes", False):
             continue
         forward = block.forward
 
-        def recomputed(x: torch.Tensor, forward=forward) -> torch.Tensor:
+        def recomputed(*args, forward=forward, **kwargs) -> torch.Tensor:
             if torch.is_grad_enabled():
-                return checkpoint(forward, x, use_reentrant=False)
-            return forward(x)
+                return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+            return forward(*args, **kwargs)
 
         recomputed.recomputes = True
         block.forward = recomputed  # this instance only: nn.Module.__call__ (and compile, FSDP2) call it
