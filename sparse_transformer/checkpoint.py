@@ -9,6 +9,10 @@ A run directory holds
                          checkpoint.pt then holds everything else and names this folder
     model.safetensors    the exported weights (with config.json: everything sampling needs)
 
+Training saves and resumes through :func:`save_training` and :func:`load_training`, which hide the
+difference between one process, DDP (full state dicts in checkpoint.pt) and FSDP2 (shards through
+torch.distributed.checkpoint); :func:`load_model` reads either kind into one process.
+
 Every file is written under a temporary name in the same folder, fsynced and renamed over the old
 one (``os.replace`` is atomic), so a crash during a save leaves the previous checkpoint usable.
 Files are read with ``torch.load(weights_only=True)``: tensors, numbers, strings, lists and dicts
@@ -28,6 +32,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from . import parallel
 from .config import Config, config_from_dict
 from .errors import UserError
 from .model import SparseTransformer
@@ -125,6 +130,69 @@ def load_weights(model: nn.Module, state: dict[str, torch.Tensor], source: str) 
     model.load_state_dict(state)
 
 
+# --- training state: one interface for one process, DDP and FSDP2 --------------------------------
+
+_WEIGHTS_KEYS = ("model", "optimizer", "sharded")
+
+
+def save_training(run_dir: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> Path:
+    """Save a resumable training state; every rank calls this, rank 0 writes checkpoint.pt.
+
+    Args:
+        model: the model as trained: plain (one process, or the model inside DDP) or FSDP2-sharded.
+        optimizer: its optimizer.
+        state: everything else that decides the run's future (``step``, grad scaler, per-rank RNG
+            states, ...), the same on every rank; tensors, numbers, strings, lists and dicts only.
+    The weights and optimizer state go into checkpoint.pt, or for FSDP2 into
+    ``checkpoint-dcp-<step>/`` shards that checkpoint.pt then names (older shard folders are
+    deleted once it does). Returns the path of checkpoint.pt.
+    """
+    state = dict(state)
+    if parallel.is_sharded(model):
+        state["sharded"] = save_sharded(run_dir, state["step"], model, optimizer)
+        parallel.barrier()
+    else:
+        state["model"], state["optimizer"] = model.state_dict(), optimizer.state_dict()
+    path = Path(run_dir) / CHECKPOINT
+    if parallel.is_main():
+        save(run_dir, state)
+        if "sharded" in state:
+            remove_old_sharded(run_dir, state["sharded"])
+    parallel.barrier()
+    return path
+
+
+def load_training(run_dir: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """Load the state :func:`save_training` wrote into ``model`` and ``optimizer`` (every rank calls
+    this) and return the rest of it (``step``, grad scaler, per-rank states, ...).
+
+    Raises:
+        UserError: no checkpoint.pt, a corrupt one, weights of another architecture, or a run saved
+            with FSDP2 resumed without it (or the other way round).
+    """
+    run_dir = Path(run_dir)
+    state = load(run_dir / CHECKPOINT)
+    if "sharded" in state and not parallel.is_sharded(model):
+        raise UserError(f"train: {run_dir} was trained with FSDP; resume it under torchrun with --train.parallel fsdp")
+    if "sharded" not in state and parallel.is_sharded(model):
+        raise UserError(f"train: {run_dir} was not trained with FSDP; resume it with --train.parallel ddp")
+    _restore(run_dir, state, model, optimizer)
+    return {k: v for k, v in state.items() if k not in _WEIGHTS_KEYS}
+
+
+def _restore(run_dir: Path, state: dict, model: nn.Module, optimizer: torch.optim.Optimizer | None) -> None:
+    """Load the weights (and, given ``optimizer``, its state) of a checkpoint.pt's ``state``."""
+    if "sharded" in state:
+        load_sharded(run_dir, state["sharded"], model, optimizer)
+        return
+    if "model" not in state:
+        raise UserError(f"checkpoint: {run_dir / CHECKPOINT} holds no weights; use a checkpoint written by "
+                        "sparse-transformer train")
+    load_weights(model, state["model"], str(run_dir / CHECKPOINT))
+    if optimizer is not None:
+        optimizer.load_state_dict(state["optimizer"])
+
+
 # --- FSDP2: model and optimizer shards through torch.distributed.checkpoint -------------------------
 
 
@@ -202,15 +270,12 @@ def export(model: nn.Module, cfg: Config, out_dir: str | Path) -> Path:
 
 def full_model_state(model: nn.Module) -> dict[str, torch.Tensor] | None:
     """The unsharded state dict; for FSDP2 gathered to rank 0 (other ranks get None)."""
-    import torch.distributed as dist
-    from torch.distributed.fsdp import FSDPModule
-
-    if not isinstance(model, FSDPModule):
+    if not parallel.is_sharded(model):
         return model.state_dict()
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    return state if dist.get_rank() == 0 else None
+    return state if parallel.is_main() else None
 
 
 def read_run_config(run_dir: str | Path) -> Config:
@@ -237,11 +302,7 @@ def load_model(run_dir: str | Path, device: str | torch.device = "cpu") -> tuple
     model = SparseTransformer(cfg.model)
     ckpt, weights = run_dir / CHECKPOINT, run_dir / WEIGHTS
     if ckpt.is_file():
-        state = load(ckpt)
-        if "model" in state:
-            load_weights(model, state["model"], str(ckpt))
-        else:
-            load_sharded(run_dir, state["sharded"], model, None)
+        _restore(run_dir, load(ckpt), model, None)
     elif weights.is_file():
         load_weights(model, _read_safetensors(weights), str(weights))
     else:

@@ -10,6 +10,7 @@ import json
 import sys
 from pathlib import Path
 
+from .config import ModelConfig, choices
 from .errors import UserError
 
 
@@ -147,13 +148,13 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--compile", action="store_true", help="torch.compile the decoding step (long samples on CUDA)")
 
     sp = sub.add_parser("layout", help="print and draw an attention pattern")
-    sp.add_argument("--pattern", required=True, choices=("dense", "local", "strided", "fixed"))
+    sp.add_argument("--pattern", required=True, choices=choices(ModelConfig, "pattern"))
     sp.add_argument("--n", type=int, required=True)
     sp.add_argument("--stride", type=int, default=None, help="l (for local: the window)")
     sp.add_argument("--c", type=int, default=None)
     sp.add_argument("--num-verts", type=int, default=1)
-    sp.add_argument("--part", default="both")
-    sp.add_argument("--integration", default="merged", choices=("merged", "interleaved", "multihead"))
+    sp.add_argument("--part", default="both", choices=choices(ModelConfig, "part"))
+    sp.add_argument("--integration", default="merged", choices=choices(ModelConfig, "integration"))
     sp.add_argument("--layer", type=int, default=0, help="layer index (interleaved)")
     sp.add_argument("--head", type=int, default=0)
     sp.add_argument("--block", type=int, default=None, help="draw the block layout at this block size")

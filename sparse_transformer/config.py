@@ -3,24 +3,50 @@
 ``load_config("configs/enwik8.toml")`` reads a preset over the defaults; ``apply_overrides(cfg,
 ["--model.n_layer", "2", "--train.device=cpu"])`` changes single values. Unknown sections or keys and
 values of the wrong type raise :class:`~sparse_transformer.errors.UserError` naming the key and the
-fix. ``model.n_ctx`` always equals ``data.seq_len`` (one length, set in one place).
+fix.
+
+The field types are the schema: a ``Literal[...]`` field (pattern, part, integration, position,
+backend, dtype, parallel) allows exactly its values, and both :func:`set_value` (and so TOML files
+and ``--section.key`` overrides) and :func:`validate` check them against the type; the command
+line reads its choices from the same types (:func:`choices`). Device names take
+the forms of :data:`DEVICE_FORMS` (:func:`is_device_name`).
+
+``model.n_ctx`` is derived, not set: it always equals ``data.seq_len``. :func:`_derive` writes it,
+when a :class:`Config` is built and whenever :func:`set_value` changes a value; ``--model.n_ctx`` is
+refused, a file's ``model.n_ctx`` (config.json records it) must agree with its ``data.seq_len``,
+and :func:`validate` only checks, it changes nothing.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import sys
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
+from . import patterns
 from .errors import UserError
 
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
+
+
+PatternName = Literal[patterns.PATTERN_NAMES]  # the paper's patterns (§4.2-4.3, docs/method.md §2-3)
+Part = Literal["both", "local", "stride", "block", "summary"]  # which parts of strided / fixed
+Integration = Literal[tuple(patterns.INTEGRATIONS)]  # paper §5.1, docs/method.md §4
+Position = Literal["grid", "image"]  # grid: row/column of the width-l grid; image: row/column/channel
+Backend = Literal["auto", "reference", "factorized", "triton", "flex", "sdpa"]  # sparse_transformer.attention
+Precision = Literal["bf16", "fp16", "fp32"]  # a computation dtype (sparse_transformer.runtime.DTYPES)
+Dtype = Literal["auto", Precision]  # auto = bf16 on CUDA, fp32 elsewhere
+Parallel = Literal["ddp", "fsdp"]  # data parallelism under torchrun (parallel.py)
+DEVICE_FORMS = ("auto", "cpu", "cuda", "cuda:N")  # auto = CUDA when available, else CPU
+_DEVICE = re.compile(r"auto|cpu|cuda(:[0-9]+)?")
 
 
 @dataclass
@@ -31,20 +57,20 @@ class ModelConfig:
     n_layer: int = 3
     d_model: int = 96
     n_head: int = 4
-    n_ctx: int = 256  # sequence length; set from data.seq_len by the loader
+    n_ctx: int = 256  # sequence length: derived, always data.seq_len (see the module docstring)
     ff_mult: float = 4.0  # feed-forward width = ff_mult * d_model (paper: 4, or 2 for "half-size")
     qk_ratio: float = 1.0  # query/key width = qk_ratio * d_model (paper: 1, or 0.5 on CIFAR-10)
     dropout: float = 0.0  # on each residual branch output (no attention-probability dropout)
-    pattern: str = "fixed"  # dense | local | strided | fixed
+    pattern: PatternName = "fixed"
     stride: int = 32  # l (for local: the window); also the width of the text/audio position grid
     c: int = 8  # fixed: summary cells per block
     num_verts: int = 1  # fixed: distinct per-head summary sub-blocks
-    part: str = "both"  # both | local | stride | block | summary
-    integration: str = "merged"  # merged | interleaved | multihead (paper §5.1, docs/method.md §4)
-    position: str = "grid"  # grid: row/column of the width-l grid (text, audio); image: row/column/channel
+    part: Part = "both"
+    integration: Integration = "merged"
+    position: Position = "grid"  # grid for text and audio, image for images
     image_shape: list[int] = field(default_factory=list)  # [height, width, channels] for position="image"
-    checkpoint: bool = False  # recompute attention and feed-forward in the backward pass
-    backend: str = "auto"  # attention backend (see sparse_transformer.attention)
+    checkpoint: bool = False  # recompute each block in the backward pass (applied by parallel.py)
+    backend: Backend = "auto"
     ln_eps: float = 1e-5
     bias: bool = True  # biases in the blocks' linear layers (W_qkv, W_p, W_1, W_2)
 
@@ -59,8 +85,8 @@ class DataConfig:
 class TrainConfig:
     """Defaults: the default run (about 3 minutes on 2 CPU cores: many small steps beat fewer large ones there)."""
 
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
-    dtype: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp16 | fp32
+    device: str = "auto"  # one of DEVICE_FORMS
+    dtype: Dtype = "auto"
     batch_size: int = 8  # sequences per step per process (before accumulation)
     grad_accum: int = 1
     max_steps: int = 3200
@@ -80,7 +106,7 @@ class TrainConfig:
     checkpoint_every: int = 1000
     seed: int = 1337
     compile: bool = False
-    parallel: str = "ddp"  # ddp | fsdp (under torchrun)
+    parallel: Parallel = "ddp"
     progress: bool = True
 
 
@@ -100,6 +126,9 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
 
+    def __post_init__(self) -> None:
+        _derive(self)
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
@@ -108,12 +137,48 @@ class Config:
 
 
 SECTIONS = tuple(f.name for f in dataclasses.fields(Config))
+DERIVED = ("model.n_ctx",)  # keys computed from others by _derive, never set
+
+
+def _derive(cfg: Config) -> None:
+    """The one place derived fields are written: ``model.n_ctx = data.seq_len``."""
+    cfg.model.n_ctx = cfg.data.seq_len
+
+
+def choices(section: type, key: str) -> tuple[str, ...]:
+    """The allowed values of a ``Literal`` field, e.g. ``choices(ModelConfig, "pattern")`` ->
+    ``("dense", "local", "strided", "fixed")``; the command line's ``choices=`` read this.
+
+    Raises:
+        KeyError: ``key`` is not a field of ``section``; TypeError: the field is not a Literal.
+    """
+    return literal_values(typing.get_type_hints(section)[key])
+
+
+def literal_values(typ) -> tuple[str, ...]:
+    """The values of a ``Literal`` type (nested Literals flattened), e.g. of :data:`Precision`.
+
+    Raises:
+        TypeError: ``typ`` is not a Literal.
+    """
+    if typing.get_origin(typ) is not Literal:
+        raise TypeError(f"{typ} is not a Literal type")
+    return typing.get_args(typ)
+
+
+def is_device_name(name) -> bool:
+    """Whether ``name`` has one of the forms of :data:`DEVICE_FORMS` (``cuda:N``: any index N)."""
+    return isinstance(name, str) and _DEVICE.fullmatch(name) is not None
 
 
 def _coerce(section: str, key: str, value, typ):
     """Convert ``value`` (TOML value or CLI string) to the field type ``typ``, or raise UserError."""
     where = f"{section}.{key}"
     origin = typing.get_origin(typ)
+    if origin is Literal:
+        if value not in typing.get_args(typ):
+            raise UserError(f"config: {where} = {value!r}; choose one of {', '.join(typing.get_args(typ))}")
+        return value
     try:
         if typ is bool:
             if isinstance(value, bool):
@@ -164,23 +229,50 @@ def set_value(cfg: Config, dotted: str, value) -> None:
     fields = _fields(obj)
     if key not in fields:
         raise UserError(f"config: unknown key {dotted!r}; {section} has {', '.join(fields)}")
+    if dotted in DERIVED:
+        raise UserError(f"config: {dotted} is derived from data.seq_len; set --data.seq_len instead")
     setattr(obj, key, _coerce(section, key, value, fields[key]))
+    _derive(cfg)
 
 
 def _apply_table(cfg: Config, table: dict, origin: str) -> None:
+    """Set every ``[section] key = value`` of a TOML or JSON table; a derived key (config.json
+    records ``model.n_ctx``) is not set but must agree with what it is derived from."""
+    derived = {}
     for section, values in table.items():
         if section not in SECTIONS or not isinstance(values, dict):
             raise UserError(f"config {origin}: unknown section [{section}]; use {', '.join('[' + s + ']' for s in SECTIONS)}")
         for key, value in values.items():
-            set_value(cfg, f"{section}.{key}", value)
+            if f"{section}.{key}" in DERIVED:
+                derived[f"{section}.{key}"] = value
+            else:
+                set_value(cfg, f"{section}.{key}", value)
+    if "model.n_ctx" in derived and derived["model.n_ctx"] != cfg.data.seq_len:
+        raise UserError(f"config {origin}: model.n_ctx = {derived['model.n_ctx']!r} differs from data.seq_len = "
+                        f"{cfg.data.seq_len}; n_ctx is derived from data.seq_len: drop it or make them equal")
+
+
+def _check_choices(cfg: Config) -> None:
+    """Every Literal field holds one of its values (also for a Config built in code)."""
+    for section in SECTIONS:
+        obj = getattr(cfg, section)
+        for key, typ in _fields(obj).items():
+            if typing.get_origin(typ) is Literal and getattr(obj, key) not in typing.get_args(typ):
+                raise UserError(f"config: {section}.{key} = {getattr(obj, key)!r}; choose one of "
+                                f"{', '.join(typing.get_args(typ))}")
 
 
 def validate(cfg: Config) -> Config:
-    """Check cross-field rules and sync ``model.n_ctx`` with ``data.seq_len``."""
-    from . import patterns
+    """Check the schema's choices and the cross-field rules; returns ``cfg`` unchanged.
 
+    Raises:
+        UserError: naming the first bad value and the fix.
+    """
+    _check_choices(cfg)
     m = cfg.model
-    m.n_ctx = cfg.data.seq_len
+    if m.n_ctx != cfg.data.seq_len:
+        raise UserError(f"config: model.n_ctx = {m.n_ctx} differs from data.seq_len = {cfg.data.seq_len}; n_ctx is "
+                        "derived: change data.seq_len with set_value or --data.seq_len")
     if cfg.data.seq_len < 1:
         raise UserError(f"config: data.seq_len = {cfg.data.seq_len} must be positive")
     for key in ("n_layer", "d_model", "n_head"):
@@ -191,8 +283,6 @@ def validate(cfg: Config) -> Config:
     d_qk = m.d_model * m.qk_ratio
     if d_qk != int(d_qk) or int(d_qk) % m.n_head or d_qk < m.n_head:
         raise UserError(f"config: model.qk_ratio = {m.qk_ratio} gives a query/key width {d_qk} not divisible by n_head = {m.n_head}; use 1.0 or 0.5")
-    if m.position not in ("grid", "image"):
-        raise UserError(f"config: model.position = {m.position!r}; use grid (text, audio) or image")
     if m.position == "grid" and m.stride < 1:
         raise UserError(f"config: model.stride = {m.stride} must be positive (it is also the width of the position grid)")
     if m.position == "image":
@@ -207,15 +297,9 @@ def validate(cfg: Config) -> Config:
         patterns.from_name(m.pattern, m.stride, m.c, m.num_verts, m.part, m.integration)
     except ValueError as e:
         raise UserError(f"config: {e}") from None
-    from .attention import BACKENDS
-
-    if m.backend not in BACKENDS:
-        raise UserError(f"config: model.backend = {m.backend!r}; choose one of {', '.join(BACKENDS)}")
     t = cfg.train
-    if t.dtype not in ("auto", "bf16", "fp16", "fp32"):
-        raise UserError(f"config: train.dtype = {t.dtype!r}; choose auto, bf16, fp16 or fp32")
-    if t.parallel not in ("ddp", "fsdp"):
-        raise UserError(f"config: train.parallel = {t.parallel!r}; choose ddp or fsdp")
+    if not is_device_name(t.device):
+        raise UserError(f"config: train.device = {t.device!r}; use one of {', '.join(DEVICE_FORMS)}")
     for key in ("batch_size", "grad_accum", "max_steps", "log_every"):
         if getattr(t, key) < 1:
             raise UserError(f"config: train.{key} = {getattr(t, key)} must be at least 1")

@@ -17,15 +17,8 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from .data.loader import eval_windows, open_split, read_meta
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    """``auto`` -> bf16 on CUDA, fp32 elsewhere."""
-    if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return DTYPES[name]
+from .model import cross_entropy
+from .runtime import resolve_device, resolve_dtype
 
 
 def _batches(windows: list[tuple[int, int]], batch_size: int) -> list[list[tuple[int, int]]]:
@@ -72,7 +65,7 @@ def bits_per_dim(model: nn.Module, data: np.ndarray, seq_len: int, record_len: i
         x = torch.from_numpy(np.stack([np.asarray(data[s : s + n]) for s, n in batch]).astype(np.int64)).to(device)
         with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
             logits = model(x)
-        loss = nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), x.reshape(-1), reduction="sum")
+        loss = cross_entropy(logits, x, reduction="sum")
         if i < len(batches):  # padding passes of a rank with fewer windows are not counted
             nats += loss.double()
             tokens += x.numel()
@@ -91,9 +84,8 @@ def evaluate(run: str | Path, split: str = "test", max_tokens: int | None = None
     """
     from .checkpoint import load_model
     from .data.loader import default_data_dir
-    from .parallel import resolve_device
 
-    dev = resolve_device(device)
+    dev = resolve_device(device, option="--device")
     model, cfg = load_model(run, dev)
     data_dir = Path(cfg.data.dir) if cfg.data.dir else default_data_dir()
     meta = read_meta(data_dir)

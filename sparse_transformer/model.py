@@ -11,12 +11,16 @@ Sampling runs the same blocks with a sparse KV cache that holds only the keys th
 (prefill), ``decode_step`` computes one position from the cache (a fixed sequence of tensor
 operations, so it can be captured in a CUDA graph; see ``sample.py``).
 
-Readings of what the paper leaves open, recorded here:
+Readings of what the paper leaves open (docs/method.md lists them all):
 
-* init: N(0, std) with std = sqrt(0.125 / d_in) for attention and feed-forward matrices (the [DA]
-  reading of "N(0, 0.125/sqrt(d_in))" as a variance); W_p and W_2 additionally scaled by
-  1/sqrt(2N); W_out = 0; biases 0. Embeddings take the paper's formula as a standard deviation:
-  tokens 0.125/sqrt(d), each of the n_emb position tables 0.125/sqrt(d·n_emb) (close to [DA]'s 0.01).
+* init: N(0, std) with std = sqrt(0.125 / d_in) for attention and feed-forward matrices (reading
+  the paper's "N(0, 0.125/sqrt(d_in))" as a variance, as OpenAI's later released code does); W_p
+  and W_2 additionally scaled by 1/sqrt(2N); W_out = 0; biases 0. Embeddings take the paper's
+  formula as a standard deviation: tokens 0.125/sqrt(d), each of the n_emb position tables
+  0.125/sqrt(d·n_emb).
+* biases in the blocks' linear layers are optional (``model.bias``); the presets have none, since
+  with Adam the 2N biases writing into the residual stream stall deep models at the unigram level
+  (docs/results.md).
 * position 0 is predicted from a learned start embedding (the input is shifted right by one).
 * LayerNorm eps 1e-5; GeLU is x·sigmoid(1.702x); no dropout on attention probabilities.
 * grid position embeddings for text and audio: row = t // l, column = t mod l (l = the stride);
@@ -30,7 +34,6 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 from . import patterns
 from .attention import sparse_attention
@@ -41,6 +44,13 @@ from .kv_cache import KVCache, LayerKVCache, StepIndex
 def gelu(x: torch.Tensor) -> torch.Tensor:
     """The paper's GeLU approximation x·sigmoid(1.702x)."""
     return x * torch.sigmoid(1.702 * x)
+
+
+def cross_entropy(logits: torch.Tensor, x: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """The training and evaluation objective: nats of every byte of ``x [B, n]`` under ``logits
+    [B, n, vocab]`` (``logits[:, i]`` predicts ``x[:, i]``), computed in fp32 whatever the logits'
+    dtype; ``reduction`` as in ``F.cross_entropy`` (``mean`` per byte, ``sum``, ``none`` ``[B*n]``)."""
+    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), x.reshape(-1).long(), reduction=reduction)
 
 
 def model_pattern(cfg: ModelConfig):
@@ -110,7 +120,6 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(cfg.d_model, eps=cfg.ln_eps)
         self.ff = FeedForward(cfg)
         self.dropout = nn.Dropout(cfg.dropout)
-        self.checkpoint = cfg.checkpoint
 
     def _attn_branch(self, x, cache=None, step=None):
         return self.dropout(self.attn(self.ln_1(x), cache, step))
@@ -121,12 +130,8 @@ class Block(nn.Module):
     def forward(
         self, x: torch.Tensor, cache: LayerKVCache | None = None, step: list[StepIndex] | None = None
     ) -> torch.Tensor:
-        """``x [B, n, d]`` -> ``[B, n, d]``; ``cache`` and ``step`` as in :meth:`Attention.forward`."""
-        if self.checkpoint and torch.is_grad_enabled():
-            # Recompute both branches in the backward pass (paper §5.4); only block inputs are kept.
-            # The saved RNG state makes the recomputed dropout masks equal the forward ones.
-            x = x + checkpoint(self._attn_branch, x, cache, step, use_reentrant=False)
-            return x + checkpoint(self._ff_branch, x, use_reentrant=False)
+        """``x [B, n, d]`` -> ``[B, n, d]``; ``cache`` and ``step`` as in :meth:`Attention.forward`.
+        Activation checkpointing (paper §5.4) is applied from outside: ``parallel.checkpoint_blocks``."""
         x = x + self._attn_branch(x, cache, step)
         return x + self._ff_branch(x)
 
@@ -256,5 +261,4 @@ class SparseTransformer(nn.Module):
 
     def loss(self, x: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
         """Cross-entropy in nats of every byte of ``x [B, n]`` (``reduction`` as in F.cross_entropy)."""
-        logits = self(x)
-        return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), x.reshape(-1).long(), reduction=reduction)
+        return cross_entropy(self(x), x, reduction)

@@ -1,9 +1,9 @@
-"""Parallelism applied from outside the model (torchtitan style).
+"""Parallelism and recomputation applied from outside the model (torchtitan style, docs/design.md §5).
 
-Order: activation checkpointing (the model's own ``checkpoint`` flag, set from the config), then
-per-block ``torch.compile``, then data parallelism: DDP (default) or FSDP2 (``fully_shard`` per block,
-then the root). Under ``torchrun`` each process drives one device; without it everything here is a
-no-op and training runs in one process.
+Order: activation checkpointing (``model.checkpoint``: each block recomputed in the backward pass,
+paper §5.4), then per-block ``torch.compile``, then data parallelism: DDP (default) or FSDP2
+(``fully_shard`` per block, then the root). Under ``torchrun`` each process drives one device;
+without it the data parallelism here is a no-op and training runs in one process.
 """
 
 from __future__ import annotations
@@ -15,9 +15,10 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+from torch.utils.checkpoint import checkpoint
 
-from .config import TrainConfig
-from .errors import UserError
+from .config import Config
+from .runtime import DTYPES, resolve_device
 
 
 @dataclass
@@ -33,22 +34,12 @@ class Dist:
         return self.rank == 0
 
 
-def resolve_device(name: str, local_rank: int = 0) -> torch.device:
-    """``auto`` -> ``cuda:<local_rank>`` when CUDA is available, else ``cpu``."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise UserError(f"train: device {name!r} requested but CUDA is not available; use --train.device cpu")
-        if name == "cuda":
-            name = f"cuda:{local_rank}"
-    elif name != "cpu":
-        raise UserError(f"train: unknown device {name!r}; use auto, cpu, cuda or cuda:N")
-    return torch.device(name)
-
-
 def init_distributed(device: str) -> Dist:
-    """Join the torchrun process group when launched by torchrun (NCCL on CUDA, gloo on CPU)."""
+    """Join the torchrun process group when launched by torchrun (NCCL on CUDA, gloo on CPU).
+
+    ``device`` is ``train.device`` (resolved by :func:`~sparse_transformer.runtime.resolve_device`
+    with this process's ``LOCAL_RANK``). Raises UserError for a device that is not there.
+    """
     if "RANK" not in os.environ or int(os.environ.get("WORLD_SIZE", "1")) < 1:
         return Dist(device=resolve_device(device))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -61,25 +52,61 @@ def init_distributed(device: str) -> Dist:
 
 
 def shutdown() -> None:
+    """Leave the process group (no-op without one)."""
     if dist.is_initialized():
         dist.destroy_process_group()
 
 
-def parallelize(model: nn.Module, cfg: TrainConfig, d: Dist) -> nn.Module:
-    """Compile blocks (``cfg.compile``) and wrap for data parallelism when ``d.world > 1``.
+def is_main() -> bool:
+    """Whether this process is rank 0 (always, without a process group): the one that writes files."""
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+def checkpoint_blocks(model: nn.Module) -> nn.Module:
+    """Activation checkpointing (paper §5.4): each block of ``model.blocks`` keeps only its input in
+    the forward pass and recomputes its attention and feed-forward branches in the backward pass.
+
+    The recomputation runs under ``torch.utils.checkpoint`` with ``use_reentrant=False``, which saves
+    and restores the RNG state, so the recomputed dropout masks equal the forward ones and the
+    gradients equal those without checkpointing. Without autograd (evaluation, sampling) blocks run
+    as they are. The block's forward keeps its signature (extra arguments pass through); parameter
+    names and the blocks' other methods are unchanged; applying it twice changes nothing. Returns
+    ``model``.
+    """
+    for block in model.blocks:
+        if getattr(block.forward, "recomputes", False):
+            continue
+        forward = block.forward
+
+        def recomputed(*args, forward=forward, **kwargs) -> torch.Tensor:
+            if torch.is_grad_enabled():
+                return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+            return forward(*args, **kwargs)
+
+        recomputed.recomputes = True
+        block.forward = recomputed  # this instance only: nn.Module.__call__ (and compile, FSDP2) call it
+    return model
+
+
+def parallelize(model: nn.Module, cfg: Config, d: Dist) -> nn.Module:
+    """Apply activation checkpointing (``model.checkpoint``), compile blocks (``train.compile``) and
+    wrap for data parallelism (``train.parallel``) when ``d.world > 1``.
 
     Returns the module to train: ``model`` itself (single process, or FSDP2, which shards in place)
     or a DDP wrapper around it. Parameter names of ``model`` are unchanged either way.
     """
-    if cfg.compile:
+    t = cfg.train
+    if cfg.model.checkpoint:
+        checkpoint_blocks(model)
+    if t.compile:
         for block in model.blocks:
             block.compile()  # in place: state_dict keys stay the same
     if d.world == 1:
         return model
-    if cfg.parallel == "fsdp":
+    if t.parallel == "fsdp":
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-        param_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.dtype)
+        param_dtype = DTYPES[t.dtype] if t.dtype in ("bf16", "fp16") else None  # fp32 / auto: fp32 weights
         mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
         for block in model.blocks:
             fully_shard(block, mp_policy=mp)
@@ -96,6 +123,7 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 
 def is_sharded(model: nn.Module) -> bool:
+    """Whether ``model`` is an FSDP2 module (its parameters are shards)."""
     from torch.distributed.fsdp import FSDPModule
 
     return isinstance(model, FSDPModule)
@@ -138,5 +166,6 @@ def all_gather_object(obj) -> list:
 
 
 def barrier() -> None:
+    """Wait for every rank (no-op without a process group)."""
     if dist.is_available() and dist.is_initialized():
         dist.barrier()

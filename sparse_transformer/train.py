@@ -1,6 +1,6 @@
 """Training loop: data -> model -> loss -> optimizer; logs, evaluation, checkpoints (plain functions).
 
-Recipe (paper-spec.md §7.1):
+Recipe (paper §5.6 and §7; docs/method.md §8 and §10 for the readings we chose):
 
 * AdamW (fused on CUDA) with decoupled weight decay ``train.weight_decay`` on matrices only: every
   2-D weight of the blocks and W_out. Token embeddings, position tables, the start embedding,
@@ -24,20 +24,21 @@ import json
 import math
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from . import checkpoint, parallel
 from .config import Config, TrainConfig, apply_overrides, validate
 from .data.loader import default_data_dir, open_split, read_meta, sample_batch
 from .errors import UserError
-from .evaluate import bits_per_dim, resolve_dtype
-from .model import SparseTransformer
+from .evaluate import bits_per_dim
+from .model import SparseTransformer, cross_entropy
+from .runtime import resolve_dtype
 
 METRICS = "metrics.jsonl"
 
@@ -67,6 +68,52 @@ def make_optimizer(model: nn.Module, t: TrainConfig, device: torch.device) -> to
     return torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps, fused=device.type == "cuda")
 
 
+def setup_training(model: nn.Module, cfg: Config, d: parallel.Dist, dtype: torch.dtype
+                   ) -> tuple[nn.Module, torch.optim.AdamW, torch.amp.GradScaler]:
+    """What ``train`` and ``bench train`` wrap around a model on ``d.device``: the module to train
+    (:func:`~sparse_transformer.parallel.parallelize`: activation checkpointing, compile, DDP or
+    FSDP2), the optimizer (:func:`make_optimizer`) and the grad scaler (active for fp16 only)."""
+    train_model = parallel.parallelize(model, cfg, d)
+    optimizer = make_optimizer(model, cfg.train, d.device)
+    return train_model, optimizer, torch.amp.GradScaler(d.device.type, enabled=dtype == torch.float16)
+
+
+def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+               next_batch: Callable[[], torch.Tensor], t: TrainConfig, dtype: torch.dtype,
+               lr: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimizer update, as ``train`` and ``bench train`` run it (paper §5.6, §7; docs/method.md §8, §10).
+
+    ``t.grad_accum`` micro-batches ``x = next_batch()`` (int ``[B, n]`` bytes on the model's
+    device): forward under autocast to ``dtype`` (none for fp32), cross-entropy over every byte,
+    backward through the grad scaler with the gradient all-reduce only on the last micro-batch;
+    then unscale, global-norm clipping at ``t.grad_clip`` (off when 0), the optimizer step at
+    learning rate ``lr`` and ``zero_grad``.
+
+    Args:
+        model: the module to train: plain, DDP-wrapped or FSDP2-sharded (from :func:`setup_training`).
+    Returns:
+        ``(loss, grad_norm)``: the step's mean loss in nats per byte and the gradient norm before
+        clipping, 0-d tensors left on the device (no host synchronization).
+    """
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    step_loss = None
+    for micro in range(t.grad_accum):
+        x = next_batch()
+        with parallel.gradient_sync(model, micro == t.grad_accum - 1):
+            with torch.autocast(x.device.type, dtype=dtype, enabled=dtype != torch.float32):
+                logits = model(x)
+            loss = cross_entropy(logits, x) / t.grad_accum
+            scaler.scale(loss).backward()
+        step_loss = loss.detach() if step_loss is None else step_loss + loss.detach()
+    scaler.unscale_(optimizer)
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip if t.grad_clip > 0 else math.inf)
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    return step_loss, grad_norm
+
+
 def new_timing() -> dict:
     """Seconds spent per activity (kept in the checkpoint): ``train_s`` optimizer steps, ``eval_s``
     validation, ``compile_s`` the first step's excess over the second (kernel compilation),
@@ -91,6 +138,7 @@ def rng_state(rng: np.random.Generator, device: torch.device) -> dict:
 
 
 def set_rng_state(state: dict, rng: np.random.Generator, device: torch.device) -> None:
+    """Restore what :func:`rng_state` returned: the torch (and CUDA) generators and ``rng``."""
     torch.set_rng_state(state["torch"])
     rng.bit_generator.state = state["numpy"]
     if device.type == "cuda" and "cuda" in state:
@@ -196,23 +244,12 @@ def _train(cfg: Config, run_dir: Path | None, resuming: bool, d: parallel.Dist) 
     model = SparseTransformer(cfg.model).to(device)
     torch.manual_seed(t.seed + d.rank)  # then a different dropout stream and batch order per rank
     rng = np.random.default_rng(t.seed + d.rank)
-    ddp_model = parallel.parallelize(model, t, d)
-    optimizer = make_optimizer(model, t, device)
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    ddp_model, optimizer, scaler = setup_training(model, cfg, d, dtype)
 
     step, elapsed0, loss_sum, loss_steps = 0, 0.0, 0.0, 0
     timing = new_timing()
     if resuming:
-        state = checkpoint.load(run_dir / checkpoint.CHECKPOINT, map_location="cpu")
-        if "sharded" in state:
-            if not parallel.is_sharded(model):
-                raise UserError(f"train: {run_dir} was trained with FSDP; resume it under torchrun with --train.parallel fsdp")
-            checkpoint.load_sharded(run_dir, state["sharded"], model, optimizer)
-        else:
-            if parallel.is_sharded(model):
-                raise UserError(f"train: {run_dir} was not trained with FSDP; resume it with --train.parallel ddp")
-            checkpoint.load_weights(model, state["model"], str(run_dir / checkpoint.CHECKPOINT))
-            optimizer.load_state_dict(state["optimizer"])
+        state = checkpoint.load_training(run_dir, model, optimizer)
         scaler.load_state_dict(state["scaler"])
         step, elapsed0 = state["step"], state["elapsed_s"]
         timing.update({k: state["timing"][k] for k in ("train_s", "eval_s", "compile_s", "warmup_end_s")}
@@ -247,20 +284,12 @@ def _train(cfg: Config, run_dir: Path | None, resuming: bool, d: parallel.Dist) 
 
     def save_checkpoint() -> None:
         mine = {"rng": rng_state(rng, device), "loss_sum": loss_sum.item(), "loss_steps": loss_steps}
-        ranks = parallel.all_gather_object(mine)
         state = {"step": step, "elapsed_s": elapsed0 + time.perf_counter() - t_start, "scaler": scaler.state_dict(),
-                 "timing": dict(timing),
-                 "ranks": ranks}
-        if parallel.is_sharded(model):
-            state["sharded"] = checkpoint.save_sharded(run_dir, step, model, optimizer)
-            parallel.barrier()
-        else:
-            state["model"], state["optimizer"] = model.state_dict(), optimizer.state_dict()
-        if d.main:
-            checkpoint.save(run_dir, state)
-            if "sharded" in state:
-                checkpoint.remove_old_sharded(run_dir, state["sharded"])
-        parallel.barrier()
+                 "timing": dict(timing), "ranks": parallel.all_gather_object(mine)}
+        checkpoint.save_training(run_dir, model, optimizer, state)
+
+    def next_batch() -> torch.Tensor:
+        return sample_batch(train_data, t.batch_size, cfg.data.seq_len, rng, record_len).to(device, non_blocking=True)
 
     bar = tqdm(total=t.max_steps, initial=step, disable=not (t.progress and d.main), desc="train", unit="step",
                dynamic_ncols=True)
@@ -280,23 +309,8 @@ def _train(cfg: Config, run_dir: Path | None, resuming: bool, d: parallel.Dist) 
         if budget_s and timing["warmup_end_s"] is not None:
             time_progress = (timing["train_s"] - timing["warmup_end_s"]) / max(1e-9, budget_s - timing["warmup_end_s"])
         lr = lr_at(step, t, time_progress)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
         t_step = time.perf_counter()
-        step_loss = torch.zeros((), device=device)
-        for micro in range(t.grad_accum):
-            x = sample_batch(train_data, t.batch_size, cfg.data.seq_len, rng, record_len).to(device, non_blocking=True)
-            with parallel.gradient_sync(ddp_model, micro == t.grad_accum - 1):
-                with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-                    logits = ddp_model(x)
-                loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), x.reshape(-1)) / t.grad_accum
-                scaler.scale(loss).backward()
-            step_loss += loss.detach()
-        scaler.unscale_(optimizer)
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip if t.grad_clip > 0 else math.inf)
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
+        step_loss, grad_norm = train_step(ddp_model, optimizer, scaler, next_batch, t, dtype, lr)
         if budget_s or timing["first_step_s"] is None:
             sync()  # a budget needs each step's true end; otherwise only the first two are waited for
         step_s = time.perf_counter() - t_step

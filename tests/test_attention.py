@@ -1,19 +1,15 @@
-"""The factorized backend equals the fp32 reference: output and every gradient, over patterns x
-parts x lengths x head dims x dtypes (tolerance rule of docs/design.md §6)."""
+"""The factorized and reference backends against fp64 truth: output and every gradient, over patterns
+x parts x lengths x head dims x dtypes (the tolerance rule of docs/design.md §6)."""
 
 import pytest
 import torch
 
-from attention_cases import assert_close_by_rule, lowp_masked_attention, outputs_and_grads, pattern_grid, random_qkv
+from attention_cases import assert_matches_torch, pattern_grid, random_qkv
 from sparse_transformer import patterns as P
 from sparse_transformer import sparse_attention
 from sparse_transformer.attention.reference import reference_attention
 
 GRID = pattern_grid()
-
-
-def _ref(pattern):
-    return lambda q, k, v: reference_attention(q, k, v, pattern)
 
 
 @pytest.mark.parametrize("name", list(GRID))
@@ -23,10 +19,15 @@ def _ref(pattern):
 def test_factorized_matches_reference(name, n, dk, dv, dtype):
     pattern = GRID[name]
     q, k, v, do = random_qkv(2, 4, n, dk, dv, dtype, seed=n * 1000 + dk)
-    got = outputs_and_grads(lambda a, b, c: sparse_attention(a, b, c, pattern, backend="factorized"), q, k, v, do)
-    ref = outputs_and_grads(_ref(pattern), *(t.detach().float().requires_grad_(True) for t in (q, k, v)), do.float())
-    lowp = None if dtype == torch.float32 else outputs_and_grads(lambda a, b, c: lowp_masked_attention(a, b, c, pattern), q, k, v, do)
-    assert_close_by_rule(got, ref, lowp, dtype=dtype)
+    assert_matches_torch(lambda a, b, c: sparse_attention(a, b, c, pattern, backend="factorized"), pattern, q, k, v, do)
+
+
+@pytest.mark.parametrize("name", list(GRID))
+def test_reference_backend_obeys_the_rule(name):
+    """The oracle itself (fp32 inside) in fp32 and bf16."""
+    for dtype in (torch.float32, torch.bfloat16):
+        q, k, v, do = random_qkv(2, 4, 37, 32, 16, dtype, seed=7)
+        assert_matches_torch(lambda a, b, c: reference_attention(a, b, c, GRID[name]), GRID[name], q, k, v, do)
 
 
 def test_empty_rows_give_zero_output_and_gradients():

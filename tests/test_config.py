@@ -4,7 +4,19 @@ from pathlib import Path
 
 import pytest
 
-from sparse_transformer.config import config_from_dict, load_config
+from sparse_transformer import patterns as P
+from sparse_transformer.config import (
+    Config,
+    DataConfig,
+    ModelConfig,
+    Precision,
+    TrainConfig,
+    choices,
+    config_from_dict,
+    literal_values,
+    load_config,
+    validate,
+)
 from sparse_transformer.errors import UserError
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
@@ -50,3 +62,59 @@ def test_bad_files(tmp_path):
     unknown.write_text("[optimizer]\nlr = 1.0\n")
     with pytest.raises(UserError, match=r"unknown section \[optimizer\]"):
         load_config(unknown)
+
+
+def test_n_ctx_is_derived_from_seq_len():
+    import copy
+
+    cfg = load_config(None, ["--data.seq_len", "96"])
+    assert cfg.model.n_ctx == 96
+    before = copy.deepcopy(cfg)
+    assert validate(cfg) == before  # validate only checks
+    assert Config(data=DataConfig(seq_len=40)).model.n_ctx == 40
+    with pytest.raises(UserError, match="model.n_ctx is derived from data.seq_len"):
+        load_config(None, ["--model.n_ctx", "96"])
+    table = cfg.to_dict()
+    assert config_from_dict(table) == cfg  # config.json records n_ctx; reading it re-derives it
+    table["model"]["n_ctx"] = 128
+    with pytest.raises(UserError, match="differs from data.seq_len"):
+        config_from_dict(table)
+    cfg.data.seq_len = 64  # bypassing set_value: validate says so instead of changing n_ctx
+    with pytest.raises(UserError, match="n_ctx is derived"):
+        validate(cfg)
+
+
+def test_literal_fields_drive_validation_and_cli_choices():
+    from sparse_transformer.attention import BACKENDS
+    from sparse_transformer.cli import build_parser
+    from sparse_transformer.runtime import DTYPES
+
+    assert choices(ModelConfig, "pattern") == P.PATTERN_NAMES
+    assert choices(ModelConfig, "integration") == tuple(P.INTEGRATIONS)
+    assert BACKENDS == choices(ModelConfig, "backend")
+    assert tuple(DTYPES) == literal_values(Precision) and choices(TrainConfig, "dtype") == ("auto", *DTYPES)
+    layout = build_parser()._subparsers._group_actions[0].choices["layout"]
+    offered = {a.dest: a.choices for a in layout._actions if a.choices}
+    assert offered == {k: choices(ModelConfig, k) for k in ("pattern", "part", "integration")}
+    with pytest.raises(UserError, match=r"model.part = 'middle'; choose one of both, local, stride, block, summary"):
+        load_config(None, ["--model.part", "middle"])
+    with pytest.raises(UserError, match="train.parallel = 'zero'"):
+        validate(Config(train=TrainConfig(parallel="zero")))  # built in code: validate checks the types too
+    with pytest.raises(UserError, match="train.device = 'gpu'"):
+        load_config(None, ["--train.device", "gpu"])
+    assert load_config(None, ["--train.device", "cuda:1"]).train.device == "cuda:1"
+
+
+def test_runtime_resolves_names():
+    import torch
+
+    from sparse_transformer.runtime import dtype_name, resolve_device, resolve_dtype
+
+    cpu = torch.device("cpu")
+    assert resolve_dtype("auto", cpu) == torch.float32 and resolve_dtype("bf16", cpu) == torch.bfloat16
+    assert dtype_name("auto", torch.device("cuda", 0)) == "bf16"
+    assert resolve_device("cpu") == cpu and resolve_device(None).type in ("cpu", "cuda")
+    with pytest.raises(UserError, match="--device 'tpu' is not a device"):
+        resolve_device("tpu", option="--device")
+    with pytest.raises(UserError, match="choose auto, bf16, fp16, fp32"):
+        resolve_dtype("fp8", cpu)

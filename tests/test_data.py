@@ -37,7 +37,8 @@ from sparse_transformer.data import (
 from sparse_transformer.data.loader import DEFAULT_SOURCE
 from sparse_transformer.errors import UserError
 
-FASHION_MNIST = Path("/work/shared/data/fashion-mnist")  # real data where present; random bytes in CI
+# real data where the checkout has it (shared/ beside tests/); random bytes otherwise
+FASHION_MNIST = Path(__file__).resolve().parent.parent / "shared" / "data" / "fashion-mnist"
 
 
 def read_bin(out: Path, split: str) -> np.ndarray:
@@ -475,5 +476,18 @@ def test_default_data_dir(tmp_path, monkeypatch):
     assert sorted(p.name for p in d.parent.iterdir()) == ["enwiki-sample"]  # no temporary folders left
 
 
-def test_kinds():
-    assert KINDS == ("enwik8", "text", "cifar10", "imagenet64", "mnist", "fashion-mnist", "audio")
+def test_kinds(tmp_path):
+    """The paper's data sets are among the kinds; the CLI offers exactly KINDS; prepare() knows each
+    of them (a missing source names what to pass for that kind) and refuses any other."""
+    from sparse_transformer.cli import build_parser
+
+    assert {"enwik8", "cifar10", "imagenet64", "audio"} <= set(KINDS)
+    parser = build_parser()
+    assert [parser.parse_args(["prepare", k, "--out", "x"]).kind for k in KINDS] == list(KINDS)
+    with pytest.raises(SystemExit):
+        parser.parse_args(["prepare", "bogus", "--out", "x"])
+    for kind in KINDS:
+        with pytest.raises(UserError, match="does not exist; pass --src with"):
+            prepare(kind, tmp_path / "missing", tmp_path / kind, progress=False)
+    with pytest.raises(UserError, match="unknown kind 'bogus'"):
+        prepare("bogus", tmp_path / "missing", tmp_path / "bogus", progress=False)

@@ -6,11 +6,9 @@ import os
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 import torch.distributed as dist
 
-from sparse_transformer.data.prepare import prepare
 from sparse_transformer.evaluate import evaluate
 
 pytestmark = [
@@ -24,12 +22,8 @@ TINY = ["--data.seq_len", "64", "--model.n_layer", "2", "--model.d_model", "32",
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("text")
-    rng = np.random.default_rng(0)
-    (root / "corpus.txt").write_bytes(bytes(rng.integers(97, 123, 40000).astype(np.uint8)))
-    prepare("text", root / "corpus.txt", root / "data", progress=False)
-    return root / "data"
+def data_dir(text_data):
+    return text_data("letters", 40000)  # 2,000 test bytes (conftest.py)
 
 
 def torchrun(*args):

@@ -8,7 +8,6 @@ import torch
 import torch.nn as nn
 
 from sparse_transformer.config import load_config
-from sparse_transformer.data.prepare import prepare
 from sparse_transformer.evaluate import bits_per_dim, evaluate
 from sparse_transformer.train import train
 
@@ -69,11 +68,8 @@ def test_image_records_keep_windows_inside_images():
     assert tokens == 192 and nats / tokens / math.log(2) == pytest.approx(true_bits(data, logits), abs=1e-5)
 
 
-def test_evaluate_a_run_matches_the_training_summary(tmp_path):
-    rng = np.random.default_rng(0)
-    (tmp_path / "corpus.txt").write_bytes(bytes(rng.integers(97, 123, 30000).astype(np.uint8)))
-    prepare("text", tmp_path / "corpus.txt", tmp_path / "data", progress=False)
-    cfg = load_config(None, ["--data.dir", str(tmp_path / "data"), "--data.seq_len", "64", "--model.n_layer", "1",
+def test_evaluate_a_run_matches_the_training_summary(tmp_path, text_data):
+    cfg = load_config(None, ["--data.dir", str(text_data("letters", 30000)), "--data.seq_len", "64", "--model.n_layer", "1",
                              "--model.d_model", "32", "--model.n_head", "2", "--model.stride", "16", "--model.c", "4",
                              "--train.batch_size", "4", "--train.max_steps", "5", "--train.device", "cpu",
                              "--train.progress", "false"])

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import sparse_transformer as st
+from sparse_transformer import parallel
 from sparse_transformer.config import load_config
 from sparse_transformer.model import SparseTransformer, gelu
 
@@ -86,13 +87,27 @@ def test_causal_and_shifted(pattern, integration):
 
 
 def test_checkpointing_gives_the_same_gradients_with_dropout():
+    """parallel.parallelize applies ``model.checkpoint`` from outside the model: fewer activations are
+    saved for the backward pass, and the recomputed dropout masks give the same gradients."""
     x = torch.randint(0, 256, (2, 40))
-    grads = []
+    grads, saved = [], []
     for ckpt in (False, True):
         model = tiny(**{"model.checkpoint": ckpt, "model.dropout": 0.3}).train()
+        cfg = load_config(None, ["--data.seq_len", "40", "--model.checkpoint", str(ckpt)])
+        assert parallel.parallelize(model, cfg, parallel.Dist()) is model
+        count = [0]
+
+        def pack(t):
+            count[0] += 1
+            return t
+
         torch.manual_seed(5)
-        model.loss(x).backward()
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss = model.loss(x)
+        loss.backward()
         grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+        saved.append(count[0])
+    assert saved[1] < saved[0]  # checkpointing is on: blocks keep only their inputs
     torch.testing.assert_close(grads[0], grads[1])
 
 

@@ -7,28 +7,21 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from sparse_transformer import train as train_mod
 from sparse_transformer.config import load_config
-from sparse_transformer.data.prepare import prepare
 from sparse_transformer.errors import UserError
 from sparse_transformer.model import SparseTransformer
 from sparse_transformer.train import lr_at, make_optimizer, train
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    """A small prepared text folder: words drawn from a fixed random vocabulary (learnable, not trivial)."""
-    root = tmp_path_factory.mktemp("text")
-    rng = np.random.default_rng(0)
-    words = ["".join(chr(97 + c) for c in rng.integers(0, 26, rng.integers(2, 8))) for _ in range(200)]
-    (root / "corpus.txt").write_bytes(" ".join(rng.choice(words, 12000)).encode())
-    prepare("text", root / "corpus.txt", root / "data", progress=False)
-    return root / "data"
+def data_dir(text_data):
+    """A small prepared text folder: 12,000 words of a fixed random vocabulary (conftest.py)."""
+    return text_data("words", 12000)
 
 
 def tiny(data_dir, *extra):

@@ -17,9 +17,10 @@ import importlib
 import torch
 import torch.nn.functional as F
 
+from ..config import Backend, literal_values
 from ..patterns import NamedPattern, Pattern
 
-BACKENDS = ("auto", "reference", "factorized", "triton", "flex", "sdpa")
+BACKENDS = literal_values(Backend)  # the schema's names (config.Backend)
 _GPU_ONLY = ("triton", "flex")
 
 

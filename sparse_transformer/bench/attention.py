@@ -52,7 +52,9 @@ import torch.nn.functional as F
 
 from .. import patterns as P
 from ..attention import BACKENDS, sparse_attention
+from ..config import Precision, literal_values
 from ..errors import UserError
+from ..runtime import DTYPES, dtype_name, resolve_device
 
 DENSE_BACKENDS = ("sdpa_cudnn", "sdpa_flash", "sdpa")
 ALL_BACKENDS = tuple(b for b in BACKENDS if b != "sdpa") + DENSE_BACKENDS
@@ -60,12 +62,11 @@ BASELINES = ("sdpa_cudnn", "sdpa_flash", "sdpa", "flex", "factorized")
 _BASELINE_TITLES = {"sdpa_cudnn": "x cuDNN", "sdpa_flash": "x flash", "sdpa": "x sdpa", "flex": "x flex",
                     "factorized": "x factorized"}
 _CUDA_ONLY = ("triton", "flex", "sdpa_cudnn", "sdpa_flash")
-_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 MODES = ("fwd", "fwdbwd")
 DEFAULTS = {
     "cuda": {"backends": ("triton", "flex", "factorized", "sdpa_cudnn", "sdpa_flash"),
-             "ns": (4096, 16384, 65536, 262144, 1048576), "batch_tokens": 131072, "dtype": "bf16"},
-    "cpu": {"backends": ("factorized", "sdpa"), "ns": (1024, 4096), "batch_tokens": 4096, "dtype": "fp32"},
+             "ns": (4096, 16384, 65536, 262144, 1048576), "batch_tokens": 131072},
+    "cpu": {"backends": ("factorized", "sdpa"), "ns": (1024, 4096), "batch_tokens": 4096},
 }
 
 __all__ = ["add_arguments", "bench_attention", "format_table", "pattern_for", "run"]
@@ -167,7 +168,7 @@ def _attend_fn(backend: str, pattern: P.Pattern) -> Callable:
 
 def _case_fn(case: Case) -> Callable[[], object]:
     """The timed callable of ``case`` on fresh random inputs ``[B, H, n, d]``."""
-    device, dtype = torch.device(case.device), _DTYPES[case.dtype]
+    device, dtype = torch.device(case.device), DTYPES[case.dtype]
     torch.manual_seed(0)
     shape = (case.batch, case.heads, case.n, case.head_dim)
     q, k, v = (torch.randn(shape, device=device, dtype=dtype).requires_grad_() for _ in range(3))
@@ -353,12 +354,12 @@ def bench_attention(
 
     Returns: the records (dicts; see the module docstring for the fields).
     """
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = resolve_device(device, option="--device")
     defaults = DEFAULTS["cuda" if device.type == "cuda" else "cpu"]
     backends = tuple(backends or defaults["backends"])
     ns = tuple(ns or defaults["ns"])
     batch_tokens = batch_tokens or defaults["batch_tokens"]
-    dtype = dtype or defaults["dtype"]
+    dtype = dtype_name(dtype or "auto", device)  # auto: bf16 on CUDA, fp32 on CPU
     max_n = dict(max_n or {})
     for b in backends:
         if b not in ALL_BACKENDS:
@@ -366,8 +367,6 @@ def bench_attention(
     for m in modes:
         if m not in MODES:
             raise UserError(f"unknown mode {m!r}; choose fwd and/or fwdbwd")
-    if dtype not in _DTYPES:
-        raise UserError(f"unknown dtype {dtype!r}; choose {', '.join(_DTYPES)}")
 
     records: list[dict] = []
     for n in ns:
@@ -452,7 +451,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="B = batch_tokens // n (default CUDA 131072, CPU 4096)")
     p.add_argument("--heads", type=int, default=8)
     p.add_argument("--head-dim", type=int, default=64)
-    p.add_argument("--dtype", default=None, choices=tuple(_DTYPES), help="default bf16 on CUDA, fp32 on CPU")
+    p.add_argument("--dtype", default=None, choices=literal_values(Precision), help="default bf16 on CUDA, fp32 on CPU")
     p.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: cuda if available)")
     p.add_argument("--modes", default="fwd,fwdbwd", help="comma-separated: fwd, fwdbwd")
     p.add_argument("--max-n", default="", help="comma-separated BACKEND=N: skip BACKEND above length N, "

@@ -1,8 +1,10 @@
 """``sparse-transformer bench train``: training-step throughput, sparse model vs dense, one process.
 
-A training step here is what ``sparse-transformer train`` does per step: forward and loss under bf16
-autocast (CUDA; fp32 on CPU unless asked), backward, fused AdamW (CUDA), activation checkpointing
-of every attention and feed-forward branch (``model.checkpoint = True``). Inputs are random bytes.
+A training step here is the one ``sparse-transformer train`` runs (:func:`~sparse_transformer.train.train_step`
+on what :func:`~sparse_transformer.train.setup_training` builds): forward and loss under bf16
+autocast (CUDA; fp32 on CPU unless asked), backward through the grad scaler (fp16), gradient
+clipping, fused AdamW (CUDA) with weight decay on matrices only, activation checkpointing of every
+block (``model.checkpoint = True``). Inputs are random bytes; the learning rate is ``train.lr``.
 The same configuration is run twice in the same process: with its sparse pattern (backend
 ``auto`` = Triton on CUDA, or the one asked for) and with dense causal attention through
 ``F.scaled_dot_product_attention`` (``model.pattern = dense``, ``model.backend = sdpa``; on CUDA
@@ -15,7 +17,7 @@ over the wall time of ``steps`` steps after ``warmup`` steps, synchronized), ``s
 activations; on CPU the process's peak resident set, ``ru_maxrss``), the parameter count and, for
 the sparse model, ``speedup_vs_dense`` with the target it is held to.
 
-Named cases (issue 4), :data:`CASES`:
+Named cases (the targets of docs/benchmarks.md), :data:`CASES`:
 
 * ``enwik8``:     the paper's Enwik8 model (30 layers, d 512, 8 heads, n 12,288, fixed l 128 c 32,
                   merged heads), batch 8. Target: >= 1.8x dense tokens/s (ideal 2.08x).
@@ -23,7 +25,8 @@ Named cases (issue 4), :data:`CASES`:
 * ``audio1m``:    a 3M-parameter audio model (16 layers, d 128, 4 heads, strided l = 1024, merged)
                   at n = 1,048,576, batch 1. Target: a full step fits on one 80 GB GPU. The dense
                   model is not run: dense attention at 1M takes ~10 s fwd+bwd per 8-head d-64 call
-                  (anchors.md), so a step of 16 layers with recomputation would take a minute or more.
+                  (docs/benchmarks.md), so a step of 16 layers with recomputation would take a minute
+                  or more.
 """
 
 from __future__ import annotations
@@ -41,10 +44,13 @@ from pathlib import Path
 
 import torch
 
+from .. import parallel
 from ..attention import resolve_backend
-from ..config import Config, apply_overrides, load_config, validate
+from ..config import Config, TrainConfig, apply_overrides, choices, load_config, validate
 from ..errors import UserError
 from ..model import SparseTransformer, model_pattern
+from ..runtime import DTYPES, dtype_name, resolve_device
+from ..train import setup_training, train_step
 from .attention import pattern_label
 
 __all__ = ["CASES", "add_arguments", "bench_train", "format_table", "run"]
@@ -57,10 +63,9 @@ CASES = {
                 "overrides": ["--model.n_layer", "16", "--model.d_model", "128", "--model.n_head", "4",
                               "--model.stride", "1024", "--model.integration", "merged"],
                 "dense": False,
-                "dense_note": "dense not run: ~10 s per dense attention fwd+bwd at n = 1M (anchors.md), "
+                "dense_note": "dense not run: ~10 s per dense attention fwd+bwd at n = 1M (docs/benchmarks.md), "
                               "a minute or more per step"},
 }
-_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 def preset_path(name: str) -> Path:
@@ -89,7 +94,7 @@ def _peak_mib(device: torch.device) -> float:
 
 
 def _dense_kernels(device: torch.device):
-    """Pin dense SDPA to cuDNN (flash where cuDNN declines a shape), as the anchors' dense baseline."""
+    """Pin dense SDPA to cuDNN (flash where cuDNN declines a shape), the dense baseline of docs/benchmarks.md."""
     if device.type != "cuda":
         return nullcontext()
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -98,20 +103,15 @@ def _dense_kernels(device: torch.device):
 
 
 def _measure(cfg: Config, device: torch.device, dtype: torch.dtype, steps: int, warmup: int, dense: bool) -> dict:
-    """Build the model and optimizer, run ``warmup`` then ``steps`` timed training steps."""
+    """Build the model as ``train`` does, run ``warmup`` then ``steps`` timed training steps."""
     torch.manual_seed(0)
     model = SparseTransformer(cfg.model).to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay,
-                            fused=device.type == "cuda")
+    train_model, optimizer, scaler = setup_training(model, cfg, parallel.Dist(device=device), dtype)
     batch, n = cfg.train.batch_size, cfg.data.seq_len
     x = torch.randint(0, 256, (batch, n), device=device, dtype=torch.uint8)
 
     def step():
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-            loss = model.loss(x)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        train_step(train_model, optimizer, scaler, lambda: x, cfg.train, dtype, cfg.train.lr)
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -191,11 +191,8 @@ def bench_train(
 
     Returns: one record per model; sparse records carry ``speedup_vs_dense`` when dense ran.
     """
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if dtype == "auto":
-        dtype = "bf16" if device.type == "cuda" else "fp32"
-    if dtype not in _DTYPES:
-        raise UserError(f"bench train: dtype {dtype!r}; choose auto, bf16, fp16 or fp32")
+    device = resolve_device(device, option="--device")
+    dtype = dtype_name(dtype, device)
     if isinstance(preset_or_cfg, Config):
         cfg = apply_overrides(copy.deepcopy(preset_or_cfg), list(overrides))
     else:
@@ -224,7 +221,7 @@ def bench_train(
             if verbose:
                 print(f"[bench train] {case or ''} {rec['pattern']} {rec['backend']} n={rec['n']} batch={rec['batch']}",
                       file=sys.stderr, flush=True)
-            rec.update(_run_model(c, device, _DTYPES[dtype], steps, warmup, is_dense))
+            rec.update(_run_model(c, device, DTYPES[dtype], steps, warmup, is_dense))
             records.append(rec)
     finally:  # an interrupted run (Ctrl-C, a shell timeout's SIGINT) still writes what it measured
         _compare(records, [d for _, d in runs], dense, target, dense_note)
@@ -271,7 +268,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="a config override, e.g. --set model.n_layer=2 (repeatable)")
     p.add_argument("--device", default=None)
-    p.add_argument("--dtype", default="auto", choices=("auto", *_DTYPES))
+    p.add_argument("--dtype", default="auto", choices=choices(TrainConfig, "dtype"))
     p.add_argument("--out", default=None, help="append JSON lines to this file")
 
 

@@ -14,11 +14,10 @@ from __future__ import annotations
 import torch
 
 from ...patterns import Pattern
+from ...runtime import DTYPES
 from .ops import attention_fwd, encode
 
 __all__ = ["triton_attention"]
-
-_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def triton_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Pattern,
@@ -37,7 +36,7 @@ def triton_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern:
     Returns: ``[B, H, n, dv]`` in ``q.dtype``. Queries with no allowed key give zeros (and zero
     gradients).
     """
-    if q.dtype not in _DTYPES:
+    if q.dtype not in DTYPES.values():
         raise ValueError(f"triton attention takes float16, bfloat16 or float32 inputs, got {q.dtype}")
     if q.dim() != 4 or k.shape != q.shape or v.shape[:3] != q.shape[:3] or not (q.dtype == k.dtype == v.dtype):
         raise ValueError(
