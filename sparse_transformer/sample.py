@@ -319,14 +319,6 @@ def write_samples(samples: np.ndarray, meta: dict, out_dir: str | Path) -> list[
     return paths
 
 
-def _resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"sample: --device {device} but CUDA is not available; use --device cpu")
-    return torch.device(device)
-
-
 def sample_command(
     run: str | Path,
     num: int = 1,
@@ -353,9 +345,9 @@ def sample_command(
     from .checkpoint import load_model
 
     run = Path(run)
-    from .evaluate import resolve_dtype
+    from .runtime import resolve_device, resolve_dtype
 
-    dev = _resolve_device(device)
+    dev = resolve_device(device, option="--device")
     model, cfg = load_model(run, dev)
     model = model.to(resolve_dtype(cfg.train.dtype, dev))  # the run's compute dtype (auto: bf16 on CUDA)
     if cfg.data.dir:
