@@ -10,28 +10,11 @@
 # Writes $OUT/attention.jsonl, $OUT/train.jsonl, $OUT/bench.log, $OUT/tables.md; prints the tables last.
 set -u
 OUT=${OUT:-bench_out}
-mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$(pwd)"
-PY=${PYTHON:-python3}
-BUDGET=${BUDGET:-560}
 LOG="$OUT/bench.log"
-START=$SECONDS
-
-step() {  # step CAP NAME COMMAND...: run COMMAND with a timeout of min(CAP, time left)
-  local cap=$1 name=$2 left t rc
-  shift 2
-  left=$((BUDGET - (SECONDS - START)))
-  if [ "$left" -lt 20 ]; then echo "== $name: not run, budget spent" | tee -a "$LOG"; return; fi
-  t=$((cap < left ? cap : left))
-  echo "== $name (timeout ${t}s): $*" | tee -a "$LOG"
-  timeout --signal=INT --kill-after=15 "$t" "$@" >>"$LOG" 2>&1
-  rc=$?
-  echo "== $name: exit $rc, $((SECONDS - START)) s since start" | tee -a "$LOG"
-}
+source "$(dirname "$0")/gpu_steps.sh"
 
 ATTN="$PY -m sparse_transformer bench attention --out $OUT/attention.jsonl"
 TRAIN="$PY -m sparse_transformer bench train --out $OUT/train.jsonl"
-$PY -c "import torch, triton; print(torch.cuda.get_device_name(), '| torch', torch.__version__, '| triton', triton.__version__)" | tee -a "$LOG"
 
 # The targets' lengths first (16K, 1M), each with its Flex baseline; compiling Flex's kernels on a
 # cold machine takes about a minute per length, hence the larger caps of the flex steps.

@@ -11,26 +11,10 @@
 #   bash scripts/gpu_sample_check.sh                 # OUT=DIR (default sample_out), BUDGET=SECONDS
 set -u
 OUT=${OUT:-sample_out}
-mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$(pwd)"
-PY=${PYTHON:-python3}
-BUDGET=${BUDGET:-560}
 LOG="$OUT/sample.log"
-START=$SECONDS
+source "$(dirname "$0")/gpu_steps.sh"
 rm -f "$OUT/sample.jsonl"
 
-step() {  # step CAP NAME COMMAND...: run COMMAND with a timeout of min(CAP, time left)
-  local cap=$1 name=$2 left t
-  shift 2
-  left=$((BUDGET - (SECONDS - START)))
-  if [ "$left" -lt 20 ]; then echo "== $name: not run, budget spent" | tee -a "$LOG"; return; fi
-  t=$((cap < left ? cap : left))
-  echo "== $name (timeout ${t}s): $*" | tee -a "$LOG"
-  timeout --signal=INT --kill-after=15 "$t" "$@" >>"$LOG" 2>&1
-  echo "== $name: exit $?, $((SECONDS - START)) s since start" | tee -a "$LOG"
-}
-
-$PY -c "import torch, triton; print(torch.cuda.get_device_name(), '| torch', torch.__version__, '| triton', triton.__version__)" | tee -a "$LOG"
 step 200 gpu_tests $PY -m pytest -q -p no:cacheprovider tests/test_sample.py -m gpu
 grep -E "passed|failed|error" "$LOG" | tail -n 3
 BENCH="$PY -m sparse_transformer bench sample --device cuda --preset audio --window 2048 --out $OUT/sample.jsonl"
