@@ -13,7 +13,7 @@ A plan is a TOML file:
     data = "gcide"
     gpu = 0                         # CUDA_VISIBLE_DEVICES of the run
     queue = "a"                     # runs of one queue run one after another (default: the gpu)
-    args = ["--config", "configs/enwik8.toml", "--train.max_minutes", "5"]
+    args = ["--config", "enwik8", "--train.max_minutes", "5"]
     samples = [["--num", "16"]]     # optional `sparse-transformer sample` calls after training
 
 Queues run in parallel, each as its own process (`python -m sparse_transformer train ...`), so two

@@ -3,7 +3,7 @@
     import sparse_transformer as st
     pattern = st.patterns.fixed(stride=128, c=32)
     out = st.sparse_attention(q, k, v, pattern)          # q, k, v [batch, heads, n, head_dim]
-    cfg = st.load_config("configs/enwik8.toml")
+    cfg = st.load_config("enwik8")
     model = st.SparseTransformer(cfg.model)
 """
 

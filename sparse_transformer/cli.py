@@ -122,7 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = sub.add_parser("train", help="train a model (no arguments: the embedded default data)",
                         epilog="Any config value can be overridden: --section.key VALUE, e.g. --train.max_steps 100")
-    sp.add_argument("--config", default=None, help="a TOML preset, e.g. configs/enwik8.toml")
+    sp.add_argument("--config", default=None, help="a preset name (audio, cifar10, enwik8, imagenet64) or a TOML file")
     sp.add_argument("--run-dir", default=None, help="where to write the run (default runs/<time>)")
     sp.add_argument("--resume", default=None, metavar="DIR", help="continue this run to its configured end")
 

@@ -1,6 +1,7 @@
 """Configuration: nested dataclasses are the single schema; TOML presets; dotted CLI overrides.
 
-``load_config("configs/enwik8.toml")`` reads a preset over the defaults; ``apply_overrides(cfg,
+``load_config("enwik8")`` reads a preset that ships inside the package (``preset_names()`` lists them;
+a path to any TOML file works the same way) over the defaults; ``apply_overrides(cfg,
 ["--model.n_layer", "2", "--train.device=cpu"])`` changes single values. Unknown sections or keys and
 values of the wrong type raise :class:`~sparse_transformer.errors.UserError` naming the key and the
 fix. ``model.n_ctx`` always equals ``data.seq_len`` (one length, set in one place).
@@ -13,6 +14,7 @@ import json
 import sys
 import typing
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 
 from .errors import UserError
@@ -225,18 +227,57 @@ def validate(cfg: Config) -> Config:
     return cfg
 
 
+def preset_names() -> list[str]:
+    """Names of the presets that ship inside the package (``sparse_transformer/configs/NAME.toml``), sorted."""
+    folder = resources.files(__package__) / "configs"
+    return sorted(f.name[: -len(".toml")] for f in folder.iterdir() if f.name.endswith(".toml"))
+
+
+def read_preset(name_or_path: str | Path) -> tuple[str, str]:
+    """The TOML text of a preset and where it came from.
+
+    ``name_or_path`` is a TOML file that exists, or a preset name (``"enwik8"``, also ``"enwik8.toml"``).
+    ``configs/NAME.toml`` (where the presets lived in the repository before they moved into the
+    package) resolves to the packaged preset when no such file exists, so older commands keep working
+    from any directory.
+
+    Returns:
+        ``(text, origin)``: the file's text and the path or ``preset NAME`` it was read from.
+    Raises:
+        UserError: neither an existing file nor a preset name (the message lists the names).
+    """
+    p = Path(name_or_path)
+    if p.is_file():
+        try:
+            return p.read_text(), str(p)
+        except (OSError, UnicodeDecodeError) as e:
+            raise UserError(f"config: cannot read {p} ({e}); pass a readable TOML file") from None
+    names = preset_names()
+    stem = p.name[: -len(".toml")] if p.name.endswith(".toml") else p.name
+    bare = len(p.parts) == 1 or (len(p.parts) == 2 and p.parts[0] == "configs")
+    if bare and stem in names:
+        return (resources.files(__package__) / "configs" / f"{stem}.toml").read_text(), f"preset {stem}"
+    raise UserError(f"config: {name_or_path} is neither a TOML file nor a preset; pass a file or one of the "
+                    f"presets {', '.join(names)}")
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Defaults, then the TOML file at ``path`` (if any), then ``overrides`` (``--section.key value``)."""
+    """Defaults, then a preset or TOML file (if any), then ``overrides`` (``--section.key value``).
+
+    Args:
+        path: a preset name such as ``"enwik8"`` (see :func:`preset_names`), a path to a TOML file, or None.
+        overrides: ``["--model.n_layer", "2", "--train.device=cpu", ...]``.
+    Raises:
+        UserError: unknown preset or missing file, invalid TOML, unknown keys, values of the wrong type.
+    """
     cfg = Config()
     if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise UserError(f"config: {p} does not exist; pass a TOML file such as configs/enwik8.toml")
+        text, origin = read_preset(path)
         try:
-            table = tomllib.loads(p.read_text())
-        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-            raise UserError(f"config: {p} is not valid TOML ({e}); fix the file") from None
-        _apply_table(cfg, table, str(p))
+            table = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as e:
+            raise UserError(f"config: {origin} is not valid TOML ({e}); fix the file") from None
+        _apply_table(cfg, table, origin)
     apply_overrides(cfg, overrides or [])
     return validate(cfg)
 
