@@ -84,6 +84,8 @@ class TrainConfig:
     compile: bool = False
     parallel: str = "ddp"  # ddp | fsdp (under torchrun)
     progress: bool = True
+    wandb: str = ""  # a Weights & Biases project to log to ("" = off; needs pip install wandb)
+    peak_tflops: float = 0.0  # peak TFLOP/s of one accelerator for MFU; 0 = known GPUs' bf16 peak (flops.py)
 
 
 @dataclass
@@ -221,7 +223,7 @@ def validate(cfg: Config) -> Config:
     for key in ("batch_size", "grad_accum", "max_steps", "log_every"):
         if getattr(t, key) < 1:
             raise UserError(f"config: train.{key} = {getattr(t, key)} must be at least 1")
-    for key in ("max_minutes", "test_tokens"):
+    for key in ("max_minutes", "test_tokens", "peak_tflops"):
         if getattr(t, key) < 0:
             raise UserError(f"config: train.{key} = {getattr(t, key)} must be 0 (off) or positive")
     return cfg

@@ -4,21 +4,37 @@ prepare("text", "corpus.txt.xz", "data/corpus")      # -> train/val/test.bin + m
 meta = read_meta("data/corpus")
 train = open_split("data/corpus", "train")          # uint8 memmap [n_bytes]
 x = sample_batch(train, 8, 1024, rng)                # int64 [8, 1024]
+
+The names below are imported on first use (the loader imports torch; ``prepare`` does not).
 """
 
-from .loader import default_data_dir, eval_windows, open_split, read_meta, sample_batch
-from .mulaw import mulaw_decode, mulaw_encode, write_wav
-from .prepare import KINDS, prepare
+from __future__ import annotations
 
-__all__ = [
-    "KINDS",
-    "default_data_dir",
-    "eval_windows",
-    "mulaw_decode",
-    "mulaw_encode",
-    "open_split",
-    "prepare",
-    "read_meta",
-    "sample_batch",
-    "write_wav",
-]
+import importlib
+
+_EXPORTS = {
+    "KINDS": ".prepare",
+    "prepare": ".prepare",
+    "default_data_dir": ".loader",
+    "eval_windows": ".loader",
+    "open_split": ".loader",
+    "read_meta": ".loader",
+    "sample_batch": ".loader",
+    "mulaw_decode": ".mulaw",
+    "mulaw_encode": ".mulaw",
+    "write_wav": ".mulaw",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name], __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS])

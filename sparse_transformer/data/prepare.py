@@ -41,10 +41,9 @@ import numpy as np
 from tqdm import tqdm
 
 from ..errors import UserError
-from .format import FORMAT_VERSION, META_KEYS, SPLITS
+from .format import FORMAT_VERSION, KINDS, META_KEYS, SPLITS
 from .mulaw import mulaw_encode
 
-KINDS = ("enwik8", "text", "cifar10", "imagenet64", "mnist", "fashion-mnist", "audio")
 DOWNLOADS = {
     "enwik8": "http://mattmahoney.net/dc/enwik8.zip",
     "cifar10": "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
