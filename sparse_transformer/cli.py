@@ -101,6 +101,10 @@ def cmd_plot(args) -> int:
     return 0
 
 
+# The kinds of sparse_transformer.data.prepare.KINDS, repeated here so that building the parser does not
+# import the data package (numpy); a test keeps the two equal.
+PREPARE_KINDS = ("enwik8", "text", "cifar10", "imagenet64", "mnist", "fashion-mnist", "audio")
+
 BENCHES = {"attention": "backends x patterns x n, fwd and fwd+bwd", "train": "training-step tokens/s, sparse vs dense",
            "sample": "cached vs uncached sampling speed"}
 
@@ -136,14 +140,13 @@ def config_keys_help() -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     from .config import preset_names
-    from .data.format import KINDS
 
     p = argparse.ArgumentParser(prog="sparse-transformer", description="Sparse Transformer: patterns, training, "
                                 "bits per byte (text, audio) or per dim (images), sampling, benchmarks")
     sub = p.add_subparsers(dest="command", required=True)
 
     sp = sub.add_parser("prepare", help="raw data -> train.bin/val.bin/test.bin + meta.json")
-    sp.add_argument("kind", choices=KINDS)
+    sp.add_argument("kind", choices=PREPARE_KINDS)
     sp.add_argument("--src", default=None, help="file or folder (enwik8 and cifar10 download when omitted)")
     sp.add_argument("--out", required=True, help="output folder")
     sp.add_argument("--rate", type=int, default=12000, help="audio sample rate in Hz")

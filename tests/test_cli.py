@@ -85,3 +85,10 @@ def test_bench_options_are_built_when_it_runs(capsys):
     with pytest.raises(SystemExit) as e:
         main(["bench", "sample", "--no-such-option"])
     assert e.value.code == 2 and "unrecognized arguments: --no-such-option" in capsys.readouterr().err
+
+
+def test_prepare_kinds_of_the_parser_are_the_data_packages():
+    from sparse_transformer.cli import PREPARE_KINDS
+    from sparse_transformer.data.prepare import KINDS
+
+    assert PREPARE_KINDS == KINDS

@@ -11,6 +11,7 @@ import lzma
 import os
 import pickle
 import struct
+import sys
 import tarfile
 import urllib.error
 import zipfile
@@ -477,3 +478,11 @@ def test_default_data_dir(tmp_path, monkeypatch):
 
 def test_kinds():
     assert KINDS == ("enwik8", "text", "cifar10", "imagenet64", "mnist", "fashion-mnist", "audio")
+
+
+def test_audio_without_its_extra_names_the_install(tmp_path, monkeypatch):
+    (tmp_path / "a.wav").write_bytes(b"")
+    monkeypatch.setitem(sys.modules, "soundfile", None)  # as if the `audio` extra were not installed
+    with pytest.raises(UserError, match=r"needs soundfile and scipy .*pip install 'sparse-transformer\[audio\]'"):
+        prepare("audio", tmp_path, tmp_path / "out", progress=False)
+    assert not list((tmp_path / "out").iterdir())  # nothing written

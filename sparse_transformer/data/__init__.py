@@ -5,27 +5,26 @@ meta = read_meta("data/corpus")
 train = open_split("data/corpus", "train")          # uint8 memmap [n_bytes]
 x = sample_batch(train, 8, 1024, rng)                # int64 [8, 1024]
 
-The names below are imported on first use (the loader imports torch; ``prepare`` does not).
+The loader's names are imported on first use (it imports torch; ``prepare`` and ``mulaw`` do not).
 """
 
 from __future__ import annotations
 
 import importlib
 
+# Bound here, not lazily: the function ``prepare`` must shadow its submodule of the same name.
+from .mulaw import mulaw_decode, mulaw_encode, write_wav
+from .prepare import KINDS, prepare
+
 _EXPORTS = {
-    "KINDS": ".prepare",
-    "prepare": ".prepare",
     "default_data_dir": ".loader",
     "eval_windows": ".loader",
     "open_split": ".loader",
     "read_meta": ".loader",
     "sample_batch": ".loader",
-    "mulaw_decode": ".mulaw",
-    "mulaw_encode": ".mulaw",
-    "write_wav": ".mulaw",
 }
 
-__all__ = sorted(_EXPORTS)
+__all__ = sorted([*_EXPORTS, "KINDS", "mulaw_decode", "mulaw_encode", "prepare", "write_wav"])
 
 
 def __getattr__(name: str):

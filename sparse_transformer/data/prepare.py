@@ -41,9 +41,10 @@ import numpy as np
 from tqdm import tqdm
 
 from ..errors import UserError
-from .format import FORMAT_VERSION, KINDS, META_KEYS, SPLITS
+from .format import FORMAT_VERSION, META_KEYS, SPLITS
 from .mulaw import mulaw_encode
 
+KINDS = ("enwik8", "text", "cifar10", "imagenet64", "mnist", "fashion-mnist", "audio")
 DOWNLOADS = {
     "enwik8": "http://mattmahoney.net/dc/enwik8.zip",
     "cifar10": "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
@@ -437,10 +438,21 @@ def _audio_plan(src: Path) -> tuple[dict[str, list[Path]] | None, list[Path], st
     )
 
 
+def _audio_modules():
+    """``(soundfile, scipy.signal.resample_poly)``: audio-only dependencies (the ``audio`` extra),
+    imported when audio is prepared; UserError with the install command when they are missing."""
+    try:
+        import soundfile
+        from scipy.signal import resample_poly
+    except ImportError as e:
+        raise UserError(f"data: preparing audio needs soundfile and scipy ({e}); "
+                        "pip install 'sparse-transformer[audio]'") from None
+    return soundfile, resample_poly
+
+
 def _audio_mulaw(path: Path, rate: int) -> np.ndarray:
     """Decode, mix to mono, resample to ``rate`` and mu-law encode one track -> uint8 [samples]."""
-    import soundfile as sf  # audio-only dependencies, imported where needed
-    from scipy.signal import resample_poly
+    sf, resample_poly = _audio_modules()
 
     try:
         x, sr = sf.read(path, dtype="float64", always_2d=True)
@@ -458,6 +470,7 @@ def _audio_mulaw(path: Path, rate: int) -> np.ndarray:
 def _prepare_audio(src: Path, w: _SplitWriter, rate: int, progress: bool, **_) -> dict:
     if rate <= 0:
         raise UserError(f"data: the audio sample rate must be positive, got {rate}; pass e.g. --rate 12000")
+    _audio_modules()  # before anything is read or written
     plan, files, rule = _audio_plan(src)
     split_of = {p: s for s in SPLITS for p in plan[s]} if plan else {}
     for path in tqdm(files, desc="audio", disable=None if progress else True, leave=False):
