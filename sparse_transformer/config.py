@@ -55,6 +55,11 @@ class ModelConfig:
 class DataConfig:
     dir: str = ""  # a folder written by `sparse-transformer prepare`; "" = the embedded default
     seq_len: int = 256
+    # Copied from the data's meta.json when training starts, so that an exported config.json alone
+    # says how to write samples: "" / [] / 0 = not recorded (then meta.json is read).
+    modality: str = ""  # text | image | audio
+    shape: list[int] = field(default_factory=list)  # [height, width, channels] of image data
+    sample_rate: int = 0  # Hz, audio data
 
 
 @dataclass
@@ -195,6 +200,8 @@ def validate(cfg: Config) -> Config:
     d_qk = m.d_model * m.qk_ratio
     if d_qk != int(d_qk) or int(d_qk) % m.n_head or d_qk < m.n_head:
         raise UserError(f"config: model.qk_ratio = {m.qk_ratio} gives a query/key width {d_qk} not divisible by n_head = {m.n_head}; use 1.0 or 0.5")
+    if cfg.data.modality not in ("", "text", "image", "audio"):
+        raise UserError(f"config: data.modality = {cfg.data.modality!r}; use text, image or audio (or leave it empty)")
     if m.position not in ("grid", "image"):
         raise UserError(f"config: model.position = {m.position!r}; use grid (text, audio) or image")
     if m.position == "grid" and m.stride < 1:
@@ -301,6 +308,24 @@ def apply_overrides(cfg: Config, args: list[str]) -> Config:
             i += 2
         set_value(cfg, key, value)
     return cfg
+
+
+def data_meta(cfg: Config) -> dict:
+    """What writing samples needs to know about a run's data: ``modality``, ``shape`` ([H, W, C] or
+    None) and ``sample_rate`` (Hz or None).
+
+    From the config when it recorded them (every run trained since they were added, and its export),
+    else from ``data.dir``'s meta.json (raises UserError when that is missing), else text (the
+    embedded default data).
+    """
+    d = cfg.data
+    if d.modality:
+        return {"modality": d.modality, "shape": list(d.shape) or None, "sample_rate": d.sample_rate or None}
+    if d.dir:
+        from .data.loader import read_meta
+
+        return read_meta(d.dir)
+    return {"modality": "text", "shape": None, "sample_rate": None}
 
 
 def config_from_dict(d: dict) -> Config:

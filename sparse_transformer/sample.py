@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .config import Config
+from .config import Config, data_meta
 from .errors import UserError
 
 __all__ = ["generate", "sample_command", "sample_logits", "write_samples"]
@@ -206,12 +206,7 @@ def sample_command(
     run = Path(run)
     dev = _resolve_device(device)
     model, cfg = load_model(run, dev)
-    if cfg.data.dir:
-        from .data.loader import read_meta
-
-        meta = read_meta(cfg.data.dir)
-    else:
-        meta = {"modality": "text"}
+    meta = data_meta(cfg)  # modality, image shape, sample rate: recorded in config.json, else the data's meta.json
     length = length or cfg.sample.length or cfg.model.n_ctx
     if length > cfg.model.n_ctx:
         raise UserError(

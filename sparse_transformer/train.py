@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from . import checkpoint, parallel
-from .config import Config, TrainConfig, apply_overrides, validate
+from .config import Config, TrainConfig, apply_overrides, data_meta, validate
 from .data.loader import default_data_dir, open_split, read_meta, sample_batch
 from .errors import UserError
 from .evaluate import bits_per_dim, resolve_dtype, unit_of
@@ -115,7 +115,8 @@ def _resolve_config(cfg: Config | None, run_dir, resume, overrides) -> tuple[Con
 def fit_to_data(cfg: Config, meta: dict) -> list[str]:
     """Check ``cfg`` against the prepared data's ``meta`` and fill in what the data decides.
 
-    Image data with the default grid positions and no ``model.image_shape`` gets the image's
+    Records the data's modality, image shape and sample rate in ``cfg.data`` (so that an export
+    samples without the data). Image data with the default grid positions and no ``model.image_shape`` gets the image's
     row/column/channel position embeddings (``model.position = "image"``, ``image_shape`` from
     meta.json) when ``data.seq_len`` is one whole image. Changes ``cfg`` in place.
 
@@ -127,6 +128,7 @@ def fit_to_data(cfg: Config, meta: dict) -> list[str]:
     """
     m, seq_len, notes = cfg.model, cfg.data.seq_len, []
     record_len, shape = meta["record_len"] or None, meta.get("shape")
+    cfg.data.modality, cfg.data.shape, cfg.data.sample_rate = meta["modality"], list(shape or []), meta["sample_rate"] or 0
     if record_len and record_len % seq_len:
         raise UserError(f"train: data.seq_len = {seq_len} does not fit this image data ({record_len} bytes per image); "
                         f"use --data.seq_len {record_len} (one image) or a divisor of it")
@@ -460,7 +462,7 @@ def _sample_text(cfg: Config, run_dir: Path, model: nn.Module, device: torch.dev
         from .sample import generate
     except ImportError:
         return None
-    if cfg.model.position == "image" or read_meta(cfg.data.dir or default_data_dir())["modality"] != "text":
+    if cfg.model.position == "image" or data_meta(cfg)["modality"] != "text":
         return None
     s = cfg.sample
     tokens = generate(model, cfg, num=1, length=min(s.length or cfg.data.seq_len, cfg.data.seq_len),

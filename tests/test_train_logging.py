@@ -153,3 +153,27 @@ def test_wandb_is_optional(text_dir, tmp_path, monkeypatch):
     with pytest.raises(UserError, match="--train.wandb needs the wandb package; pip install wandb"):
         train(load_config(None, [*args, "--train.wandb", "my-project"]), tmp_path / "missing")
     assert not (tmp_path / "missing").exists()
+
+
+def test_an_export_samples_and_evaluates_from_anywhere(tmp_path, capsys, monkeypatch):
+    import shutil
+
+    data = image_dir(tmp_path / "images")
+    train(load_config(None, tiny(data, "--data.seq_len", "48", "--train.progress", "false")), tmp_path / "run")
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())["data"]
+    assert saved["modality"] == "image" and saved["shape"] == [4, 4, 3] and saved["sample_rate"] == 0
+    export = tmp_path / "export"
+    export.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(tmp_path / "run" / name, export / name)
+    moved = tmp_path / "moved-images"
+    data.rename(moved)  # the export alone: no data where the run's config points
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    capsys.readouterr()
+    assert main(["sample", "--run", str(export), "--num", "2", "--out", "out"]) == 0
+    written = capsys.readouterr().out.split()
+    assert any(p.endswith(".png") for p in written) and (elsewhere / "out").is_dir()
+    assert main(["eval", "--run", str(export), "--data", str(moved), "--no-progress"]) == 0
+    assert "bits per dim over 192 dims" in capsys.readouterr().out
