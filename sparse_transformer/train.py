@@ -188,7 +188,7 @@ class Logger:
         if enabled:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.file = open(run_dir / METRICS, "a")
+            self.file = open(run_dir / METRICS, "a")  # noqa: SIM115 (open for the run, closed in close())
             self.writer = SummaryWriter(str(run_dir), purge_step=purge_step)
             if wandb_project:
                 self.wandb = import_wandb().init(project=wandb_project, name=run_dir.resolve().name,

@@ -32,7 +32,7 @@ def random_qkv(B, H, n, dk, dv, dtype, device="cpu", seed=0):
 
 def lowp_masked_attention(q, k, v, pattern):
     """PyTorch's own low-precision computation: dense masked softmax entirely in q.dtype."""
-    B, H, n, dk = q.shape
+    _, H, n, dk = q.shape
     mask = torch.stack([pattern.mask(n, head=h) for h in range(H)]).to(q.device)
     s = (q @ k.transpose(-1, -2)) * dk ** -0.5
     s = s.masked_fill(~mask, float("-inf"))

@@ -3,8 +3,8 @@ parts x lengths x head dims x dtypes (tolerance rule of docs/design.md §6)."""
 
 import pytest
 import torch
-
 from attention_cases import assert_close_by_rule, lowp_masked_attention, outputs_and_grads, pattern_grid, random_qkv
+
 from sparse_transformer import patterns as P
 from sparse_transformer import sparse_attention
 from sparse_transformer.attention.reference import reference_attention
@@ -34,7 +34,7 @@ def test_empty_rows_give_zero_output_and_gradients():
     q, k, v, do = random_qkv(1, 2, 20, 16, 16, torch.float32)
     for backend in ("reference", "factorized"):
         out = sparse_attention(q, k, v, pattern, backend=backend)
-        dq, dk, dv = torch.autograd.grad(out, (q, k, v), do)
+        dq, dk, _dv = torch.autograd.grad(out, (q, k, v), do)
         assert torch.isfinite(out).all() and torch.isfinite(dq).all() and torch.isfinite(dk).all()
         assert (out[:, :, :6] == 0).all() and (dq[:, :, :6] == 0).all()
         assert out[:, :, 6:].abs().sum() > 0

@@ -14,7 +14,7 @@ def test_matmul_params_are_the_models_matrices(extra):
     with torch.device("meta"):
         model = SparseTransformer(cfg)
     matrices = sum(p.numel() for name, p in model.named_parameters()
-                   if p.dim() == 2 and (name.startswith("blocks.") or name.startswith("head.")))
+                   if p.dim() == 2 and name.startswith(("blocks.", "head.")))
     assert matmul_params(cfg) == matrices
 
 

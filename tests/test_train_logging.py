@@ -61,7 +61,7 @@ def test_text_run_reports_bits_per_byte_tflops_and_test_progress(text_dir, tmp_p
     recs = records(tmp_path / "run")
     train_recs = [r for r in recs if "loss" in r]
     assert train_recs and all(r["tflops"] > 0 and "mfu" not in r for r in train_recs)  # no MFU on CPU
-    test = [r for r in recs if "test_bits_per_dim" in r][0]
+    test = next(r for r in recs if "test_bits_per_dim" in r)
     assert test["unit"] == "bits per byte" and test["test_tokens"] == 200
     saved = json.loads((tmp_path / "run" / "config.json").read_text())
     assert saved["data"]["dir"] == str(text_dir.resolve())

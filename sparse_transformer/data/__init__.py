@@ -24,7 +24,18 @@ _EXPORTS = {
     "sample_batch": ".loader",
 }
 
-__all__ = sorted([*_EXPORTS, "KINDS", "mulaw_decode", "mulaw_encode", "prepare", "write_wav"])
+__all__ = [
+    "KINDS",
+    "default_data_dir",
+    "eval_windows",
+    "mulaw_decode",
+    "mulaw_encode",
+    "open_split",
+    "prepare",
+    "read_meta",
+    "sample_batch",
+    "write_wav",
+]
 
 
 def __getattr__(name: str):

@@ -157,10 +157,10 @@ def _open_text(path: Path) -> tuple[io.BufferedIOBase, str | None]:
     """Open a file for reading its (decompressed) bytes; the codec is found from its magic bytes."""
     with open(path, "rb") as f:
         head = f.read(6)
-    for name, magic, ext, opener in _COMPRESSED:
+    for name, magic, _ext, opener in _COMPRESSED:
         if head.startswith(magic):
             return opener(path, "rb"), name
-    for name, magic, ext, opener in _COMPRESSED:
+    for name, _magic, ext, _opener in _COMPRESSED:
         if path.suffix.lower() == ext:
             raise UserError(
                 f"data: {path} ends in {ext} but is not {name} data (truncated or misnamed?); pass the original file"
