@@ -8,6 +8,9 @@ A plan is a TOML file:
     kind = "text"
     src = ".study/gcide.txt.xz"
 
+    [data.audio]                    # or a folder already written by `sparse-transformer prepare`
+    dir = ".study/audio"
+
     [[run]]
     name = "text-fixed"
     data = "gcide"
@@ -48,6 +51,9 @@ def prepare(data: dict, runs: Path) -> dict[str, Path]:
     """Prepare every data set of the plan (skipped when its meta.json exists); name -> folder."""
     dirs = {}
     for name, spec in data.items():
+        if "dir" in spec:  # prepared elsewhere (audio: decoding needs soundfile) and carried along
+            dirs[name] = ROOT / spec["dir"]
+            continue
         out = runs / "data" / name
         if not (out / "meta.json").is_file():
             t = time.perf_counter()

@@ -55,7 +55,7 @@ def cmd_sample(args) -> int:
 
     paths = sample_command(args.run, num=args.num, temperature=args.temperature, top_k=args.top_k,
                            prefix_file=args.prefix, out_dir=args.out, length=args.length, seed=args.seed,
-                           device=args.device)
+                           device=args.device, graphs=False if args.no_graphs else None, compile=args.compile)
     for p in paths:
         print(p)
     return 0
@@ -106,7 +106,7 @@ def cmd_plot(args) -> int:
 PREPARE_KINDS = ("enwik8", "text", "cifar10", "imagenet64", "mnist", "fashion-mnist", "audio")
 
 BENCHES = {"attention": "backends x patterns x n, fwd and fwd+bwd", "train": "training-step tokens/s, sparse vs dense",
-           "sample": "cached vs uncached sampling speed"}
+           "sample": "sampling speed: cached vs uncached (CPU), decoding modes (CUDA)"}
 
 
 def cmd_bench(args) -> int:
@@ -168,7 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = sub.add_parser("sample", help="draw samples from a trained run")
     sp.add_argument("--run", required=True)
-    sp.add_argument("--num", type=int, default=1)
+    sp.add_argument("--num", type=int, default=1, help="samples, drawn together in one batch")
     sp.add_argument("--length", type=int, default=0, help="tokens per sample (0 = the model's context)")
     sp.add_argument("--temperature", type=float, default=1.0)
     sp.add_argument("--top-k", type=int, default=0)
@@ -176,6 +176,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--out", default=None, help="output folder (default RUN/samples)")
     sp.add_argument("--seed", type=int, default=0)
     sp.add_argument("--device", default="auto")
+    sp.add_argument("--no-graphs", action="store_true", help="CUDA: run the decoding step eagerly, not as a CUDA graph")
+    sp.add_argument("--compile", action="store_true", help="torch.compile the decoding step (long samples on CUDA)")
 
     sp = sub.add_parser("layout", help="print and draw an attention pattern")
     sp.add_argument("--pattern", required=True, choices=("dense", "local", "strided", "fixed"))

@@ -1,215 +1,279 @@
-"""A sparse KV cache for incremental decoding: each layer keeps only the keys its pattern reads.
+"""A sparse KV cache for sampling: each layer keeps only the keys its pattern reads, in buffers of
+fixed shape, and one decoding step is a fixed sequence of tensor operations (paper §4.2-4.3, §5).
 
 Sampling decodes one position at a time. The query at position ``i`` of head ``h`` reads the keys of
-``pattern.terms(h)``, a disjoint union of simple index sets; each term gets its own pre-allocated
-buffer laid out so that the keys one query reads are one contiguous slice (no gather, no mask):
+``pattern.terms(h)``, a disjoint union of simple index sets. Heads with the same terms form a group
+with one key buffer and one value buffer, in one of two layouts chosen from the terms' own cache
+rules (``Term.cache_slots``, ``cache_slot``, ``cache_keys`` in ``patterns.py``):
 
-    term             layout (per batch row and head)          memory (keys)   read per token
-    Band(w)          ring buffer, slot i mod w                min(w, n)       min(i+1, w)
-    Band(None)       every position (dense causal)            n               i + 1
-    Stride(l, md)    [l, n/l], key i at (i mod l, i // l)     n               one row, <= n/l
-    Block(l)         the current block, slot i mod l          l               i mod l + 1
-    Summary(l, ...)  the c summary cells of each block        c·n/l           <= c·n/l
+* compact: the terms' own buffers side by side (a ring of the last ``w`` keys for ``Band(w)``, the
+  current block for ``Block(l)``, the ``c`` cells of every block for ``Summary``) and, when a term
+  skips some keys, one spare slot that receives them. Query ``i`` reads each term's slots
+  ``0 .. keys_per_query(i) - 1``; a step reads the whole buffer and masks the other slots.
+* every position: slot ``j`` holds key ``j``, used when a term has no compact buffer (``Stride``,
+  whose keys are read again by every later query of their residue class) or when the compact
+  buffers would not be smaller. A step gathers each term's ``cache_keys(i)``, a fixed number of
+  positions, and masks those past ``keys_per_query(i)``. The local band of the strided pattern
+  reads the last ``l`` positions of this same buffer, so strided keeps exactly ``n`` keys per head.
 
-So strided reads ``l + n/l`` keys per token and fixed ``l + c·n/l`` (O(sqrt(n)) for ``l ~ sqrt(n)``
-and constant ``c``); fixed also *stores* only ``l + c·n/l`` keys per head. Strided's stride term has
-to keep every key, since each position is read again by every later query of its residue class.
+    pattern (l ~ sqrt(n))   layout              keys kept per head    keys read per token
+    dense                   compact (ring of n)  n                     n (masked to i + 1)
+    local(w)                compact              w                     w
+    strided                 every position       n                     l + n/l
+    fixed                   compact              l + c·n/l + 1         l + c·n/l + 1
 
-A head's terms are combined with one softmax over the concatenated scores (the terms are disjoint,
-so this is exact and equals the log-sum-exp merge of ``attention/factorized.py``). Heads with
-different terms (multi-head integration, per-head summary offsets) are computed group by group.
-Queries and keys are fp32 (paper-spec.md §10: fp16 q·k can overflow when sampling); values keep the
-model's dtype. Every index is a Python int known on the host, so decoding never syncs with the GPU.
+No buffer holds more than a dense cache. The position is an int64 device tensor: the slots a step
+writes and reads, and its masks, are computed from it on the device (once per step, shared by all
+layers of the same layout), so a step allocates no memory on the host, never syncs, and keeps every
+shape fixed: the whole step can be captured in a CUDA graph and replayed (``sample.py``).
+
+A head's terms are combined with one softmax over their concatenated scores (the terms are
+disjoint, so this equals the log-sum-exp merge of the training backends). Keys are stored in the
+model's dtype, except fp16 keys, stored in fp32 (fp16 q·k can overflow when sampling).
 """
 
 from __future__ import annotations
 
-import math
+from dataclasses import dataclass
 
 import torch
 
-from .patterns import Band, Block, Stride, Summary, Term, _PatternBase
+from .patterns import Pattern, Term
 
-__all__ = ["KVCache", "LayerKVCache"]
+__all__ = ["KVCache", "LayerKVCache", "key_dtype"]
 
 
-class _TermCache:
-    """Pre-allocated keys ``[B, H, *slots, dk]`` (fp32) and values ``[B, H, *slots, dv]`` of one term."""
+def key_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype keys are cached in for a model of ``dtype``: fp32 for fp16 models, else ``dtype``."""
+    return torch.float32 if dtype == torch.float16 else dtype
 
-    def __init__(self, slots: tuple[int, ...], batch: int, heads: int, dk: int, dv: int, device, dtype):
-        self.k = torch.zeros(batch, heads, *slots, dk, device=device, dtype=torch.float32)
-        self.v = torch.zeros(batch, heads, *slots, dv, device=device, dtype=dtype)
 
-    @property
-    def slots(self) -> int:
-        """Keys held per batch row and head."""
-        return math.prod(self.k.shape[2:-1])
+@dataclass
+class StepIndex:
+    """Where one layout writes and reads at one decoding step (device tensors, fixed shapes).
+
+    ``write [T]``: the slot of the new key per term (every position: ``[1]``); ``read [S]``: the
+    slots gathered for the query, or None when it reads the whole buffer; ``bias [S]``: 0 for the
+    read slots the query attends to, -inf for the others (in the keys' dtype).
+    """
+
+    write: torch.Tensor
+    read: torch.Tensor | None
+    bias: torch.Tensor
+
+
+class _Layout:
+    """Where the keys of a group of heads live, from its terms' cache rules, for ``n`` positions.
+
+    Computes, for a position tensor, the slots a step writes and reads (:class:`StepIndex`); layers
+    whose groups share terms share one ``_Layout`` and so one index computation per step.
+    """
+
+    def __init__(self, terms: tuple[Term, ...], n: int, device, dtype):
+        self.terms, self.n, self.device, self.dtype = terms, n, device, dtype
+        j = torch.arange(n)
+        sizes = [t.cache_slots(n) for t in terms]
+        self.compact = all(s is not None for s in sizes)
+        if self.compact:
+            self.spare = any(bool((t.cache_slot(j, n) < 0).any()) for t in terms)
+            self.compact = sum(sizes) + self.spare <= n
+        if self.compact:
+            self.slots = sum(sizes) + self.spare
+        else:  # every position; each term reads a fixed number of positions from it
+            self.spare = False
+            self.slots = n
+            sizes = [t.cache_keys(j[:1], n).numel() for t in terms]
+        self.offsets = [sum(sizes[:k]) for k in range(len(terms))]
+        # slot s of a read belongs to term segment[s] at index local[s] within it; the spare slot
+        # gets a segment of its own with a count of 0 keys
+        segment = torch.cat([torch.full((s,), k) for k, s in enumerate(sizes)] + [torch.full((int(self.spare),), len(terms))])
+        self.segment = segment.to(device)
+        self.local = torch.cat([torch.arange(s) for s in sizes] + [torch.zeros(int(self.spare), dtype=torch.long)]).to(device)
+        self.write_offsets = torch.tensor(self.offsets, device=device)
+        self.no_keys = bool((sum(t.keys_per_query(j) for t in terms) == 0).any())  # e.g. summary heads before a cell
+        self._prefill = {}
+
+    def step(self, pos: torch.Tensor) -> StepIndex:
+        """The slots of position ``pos`` (``[1]`` int64 on the device): what to write and read."""
+        counts = [t.keys_per_query(pos) for t in self.terms]
+        if self.spare:
+            counts.append(torch.zeros_like(pos))
+        masked = self.local >= torch.cat(counts).index_select(0, self.segment)
+        bias = torch.zeros((), dtype=self.dtype, device=pos.device).masked_fill(masked, float("-inf"))
+        if not self.compact:
+            read = torch.cat([t.cache_keys(pos, self.n) for t in self.terms]).clamp_(0, self.n - 1)
+            return StepIndex(pos, read, bias)
+        slots = torch.cat([t.cache_slot(pos, self.n) for t in self.terms])
+        write = slots + self.write_offsets
+        if self.spare:  # keys a term skips go to the spare slot (never read)
+            write = torch.where(slots < 0, self.slots - 1, write)
+        return StepIndex(write, None, bias)
+
+    def prefill(self, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(positions [M], slots [M])``: where positions ``0 .. length-1`` go so that the buffer
+        holds what it would after decoding them one by one (each slot gets its last position)."""
+        if length not in self._prefill:
+            j = torch.arange(length)
+            if not self.compact:
+                src, dst = j, j
+            else:
+                src, dst = [], []
+                for t, off, size in zip(self.terms, self.offsets, [t.cache_slots(self.n) for t in self.terms]):
+                    s = t.cache_slot(j, self.n)
+                    keep = s >= 0
+                    last = torch.full((size,), -1).scatter_reduce_(0, s[keep], j[keep], "amax")
+                    filled = (last >= 0).nonzero().view(-1)
+                    src.append(last[filled])
+                    dst.append(filled + off)
+                src, dst = torch.cat(src), torch.cat(dst)
+            self._prefill[length] = (src.to(self.device), dst.to(self.device))
+        return self._prefill[length]
+
+
+def _head_selector(heads: list[int], n_head: int, device) -> slice | torch.Tensor | None:
+    """None for all heads, a slice for evenly spaced heads (multi-head integration, summary offsets:
+    a view, no copy), else an index tensor."""
+    if heads == list(range(n_head)):
+        return None
+    step = heads[1] - heads[0] if len(heads) > 1 else 1
+    if heads == list(range(heads[0], heads[-1] + 1, step)):
+        return slice(heads[0], heads[-1] + 1, step)
+    return torch.tensor(heads, device=device)
+
+
+class _Group:
+    """The key and value buffers ``[B·Hg, slots, d]`` of the heads ``heads`` of one layer (batch and
+    head in one dimension: a step is then a few batched matrix products)."""
+
+    def __init__(self, layout: _Layout, layout_id: int, heads: list[int], n_head: int, batch: int, dk: int,
+                 dv: int, device, dtype):
+        self.layout, self.layout_id = layout, layout_id
+        self.heads = _head_selector(heads, n_head, device)
+        self.k = torch.zeros(batch * len(heads), layout.slots, dk, device=device, dtype=key_dtype(dtype))
+        self.v = torch.zeros(batch * len(heads), layout.slots, dv, device=device, dtype=dtype)
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, index: StepIndex) -> torch.Tensor:
+        """``q, k [B, Hg, 1, dk]``, ``v [B, Hg, 1, dv]`` -> ``[B, Hg, 1, dv]``."""
+        B, Hg, _, dk = q.shape
+        q, k, v = q.reshape(B * Hg, 1, dk), k.reshape(B * Hg, 1, dk), v.reshape(B * Hg, 1, -1)
+        if k.dtype != self.k.dtype:  # fp16 models keep fp32 keys
+            q, k = q.to(self.k.dtype), k.to(self.k.dtype)
+        if v.dtype != self.v.dtype:
+            v = v.to(self.v.dtype)
+        T = index.write.shape[0]
+        if T > 1:  # one slot per term
+            k, v = k.expand(-1, T, -1), v.expand(-1, T, -1)
+        self.k.index_copy_(1, index.write, k)
+        self.v.index_copy_(1, index.write, v)
+        keys, values = self.k, self.v
+        if index.read is not None:
+            keys, values = keys.index_select(1, index.read), values.index_select(1, index.read)
+        # scores + bias (-inf where masked) in one product; softmax in fp32
+        p = torch.softmax(torch.baddbmm(index.bias, q, keys.transpose(1, 2), alpha=dk**-0.5).float(), dim=-1)
+        if self.layout.no_keys:
+            p = p.nan_to_num_(0.0)  # a query with no key: zero output
+        if p.dtype != values.dtype:
+            p = p.to(values.dtype)
+        return torch.bmm(p, values).view(B, Hg, 1, -1)
+
+    def prefill(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        """``k [B, Hg, P, dk]``, ``v [B, Hg, P, dv]``: positions ``0 .. P-1``."""
+        src, dst = self.layout.prefill(k.shape[2])
+        self.k.index_copy_(1, dst, k.index_select(2, src).flatten(0, 1).to(self.k.dtype))
+        self.v.index_copy_(1, dst, v.index_select(2, src).flatten(0, 1))
 
     @property
     def nbytes(self) -> int:
         return self.k.numel() * self.k.element_size() + self.v.numel() * self.v.element_size()
 
 
-class BandCache(_TermCache):
-    """``Band(w)``: a ring buffer of the last ``w`` keys (``Band(None)``, dense: all ``n``)."""
-
-    def __init__(self, term: Band, n: int, *args):
-        self.size = n if term.window is None else min(term.window, n)
-        super().__init__((self.size,), *args)
-
-    def write(self, k: torch.Tensor, v: torch.Tensor, pos: int) -> None:
-        self.k[:, :, pos % self.size] = k
-        self.v[:, :, pos % self.size] = v
-
-    def read(self, pos: int):
-        m = min(pos + 1, self.size)  # slots 0..m-1 hold exactly positions max(0, pos-w+1)..pos
-        return self.k[:, :, :m], self.v[:, :, :m]
-
-
-class StrideCache(_TermCache):
-    """``Stride(l, md)``: every key, at ``[pos mod l, pos // l]``; a query reads its residue row."""
-
-    def __init__(self, term: Stride, n: int, *args):
-        self.l = term.size
-        self.gap = -(-term.min_distance // self.l)  # rows between a query and its nearest key
-        super().__init__((min(self.l, n), -(-n // self.l)), *args)
-
-    def write(self, k, v, pos):
-        self.k[:, :, pos % self.l, pos // self.l] = k
-        self.v[:, :, pos % self.l, pos // self.l] = v
-
-    def read(self, pos):
-        m = max(pos // self.l - self.gap + 1, 0)
-        return self.k[:, :, pos % self.l, :m], self.v[:, :, pos % self.l, :m]
-
-
-class BlockCache(_TermCache):
-    """``Block(l)``: the current block only; slot ``pos mod l`` (older blocks are overwritten)."""
-
-    def __init__(self, term: Block, n: int, *args):
-        self.l = term.size
-        super().__init__((min(self.l, n),), *args)
-
-    def write(self, k, v, pos):
-        self.k[:, :, pos % self.l] = k
-        self.v[:, :, pos % self.l] = v
-
-    def read(self, pos):
-        return self.k[:, :, : pos % self.l + 1], self.v[:, :, : pos % self.l + 1]
-
-
-class SummaryCache(_TermCache):
-    """``Summary(l, lo, hi)``: the ``c = hi - lo`` summary cells of each block, compacted to
-    ``c·ceil(n/l)`` slots in position order, so the cells a query reads are a prefix."""
-
-    def __init__(self, term: Summary, n: int, *args):
-        self.l, self.lo, self.c = term.size, term.lo, term.hi - term.lo
-        self.earlier_blocks_only = term.earlier_blocks_only
-        super().__init__((self.c * -(-n // self.l),), *args)
-
-    def write(self, k, v, pos):
-        r = pos % self.l - self.lo
-        if 0 <= r < self.c:
-            slot = (pos // self.l) * self.c + r
-            self.k[:, :, slot] = k
-            self.v[:, :, slot] = v
-
-    def read(self, pos):
-        m = (pos // self.l) * self.c
-        if not self.earlier_blocks_only:  # the current block's cells up to pos
-            m += min(max(pos % self.l - self.lo + 1, 0), self.c)
-        return self.k[:, :, :m], self.v[:, :, :m]
-
-
-_CACHES = {Band: BandCache, Stride: StrideCache, Block: BlockCache, Summary: SummaryCache}
-
-
-def _term_cache(term: Term, n: int, *args) -> _TermCache:
-    return _CACHES[type(term)](term, n, *args)
-
-
 class LayerKVCache:
-    """The cache of one attention layer: per group of heads with identical terms, one buffer per term.
+    """The cache of one attention layer: one :class:`_Group` of buffers per group of heads with the
+    same terms (``pattern.head_groups``). Built by :class:`KVCache`."""
 
-    Args:
-        pattern: the layer's pattern (``pattern.for_layer(r)`` already applied).
-        n_head, batch: heads and batch rows.
-        length: positions to hold (at most the model's ``n_ctx``).
-        dk, dv: per-head query/key and value widths.
-        dtype: the values' dtype (keys are always fp32).
-    """
-
-    def __init__(
-        self,
-        pattern: _PatternBase,
-        n_head: int,
-        batch: int,
-        length: int,
-        dk: int,
-        dv: int,
-        device=None,
-        dtype=torch.float32,
-    ):
-        self.length = length
-        self.dv = dv
-        self.groups = []  # (head index tensor or None for all heads, [term caches])
-        groups = pattern.head_groups(n_head)
-        for terms, heads in groups:
-            idx = None if len(groups) == 1 else torch.tensor(heads, device=device)
-            caches = [_term_cache(t, length, batch, len(heads), dk, dv, device, dtype) for t in terms]
-            self.groups.append((idx, caches))
-        order = [h for _, heads in groups for h in heads]
-        self.inverse = None if order == list(range(n_head)) else torch.tensor(order, device=device).argsort()
+    def __init__(self, groups: list[_Group], inverse: torch.Tensor | None):
+        self.groups = groups
+        self.inverse = inverse  # puts the groups' heads, concatenated, back in head order
 
     @property
     def nbytes(self) -> int:
-        return sum(c.nbytes for _, caches in self.groups for c in caches)
+        return sum(g.nbytes for g in self.groups)
 
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: int) -> torch.Tensor:
-        """Store the new key/value at ``pos`` and attend to the keys the pattern allows.
+    def _split(self, t: torch.Tensor, g: _Group) -> torch.Tensor:
+        if g.heads is None:
+            return t
+        return t[:, g.heads] if isinstance(g.heads, slice) else t.index_select(1, g.heads)
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, step: list[StepIndex]) -> torch.Tensor:
+        """Store the key and value of the decoded position and attend to the keys the pattern allows.
 
         Args:
-            q, k: ``[B, H, 1, dk]``; v: ``[B, H, 1, dv]`` (the projections of position ``pos``).
-            pos: the position, ``0 <= pos < length``; positions must be decoded in order.
+            q, k: ``[B, H, 1, dk]``; v: ``[B, H, 1, dv]``: the projections at the step's position.
+            step: :meth:`KVCache.step` of that position.
         Returns:
-            ``[B, H, 1, dv]`` in ``v.dtype``; a head with no allowed key gives zeros.
+            ``[B, H, 1, dv]`` in ``v.dtype``; a query with no allowed key gives zeros.
         """
-        if not 0 <= pos < self.length:
-            raise ValueError(f"position {pos} is outside the cache (length {self.length}); make a longer cache")
-        scale = q.shape[-1] ** -0.5
-        q, k = q.float(), k.float()
-        outs = []
-        for idx, caches in self.groups:
-            qg, kg, vg = (q, k, v) if idx is None else (t.index_select(1, idx) for t in (q, k, v))
-            for c in caches:
-                c.write(kg[:, :, 0], vg[:, :, 0], pos)
-            parts = [kv for kv in (c.read(pos) for c in caches) if kv[0].shape[2] > 0]
-            if not parts:  # e.g. a standalone summary head before the first summary cell
-                outs.append(torch.zeros_like(vg))
-                continue
-            # The terms are disjoint: one softmax over their concatenated scores is the exact union.
-            scores = torch.cat([torch.matmul(qg, ks.transpose(-1, -2)) for ks, _ in parts], dim=-1) * scale
-            p = torch.softmax(scores, dim=-1)
-            sizes = [ks.shape[2] for ks, _ in parts]
-            y = sum(torch.matmul(pt.to(vs.dtype), vs) for pt, (_, vs) in zip(p.split(sizes, dim=-1), parts))
-            outs.append(y)
+        outs = [g.attend(*(self._split(t, g) for t in (q, k, v)), step[g.layout_id]) for g in self.groups]
         out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
         return out if self.inverse is None else out.index_select(1, self.inverse)
 
+    def prefill(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store the keys ``[B, H, P, dk]`` and values ``[B, H, P, dv]`` of positions ``0 .. P-1``
+        (a prefix computed in one parallel forward pass)."""
+        for g in self.groups:
+            g.prefill(self._split(k, g), self._split(v, g))
+
 
 class KVCache:
-    """One :class:`LayerKVCache` per layer, for ``batch`` sequences of up to ``length`` positions.
+    """The sparse KV cache of a whole model: one :class:`LayerKVCache` per layer, for ``batch``
+    sequences of up to ``length`` positions. Build it with
+    :meth:`sparse_transformer.model.SparseTransformer.new_cache`.
 
-    Build it with :meth:`sparse_transformer.model.SparseTransformer.new_cache`.
+    Args:
+        patterns: each layer's pattern (``pattern.for_layer(r)`` applied).
+        n_head, batch, length: heads, batch rows and positions to hold (``length <= n_ctx``).
+        dk, dv: per-head query/key and value widths.
+        device: where the buffers live (``"meta"`` allocates nothing, for sizing).
+        dtype: the model's dtype (values; keys see :func:`key_dtype`).
     """
 
-    def __init__(self, layers: list[LayerKVCache], batch: int, length: int, dense_nbytes: int):
-        self.layers = layers
-        self.batch = batch
-        self.length = length
-        self.dense_nbytes = dense_nbytes  # what a dense KV cache in the same dtypes would take
+    def __init__(self, patterns: list[Pattern], n_head: int, batch: int, length: int, dk: int, dv: int,
+                 device=None, dtype=torch.float32):
+        self.batch, self.length = batch, length
+        index_device = torch.device("cpu") if torch.device(device or "cpu").type == "meta" else device
+        self.layouts: list[_Layout] = []
+        ids: dict[tuple[Term, ...], int] = {}
+        self.layers = []
+        for pattern in patterns:
+            groups = pattern.head_groups(n_head)
+            built = []
+            for terms, heads in groups:
+                if terms not in ids:
+                    ids[terms] = len(self.layouts)
+                    self.layouts.append(_Layout(terms, length, index_device, key_dtype(dtype)))
+                built.append(_Group(self.layouts[ids[terms]], ids[terms], heads, n_head, batch, dk, dv, device, dtype))
+            order = [h for _, heads in groups for h in heads]
+            inverse = None if order == list(range(n_head)) else torch.tensor(order, device=device).argsort()
+            self.layers.append(LayerKVCache(built, inverse))
+        # a dense KV cache in the same dtypes: every position of every head
+        key_bytes = torch.empty(0, dtype=key_dtype(dtype)).element_size()
+        value_bytes = torch.empty(0, dtype=dtype).element_size()
+        self.dense_nbytes = len(patterns) * batch * n_head * length * (dk * key_bytes + dv * value_bytes)
 
     @property
     def nbytes(self) -> int:
         """Bytes allocated for keys and values, all layers."""
         return sum(layer.nbytes for layer in self.layers)
+
+    def step(self, pos: torch.Tensor) -> list[StepIndex]:
+        """The slots every layout writes and reads at position ``pos`` (``[1]`` int64, on the
+        cache's device; ``0 <= pos < length``, not checked, as that would sync)."""
+        return [layout.step(pos) for layout in self.layouts]
+
+    def zero_(self) -> KVCache:
+        """Clear every buffer (a fresh cache, e.g. after a warm-up wrote into it)."""
+        for layer in self.layers:
+            for g in layer.groups:
+                g.k.zero_()
+                g.v.zero_()
+        return self

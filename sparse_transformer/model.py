@@ -1,4 +1,4 @@
-"""The Sparse Transformer (Child et al. 2019, paper-spec.md §5), one file, top to bottom.
+"""The Sparse Transformer (Child et al. 2019, paper §5), one file, top to bottom.
 
 A decoder-only Transformer over bytes (vocabulary 256):
 
@@ -6,10 +6,12 @@ A decoder-only Transformer over bytes (vocabulary 256):
     H_k = H + a + b,  a = dropout(attn(norm(H))),  b = dropout(ff(norm(H + a)))
     logits = norm(H_N) · W_out
 
-Sampling decodes one position at a time (``new_cache`` + ``decode_step``) with a sparse KV cache that
-holds only the keys the pattern reads (``kv_cache.py``).
+Sampling runs the same blocks with a sparse KV cache that holds only the keys the pattern reads
+(``kv_cache.py``): ``forward(x, cache)`` feeds a prefix in one parallel pass and fills the cache
+(prefill), ``decode_step`` computes one position from the cache (a fixed sequence of tensor
+operations, so it can be captured in a CUDA graph; see ``sample.py``).
 
-Readings of what the paper leaves open (paper-spec.md §12), recorded here:
+Readings of what the paper leaves open, recorded here:
 
 * init: N(0, std) with std = sqrt(0.125 / d_in) for attention and feed-forward matrices (the [DA]
   reading of "N(0, 0.125/sqrt(d_in))" as a variance); W_p and W_2 additionally scaled by
@@ -33,7 +35,7 @@ from torch.utils.checkpoint import checkpoint
 from . import patterns
 from .attention import sparse_attention
 from .config import ModelConfig
-from .kv_cache import KVCache, LayerKVCache
+from .kv_cache import KVCache, LayerKVCache, StepIndex
 
 
 def gelu(x: torch.Tensor) -> torch.Tensor:
@@ -69,15 +71,22 @@ class Attention(nn.Module):
         B, H, n, dh = y.shape
         return self.proj(y.transpose(1, 2).reshape(B, n, H * dh))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        q, k, v = self.split_heads(x)
-        return self.merge_heads(sparse_attention(q, k, v, self.pattern, backend=self.backend))
+    def forward(
+        self, x: torch.Tensor, cache: LayerKVCache | None = None, step: list[StepIndex] | None = None
+    ) -> torch.Tensor:
+        """``x [B, n, d]`` -> ``[B, n, d]``, the sparse attention of paper §4 and its projections.
 
-    def decode(self, x: torch.Tensor, pos: int, cache: LayerKVCache) -> torch.Tensor:
-        """One position for sampling: ``x [B, 1, d]`` at position ``pos`` -> ``[B, 1, d]``; its key and
-        value go into ``cache``, which serves the keys of earlier positions the pattern reads."""
+        Without ``cache``: positions ``0 .. n-1`` (training, evaluation). With ``cache`` and no
+        ``step``: the same, and the keys and values of those positions are stored in ``cache``
+        (prefill). With both: ``n = 1``, the position of ``step`` (:meth:`KVCache.step`), attending
+        to the cached keys of earlier positions (decoding).
+        """
         q, k, v = self.split_heads(x)
-        return self.merge_heads(cache.attend(q, k, v, pos))
+        if step is not None:
+            return self.merge_heads(cache.attend(q, k, v, step))
+        if cache is not None:
+            cache.prefill(k, v)
+        return self.merge_heads(sparse_attention(q, k, v, self.pattern, backend=self.backend))
 
 
 class FeedForward(nn.Module):
@@ -103,24 +112,22 @@ class Block(nn.Module):
         self.dropout = nn.Dropout(cfg.dropout)
         self.checkpoint = cfg.checkpoint
 
-    def _attn_branch(self, x):
-        return self.dropout(self.attn(self.ln_1(x)))
+    def _attn_branch(self, x, cache=None, step=None):
+        return self.dropout(self.attn(self.ln_1(x), cache, step))
 
     def _ff_branch(self, x):
         return self.dropout(self.ff(self.ln_2(x)))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, cache: LayerKVCache | None = None, step: list[StepIndex] | None = None
+    ) -> torch.Tensor:
+        """``x [B, n, d]`` -> ``[B, n, d]``; ``cache`` and ``step`` as in :meth:`Attention.forward`."""
         if self.checkpoint and torch.is_grad_enabled():
             # Recompute both branches in the backward pass (paper §5.4); only block inputs are kept.
             # The saved RNG state makes the recomputed dropout masks equal the forward ones.
-            x = x + checkpoint(self._attn_branch, x, use_reentrant=False)
+            x = x + checkpoint(self._attn_branch, x, cache, step, use_reentrant=False)
             return x + checkpoint(self._ff_branch, x, use_reentrant=False)
-        x = x + self._attn_branch(x)
-        return x + self._ff_branch(x)
-
-    def decode(self, x: torch.Tensor, pos: int, cache: LayerKVCache) -> torch.Tensor:
-        """The block at one position: ``x [B, 1, d]`` -> ``[B, 1, d]`` (see :meth:`Attention.decode`)."""
-        x = x + self.dropout(self.attn.decode(self.ln_1(x), pos, cache))
+        x = x + self._attn_branch(x, cache, step)
         return x + self._ff_branch(x)
 
 
@@ -139,9 +146,8 @@ class PositionEmbedding(nn.Module):
             self.strides = [l, 1]
         self.tables = nn.ParameterList(nn.Parameter(torch.empty(s, cfg.d_model)) for s in self.sizes)
 
-    def forward(self, start: int, n: int, device) -> torch.Tensor:
-        """Embeddings of positions ``start .. start+n-1``: ``[n, d]``."""
-        t = torch.arange(start, start + n, device=device)
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        """Embeddings of the positions ``t`` (int64, any shape): ``[*t.shape, d]``."""
         return sum(table[(t // s) % size] for table, s, size in zip(self.tables, self.strides, self.sizes))
 
 
@@ -191,20 +197,26 @@ class SparseTransformer(nn.Module):
             raise ValueError(f"sequence length {n} exceeds the model's n_ctx = {self.cfg.n_ctx}; use a shorter input")
         tok = self.tok_emb(x[:, :-1].long())
         h = torch.cat([self.start.expand(B, 1, -1).to(tok.dtype), tok], dim=1)
-        return h + self.pos_emb(0, n, x.device)
+        return h + self.pos_emb(torch.arange(n, device=x.device))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        """``x [B, n]`` bytes -> logits ``[B, n, vocab]``. With ``cache`` (prefill for sampling), the
+        keys and values of positions ``0 .. n-1`` are also stored in it, so that decoding can go on
+        at position ``n`` (:meth:`decode_step`); ``n`` must be at most ``cache.length``."""
+        if cache is not None and (x.shape[0] != cache.batch or x.shape[1] > cache.length):
+            raise ValueError(f"prefill of {tuple(x.shape)} does not fit a cache of batch {cache.batch}, "
+                             f"length {cache.length}; make the cache with new_cache(batch, length)")
         h = self.embed(x)
-        for block in self.blocks:
-            h = block(h)
+        for r, block in enumerate(self.blocks):
+            h = block(h, None if cache is None else cache.layers[r])
         return self.head(self.ln_f(h))
 
     # ---- incremental decoding (sampling) ------------------------------------------------------
 
     def new_cache(self, batch: int, length: int | None = None, device=None) -> KVCache:
         """A pre-allocated sparse KV cache for ``batch`` sequences of ``length`` positions (default
-        ``n_ctx``), keys fp32 and values in the model's dtype, on ``device`` (default the model's;
-        ``"meta"`` allocates nothing, for sizing)."""
+        ``n_ctx``), in the model's dtype (fp16 models keep fp32 keys), on ``device`` (default the
+        model's; ``"meta"`` allocates nothing, for sizing). Raises ValueError outside ``1..n_ctx``."""
         cfg = self.cfg
         length = cfg.n_ctx if length is None else length
         if not 0 < length <= cfg.n_ctx:
@@ -212,28 +224,34 @@ class SparseTransformer(nn.Module):
         dk, dv = self.blocks[0].attn.d_qk // cfg.n_head, cfg.d_model // cfg.n_head
         w = self.head.weight
         device = w.device if device is None else device
-        layers = [LayerKVCache(b.attn.pattern, cfg.n_head, batch, length, dk, dv, device, w.dtype) for b in self.blocks]
-        dense = cfg.n_layer * batch * cfg.n_head * length * (dk * 4 + dv * w.element_size())
-        return KVCache(layers, batch, length, dense)
+        patterns = [b.attn.pattern for b in self.blocks]
+        return KVCache(patterns, cfg.n_head, batch, length, dk, dv, device, w.dtype)
 
-    def decode_step(self, token: torch.Tensor | None, pos: int, cache: KVCache) -> torch.Tensor:
-        """Logits of position ``pos`` given the cached positions ``0 .. pos-1``.
+    def decode_step(self, token: torch.Tensor | None, pos: torch.Tensor | int, cache: KVCache) -> torch.Tensor:
+        """Logits of position ``pos`` given the cached positions ``0 .. pos-1`` (one sampling step).
 
         Args:
-            token: ``[B]`` the byte at position ``pos - 1`` (the input is shifted right), or None at
-                ``pos = 0``, where the learned start embedding is fed.
-            pos: the position; call with ``pos = 0, 1, 2, ...`` in order on one cache.
+            token: ``[B]`` the byte at position ``pos - 1`` (the input is shifted right); ignored at
+                ``pos = 0``, where the learned start embedding is fed (None is allowed there).
+            pos: ``[1]`` int64 on the model's device (no host sync; not range-checked), or an int
+                (checked: ValueError outside ``0 .. cache.length - 1``). Positions are decoded in
+                order on one cache, after the prefill (:meth:`forward` with ``cache``) if any.
             cache: from :meth:`new_cache`.
         Returns:
             ``[B, vocab]``, equal to ``self(x)[:, pos]`` for any ``x`` that holds the fed bytes.
         """
-        if pos == 0:
-            h = self.start.expand(cache.batch, 1, -1)
-        else:
-            h = self.tok_emb(token.view(cache.batch, 1).long())
-        h = h + self.pos_emb(pos, 1, h.device)
+        device = self.start.device
+        if not isinstance(pos, torch.Tensor):
+            if not 0 <= pos < cache.length:
+                raise ValueError(f"position {pos} is outside the cache (length {cache.length}); make a longer cache")
+            pos = torch.tensor([pos], device=device)
+        if token is None:
+            token = torch.zeros(cache.batch, dtype=torch.long, device=device)
+        tok = self.tok_emb(token.view(cache.batch, 1).long())
+        h = torch.where(pos == 0, self.start.to(tok.dtype), tok) + self.pos_emb(pos)
+        step = cache.step(pos)
         for block, layer_cache in zip(self.blocks, cache.layers):
-            h = block.decode(h, pos, layer_cache)
+            h = block(h, layer_cache, step)
         return self.head(self.ln_f(h))[:, 0]
 
     def loss(self, x: torch.Tensor, reduction: str = "mean") -> torch.Tensor:

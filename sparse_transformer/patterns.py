@@ -72,6 +72,20 @@ _PARTS = {"dense": ("both",), "local": ("both",), "strided": ("both", "local", "
 # --------------------------------------------------------------------------------------------
 # Terms: the simple index sets a head's key set is built from. Each is causal (j <= i).
 # --------------------------------------------------------------------------------------------
+#
+# Besides ``allows``, ``keys_per_query`` and ``tiles``, each term gives the KV cache of sampling
+# (``kv_cache.py``) its rules, so the cache holds and reads exactly the term's keys:
+#
+# * ``cache_slots(n)``: the size of the term's own buffer of keys for ``n`` positions, laid out so
+#   that query ``i`` reads its slots ``0 .. keys_per_query(i) - 1`` (a ring of the last keys, the
+#   current block, the compacted summary cells); None when no such buffer exists (``Stride``: a query
+#   reads its residue class, so every key must be kept at its position).
+# * ``cache_slot(j, n)``: the slot of key ``j`` in that buffer, -1 for a key no query reads.
+# * ``cache_keys(i, n)``: a fixed-length ``[K]`` tensor of positions whose first ``keys_per_query(i)``
+#   entries are the keys of query ``i`` (the rest are arbitrary), for a buffer of every position.
+#
+# ``i`` and ``j`` are int64 tensors (``keys_per_query`` takes numpy arrays too); nothing here
+# depends on their values on the host, so a decoding step built from these rules never syncs.
 
 
 def ceil_div(a, b):
@@ -108,8 +122,8 @@ class Band:
         return (d >= 0) if self.window is None else (d >= 0) & (d < self.window)
 
     def keys_per_query(self, i):
-        """How many keys query ``i`` reads (int or int array ``i``)."""
-        return i + 1 if self.window is None else np.minimum(i + 1, self.window)
+        """How many keys query ``i`` reads (int, numpy array or int tensor ``i``)."""
+        return i + 1 if self.window is None else _clip(i + 1, 0, self.window)
 
     def covers(self, n: int) -> bool:
         """Whether, at length ``n``, the band reaches every earlier position (plain causal)."""
@@ -127,6 +141,15 @@ class Band:
         dmin = qb * b - torch.clamp(kb * b + b - 1, max=n - 1)  # smallest i - j in the tile
         ok = dmax >= 0
         return ok if self.window is None else ok & (dmin < self.window)
+
+    def cache_slots(self, n: int) -> int:
+        return n if self.window is None else min(self.window, n)
+
+    def cache_slot(self, j: torch.Tensor, n: int) -> torch.Tensor:
+        return j % self.cache_slots(n)  # a ring of the last window keys
+
+    def cache_keys(self, i: torch.Tensor, n: int) -> torch.Tensor:
+        return i - torch.arange(self.cache_slots(n), device=i.device)  # i, i - 1, ...
 
 
 @dataclass(frozen=True)
@@ -156,6 +179,15 @@ class Block:
         q_lo, q_hi = qb * b // l, torch.clamp(qb * b + b - 1, max=n - 1) // l
         k_lo, k_hi = kb * b // l, torch.clamp(kb * b + b - 1, max=n - 1) // l
         return (kb <= qb) & (torch.maximum(q_lo, k_lo) <= torch.minimum(q_hi, k_hi))
+
+    def cache_slots(self, n: int) -> int:
+        return min(self.size, n)
+
+    def cache_slot(self, j: torch.Tensor, n: int) -> torch.Tensor:
+        return j % self.size  # the current block overwrites the previous one
+
+    def cache_keys(self, i: torch.Tensor, n: int) -> torch.Tensor:
+        return (i // self.size) * self.size + torch.arange(self.cache_slots(n), device=i.device)
 
 
 @dataclass(frozen=True)
@@ -198,9 +230,10 @@ class Stride:
         return (d >= self.min_distance) & (d >= 0) & (d % self.size == 0)
 
     def keys_per_query(self, i):
-        """How many keys query ``i`` reads (int or int array ``i``): its run's rows ``<= i // size``
-        at least :attr:`gap` rows back."""
-        return np.maximum(0, i // self.size - self.gap + 1)
+        """How many keys query ``i`` reads (int, numpy array or int tensor ``i``): its run's rows
+        ``<= i // size`` at least :attr:`gap` rows back."""
+        rows = i // self.size - self.gap + 1
+        return rows.clip(min=0) if hasattr(rows, "clip") else max(rows, 0)
 
     def key_span(self, n: int, rows: int) -> int:
         """An upper bound on the keys ``rows`` consecutive rows of one residue run read: the run."""
@@ -212,6 +245,13 @@ class Stride:
         dmin = torch.clamp(qb * b - (kb * b + b - 1), min=max(self.min_distance, 0))
         first = ceil_div(dmin, self.size) * self.size  # smallest multiple of size >= dmin
         return first <= dmax
+
+    def cache_slots(self, n: int) -> None:
+        return None  # each key is read again by every later query of its residue class
+
+    def cache_keys(self, i: torch.Tensor, n: int) -> torch.Tensor:
+        count = max(self.run_length(n) - self.gap, 1)  # rows a query can read back in its run
+        return i - self.size * (self.gap + torch.arange(count, device=i.device))
 
 
 @dataclass(frozen=True)
@@ -288,6 +328,16 @@ class Summary:
         i_max = torch.clamp(qb * b + b - 1, max=n - 1)
         reach = (j_min // l < i_max // l) if self.earlier_blocks_only else (j_min <= i_max)
         return (j_min <= k_end) & reach
+
+    def cache_slots(self, n: int) -> int:
+        return self.compact_length(n)
+
+    def cache_slot(self, j: torch.Tensor, n: int) -> torch.Tensor:
+        r = j % self.size - self.lo  # the tensor form of :meth:`slot`, -1 for no summary cell
+        return torch.where((r >= 0) & (r < self.cells), (j // self.size) * self.cells + r, -1)
+
+    def cache_keys(self, i: torch.Tensor, n: int) -> torch.Tensor:
+        return self.position(torch.arange(self.cache_slots(n), device=i.device))  # every cell, in order
 
 
 Term = Band | Block | Stride | Summary
@@ -591,8 +641,3 @@ def from_name(name: str, stride: int | None = None, c: int | None = None, num_ve
         raise ValueError(f"{name} pattern: integration={integration!r} combines both parts, but part={part!r} "
                          "keeps one; use part='both' (or integration='merged' for the single part)")
     return INTEGRATIONS[integration](p)
-
-
-# Deprecated spelling of :class:`Pattern`, kept only while sparse_transformer/kv_cache.py still
-# imports it; new code uses ``Pattern``, and the alias goes once the cache does too.
-_PatternBase = Pattern

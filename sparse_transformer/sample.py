@@ -1,17 +1,27 @@
 """Sampling: KV-cached autoregressive generation, and ``sparse-transformer sample`` (.txt/.png/.wav).
 
-``generate`` decodes one position at a time with the model's sparse KV cache
-(:meth:`SparseTransformer.new_cache`, :meth:`SparseTransformer.decode_step`), gpt-fast style: the
-cache is allocated once, positions are Python ints, and the next token is drawn without a host sync
-(``argmax(probs / Exp(1) noise)`` is an exact categorical sample). ``use_cache=False`` runs the full
-forward pass over the whole prefix at every step instead: the same distribution, O(n) times slower;
-it is the baseline of ``sparse-transformer bench sample`` and a check of the cache.
+``generate`` draws ``num`` samples in one batch, gpt-fast style:
+
+1. prefill: a prefix (a text prompt, the top rows of an image) is fed in one parallel forward pass
+   of the model, which also fills the sparse KV cache (:meth:`SparseTransformer.forward` with a cache);
+2. decoding: one :class:`Decoder` step per position computes the logits from the cache
+   (:meth:`SparseTransformer.decode_step`), draws the next byte and advances the position. The step
+   has fixed shapes, the position is a device tensor and nothing syncs with the host, so on CUDA
+   the step is captured once in a CUDA graph and replayed (optionally compiled by
+   ``torch.compile`` first, which fuses its small kernels).
+
+A draw is ``argmax(p / E)`` with ``E ~ Exp(1)``, an exact categorical sample that never waits for the
+device. The noise ``E`` is drawn from the seeded generator for ``NOISE_STEPS`` steps at a time, outside
+the captured step, so the eager, captured and uncached paths draw the same bytes from the same seed.
+``use_cache=False`` runs the full forward pass over the whole prefix at every step instead: the same
+distribution, O(n) times slower; it is the baseline of ``sparse-transformer bench sample``.
 """
 
 from __future__ import annotations
 
 import math
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -20,17 +30,24 @@ import torch
 from .config import Config, data_meta
 from .errors import UserError
 
-__all__ = ["generate", "sample_command", "sample_logits", "write_samples"]
+__all__ = ["NOISE_STEPS", "Decoder", "generate", "sample_command", "sample_logits", "write_samples"]
+
+NOISE_STEPS = 256  # decoding steps whose sampling noise is drawn at once
 
 
 def sample_logits(
-    logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, generator: torch.Generator | None = None
+    logits: torch.Tensor,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    generator: torch.Generator | None = None,
+    noise: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Draw one token per row of ``logits [B, V]`` -> ``[B]`` int64.
 
     ``temperature <= 0`` or ``top_k == 1`` is greedy (argmax); ``top_k > 1`` keeps the ``top_k``
     largest logits. The draw is ``argmax(p / E)`` with ``E ~ Exp(1)``, which samples ``p`` exactly
-    and, unlike ``torch.multinomial``, never waits for the device.
+    and, unlike ``torch.multinomial``, never waits for the device. ``noise [B, V]``: the ``E`` to use
+    (else drawn from ``generator``, or the global RNG when None).
     """
     if temperature <= 0 or top_k == 1:
         return logits.argmax(-1)
@@ -39,8 +56,126 @@ def sample_logits(
         kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     probs = torch.softmax(logits, dim=-1)
-    noise = torch.empty_like(probs).exponential_(1.0, generator=generator)
+    if noise is None:
+        noise = torch.empty_like(probs).exponential_(1.0, generator=generator)
     return (probs / noise).argmax(-1)
+
+
+class Decoder:
+    """Samples ``tokens [B, L]`` position by position with the sparse KV cache, one fixed-shape step
+    per position (autoregressive sampling of the model of paper §5, as for the samples of its §7.3-7.4).
+
+    A step reads the byte at ``pos - 1``, computes the logits of position ``pos`` from the cache,
+    draws a byte into ``tokens[:, pos]`` and adds one to ``pos`` (an int64 ``[1]`` device tensor).
+    The cache, the tokens and the position are allocated here; a step only makes intermediates of
+    fixed shapes (from the graph's own memory when replayed) and never syncs with the host.
+
+    Args:
+        model: a :class:`~sparse_transformer.model.SparseTransformer` in eval mode.
+        tokens: ``[B, L]`` int64 on the model's device: the output; a prefix is written by the caller
+            before :meth:`prefill`.
+        temperature, top_k: see :func:`sample_logits`.
+        noise: ``[S, B, V]`` fp32 Exp(1) noise, row ``pos mod S`` used at ``pos`` (None: greedy).
+        graphs: capture the step in a CUDA graph (CUDA only; ValueError elsewhere).
+        compile: ``torch.compile`` the step first (inductor, whole graph).
+
+    If compiling or capturing fails, the decoder warns and falls back to the plain step.
+    """
+
+    def __init__(self, model, tokens: torch.Tensor, temperature: float = 1.0, top_k: int = 0,
+                 noise: torch.Tensor | None = None, graphs: bool = False, compile: bool = False):
+        if graphs and tokens.device.type != "cuda":
+            raise ValueError(f"CUDA graphs need a CUDA device; tokens are on {tokens.device} (use graphs=False)")
+        self.model, self.tokens, self.noise = model, tokens, noise
+        self.temperature, self.top_k = temperature, top_k
+        self.cache = model.new_cache(tokens.shape[0], tokens.shape[1])
+        self.pos = torch.zeros(1, dtype=torch.long, device=tokens.device)
+        self.graph, self.graph_logits = None, None
+        self.compiled = compile  # False again if compiling fails
+        self.step_fn = self._step
+        if compile:
+            self.step_fn = torch.compile(self._step, fullgraph=True, dynamic=False)
+        if graphs:
+            self._capture()
+        elif compile:
+            self._warm_up(None)
+            self._reset()
+
+    def _step(self) -> torch.Tensor:
+        pos, tokens = self.pos, self.tokens
+        prev = tokens.index_select(1, (pos - 1).clamp(min=0)).view(-1)
+        logits = self.model.decode_step(prev, pos, self.cache)
+        noise = None if self.noise is None else self.noise.index_select(0, pos % self.noise.shape[0])[0]
+        tokens.index_copy_(1, pos, sample_logits(logits, self.temperature, self.top_k, noise=noise).view(-1, 1))
+        pos.add_(1)
+        return logits
+
+    def _reset(self) -> None:
+        self.pos.zero_()
+        self.cache.zero_()
+        self.tokens.zero_()
+
+    def _warm_up(self, stream) -> None:
+        """Run (and, when compiling, compile) the step a few times at position 0 on ``stream`` (None:
+        the current one); the state is left dirty for :meth:`_reset`."""
+        try:
+            with torch.cuda.stream(stream) if stream is not None else _nothing():
+                for _ in range(3):
+                    self.pos.zero_()
+                    self.step_fn()
+        except Exception as e:  # a compiler error: keep the plain step
+            if not self.compiled:
+                raise
+            warnings.warn(
+                f"torch.compile of the decoding step failed ({type(e).__name__}: {e}); decoding uncompiled", stacklevel=2
+            )
+            self.compiled, self.step_fn = False, self._step
+
+    def _capture(self) -> None:
+        """Warm up on a side stream and capture one step in a CUDA graph (as the CUDA graphs notes of
+        PyTorch require), then clear the state the warm-up wrote."""
+        stream = torch.cuda.Stream(self.tokens.device)
+        stream.wait_stream(torch.cuda.current_stream(self.tokens.device))
+        self._warm_up(stream)
+        torch.cuda.current_stream(self.tokens.device).wait_stream(stream)
+        self._reset()
+        stream.wait_stream(torch.cuda.current_stream(self.tokens.device))
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph, stream=stream):
+                logits = self.step_fn()
+        except Exception as e:  # noqa: BLE001 - e.g. an operation that cannot be captured: decode eagerly
+            warnings.warn(
+                f"CUDA graph capture of the decoding step failed ({type(e).__name__}: {e}); decoding eagerly",
+                stacklevel=2,
+            )
+            torch.cuda.synchronize(self.tokens.device)
+        else:
+            self.graph, self.graph_logits = graph, logits
+        self._reset()
+
+    def prefill(self, length: int) -> None:
+        """Feed ``tokens[:, :length]`` in one parallel forward pass (filling the cache for positions
+        ``0 .. length-1``) and continue decoding at ``length``."""
+        if length:
+            self.model(self.tokens[:, :length], self.cache)
+        self.pos.fill_(length)
+
+    def step(self) -> torch.Tensor:
+        """Decode one position: returns its logits ``[B, V]`` (overwritten by the next step when the
+        step is a replayed CUDA graph; clone to keep)."""
+        if self.graph is not None:
+            self.graph.replay()
+            return self.graph_logits
+        return self.step_fn()
+
+
+class _nothing:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
 
 
 def _prefix_rows(prefix: torch.Tensor | None, num: int, length: int, device) -> torch.Tensor | None:
@@ -71,8 +206,10 @@ def generate(
     device=None,
     use_cache: bool = True,
     seed: int | None = None,
+    graphs: bool | None = None,
+    compile: bool = False,
 ) -> torch.LongTensor:
-    """Sample ``num`` sequences of ``length`` bytes from ``model``.
+    """Sample ``num`` sequences of ``length`` bytes from ``model``, all ``num`` in one batch.
 
     Args:
         model: a :class:`~sparse_transformer.model.SparseTransformer` (put in eval mode for the call).
@@ -80,45 +217,58 @@ def generate(
         num, length: batch size and bytes per sample (``1 <= length <= n_ctx``).
         temperature, top_k: see :func:`sample_logits` (paper: temperature 1, no top-k).
         prefix: ``[P]`` or ``[num, P]`` bytes that fix the first ``P`` positions (completions, e.g.
-            the top half of an image); they are fed, not sampled, and kept in the output.
+            the top half of an image); fed in one forward pass (prefill), kept in the output.
         device: the device the model is on (default: found from its parameters).
         use_cache: decode with the sparse KV cache (True; on CPU with one intra-op thread) or a full
             forward pass per step (False).
         seed: seed of the sampling generator; None draws from the global RNG.
+        graphs: replay the decoding step as a CUDA graph (None: on CUDA; True elsewhere raises
+            ValueError); a failed capture warns and decodes eagerly.
+        compile: ``torch.compile`` the decoding step (worth its compile time for long samples on CUDA).
     Returns:
         ``[num, length]`` int64 bytes on ``device``.
+    Raises:
+        ValueError: a length outside ``1..n_ctx``, ``num < 1``, a bad prefix, graphs off CUDA.
     """
     device = torch.device(device) if device is not None else next(model.parameters()).device
     if not 1 <= length <= cfg.model.n_ctx:
         raise ValueError(f"sample length {length} must be in 1..n_ctx = {cfg.model.n_ctx}")
     if num < 1:
         raise ValueError(f"num = {num} samples; ask for at least 1")
+    graphs = use_cache and device.type == "cuda" if graphs is None else graphs
     generator = None
     if seed is not None:
         generator = torch.Generator(device=device)
         generator.manual_seed(seed)
     prefix = _prefix_rows(prefix, num, length, device)
     P = 0 if prefix is None else prefix.shape[1]
+    greedy = temperature <= 0 or top_k == 1
+    vocab = model.head.out_features
+    noise = None if greedy else torch.empty(min(NOISE_STEPS, length), num, vocab, device=device)
 
     was_training = model.training
     model.eval()
     out = torch.zeros(num, length, dtype=torch.long, device=device)
-    if P:
-        out[:, :P] = prefix
-    cache = model.new_cache(num, length) if use_cache else None
     threads = torch.get_num_threads()
     if use_cache and device.type == "cpu":
         # A decode step is a few dozen tiny ops; more intra-op threads only add synchronization
         # (measured on 2 busy cores: 2,000 tokens/s with one thread, 9 with two).
         torch.set_num_threads(1)
     try:
-        for i in range(length):
-            if use_cache:
-                logits = model.decode_step(out[:, i - 1] if i else None, i, cache)
+        decoder = Decoder(model, out, temperature, top_k, noise, graphs, compile) if use_cache else None
+        if P:
+            out[:, :P] = prefix
+        if decoder is not None:
+            decoder.prefill(P)
+        for i in range(P, length):
+            if noise is not None and (i == P or i % noise.shape[0] == 0):
+                noise.exponential_(1.0, generator=generator)  # outside the (captured) step
+            if decoder is not None:
+                decoder.step()
             else:  # position i reads only bytes 0..i-1 (shifted input): out[:, i] is a placeholder
                 logits = model(out[:, : i + 1])[:, i]
-            if i >= P:
-                out[:, i] = sample_logits(logits, temperature, top_k, generator)
+                row = None if noise is None else noise[i % noise.shape[0]]
+                out[:, i] = sample_logits(logits, temperature, top_k, noise=row)
     finally:
         model.train(was_training)
         torch.set_num_threads(threads)
@@ -192,20 +342,27 @@ def sample_command(
     length: int = 0,
     seed: int = 0,
     device: str = "auto",
+    graphs: bool | None = None,
+    compile: bool = False,
 ) -> list[Path]:
     """``sparse-transformer sample``: load the model of run directory ``run``, draw ``num`` samples of
-    ``length`` bytes (0 = ``cfg.sample.length``, or the model's context when that is 0 too) and write
-    them to ``out_dir`` (default ``run/samples``) as text, one PNG grid or WAV files, following the
-    data's ``meta.json`` (the embedded default data set is text). ``prefix_file``: its raw bytes
-    condition the first positions (for images: the first rows in raster order). Prints tokens/s.
+    ``length`` bytes in one batch (0 = ``cfg.sample.length``, or the model's context when that is 0
+    too) and write them to ``out_dir`` (default ``run/samples``) as text, one PNG grid or WAV files,
+    following the data's ``meta.json`` (the embedded default data set is text). ``prefix_file``: its
+    raw bytes condition the first positions (for images: the first rows in raster order), fed in one
+    forward pass. ``graphs``, ``compile``: see :func:`generate`. The weights are cast to the run's
+    ``train.dtype`` (``auto``: bf16 on CUDA, fp32 on CPU). Prints tokens/s.
 
     Returns: the written paths.
     """
     from .checkpoint import load_model
 
     run = Path(run)
+    from .evaluate import resolve_dtype
+
     dev = _resolve_device(device)
     model, cfg = load_model(run, dev)
+    model = model.to(resolve_dtype(cfg.train.dtype, dev))  # the run's compute dtype (auto: bf16 on CUDA)
     meta = data_meta(cfg)  # modality, image shape, sample rate: recorded in config.json, else the data's meta.json
     length = length or cfg.sample.length or cfg.model.n_ctx
     if length > cfg.model.n_ctx:
@@ -227,7 +384,8 @@ def sample_command(
 
     t0 = time.perf_counter()
     samples = generate(
-        model, cfg, num, length, temperature=temperature, top_k=top_k, prefix=prefix, device=dev, seed=seed
+        model, cfg, num, length, temperature=temperature, top_k=top_k, prefix=prefix, device=dev, seed=seed,
+        graphs=graphs, compile=compile,
     )
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
@@ -236,7 +394,8 @@ def sample_command(
     kv = model.new_cache(num, length, device="meta")  # sizes only
     memory = f", peak {torch.cuda.max_memory_allocated(dev) / 2**20:.0f} MiB" if dev.type == "cuda" else ""
     print(
-        f"sampled {num} x {length} bytes in {seconds:.1f} s: {num * length / seconds:,.0f} tokens/s on {dev} "
+        f"sampled {num} x {length} bytes in {seconds:.1f} s: {num * length / seconds:,.0f} tokens/s on {dev}, "
+        f"{str(model.head.weight.dtype).removeprefix('torch.')} "
         f"(KV cache {kv.nbytes / 2**20:.2f} MiB, dense would be {kv.dense_nbytes / 2**20:.2f} MiB{memory})"
     )
     return paths

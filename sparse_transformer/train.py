@@ -380,10 +380,11 @@ def _train(cfg: Config, run_dir: Path | None, resuming: bool, d: parallel.Dist) 
             first_step_s = step_s
         else:
             if timing["first_step_s"] is None:
+                charge = min(first_step_s, step_s)  # what the first step would have cost once compiled
                 timing["first_step_s"] = first_step_s
-                timing["compile_s"] += max(0.0, first_step_s - step_s)
-                timing["train_s"] += step_s
-                say(f"first step {first_step_s:.1f} s (compilation and warm-up {first_step_s - step_s:.1f} s, "
+                timing["compile_s"] += first_step_s - charge
+                timing["train_s"] += charge
+                say(f"first step {first_step_s:.1f} s (compilation and warm-up {first_step_s - charge:.1f} s, "
                     "not counted as training time)")
             timing["train_s"] += step_s
         step += 1

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from sparse_transformer import patterns as P
 from sparse_transformer.attention.factorized import factorized_attention
 from sparse_transformer.attention.flex import flex_attention_sparse
-from sparse_transformer.kv_cache import LayerKVCache
+from sparse_transformer.kv_cache import KVCache
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::UserWarning")
 L = 8
@@ -101,8 +101,10 @@ def test_flex_block_masks_read_the_pattern(pattern):
 @pytest.mark.parametrize("pattern", PATTERNS, ids=lambda p: p.describe())
 def test_kv_cache_reads_the_pattern(pattern):
     q, k, v, _ = (t.detach() for t in _probe(N, H))
-    cache = LayerKVCache(pattern, H, 1, N, N, v.shape[-1])
-    out = torch.cat([cache.attend(q[:, :, i:i + 1], k[:, :, i:i + 1], v[:, :, i:i + 1], i) for i in range(N)], dim=2)
+    cache = KVCache([pattern], H, 1, N, q.shape[-1], v.shape[-1])
+    layer = cache.layers[0]
+    out = torch.cat([layer.attend(q[:, :, i:i + 1], k[:, :, i:i + 1], v[:, :, i:i + 1], cache.step(torch.tensor([i])))
+                     for i in range(N)], dim=2)
     _assert_sets({"out": out[0, :, :, :N] != 0}, pattern, N, H)
 
 

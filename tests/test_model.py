@@ -101,7 +101,7 @@ def test_half_size_qk_and_image_positions():
                     "model.ff_mult": 2})
     assert model.blocks[0].attn.qkv.out_features == 16 + 16 + 32
     assert [t.shape[0] for t in model.pos_emb.tables] == [4, 5, 2]
-    emb = model.pos_emb(0, 40, "cpu")
+    emb = model.pos_emb(torch.arange(40))
     t = 2 * 10 + 2 * 2 + 1  # row 2, column 2, channel 1
     tables = model.pos_emb.tables
     torch.testing.assert_close(emb[t], tables[0][2] + tables[1][2] + tables[2][1])

@@ -1,6 +1,6 @@
-"""``sparse-transformer bench sample``: sampling speed with the sparse KV cache vs without.
+"""``sparse-transformer bench sample``: sampling speed with the sparse KV cache.
 
-For ``strided`` and ``fixed`` (l = sqrt(length) by default), a small random model samples ``length``
+On CPU (``--device cpu``, the default), the cache against no cache. For ``strided`` and ``fixed`` (l = sqrt(length) by default), a small random model samples ``length``
 tokens twice with the same seed: once with the KV cache (:meth:`SparseTransformer.decode_step`,
 O(sqrt(n)) per token) and once without it (a full forward pass over the whole prefix at every step,
 the ``factorized`` backend, O(n·sqrt(n)) per token). Both runs are measured in full over all
@@ -12,19 +12,31 @@ fast, so the extrapolated speed-up is a lower bound): this is flagged in the out
 4 minutes on 2 CPU cores (fixed's uncached forward is the slow one); ``--no-cache-steps 256``
 about 30 s. Prints one JSON line per pattern and a markdown table with tokens/s,
 the speed-up, and the KV cache's bytes next to a dense KV cache's.
+
+On CUDA (``--device cuda``), a preset model (default the 152M-parameter ``audio`` model, strided
+l = 256 at 65,536 tokens, paper §7.4) with random weights in bf16, per batch size and per mode of
+the decoding step: ``eager`` (the fixed-shape step run op by op), ``graphs`` (captured once in a CUDA
+graph and replayed) and ``compile`` (compiled by ``torch.compile``, then captured). A step's work does not
+depend on the position (every shape is fixed), so the step is timed over a window of ``--window``
+positions at the end of the sample, after a warm-up, and the time of the whole sample is
+*extrapolated* from it (``extrapolated: true`` in the JSON, "(extrapolated)" in the table). A batch
+whose cache does not fit in free GPU memory is run at the longest halved length that fits, flagged
+in ``length``/``note``. Reported: ms per step, tokens/s (batch x steps / s), the sample's time, the
+set-up time (capture, compilation), the KV cache's bytes and a dense cache's, the weights' bytes.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import time
 
 import torch
 
-from ..config import Config, DataConfig, ModelConfig
+from ..config import Config, DataConfig, ModelConfig, load_config
 from ..model import SparseTransformer
-from ..sample import generate
+from ..sample import NOISE_STEPS, Decoder, generate
 
 
 def _model(
@@ -152,8 +164,158 @@ def bench_sample(
     return rows
 
 
+HBM_BYTES_PER_S = 4.8e12  # an H200's memory bandwidth, for the weight-reading bound in the table
+
+
+def _random_model(cfg: Config, device, dtype) -> SparseTransformer:
+    torch.manual_seed(0)
+    model = SparseTransformer(cfg.model)
+    with torch.no_grad():  # W_out starts at zero (uniform logits); random weights make samples vary
+        model.head.weight.normal_(0.0, cfg.model.d_model**-0.5)
+    return model.to(device=device, dtype=dtype).eval()
+
+
+def _fitting_length(model, batch: int, length: int, device) -> int:
+    """The longest of ``length``, ``length/2``, ... whose cache takes at most 80 % of free memory."""
+    free = torch.cuda.mem_get_info(device)[0]
+    while length > 1024 and model.new_cache(batch, length, device="meta").nbytes > 0.8 * free:
+        length //= 2
+    return length
+
+
+@torch.inference_mode()
+def _time_mode(model, batch: int, length: int, mode: str, window: int, warmup: int, device) -> dict:
+    tokens = torch.zeros(batch, length, dtype=torch.long, device=device)
+    noise = torch.empty(min(NOISE_STEPS, length), batch, model.head.out_features, device=device)
+    noise.exponential_(1.0, generator=torch.Generator(device).manual_seed(0))
+    _sync(device)
+    t0 = time.perf_counter()
+    decoder = Decoder(model, tokens, 1.0, 0, noise, graphs=mode != "eager", compile=mode == "compile")
+    _sync(device)
+    setup = time.perf_counter() - t0
+    window = min(window, length - 1)
+    warmup = min(warmup, length - window)
+    decoder.pos.fill_(length - window - warmup)  # the shapes do not depend on the position
+    for _ in range(warmup):
+        decoder.step()
+    _sync(device)
+    t0 = time.perf_counter()
+    for _ in range(window):
+        decoder.step()
+    _sync(device)
+    seconds = time.perf_counter() - t0
+    row = {
+        "captured": decoder.graph is not None,
+        "compiled": decoder.compiled,
+        "timed_steps": window,
+        "ms_per_step": round(1e3 * seconds / window, 4),
+        "tokens_per_s": round(batch * window / seconds, 1),
+        "sample_s": round(length * seconds / window, 1),
+        "extrapolated": window < length,
+        "setup_s": round(setup, 1),
+        "cache_bytes": decoder.cache.nbytes,
+        "dense_cache_bytes": decoder.cache.dense_nbytes,
+        "peak_mib": round(torch.cuda.max_memory_allocated(device) / 2**20),
+    }
+    del decoder, tokens, noise
+    if mode == "compile":
+        torch._dynamo.reset()  # drop the compiled step (and the buffers its guards refer to)
+    gc.collect()
+    torch.cuda.empty_cache()
+    return row
+
+
+def bench_sample_cuda(
+    preset: str = "audio",
+    length: int = 0,
+    batches: tuple[int, ...] = (1, 8, 64),
+    modes: tuple[str, ...] = ("eager", "graphs", "compile"),
+    window: int = 2048,
+    warmup: int = 16,
+    dtype: str = "bf16",
+    device: str = "cuda",
+    out_jsonl: str | None = None,
+) -> list[dict]:
+    """Time the decoding step of a preset model on CUDA (see the module docstring).
+
+    Args:
+        preset: a name in ``configs/`` or a TOML path (its model; weights random).
+        length: tokens per sample (0 = the preset's context, 65,536 for ``audio``).
+        batches: samples decoded together; modes: ``eager``, ``graphs``, ``compile``.
+        window, warmup: timed and untimed steps per mode (the rest is extrapolated).
+        dtype: ``bf16``, ``fp16`` or ``fp32`` weights.
+        out_jsonl: also append the JSON lines to this file.
+    Returns: one dict per (batch, mode), also printed as JSON lines, then a markdown table.
+    Raises: ValueError for an unknown mode or dtype, or a length above the preset's context.
+    """
+    from .train import preset_path
+
+    dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+    if dtype not in dtypes or not set(modes) <= {"eager", "graphs", "compile"}:
+        raise ValueError(f"dtype {dtype!r} / modes {modes}: choose bf16|fp16|fp32 and eager,graphs,compile")
+    cfg = load_config(preset_path(preset))
+    length = length or cfg.model.n_ctx
+    if length > cfg.model.n_ctx:
+        raise ValueError(f"length {length} exceeds the preset's context {cfg.model.n_ctx}")
+    device = torch.device(device)
+    model = _random_model(cfg, device, dtypes[dtype])
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    rows = []
+    for batch in batches:
+        n = _fitting_length(model, batch, length, device)
+        for mode in modes:
+            row = {"bench": "sample", "preset": preset, "pattern": model.blocks[0].attn.pattern.describe(),
+                   "mode": mode, "batch": batch, "length": n, "dtype": dtype, "params": model.num_params(),
+                   "weight_bytes": weight_bytes, "device": torch.cuda.get_device_name(device),
+                   "torch": torch.__version__}
+            if n < length:
+                row["note"] = f"a {length:,}-token cache does not fit in free memory; run at {n:,}"
+            torch.cuda.reset_peak_memory_stats(device)
+            try:
+                row.update(_time_mode(model, batch, n, mode, window, warmup, device))
+            except torch.OutOfMemoryError as e:
+                row["error"] = f"out of memory: {str(e).splitlines()[0]}"[:300]
+                gc.collect()
+                torch.cuda.empty_cache()
+            print(json.dumps(row), flush=True)
+            if out_jsonl:
+                with open(out_jsonl, "a") as f:
+                    f.write(json.dumps(row) + "\n")
+            rows.append(row)
+    print()
+    print(format_cuda_table(rows))
+    return rows
+
+
+def format_cuda_table(rows: list[dict]) -> str:
+    """The markdown table of :func:`bench_sample_cuda`'s rows."""
+    lines = ["| mode | batch | length | ms/step | tokens/s | one sample of the length | set-up | KV cache | dense KV |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['mode']} | {r['batch']} | {r['length']:,} | {r['error']} | | | | | |")
+            continue
+        est = " (extrapolated)" if r["extrapolated"] else ""
+        mode = r["mode"] + ("" if r["captured"] or r["mode"] == "eager" else " (capture failed)")
+        lines.append(
+            f"| {mode} | {r['batch']} | {r['length']:,} | {r['ms_per_step']:.3f} | {r['tokens_per_s']:,.0f} "
+            f"| {r['sample_s']:,.1f} s{est} | {r['setup_s']:.0f} s | {r['cache_bytes'] / 2**30:.2f} GiB "
+            f"| {r['dense_cache_bytes'] / 2**30:.2f} GiB |"
+        )
+    if rows:
+        r = rows[0]
+        bound = r["weight_bytes"] / HBM_BYTES_PER_S
+        lines.append(
+            f"\nEvery step reads all {r['weight_bytes'] / 1e6:,.0f} MB of weights: at {HBM_BYTES_PER_S / 1e12:.1f} TB/s "
+            f"(H200 HBM3e) that bounds batch-1 decoding at {1e3 * bound:.3f} ms/step, "
+            f"{bound * max(x['length'] for x in rows):,.1f} s for {max(x['length'] for x in rows):,} tokens."
+        )
+    return "\n".join(lines)
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--length", type=int, default=4096, help="tokens to sample")
+    p.add_argument("--length", type=int, default=0,
+                   help="tokens to sample (0 = 4,096 on CPU, the preset's context on CUDA)")
     p.add_argument("--patterns", default="strided,fixed", help="comma-separated: strided, fixed, local, dense")
     p.add_argument("--num", type=int, default=1, help="samples drawn together (batch)")
     p.add_argument("--n-layer", type=int, default=2)
@@ -168,12 +330,31 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="time only the last K uncached steps and extrapolate (0 = measure all)",
     )
     p.add_argument("--threads", type=int, default=1, help="CPU threads for both runs (0 = PyTorch's default)")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cpu", help="cpu: cache vs no cache; cuda: the decoding modes of a preset")
+    cuda = p.add_argument_group("CUDA")
+    cuda.add_argument("--preset", default="audio", help="a name in configs/ or a TOML file")
+    cuda.add_argument("--batches", default="1,8,64", help="comma-separated batch sizes")
+    cuda.add_argument("--modes", default="eager,graphs,compile", help="comma-separated: eager, graphs, compile")
+    cuda.add_argument("--window", type=int, default=2048, help="timed steps per mode (the rest is extrapolated)")
+    cuda.add_argument("--dtype", default="bf16", choices=("bf16", "fp16", "fp32"))
+    cuda.add_argument("--out", default=None, help="append the JSON lines to this file")
 
 
 def run(args: argparse.Namespace) -> int:
+    if torch.device(args.device).type == "cuda":
+        bench_sample_cuda(
+            preset=args.preset,
+            length=args.length,
+            batches=tuple(int(b) for b in args.batches.split(",") if b.strip()),
+            modes=tuple(m.strip() for m in args.modes.split(",") if m.strip()),
+            window=args.window,
+            dtype=args.dtype,
+            device=args.device,
+            out_jsonl=args.out,
+        )
+        return 0
     bench_sample(
-        length=args.length,
+        length=args.length or 4096,
         patterns=tuple(s.strip() for s in args.patterns.split(",") if s.strip()),
         num=args.num,
         n_layer=args.n_layer,
