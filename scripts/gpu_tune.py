@@ -151,14 +151,14 @@ def main():
     committed = {role: ops.CONFIGS[role][64] for role in CANDIDATES}
     data = {name: inputs(B, n) for name, _, B, n, _ in CASES}
     base = {}
-    for name, pattern, B, n, _ in CASES:
+    for name, pattern, _B, _n, _ in CASES:
         base[name] = bench(pattern, data[name])
         rec(kind="committed", case=name, fwd_ms=base[name][0], fwdbwd_ms=base[name][1])
     results = {}  # (variant, case) -> {role: ms}
     for i in range(N_VARIANTS):
         variant = {role: cands[i % len(cands)] for role, cands in CANDIDATES.items()}
         set_configs(variant)
-        for name, pattern, B, n, iters in CASES:
+        for name, pattern, _B, _n, iters in CASES:
             if time.time() - T0 > args.budget:
                 rec(kind="skip", variant=i, case=name, why="budget")
                 continue
@@ -189,7 +189,7 @@ def main():
     timed = {}
     for short in SHORT_RUNS:
         ops.SHORT_RUN_TILES = short
-        for name, pattern, B, n, _ in CASES:
+        for name, pattern, _B, _n, _ in CASES:
             try:
                 timed[short, name] = bench(pattern, data[name])
             except Exception as e:  # noqa: BLE001 - keep the other measurements

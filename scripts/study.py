@@ -16,7 +16,7 @@ A plan is a TOML file:
     data = "gcide"
     gpu = 0                         # CUDA_VISIBLE_DEVICES of the run
     queue = "a"                     # runs of one queue run one after another (default: the gpu)
-    args = ["--config", "configs/enwik8.toml", "--train.max_minutes", "5"]
+    args = ["--config", "enwik8", "--train.max_minutes", "5"]
     samples = [["--num", "16"]]     # optional `sparse-transformer sample` calls after training
 
 Queues run in parallel, each as its own process (`python -m sparse_transformer train ...`), so two
@@ -139,7 +139,7 @@ def main() -> None:
         (out / "summary.json").write_text(json.dumps(rows, indent=1))
     print(f"{'run':24s} {'rc':>3s} {'steps':>6s} {'train s':>8s} {'compile s':>9s} {'tok/s':>9s} {'val':>7s} {'test':>7s}")
     for r in rows:
-        def f(key, fmt):
+        def f(key, fmt, r=r):
             return format(r[key], fmt) if r.get(key) is not None else "-"
         print(f"{r['name']:24s} {f('rc', '3d'):>3s} {f('step', '6d'):>6s} {f('train_s', '8.1f'):>8s} "
               f"{f('compile_s', '9.1f'):>9s} {f('tok_s', '9.0f'):>9s} {f('val', '7.3f'):>7s} {f('test', '7.3f'):>7s}")

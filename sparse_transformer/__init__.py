@@ -3,28 +3,45 @@
     import sparse_transformer as st
     pattern = st.patterns.fixed(stride=128, c=32)
     out = st.sparse_attention(q, k, v, pattern)          # q, k, v [batch, heads, n, head_dim]
-    cfg = st.load_config("configs/enwik8.toml")
+    cfg = st.load_config("enwik8")                       # a preset by name, or a TOML file
     model = st.SparseTransformer(cfg.model)
+
+The names below are imported on first use, so that ``import sparse_transformer`` (and the command
+line's ``--help``) does not load torch.
 """
 
-from . import patterns
-from .attention import sparse_attention
-from .config import Config, DataConfig, ModelConfig, SampleConfig, TrainConfig, load_config
-from .errors import UserError
-from .model import SparseTransformer
+from __future__ import annotations
+
+import importlib
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "patterns",
-    "sparse_attention",
-    "load_config",
-    "Config",
-    "ModelConfig",
-    "DataConfig",
-    "TrainConfig",
-    "SampleConfig",
-    "SparseTransformer",
-    "UserError",
-    "__version__",
-]
+# public name -> (module, attribute or None for the module itself)
+_EXPORTS = {
+    "patterns": (".patterns", None),
+    "sparse_attention": (".attention", "sparse_attention"),
+    "load_config": (".config", "load_config"),
+    "Config": (".config", "Config"),
+    "ModelConfig": (".config", "ModelConfig"),
+    "DataConfig": (".config", "DataConfig"),
+    "TrainConfig": (".config", "TrainConfig"),
+    "SampleConfig": (".config", "SampleConfig"),
+    "SparseTransformer": (".model", "SparseTransformer"),
+    "UserError": (".errors", "UserError"),
+}
+
+__all__ = [*_EXPORTS, "__version__"]
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    module_name, attr = _EXPORTS[name]
+    module = importlib.import_module(module_name, __name__)
+    value = module if attr is None else getattr(module, attr)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS])

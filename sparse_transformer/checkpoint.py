@@ -235,7 +235,7 @@ def _dcp_load(dcp, state: dict, folder: Path) -> None:
         with warnings.catch_warnings():  # loading in one process (eval, sample) is intended; no need to warn
             warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process")
             dcp.load(state, checkpoint_id=str(folder))
-    except Exception as e:  # DCP wraps planner errors (missing keys, shape mismatches) in its own types
+    except Exception as e:  # noqa: BLE001 - DCP wraps planner errors (missing keys, shape mismatches) in its own types
         raise UserError(f"checkpoint: cannot load {folder} into this model ({_first_line(e)}); it is from another "
                         "architecture or corrupt: use the config.json saved with it, or start a new --run-dir") from None
 

@@ -1,6 +1,8 @@
 """The ``sparse-transformer`` command: argument parsing, then one function per subcommand.
 
-Bad input ends with one line on stderr naming the problem and the fix, and exit status 2.
+Bad input ends with one line on stderr naming the problem and the fix, and exit status 2. Building
+the parser imports neither torch nor the benchmarks (each subcommand imports what it runs), so
+``--help`` answers at once; ``bench WHAT`` builds its options when it runs.
 """
 
 from __future__ import annotations
@@ -39,11 +41,13 @@ def cmd_train(args, overrides: list[str]) -> int:
 def cmd_eval(args) -> int:
     from .evaluate import evaluate
 
-    result = evaluate(args.run, split=args.split, max_tokens=args.max_tokens, device=args.device)
+    result = evaluate(args.run, split=args.split, max_tokens=args.max_tokens, device=args.device, data_dir=args.data,
+                      progress=not args.no_progress)
     if args.json:
         print(json.dumps(result))
     else:
-        print(f"{result['split']}: {result['bits_per_dim']:.4f} bits per dim over {result['tokens']:,} tokens")
+        counted = "dims" if result["unit"] == "bits per dim" else "bytes"
+        print(f"{result['split']}: {result['bits_per_dim']:.4f} {result['unit']} over {result['tokens']:,} {counted}")
     return 0
 
 
@@ -98,41 +102,70 @@ def cmd_plot(args) -> int:
     return 0
 
 
+# The kinds of sparse_transformer.data.prepare.KINDS, repeated here so that building the parser does not
+# import the data package (numpy); a test keeps the two equal.
+PREPARE_KINDS = ("enwik8", "text", "cifar10", "imagenet64", "mnist", "fashion-mnist", "audio")
+
+BENCHES = {"attention": "backends x patterns x n, fwd and fwd+bwd", "train": "training-step tokens/s, sparse vs dense",
+           "sample": "sampling speed: cached vs uncached (CPU), decoding modes (CUDA)"}
+
+
 def cmd_bench(args) -> int:
-    if args.what == "attention":
-        from .bench.attention import run
-    elif args.what == "train":
-        from .bench.train import run
-    else:
-        from .bench.sample import run
-    return run(args) or 0
+    import importlib
+
+    module = importlib.import_module(f".bench.{args.what}", __package__)
+    p = argparse.ArgumentParser(prog=f"sparse-transformer bench {args.what}", description=BENCHES[args.what])
+    module.add_arguments(p)
+    return module.run(p.parse_args(args.rest)) or 0
+
+
+def config_keys_help() -> str:
+    """The ``train --help`` epilog: every config section and key with its type and default."""
+    import dataclasses
+    import json
+    import typing
+
+    from .config import Config, preset_names
+
+    lines = ["config keys (override any with --section.key VALUE, e.g. --train.max_steps 100; defaults shown):"]
+    for section in dataclasses.fields(Config):
+        obj = section.default_factory()
+        hints = typing.get_type_hints(type(obj))
+        lines.append(f"  [{section.name}]")
+        for f in dataclasses.fields(obj):
+            typ = getattr(hints[f.name], "__name__", str(hints[f.name]))
+            lines.append(f"    --{section.name}.{f.name} {typ.upper()}  (default {json.dumps(getattr(obj, f.name))})")
+    lines.append(f"presets (--config NAME): {', '.join(preset_names())}")
+    return "\n".join(lines)
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .config import preset_names
+
     p = argparse.ArgumentParser(prog="sparse-transformer", description="Sparse Transformer: patterns, training, "
-                                "bits per dim, sampling, benchmarks")
+                                "bits per byte (text, audio) or per dim (images), sampling, benchmarks")
     sub = p.add_subparsers(dest="command", required=True)
 
-    from .data.prepare import KINDS
-
     sp = sub.add_parser("prepare", help="raw data -> train.bin/val.bin/test.bin + meta.json")
-    sp.add_argument("kind", choices=KINDS)
+    sp.add_argument("kind", choices=PREPARE_KINDS)
     sp.add_argument("--src", default=None, help="file or folder (enwik8 and cifar10 download when omitted)")
     sp.add_argument("--out", required=True, help="output folder")
     sp.add_argument("--rate", type=int, default=12000, help="audio sample rate in Hz")
 
     sp = sub.add_parser("train", help="train a model (no arguments: the embedded default data)",
-                        epilog="Any config value can be overridden: --section.key VALUE, e.g. --train.max_steps 100")
-    sp.add_argument("--config", default=None, help="a TOML preset, e.g. configs/enwik8.toml")
+                        epilog=config_keys_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
+    sp.add_argument("--config", default=None, help=f"a preset name ({', '.join(preset_names())}) or a TOML file")
     sp.add_argument("--run-dir", default=None, help="where to write the run (default runs/<time>)")
     sp.add_argument("--resume", default=None, metavar="DIR", help="continue this run to its configured end")
 
-    sp = sub.add_parser("eval", help="bits per dim of a trained run")
-    sp.add_argument("--run", required=True)
+    sp = sub.add_parser("eval", help="bits per byte (text, audio) or per dim (images) of a trained run")
+    sp.add_argument("--run", required=True, help="a run directory or an export (config.json + model.safetensors)")
     sp.add_argument("--split", default="test", choices=("train", "val", "test"))
-    sp.add_argument("--max-tokens", type=int, default=None)
+    sp.add_argument("--max-tokens", type=int, default=None, help="score only the split's first N bytes")
+    sp.add_argument("--data", default=None, metavar="DIR", help="prepared data to use instead of the run's data.dir")
     sp.add_argument("--device", default="auto")
     sp.add_argument("--json", action="store_true", help="print one JSON object")
+    sp.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
 
     sp = sub.add_parser("sample", help="draw samples from a trained run")
     sp.add_argument("--run", required=True)
@@ -160,21 +193,19 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--block", type=int, default=None, help="draw the block layout at this block size")
     sp.add_argument("--png", default=None)
 
-    sp = sub.add_parser("plot", help="validation bits per dim of runs against training time and step (PNG)")
+    sp = sub.add_parser("plot", help="validation bits per byte or per dim of runs against training time and step (PNG)")
     sp.add_argument("runs", nargs="+", help="run folders (each with metrics.jsonl)")
     sp.add_argument("--out", required=True, help="the PNG to write")
     sp.add_argument("--title", default=None)
-    sp.add_argument("--unit", default="bits per dim", help="y-axis unit, e.g. 'bits per byte'")
+    sp.add_argument("--unit", default=None, help="y-axis unit (default: the runs' own, bits per byte or bits per dim)")
     sp.add_argument("--baseline", action="append", default=[], metavar="LABEL=BITS",
                     help="a horizontal reference line, e.g. 'xz -9e=2.09' (repeatable)")
 
-    sp = sub.add_parser("bench", help="benchmarks: attention kernels, training steps, sampling")
-    bsub = sp.add_subparsers(dest="what", required=True)
-    from .bench import attention as bench_attention, sample as bench_sample, train as bench_train
-
-    bench_attention.add_arguments(bsub.add_parser("attention", help="backends x patterns x n, fwd and fwd+bwd"))
-    bench_train.add_arguments(bsub.add_parser("train", help="training-step tokens/s, sparse vs dense"))
-    bench_sample.add_arguments(bsub.add_parser("sample", help="sampling speed: cached vs uncached (CPU), decoding modes (CUDA)"))
+    sp = sub.add_parser("bench", help="benchmarks: attention kernels, training steps, sampling",
+                        epilog="Options of each: sparse-transformer bench WHAT --help. "
+                        + "; ".join(f"{k}: {v}" for k, v in BENCHES.items()))
+    sp.add_argument("what", choices=tuple(BENCHES))
+    sp.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     return p
 
 

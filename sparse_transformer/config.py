@@ -1,6 +1,7 @@
 """Configuration: nested dataclasses are the single schema; TOML presets; dotted CLI overrides.
 
-``load_config("configs/enwik8.toml")`` reads a preset over the defaults; ``apply_overrides(cfg,
+``load_config("enwik8")`` reads a preset that ships inside the package (``preset_names()`` lists them;
+a path to any TOML file works the same way) over the defaults; ``apply_overrides(cfg,
 ["--model.n_layer", "2", "--train.device=cpu"])`` changes single values. Unknown sections or keys and
 values of the wrong type raise :class:`~sparse_transformer.errors.UserError` naming the key and the
 fix.
@@ -25,10 +26,10 @@ import re
 import sys
 import typing
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 from typing import Literal
 
-from . import patterns
 from .errors import UserError
 
 if sys.version_info >= (3, 11):
@@ -37,14 +38,15 @@ else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
 
-PatternName = Literal[patterns.PATTERN_NAMES]  # the paper's patterns (§4.2-4.3, docs/method.md §2-3)
+PatternName = Literal["dense", "local", "strided", "fixed"]  # the paper's patterns (§4.2-4.3, docs/method.md §2-3)
 Part = Literal["both", "local", "stride", "block", "summary"]  # which parts of strided / fixed
-Integration = Literal[tuple(patterns.INTEGRATIONS)]  # paper §5.1, docs/method.md §4
+Integration = Literal["merged", "interleaved", "multihead"]  # paper §5.1, docs/method.md §4
 Position = Literal["grid", "image"]  # grid: row/column of the width-l grid; image: row/column/channel
 Backend = Literal["auto", "reference", "factorized", "triton", "flex", "sdpa"]  # sparse_transformer.attention
 Precision = Literal["bf16", "fp16", "fp32"]  # a computation dtype (sparse_transformer.runtime.DTYPES)
 Dtype = Literal["auto", Precision]  # auto = bf16 on CUDA, fp32 elsewhere
 Parallel = Literal["ddp", "fsdp"]  # data parallelism under torchrun (parallel.py)
+Modality = Literal["", "text", "image", "audio"]  # "" = not recorded (then the data's meta.json says)
 DEVICE_FORMS = ("auto", "cpu", "cuda", "cuda:N")  # auto = CUDA when available, else CPU
 _DEVICE = re.compile(r"auto|cpu|cuda(:[0-9]+)?")
 
@@ -79,6 +81,11 @@ class ModelConfig:
 class DataConfig:
     dir: str = ""  # a folder written by `sparse-transformer prepare`; "" = the embedded default
     seq_len: int = 256
+    # Copied from the data's meta.json when training starts, so that an exported config.json alone
+    # says how to write samples: "" / [] / 0 = not recorded (then meta.json is read).
+    modality: Modality = ""
+    shape: list[int] = field(default_factory=list)  # [height, width, channels] of image data
+    sample_rate: int = 0  # Hz, audio data
 
 
 @dataclass
@@ -108,6 +115,8 @@ class TrainConfig:
     compile: bool = False
     parallel: Parallel = "ddp"
     progress: bool = True
+    wandb: str = ""  # a Weights & Biases project to log to ("" = off; needs pip install wandb)
+    peak_tflops: float = 0.0  # peak TFLOP/s of one accelerator for MFU; 0 = known GPUs' bf16 peak (flops.py)
 
 
 @dataclass
@@ -177,7 +186,7 @@ def _coerce(section: str, key: str, value, typ):
     origin = typing.get_origin(typ)
     if origin is Literal:
         if value not in typing.get_args(typ):
-            raise UserError(f"config: {where} = {value!r}; choose one of {', '.join(typing.get_args(typ))}")
+            raise UserError(f"config: {where} = {value!r}; choose one of {', '.join(repr(a) if a == '' else a for a in typing.get_args(typ))}")
         return value
     try:
         if typ is bool:
@@ -294,6 +303,8 @@ def validate(cfg: Config) -> Config:
     if not 0.0 <= m.dropout < 1.0:
         raise UserError(f"config: model.dropout = {m.dropout} must be in [0, 1)")
     try:
+        from . import patterns  # torch: imported when a config is checked, not to build the CLI
+
         patterns.from_name(m.pattern, m.stride, m.c, m.num_verts, m.part, m.integration)
     except ValueError as e:
         raise UserError(f"config: {e}") from None
@@ -303,24 +314,63 @@ def validate(cfg: Config) -> Config:
     for key in ("batch_size", "grad_accum", "max_steps", "log_every"):
         if getattr(t, key) < 1:
             raise UserError(f"config: train.{key} = {getattr(t, key)} must be at least 1")
-    for key in ("max_minutes", "test_tokens"):
+    for key in ("max_minutes", "test_tokens", "peak_tflops"):
         if getattr(t, key) < 0:
             raise UserError(f"config: train.{key} = {getattr(t, key)} must be 0 (off) or positive")
     return cfg
 
 
+def preset_names() -> list[str]:
+    """Names of the presets that ship inside the package (``sparse_transformer/configs/NAME.toml``), sorted."""
+    folder = resources.files(__package__) / "configs"
+    return sorted(f.name[: -len(".toml")] for f in folder.iterdir() if f.name.endswith(".toml"))
+
+
+def read_preset(name_or_path: str | Path) -> tuple[str, str]:
+    """The TOML text of a preset and where it came from.
+
+    ``name_or_path`` is a TOML file that exists, or a preset name (``"enwik8"``, also ``"enwik8.toml"``).
+    ``configs/NAME.toml`` (where the presets lived in the repository before they moved into the
+    package) resolves to the packaged preset when no such file exists, so older commands keep working
+    from any directory.
+
+    Returns:
+        ``(text, origin)``: the file's text and the path or ``preset NAME`` it was read from.
+    Raises:
+        UserError: neither an existing file nor a preset name (the message lists the names).
+    """
+    p = Path(name_or_path)
+    if p.is_file():
+        try:
+            return p.read_text(), str(p)
+        except (OSError, UnicodeDecodeError) as e:
+            raise UserError(f"config: cannot read {p} ({e}); pass a readable TOML file") from None
+    names = preset_names()
+    stem = p.name[: -len(".toml")] if p.name.endswith(".toml") else p.name
+    bare = len(p.parts) == 1 or (len(p.parts) == 2 and p.parts[0] == "configs")
+    if bare and stem in names:
+        return (resources.files(__package__) / "configs" / f"{stem}.toml").read_text(), f"preset {stem}"
+    raise UserError(f"config: {name_or_path} is neither a TOML file nor a preset; pass a file or one of the "
+                    f"presets {', '.join(names)}")
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Defaults, then the TOML file at ``path`` (if any), then ``overrides`` (``--section.key value``)."""
+    """Defaults, then a preset or TOML file (if any), then ``overrides`` (``--section.key value``).
+
+    Args:
+        path: a preset name such as ``"enwik8"`` (see :func:`preset_names`), a path to a TOML file, or None.
+        overrides: ``["--model.n_layer", "2", "--train.device=cpu", ...]``.
+    Raises:
+        UserError: unknown preset or missing file, invalid TOML, unknown keys, values of the wrong type.
+    """
     cfg = Config()
     if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise UserError(f"config: {p} does not exist; pass a TOML file such as configs/enwik8.toml")
+        text, origin = read_preset(path)
         try:
-            table = tomllib.loads(p.read_text())
-        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-            raise UserError(f"config: {p} is not valid TOML ({e}); fix the file") from None
-        _apply_table(cfg, table, str(p))
+            table = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as e:
+            raise UserError(f"config: {origin} is not valid TOML ({e}); fix the file") from None
+        _apply_table(cfg, table, origin)
     apply_overrides(cfg, overrides or [])
     return validate(cfg)
 
@@ -342,6 +392,24 @@ def apply_overrides(cfg: Config, args: list[str]) -> Config:
             i += 2
         set_value(cfg, key, value)
     return cfg
+
+
+def data_meta(cfg: Config) -> dict:
+    """What writing samples needs to know about a run's data: ``modality``, ``shape`` ([H, W, C] or
+    None) and ``sample_rate`` (Hz or None).
+
+    From the config when it recorded them (every run trained since they were added, and its export),
+    else from ``data.dir``'s meta.json (raises UserError when that is missing), else text (the
+    embedded default data).
+    """
+    d = cfg.data
+    if d.modality:
+        return {"modality": d.modality, "shape": list(d.shape) or None, "sample_rate": d.sample_rate or None}
+    if d.dir:
+        from .data.loader import read_meta
+
+        return read_meta(d.dir)
+    return {"modality": "text", "shape": None, "sample_rate": None}
 
 
 def config_from_dict(d: dict) -> Config:

@@ -183,7 +183,7 @@ class SparseTransformer(nn.Module):
                 p.fill_(1.0)
             elif p.dim() == 2 and name.startswith("blocks."):
                 std = math.sqrt(0.125 / p.shape[1])
-                if name.endswith("attn.proj.weight") or name.endswith("ff.proj.weight"):
+                if name.endswith(("attn.proj.weight", "ff.proj.weight")):
                     std *= residual_scale
                 p.normal_(0.0, std)
         self.tok_emb.weight.normal_(0.0, 0.125 / math.sqrt(d))

@@ -37,32 +37,31 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, replace
-from typing import Union
 
 import numpy as np
 import torch
 
 __all__ = [
+    "INTEGRATIONS",
+    "PATTERN_NAMES",
     "Band",
     "Block",
+    "Interleaved",
+    "MultiHead",
+    "NamedPattern",
+    "Pattern",
     "Stride",
     "Summary",
     "Term",
-    "Pattern",
-    "NamedPattern",
-    "Interleaved",
-    "MultiHead",
-    "dense",
-    "local",
-    "strided",
-    "fixed",
-    "merged",
-    "interleaved",
-    "multihead",
-    "from_name",
-    "PATTERN_NAMES",
-    "INTEGRATIONS",
     "ceil_div",
+    "dense",
+    "fixed",
+    "from_name",
+    "interleaved",
+    "local",
+    "merged",
+    "multihead",
+    "strided",
 ]
 
 PATTERN_NAMES = ("dense", "local", "strided", "fixed")
@@ -341,7 +340,7 @@ class Summary:
         return self.position(torch.arange(self.cache_slots(n), device=i.device))  # every cell, in order
 
 
-Term = Union[Band, Block, Stride, Summary]
+Term = Band | Block | Stride | Summary
 
 
 # --------------------------------------------------------------------------------------------
@@ -368,7 +367,7 @@ class Pattern(ABC):
     def describe(self) -> str:
         """The pattern as the call that builds it, e.g. ``fixed(stride=128, c=32, ...)``."""
 
-    def for_layer(self, layer: int) -> "Pattern":
+    def for_layer(self, layer: int) -> Pattern:
         """The pattern layer ``layer`` uses (only :class:`Interleaved` varies by layer)."""
         return self
 
@@ -473,7 +472,7 @@ class NamedPattern(Pattern):
             return (Summary(l, lo, hi, False),)
         return (Block(l), Summary(l, lo, hi, True))
 
-    def with_part(self, part: str) -> "NamedPattern":
+    def with_part(self, part: str) -> NamedPattern:
         """The same pattern restricted to ``part`` (one of :attr:`parts`, or ``"both"``)."""
         return replace(self, part=part)
 

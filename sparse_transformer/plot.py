@@ -20,14 +20,15 @@ def read_curve(run: str | Path) -> dict:
     Returns:
         dict with ``name`` (the folder name), ``step``, ``train_s`` (seconds of training, or the
         wall-clock ``elapsed_s`` for runs written before ``train_s`` was logged), ``val`` (bits per
-        dim) lists, and ``test`` (the final test bits per dim, or None).
+        dim) lists, ``test`` (the final test bits per dim, or None) and ``unit`` (what the run
+        calls it: ``"bits per byte"`` or ``"bits per dim"``; None for runs that predate the field).
     Raises:
         UserError: the folder has no ``metrics.jsonl`` or it holds no validation record.
     """
     path = Path(run) / "metrics.jsonl"
     if not path.is_file():
         raise UserError(f"plot: {run} has no metrics.jsonl; pass run folders written by sparse-transformer train")
-    curve = {"name": Path(run).resolve().name, "step": [], "train_s": [], "val": [], "test": None}
+    curve = {"name": Path(run).resolve().name, "step": [], "train_s": [], "val": [], "test": None, "unit": None}
     for n, line in enumerate(path.read_text().splitlines(), 1):
         if not line.strip():
             continue
@@ -35,6 +36,7 @@ def read_curve(run: str | Path) -> dict:
             rec = json.loads(line)
         except json.JSONDecodeError:
             raise UserError(f"plot: {path} line {n} is not JSON; remove the damaged line") from None
+        curve["unit"] = rec.get("unit", curve["unit"])
         if "val_bits_per_dim" in rec:
             curve["step"].append(rec["step"])
             curve["train_s"].append(rec.get("train_s", rec.get("elapsed_s", 0.0)))
@@ -47,9 +49,11 @@ def read_curve(run: str | Path) -> dict:
 
 
 def plot_runs(runs: list[str | Path], out: str | Path, title: str | None = None,
-              baselines: dict[str, float] | None = None, unit: str = "bits per dim") -> Path:
+              baselines: dict[str, float] | None = None, unit: str | None = None) -> Path:
     """Draw the validation curves of ``runs`` into the PNG ``out``; ``baselines`` maps a label (e.g.
-    ``"xz -9e"``) to a bits-per-dim value drawn as a horizontal line. Returns the written path."""
+    ``"xz -9e"``) to a bits-per-dim value drawn as a horizontal line. ``unit`` names the y axis;
+    None takes the runs' own (bits per byte for text and audio, bits per dim for images; "bits per
+    dim" when they differ or do not say). Returns the written path."""
     try:
         import matplotlib
 
@@ -58,6 +62,9 @@ def plot_runs(runs: list[str | Path], out: str | Path, title: str | None = None,
     except ImportError:
         raise UserError("plot: matplotlib is not installed; pip install matplotlib") from None
     curves = [read_curve(r) for r in runs]
+    if unit is None:
+        units = {c["unit"] for c in curves}
+        unit = units.pop() if len(units) == 1 and None not in units else "bits per dim"
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
     for c in curves:
         label = c["name"] + (f" (test {c['test']:.3f})" if c["test"] is not None else "")

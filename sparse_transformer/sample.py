@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .config import Config
+from .config import Config, data_meta
 from .errors import UserError
 
 __all__ = ["NOISE_STEPS", "Decoder", "generate", "sample_command", "sample_logits", "write_samples"]
@@ -126,7 +126,9 @@ class Decoder:
         except Exception as e:  # a compiler error: keep the plain step
             if not self.compiled:
                 raise
-            warnings.warn(f"torch.compile of the decoding step failed ({type(e).__name__}: {e}); decoding uncompiled")
+            warnings.warn(
+                f"torch.compile of the decoding step failed ({type(e).__name__}: {e}); decoding uncompiled", stacklevel=2
+            )
             self.compiled, self.step_fn = False, self._step
 
     def _capture(self) -> None:
@@ -142,8 +144,11 @@ class Decoder:
         try:
             with torch.cuda.graph(graph, stream=stream):
                 logits = self.step_fn()
-        except Exception as e:  # e.g. an operation that cannot be captured: decode eagerly
-            warnings.warn(f"CUDA graph capture of the decoding step failed ({type(e).__name__}: {e}); decoding eagerly")
+        except Exception as e:  # noqa: BLE001 - e.g. an operation that cannot be captured: decode eagerly
+            warnings.warn(
+                f"CUDA graph capture of the decoding step failed ({type(e).__name__}: {e}); decoding eagerly",
+                stacklevel=2,
+            )
             torch.cuda.synchronize(self.tokens.device)
         else:
             self.graph, self.graph_logits = graph, logits
@@ -350,12 +355,7 @@ def sample_command(
     dev = resolve_device(device, option="--device")
     model, cfg = load_model(run, dev)
     model = model.to(resolve_dtype(cfg.train.dtype, dev))  # the run's compute dtype (auto: bf16 on CUDA)
-    if cfg.data.dir:
-        from .data.loader import read_meta
-
-        meta = read_meta(cfg.data.dir)
-    else:
-        meta = {"modality": "text"}
+    meta = data_meta(cfg)  # modality, image shape, sample rate: recorded in config.json, else the data's meta.json
     length = length or cfg.sample.length or cfg.model.n_ctx
     if length > cfg.model.n_ctx:
         raise UserError(

@@ -33,10 +33,11 @@ import torch.nn as nn
 from tqdm import tqdm
 
 from . import checkpoint, parallel
-from .config import Config, TrainConfig, apply_overrides, validate
+from .config import Config, TrainConfig, apply_overrides, data_meta, validate
 from .data.loader import default_data_dir, open_split, read_meta, sample_batch
 from .errors import UserError
-from .evaluate import bits_per_dim
+from .evaluate import bits_per_dim, unit_of
+from .flops import peak_tflops, train_flops_per_token
 from .model import SparseTransformer, cross_entropy
 from .runtime import resolve_dtype
 
@@ -159,6 +160,45 @@ def _resolve_config(cfg: Config | None, run_dir, resume, overrides) -> tuple[Con
     return validate(cfg), Path(run_dir) if run_dir is not None else resume
 
 
+def fit_to_data(cfg: Config, meta: dict) -> list[str]:
+    """Check ``cfg`` against the prepared data's ``meta`` and fill in what the data decides.
+
+    Records the data's modality, image shape and sample rate in ``cfg.data`` (so that an export
+    samples without the data). Image data with the default grid positions and no ``model.image_shape`` gets the image's
+    row/column/channel position embeddings (``model.position = "image"``, ``image_shape`` from
+    meta.json) when ``data.seq_len`` is one whole image. Changes ``cfg`` in place.
+
+    Returns:
+        notes to print (what was filled in, and a warm-up that is not shorter than the run).
+    Raises:
+        UserError: ``data.seq_len`` does not fit the data (longer than the training split, not a whole
+            image or an aligned part of one) or image positions whose shape is not the data's.
+    """
+    m, seq_len, notes = cfg.model, cfg.data.seq_len, []
+    record_len, shape = meta["record_len"] or None, meta.get("shape")
+    cfg.data.modality, cfg.data.shape, cfg.data.sample_rate = meta["modality"], list(shape or []), meta["sample_rate"] or 0
+    if record_len and record_len % seq_len:
+        raise UserError(f"train: data.seq_len = {seq_len} does not fit this image data ({record_len} bytes per image); "
+                        f"use --data.seq_len {record_len} (one image) or a divisor of it")
+    if seq_len > meta["splits"]["train"]:
+        raise UserError(f"train: data.seq_len = {seq_len} is longer than the training split "
+                        f"({meta['splits']['train']:,} bytes); use a smaller --data.seq_len or more data")
+    if meta["modality"] == "image" and shape and seq_len == record_len:
+        if m.position == "grid" and not m.image_shape:
+            m.position, m.image_shape = "image", list(shape)
+            notes.append(f"note: image data: row, column and channel position embeddings for {'x'.join(map(str, shape))} "
+                         "images (model.position = image)")
+        elif m.position == "image" and list(m.image_shape) != list(shape):
+            raise UserError(f"train: model.image_shape = {m.image_shape} but the data holds {list(shape)} images; "
+                            f"use --model.image_shape {','.join(map(str, shape))}")
+    validate(cfg)
+    t = cfg.train
+    if t.warmup_steps >= t.max_steps:
+        notes.append(f"warning: train.warmup_steps = {t.warmup_steps} is not shorter than train.max_steps = "
+                     f"{t.max_steps}: the learning rate never reaches its peak or decays; lower --train.warmup_steps")
+    return notes
+
+
 def _new_run_dir(d: parallel.Dist) -> Path:
     stamp = parallel.all_gather_object(time.strftime("%Y%m%d-%H%M%S"))[0]  # one name for all ranks
     return Path("runs") / stamp
@@ -172,32 +212,55 @@ def _truncate_metrics(path: Path, step: int) -> None:
     path.write_text("".join(line + "\n" for line in keep))
 
 
-class Logger:
-    """metrics.jsonl (one JSON object per line) and TensorBoard events, rank 0 only."""
+def import_wandb():
+    """The ``wandb`` module, imported only when a run asks for it (``train.wandb``).
 
-    def __init__(self, run_dir: Path, enabled: bool, purge_step: int | None):
+    Raises UserError (one line, with the fix) when it is not installed.
+    """
+    try:
+        import wandb
+    except ImportError:
+        raise UserError("train: --train.wandb needs the wandb package; pip install wandb "
+                        "(or pip install 'sparse-transformer[wandb]'), or drop --train.wandb") from None
+    return wandb
+
+
+class Logger:
+    """metrics.jsonl (one JSON object per line), TensorBoard events and, with ``wandb_project``, a
+    Weights & Biases run (named after the run folder, with the resolved config); rank 0 only."""
+
+    def __init__(self, run_dir: Path, enabled: bool, purge_step: int | None, wandb_project: str = "",
+                 config: dict | None = None):
         self.enabled = enabled
-        self.file = self.writer = None
+        self.file = self.writer = self.wandb = None
         if enabled:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.file = open(run_dir / METRICS, "a")
+            self.file = open(run_dir / METRICS, "a")  # noqa: SIM115 (open for the run, closed in close())
             self.writer = SummaryWriter(str(run_dir), purge_step=purge_step)
+            if wandb_project:
+                self.wandb = import_wandb().init(project=wandb_project, name=run_dir.resolve().name,
+                                                 dir=str(run_dir), config=config)
 
     def log(self, record: dict, prefix: str) -> None:
         if not self.enabled:
             return
         self.file.write(json.dumps(record) + "\n")
         self.file.flush()
-        for key, value in record.items():
-            if key not in ("step", "elapsed_s") and isinstance(value, (int, float)):
-                self.writer.add_scalar(f"{prefix}/{key}", value, record["step"])
+        scalars = {f"{prefix}/{key}": value for key, value in record.items()
+                   if key not in ("step", "elapsed_s") and isinstance(value, (int, float))}
+        for key, value in scalars.items():
+            self.writer.add_scalar(key, value, record["step"])
         self.writer.flush()
+        if self.wandb is not None:
+            self.wandb.log(scalars, step=record["step"])
 
     def close(self) -> None:
         if self.enabled:
             self.file.close()
             self.writer.close()
+            if self.wandb is not None:
+                self.wandb.finish()
 
 
 def train(cfg: Config | None, run_dir: str | Path | None, resume: str | Path | None = None,
@@ -229,16 +292,24 @@ def _train(cfg: Config, run_dir: Path | None, resuming: bool, d: parallel.Dist) 
     run_dir = run_dir or _new_run_dir(d)
     if not resuming and (run_dir / checkpoint.CHECKPOINT).exists():
         raise UserError(f"train: {run_dir} already holds a run; continue it with --resume {run_dir} or choose a new --run-dir")
+    say = tqdm.write if d.main else (lambda *_: None)
+
+    # Everything that can refuse the run is checked before anything is written.
+    data_dir = Path(cfg.data.dir).resolve() if cfg.data.dir else default_data_dir()
+    meta = read_meta(data_dir)
+    if cfg.data.dir:
+        cfg.data.dir = str(data_dir)  # absolute: eval and sample of the run work from any directory
+    notes = fit_to_data(cfg, meta)
+    if t.wandb and d.main:
+        import_wandb()
     if d.main:
         run_dir.mkdir(parents=True, exist_ok=True)
         checkpoint.save_config(run_dir, cfg)
-    say = tqdm.write if d.main else (lambda *_: None)
-
-    data_dir = Path(cfg.data.dir) if cfg.data.dir else default_data_dir()
-    meta = read_meta(data_dir)
+    for note in notes:
+        say(note)
     record_len = meta["record_len"] or None
     train_data, val_data = open_split(data_dir, "train"), open_split(data_dir, "val")
-    unit = "bits per dim" if meta["modality"] == "image" else "bits per byte"
+    unit = unit_of(meta["modality"])
 
     torch.manual_seed(t.seed)  # the same initial weights on every rank (FSDP2 does not broadcast them)
     model = SparseTransformer(cfg.model).to(device)
@@ -266,18 +337,21 @@ def _train(cfg: Config, run_dir: Path | None, resuming: bool, d: parallel.Dist) 
             say(f"resumed {run_dir} at step {step} of {t.max_steps}")
 
     loss_sum = torch.tensor(loss_sum, dtype=torch.float64, device=device)  # this log interval's summed losses
-    logger = Logger(run_dir, d.main, purge_step=step + 1 if resuming else None)
+    logger = Logger(run_dir, d.main, purge_step=step + 1 if resuming else None, wandb_project=t.wandb,
+                    config=cfg.to_dict())
     eval_model = parallel.unwrap(ddp_model)
     tokens_per_step = t.batch_size * t.grad_accum * cfg.data.seq_len * d.world
+    flops_per_token = train_flops_per_token(cfg.model)
+    peak = peak_tflops(torch.cuda.get_device_name(device), t.peak_tflops) if device.type == "cuda" else None
     val_tokens = t.eval_batches * t.batch_size * cfg.data.seq_len or None
     if d.main:
-        say(f"run {run_dir}: {model.num_params():,} parameters, {d.world} x {device}, {dtype}, "
-            f"data {data_dir} ({meta['splits']['train']:,} train bytes)")
+        say(f"run {run_dir}: {model.num_params():,} parameters, {flops_per_token / 1e6:,.2f} MFLOP per token "
+            f"(training), {d.world} x {device}, {dtype}, data {data_dir} ({meta['splits']['train']:,} train bytes)")
 
     def evaluate_val() -> dict:
         nats, tokens = bits_per_dim(eval_model, val_data, cfg.data.seq_len, record_len, t.batch_size, device, dtype, val_tokens)
         rec = {"step": step, "val_loss": nats / tokens, "val_bits_per_dim": nats / tokens / math.log(2),
-               "val_tokens": tokens, "elapsed_s": elapsed0 + time.perf_counter() - t_start,
+               "unit": unit, "val_tokens": tokens, "elapsed_s": elapsed0 + time.perf_counter() - t_start,
                "train_s": timing["train_s"]}
         logger.log(rec, "val")
         return rec
@@ -341,6 +415,9 @@ def _train(cfg: Config, run_dir: Path | None, resuming: bool, d: parallel.Dist) 
             rec = {"step": step, "loss": total / count, "bits_per_dim": total / count / math.log(2), "lr": lr,
                    "grad_norm": norm.item(), "tokens_per_s": tokens_per_step * steps_since_log / (now - t_log),
                    "elapsed_s": elapsed0 + now - t_start, "train_s": timing["train_s"]}
+            rec["tflops"] = rec["tokens_per_s"] * flops_per_token / 1e12  # model FLOPs, all processes
+            if peak is not None:
+                rec["mfu"] = rec["tflops"] / (peak * d.world)
             if device.type == "cuda":
                 rec["memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
             logger.log(rec, "train")
@@ -370,15 +447,18 @@ def _finish(cfg: Config, run_dir: Path, model: nn.Module, eval_model: nn.Module,
     checkpoint.export(model, cfg, run_dir)
     test_data = open_split(data_dir, "test")
     t_test = time.perf_counter()
+    if d.main and t.progress:
+        n_test = min(t.test_tokens or len(test_data), len(test_data))
+        tqdm.write(f"scoring {n_test:,} bytes of the test split (--train.test_tokens N scores fewer)")
     nats, tokens = bits_per_dim(eval_model, test_data, cfg.data.seq_len, record_len, t.batch_size, device, dtype,
-                                t.test_tokens or None)
+                                t.test_tokens or None, progress=t.progress and d.main)
     test_bpd = nats / tokens / math.log(2)
     times = {k: round(v, 3) for k, v in timing.items() if k in ("train_s", "eval_s", "compile_s")}
     times["test_s"] = round(time.perf_counter() - t_test, 3)
-    logger.log({"step": step, "test_bits_per_dim": test_bpd, "test_tokens": tokens, **times}, "test")
+    logger.log({"step": step, "test_bits_per_dim": test_bpd, "unit": unit, "test_tokens": tokens, **times}, "test")
     logger.close()
     summary = {"run_dir": str(run_dir), "step": step, "params": model.num_params(), "test_bits_per_dim": test_bpd,
-               "test_tokens": tokens, "elapsed_s": elapsed, **times}
+               "unit": unit, "test_tokens": tokens, "elapsed_s": elapsed, **times}
     if val is not None:
         summary["val_bits_per_dim"] = val["val_bits_per_dim"]
     if d.main:
@@ -397,7 +477,7 @@ def _sample_text(cfg: Config, run_dir: Path, model: nn.Module, device: torch.dev
         from .sample import generate
     except ImportError:
         return None
-    if cfg.model.position == "image" or read_meta(cfg.data.dir or default_data_dir())["modality"] != "text":
+    if cfg.model.position == "image" or data_meta(cfg)["modality"] != "text":
         return None
     s = cfg.sample
     tokens = generate(model, cfg, num=1, length=min(s.length or cfg.data.seq_len, cfg.data.seq_len),

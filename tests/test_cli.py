@@ -3,6 +3,7 @@
 import subprocess
 import sys
 
+import pytest
 from PIL import Image
 
 from sparse_transformer.cli import main
@@ -57,3 +58,37 @@ def test_plot_runs(tmp_path, capsys):
     assert "no metrics.jsonl" in capsys.readouterr().err
     assert main(["plot", str(tmp_path / "dense"), "--out", str(out), "--baseline", "xz"]) == 2
     assert "LABEL=BITS" in capsys.readouterr().err
+
+
+def test_help_is_fast_and_imports_no_torch():
+    code = ("import sys, time; t = time.perf_counter(); from sparse_transformer.cli import build_parser; "
+            "build_parser(); print(time.perf_counter() - t); print(sorted(m for m in sys.modules "
+            "if m.split('.')[0] in ('torch', 'numpy', 'triton') or m.startswith('sparse_transformer.bench')))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    seconds, heavy = r.stdout.splitlines()
+    assert heavy == "[]" and float(seconds) < 1.0
+
+
+def test_train_help_lists_config_keys_and_presets():
+    r = subprocess.run([sys.executable, "-m", "sparse_transformer", "train", "--help"], capture_output=True, text=True,
+                       check=True)
+    for line in ("[model]", "--model.n_layer INT  (default 3)", "[train]", "--train.max_steps INT  (default 3200)",
+                 '--train.wandb STR  (default "")', "--model.bias BOOL  (default true)",
+                 "presets (--config NAME): audio, cifar10, enwik8, imagenet64"):
+        assert line in r.stdout, line
+
+
+def test_bench_options_are_built_when_it_runs(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["bench", "train", "--help"])
+    assert e.value.code == 0 and "--case" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as e:
+        main(["bench", "sample", "--no-such-option"])
+    assert e.value.code == 2 and "unrecognized arguments: --no-such-option" in capsys.readouterr().err
+
+
+def test_prepare_kinds_of_the_parser_are_the_data_packages():
+    from sparse_transformer.cli import PREPARE_KINDS
+    from sparse_transformer.data.prepare import KINDS
+
+    assert PREPARE_KINDS == KINDS

@@ -15,11 +15,12 @@ from sparse_transformer.config import (
     config_from_dict,
     literal_values,
     load_config,
+    preset_names,
     validate,
 )
 from sparse_transformer.errors import UserError
 
-CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+CONFIGS = Path(__file__).resolve().parent.parent / "sparse_transformer" / "configs"
 
 
 def test_presets_and_overrides():
@@ -52,7 +53,7 @@ def test_bad_values(args, message):
 
 
 def test_bad_files(tmp_path):
-    with pytest.raises(UserError, match="does not exist"):
+    with pytest.raises(UserError, match="neither a TOML file nor a preset.*enwik8"):
         load_config(tmp_path / "missing.toml")
     bad = tmp_path / "bad.toml"
     bad.write_text("[model\nn_layer = 2")
@@ -118,3 +119,19 @@ def test_runtime_resolves_names():
         resolve_device("tpu", option="--device")
     with pytest.raises(UserError, match="choose auto, bf16, fp16, fp32"):
         resolve_dtype("fp8", cpu)
+
+
+def test_presets_by_name_from_any_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no configs/ folder here: the presets come from the package
+    assert preset_names() == ["audio", "cifar10", "enwik8", "imagenet64"]
+    by_name = load_config("enwik8")
+    assert by_name == load_config(CONFIGS / "enwik8.toml") == load_config("enwik8.toml")
+    assert load_config("configs/enwik8.toml") == by_name  # the repository path of older commands
+    assert load_config("cifar10").model.image_shape == [32, 32, 3]
+    with pytest.raises(UserError, match="presets audio, cifar10, enwik8, imagenet64"):
+        load_config("enwik9")
+    with pytest.raises(UserError, match="neither a TOML file nor a preset"):
+        load_config("elsewhere/enwik8.toml")  # only a bare name (or configs/NAME) means a preset
+    own = tmp_path / "enwik8.toml"
+    own.write_text("[model]\nn_layer = 5\n")
+    assert load_config("enwik8.toml").model.n_layer == 5  # an existing file wins over the preset of that name

@@ -11,6 +11,7 @@ import lzma
 import os
 import pickle
 import struct
+import sys
 import tarfile
 import urllib.error
 import zipfile
@@ -491,3 +492,11 @@ def test_kinds(tmp_path):
             prepare(kind, tmp_path / "missing", tmp_path / kind, progress=False)
     with pytest.raises(UserError, match="unknown kind 'bogus'"):
         prepare("bogus", tmp_path / "missing", tmp_path / "bogus", progress=False)
+
+
+def test_audio_without_its_extra_names_the_install(tmp_path, monkeypatch):
+    (tmp_path / "a.wav").write_bytes(b"")
+    monkeypatch.setitem(sys.modules, "soundfile", None)  # as if the `audio` extra were not installed
+    with pytest.raises(UserError, match=r"needs soundfile and scipy .*pip install 'sparse-transformer\[audio\]'"):
+        prepare("audio", tmp_path, tmp_path / "out", progress=False)
+    assert not list((tmp_path / "out").iterdir())  # nothing written

@@ -12,7 +12,7 @@ from sparse_transformer import parallel
 from sparse_transformer.config import load_config
 from sparse_transformer.model import SparseTransformer, gelu
 
-CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+CONFIGS = Path(__file__).resolve().parent.parent / "sparse_transformer" / "configs"
 
 
 # The paper's 59M / 95M / 152M; the presets have no biases in the blocks (with them: 59.20 / 94.95 / 151.64).

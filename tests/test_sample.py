@@ -300,7 +300,7 @@ def _data_dir(tmp_path, modality, shape=None, sample_rate=None, record_len=None)
         "record_len": record_len,
         "shape": shape,
         "sample_rate": sample_rate,
-        "splits": {s: size for s in ("train", "val", "test")},
+        "splits": dict.fromkeys(("train", "val", "test"), size),
         "source": "test",
         "format_version": 1,
     }

@@ -1,5 +1,6 @@
 """Training: exact resume, the external check command, schedule, optimizer groups, run-dir safety."""
 
+import itertools
 import json
 import math
 import os
@@ -118,7 +119,7 @@ def test_lr_schedule_warmup_then_cosine():
     assert lr_at(60, t) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
     assert lr_at(110, t) == pytest.approx(0.1)
     values = [lr_at(s, t) for s in range(10, 111)]
-    assert all(a >= b for a, b in zip(values, values[1:]))
+    assert all(a >= b for a, b in itertools.pairwise(values))
 
 
 def test_weight_decay_on_matrices_only():

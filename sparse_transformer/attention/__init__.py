@@ -104,4 +104,4 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern:
     return triton_attention(q, k, v, pattern, scale)
 
 
-__all__ = ["sparse_attention", "resolve_backend", "BACKENDS"]
+__all__ = ["BACKENDS", "resolve_backend", "sparse_attention"]

@@ -7,14 +7,14 @@ The index rules themselves (run lengths, gaps, compact summary positions) are th
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 
 from ..patterns import Pattern, Stride, Summary, Term
 
-__all__ = ["pad_to", "to_runs", "from_runs", "gather_summary", "merge_by_lse", "by_head_group"]
+__all__ = ["by_head_group", "from_runs", "gather_summary", "merge_by_lse", "pad_to", "to_runs"]
 
 
 def pad_to(x: torch.Tensor, multiple: int) -> torch.Tensor:

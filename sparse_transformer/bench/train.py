@@ -68,19 +68,6 @@ CASES = {
 }
 
 
-def preset_path(name: str) -> Path:
-    """``enwik8`` -> ``configs/enwik8.toml`` (searched from the working directory, then the
-    repository holding this package); a path to an existing file is returned as it is."""
-    p = Path(name)
-    if p.is_file():
-        return p
-    for root in (Path.cwd(), Path(__file__).resolve().parents[2]):
-        candidate = root / "configs" / f"{name}.toml"
-        if candidate.is_file():
-            return candidate
-    raise UserError(f"bench train: no preset {name!r}; pass a TOML file or one of the names in configs/ (e.g. enwik8)")
-
-
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -196,7 +183,7 @@ def bench_train(
     if isinstance(preset_or_cfg, Config):
         cfg = apply_overrides(copy.deepcopy(preset_or_cfg), list(overrides))
     else:
-        cfg = load_config(preset_path(str(preset_or_cfg)), list(overrides))
+        cfg = load_config(str(preset_or_cfg), list(overrides))
     sizes = ([f"--data.seq_len={n}"] if n else []) + ([f"--train.batch_size={batch}"] if batch else [])
     cfg = validate(apply_overrides(cfg, sizes + ["--model.checkpoint=true"]))
     backends = [sparse_backend] if isinstance(sparse_backend, str) else list(sparse_backend)

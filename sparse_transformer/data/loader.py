@@ -7,6 +7,7 @@ are records of ``record_len`` bytes (one image each, raster order, channel faste
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -170,10 +171,8 @@ def default_data_dir() -> Path:
         prepare("text", DEFAULT_SOURCE, tmp, progress=False)
         if not _is_valid(target):  # another process may have finished first; keep its copy then
             shutil.rmtree(target, ignore_errors=True)
-            try:
+            with contextlib.suppress(OSError):  # lost the race to a concurrent run: its copy is identical
                 os.rename(tmp, target)
-            except OSError:  # lost the race to a concurrent run: its copy is identical
-                pass
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     read_meta(target)

@@ -157,10 +157,10 @@ def _open_text(path: Path) -> tuple[io.BufferedIOBase, str | None]:
     """Open a file for reading its (decompressed) bytes; the codec is found from its magic bytes."""
     with open(path, "rb") as f:
         head = f.read(6)
-    for name, magic, ext, opener in _COMPRESSED:
+    for name, magic, _ext, opener in _COMPRESSED:
         if head.startswith(magic):
             return opener(path, "rb"), name
-    for name, magic, ext, opener in _COMPRESSED:
+    for name, _magic, ext, _opener in _COMPRESSED:
         if path.suffix.lower() == ext:
             raise UserError(
                 f"data: {path} ends in {ext} but is not {name} data (truncated or misnamed?); pass the original file"
@@ -438,10 +438,21 @@ def _audio_plan(src: Path) -> tuple[dict[str, list[Path]] | None, list[Path], st
     )
 
 
+def _audio_modules():
+    """``(soundfile, scipy.signal.resample_poly)``: audio-only dependencies (the ``audio`` extra),
+    imported when audio is prepared; UserError with the install command when they are missing."""
+    try:
+        import soundfile
+        from scipy.signal import resample_poly
+    except ImportError as e:
+        raise UserError(f"data: preparing audio needs soundfile and scipy ({e}); "
+                        "pip install 'sparse-transformer[audio]'") from None
+    return soundfile, resample_poly
+
+
 def _audio_mulaw(path: Path, rate: int) -> np.ndarray:
     """Decode, mix to mono, resample to ``rate`` and mu-law encode one track -> uint8 [samples]."""
-    import soundfile as sf  # audio-only dependencies, imported where needed
-    from scipy.signal import resample_poly
+    sf, resample_poly = _audio_modules()
 
     try:
         x, sr = sf.read(path, dtype="float64", always_2d=True)
@@ -459,6 +470,7 @@ def _audio_mulaw(path: Path, rate: int) -> np.ndarray:
 def _prepare_audio(src: Path, w: _SplitWriter, rate: int, progress: bool, **_) -> dict:
     if rate <= 0:
         raise UserError(f"data: the audio sample rate must be positive, got {rate}; pass e.g. --rate 12000")
+    _audio_modules()  # before anything is read or written
     plan, files, rule = _audio_plan(src)
     split_of = {p: s for s in SPLITS for p in plan[s]} if plan else {}
     for path in tqdm(files, desc="audio", disable=None if progress else True, leave=False):
