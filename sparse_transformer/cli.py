@@ -31,7 +31,9 @@ def cmd_train(args, overrides: list[str]) -> int:
 
     if args.resume:
         if args.config:
-            raise UserError("train: --resume continues a run with its saved config; drop --config (overrides are allowed)")
+            raise UserError(
+                "train: --resume continues a run with its saved config; drop --config (overrides are allowed)"
+            )
         train(None, run_dir=args.resume, resume=args.resume, overrides=overrides)
     else:
         train(load_config(args.config, overrides), run_dir=args.run_dir)
@@ -41,8 +43,14 @@ def cmd_train(args, overrides: list[str]) -> int:
 def cmd_eval(args) -> int:
     from .evaluate import evaluate
 
-    result = evaluate(args.run, split=args.split, max_tokens=args.max_tokens, device=args.device, data_dir=args.data,
-                      progress=not args.no_progress)
+    result = evaluate(
+        args.run,
+        split=args.split,
+        max_tokens=args.max_tokens,
+        device=args.device,
+        data_dir=args.data,
+        progress=not args.no_progress,
+    )
     if args.json:
         print(json.dumps(result))
     else:
@@ -54,9 +62,19 @@ def cmd_eval(args) -> int:
 def cmd_sample(args) -> int:
     from .sample import sample_command
 
-    paths = sample_command(args.run, num=args.num, temperature=args.temperature, top_k=args.top_k,
-                           prefix_file=args.prefix, out_dir=args.out, length=args.length, seed=args.seed,
-                           device=args.device, graphs=False if args.no_graphs else None, compile=args.compile)
+    paths = sample_command(
+        args.run,
+        num=args.num,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        prefix_file=args.prefix,
+        out_dir=args.out,
+        length=args.length,
+        seed=args.seed,
+        device=args.device,
+        graphs=False if args.no_graphs else None,
+        compile=args.compile,
+    )
     for p in paths:
         print(p)
     return 0
@@ -76,8 +94,10 @@ def cmd_layout(args) -> int:
         print(pattern.ascii(args.n, head=args.head))
     pairs = pattern.num_pairs(args.n, head=args.head)
     causal = args.n * (args.n + 1) // 2
-    print(f"{pattern.describe()} head {args.head}, n = {args.n:,}: {pairs:,} allowed pairs "
-          f"({100 * pairs / causal:.3f} % of causal), at most {pattern.max_keys(args.n, head=args.head):,} keys per query")
+    print(
+        f"{pattern.describe()} head {args.head}, n = {args.n:,}: {pairs:,} allowed pairs "
+        f"({100 * pairs / causal:.3f} % of causal), at most {pattern.max_keys(args.n, head=args.head):,} keys per query"
+    )
     if args.png:
         img = pattern.picture(args.n, head=args.head, block=args.block)
         Path(args.png).parent.mkdir(parents=True, exist_ok=True)
@@ -106,8 +126,11 @@ def cmd_plot(args) -> int:
 # import the data package (numpy); a test keeps the two equal.
 PREPARE_KINDS = ("enwik8", "text", "cifar10", "imagenet64", "mnist", "fashion-mnist", "audio")
 
-BENCHES = {"attention": "backends x patterns x n, fwd and fwd+bwd", "train": "training-step tokens/s, sparse vs dense",
-           "sample": "sampling speed: cached vs uncached (CPU), decoding modes (CUDA)"}
+BENCHES = {
+    "attention": "backends x patterns x n, fwd and fwd+bwd",
+    "train": "training-step tokens/s, sparse vs dense",
+    "sample": "sampling speed: cached vs uncached (CPU), decoding modes (CUDA)",
+}
 
 
 def cmd_bench(args) -> int:
@@ -142,8 +165,11 @@ def config_keys_help() -> str:
 def build_parser() -> argparse.ArgumentParser:
     from .config import preset_names
 
-    p = argparse.ArgumentParser(prog="sparse-transformer", description="Sparse Transformer: patterns, training, "
-                                "bits per byte (text, audio) or per dim (images), sampling, benchmarks")
+    p = argparse.ArgumentParser(
+        prog="sparse-transformer",
+        description="Sparse Transformer: patterns, training, "
+        "bits per byte (text, audio) or per dim (images), sampling, benchmarks",
+    )
     sub = p.add_subparsers(dest="command", required=True)
 
     sp = sub.add_parser("prepare", help="raw data -> train.bin/val.bin/test.bin + meta.json")
@@ -152,8 +178,12 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--out", required=True, help="output folder")
     sp.add_argument("--rate", type=int, default=12000, help="audio sample rate in Hz")
 
-    sp = sub.add_parser("train", help="train a model (no arguments: the embedded default data)",
-                        epilog=config_keys_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
+    sp = sub.add_parser(
+        "train",
+        help="train a model (no arguments: the embedded default data)",
+        epilog=config_keys_help(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     sp.add_argument("--config", default=None, help=f"a preset name ({', '.join(preset_names())}) or a TOML file")
     sp.add_argument("--run-dir", default=None, help="where to write the run (default runs/<time>)")
     sp.add_argument("--resume", default=None, metavar="DIR", help="continue this run to its configured end")
@@ -198,12 +228,20 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--out", required=True, help="the PNG to write")
     sp.add_argument("--title", default=None)
     sp.add_argument("--unit", default=None, help="y-axis unit (default: the runs' own, bits per byte or bits per dim)")
-    sp.add_argument("--baseline", action="append", default=[], metavar="LABEL=BITS",
-                    help="a horizontal reference line, e.g. 'xz -9e=2.09' (repeatable)")
+    sp.add_argument(
+        "--baseline",
+        action="append",
+        default=[],
+        metavar="LABEL=BITS",
+        help="a horizontal reference line, e.g. 'xz -9e=2.09' (repeatable)",
+    )
 
-    sp = sub.add_parser("bench", help="benchmarks: attention kernels, training steps, sampling",
-                        epilog="Options of each: sparse-transformer bench WHAT --help. "
-                        + "; ".join(f"{k}: {v}" for k, v in BENCHES.items()))
+    sp = sub.add_parser(
+        "bench",
+        help="benchmarks: attention kernels, training steps, sampling",
+        epilog="Options of each: sparse-transformer bench WHAT --help. "
+        + "; ".join(f"{k}: {v}" for k, v in BENCHES.items()),
+    )
     sp.add_argument("what", choices=tuple(BENCHES))
     sp.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     return p
@@ -218,8 +256,14 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_train(args, extra)
         if extra:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
-        return {"prepare": cmd_prepare, "eval": cmd_eval, "sample": cmd_sample, "layout": cmd_layout,
-                "plot": cmd_plot, "bench": cmd_bench}[args.command](args)
+        return {
+            "prepare": cmd_prepare,
+            "eval": cmd_eval,
+            "sample": cmd_sample,
+            "layout": cmd_layout,
+            "plot": cmd_plot,
+            "bench": cmd_bench,
+        }[args.command](args)
     except UserError as e:
         print("error: " + " ".join(str(e).split()), file=sys.stderr)  # one line, even when a library's message is not
         return 2

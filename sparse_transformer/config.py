@@ -186,7 +186,9 @@ def _coerce(section: str, key: str, value, typ):
     origin = typing.get_origin(typ)
     if origin is Literal:
         if value not in typing.get_args(typ):
-            raise UserError(f"config: {where} = {value!r}; choose one of {', '.join(repr(a) if a == '' else a for a in typing.get_args(typ))}")
+            raise UserError(
+                f"config: {where} = {value!r}; choose one of {', '.join(repr(a) if a == '' else a for a in typing.get_args(typ))}"
+            )
         return value
     try:
         if typ is bool:
@@ -233,7 +235,9 @@ def set_value(cfg: Config, dotted: str, value) -> None:
     """Set ``section.key`` to ``value`` (converted to the field's type)."""
     section, _, key = dotted.partition(".")
     if section not in SECTIONS or not key:
-        raise UserError(f"config: unknown key {dotted!r}; keys look like section.key with section one of {', '.join(SECTIONS)}")
+        raise UserError(
+            f"config: unknown key {dotted!r}; keys look like section.key with section one of {', '.join(SECTIONS)}"
+        )
     obj = getattr(cfg, section)
     fields = _fields(obj)
     if key not in fields:
@@ -250,15 +254,19 @@ def _apply_table(cfg: Config, table: dict, origin: str) -> None:
     derived = {}
     for section, values in table.items():
         if section not in SECTIONS or not isinstance(values, dict):
-            raise UserError(f"config {origin}: unknown section [{section}]; use {', '.join('[' + s + ']' for s in SECTIONS)}")
+            raise UserError(
+                f"config {origin}: unknown section [{section}]; use {', '.join('[' + s + ']' for s in SECTIONS)}"
+            )
         for key, value in values.items():
             if f"{section}.{key}" in DERIVED:
                 derived[f"{section}.{key}"] = value
             else:
                 set_value(cfg, f"{section}.{key}", value)
     if "model.n_ctx" in derived and derived["model.n_ctx"] != cfg.data.seq_len:
-        raise UserError(f"config {origin}: model.n_ctx = {derived['model.n_ctx']!r} differs from data.seq_len = "
-                        f"{cfg.data.seq_len}; n_ctx is derived from data.seq_len: drop it or make them equal")
+        raise UserError(
+            f"config {origin}: model.n_ctx = {derived['model.n_ctx']!r} differs from data.seq_len = "
+            f"{cfg.data.seq_len}; n_ctx is derived from data.seq_len: drop it or make them equal"
+        )
 
 
 def _check_choices(cfg: Config) -> None:
@@ -267,8 +275,9 @@ def _check_choices(cfg: Config) -> None:
         obj = getattr(cfg, section)
         for key, typ in _fields(obj).items():
             if typing.get_origin(typ) is Literal and getattr(obj, key) not in typing.get_args(typ):
-                raise UserError(f"config: {section}.{key} = {getattr(obj, key)!r}; choose one of "
-                                f"{', '.join(typing.get_args(typ))}")
+                raise UserError(
+                    f"config: {section}.{key} = {getattr(obj, key)!r}; choose one of {', '.join(typing.get_args(typ))}"
+                )
 
 
 def validate(cfg: Config) -> Config:
@@ -280,8 +289,10 @@ def validate(cfg: Config) -> Config:
     _check_choices(cfg)
     m = cfg.model
     if m.n_ctx != cfg.data.seq_len:
-        raise UserError(f"config: model.n_ctx = {m.n_ctx} differs from data.seq_len = {cfg.data.seq_len}; n_ctx is "
-                        "derived: change data.seq_len with set_value or --data.seq_len")
+        raise UserError(
+            f"config: model.n_ctx = {m.n_ctx} differs from data.seq_len = {cfg.data.seq_len}; n_ctx is "
+            "derived: change data.seq_len with set_value or --data.seq_len"
+        )
     if cfg.data.seq_len < 1:
         raise UserError(f"config: data.seq_len = {cfg.data.seq_len} must be positive")
     for key in ("n_layer", "d_model", "n_head"):
@@ -291,15 +302,23 @@ def validate(cfg: Config) -> Config:
         raise UserError(f"config: model.d_model = {m.d_model} is not divisible by model.n_head = {m.n_head}")
     d_qk = m.d_model * m.qk_ratio
     if d_qk != int(d_qk) or int(d_qk) % m.n_head or d_qk < m.n_head:
-        raise UserError(f"config: model.qk_ratio = {m.qk_ratio} gives a query/key width {d_qk} not divisible by n_head = {m.n_head}; use 1.0 or 0.5")
+        raise UserError(
+            f"config: model.qk_ratio = {m.qk_ratio} gives a query/key width {d_qk} not divisible by n_head = {m.n_head}; use 1.0 or 0.5"
+        )
     if m.position == "grid" and m.stride < 1:
-        raise UserError(f"config: model.stride = {m.stride} must be positive (it is also the width of the position grid)")
+        raise UserError(
+            f"config: model.stride = {m.stride} must be positive (it is also the width of the position grid)"
+        )
     if m.position == "image":
         if len(m.image_shape) != 3 or min(m.image_shape) < 1:
-            raise UserError(f"config: model.image_shape = {m.image_shape} must be [height, width, channels], e.g. 32,32,3")
+            raise UserError(
+                f"config: model.image_shape = {m.image_shape} must be [height, width, channels], e.g. 32,32,3"
+            )
         size = m.image_shape[0] * m.image_shape[1] * m.image_shape[2]
         if size != cfg.data.seq_len:
-            raise UserError(f"config: data.seq_len = {cfg.data.seq_len} must equal one image ({'x'.join(map(str, m.image_shape))} = {size})")
+            raise UserError(
+                f"config: data.seq_len = {cfg.data.seq_len} must equal one image ({'x'.join(map(str, m.image_shape))} = {size})"
+            )
     if not 0.0 <= m.dropout < 1.0:
         raise UserError(f"config: model.dropout = {m.dropout} must be in [0, 1)")
     try:
@@ -350,8 +369,10 @@ def read_preset(name_or_path: str | Path) -> tuple[str, str]:
     bare = len(p.parts) == 1 or (len(p.parts) == 2 and p.parts[0] == "configs")
     if bare and stem in names:
         return (resources.files(__package__) / "configs" / f"{stem}.toml").read_text(), f"preset {stem}"
-    raise UserError(f"config: {name_or_path} is neither a TOML file nor a preset; pass a file or one of the "
-                    f"presets {', '.join(names)}")
+    raise UserError(
+        f"config: {name_or_path} is neither a TOML file nor a preset; pass a file or one of the "
+        f"presets {', '.join(names)}"
+    )
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
@@ -381,7 +402,9 @@ def apply_overrides(cfg: Config, args: list[str]) -> Config:
     while i < len(args):
         arg = args[i]
         if not arg.startswith("--") or "." not in arg:
-            raise UserError(f"unrecognized argument {arg!r}; overrides look like --section.key VALUE (e.g. --train.max_steps 100)")
+            raise UserError(
+                f"unrecognized argument {arg!r}; overrides look like --section.key VALUE (e.g. --train.max_steps 100)"
+            )
         if "=" in arg:
             key, value = arg[2:].split("=", 1)
             i += 1

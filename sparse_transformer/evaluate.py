@@ -43,9 +43,17 @@ def _batches(windows: list[tuple[int, int]], batch_size: int) -> list[list[tuple
 
 
 @torch.no_grad()
-def bits_per_dim(model: nn.Module, data: np.ndarray, seq_len: int, record_len: int | None, batch_size: int,
-                 device: torch.device | str, dtype: torch.dtype, max_tokens: int | None = None,
-                 progress: bool = False) -> tuple[float, int]:
+def bits_per_dim(
+    model: nn.Module,
+    data: np.ndarray,
+    seq_len: int,
+    record_len: int | None,
+    batch_size: int,
+    device: torch.device | str,
+    dtype: torch.dtype,
+    max_tokens: int | None = None,
+    progress: bool = False,
+) -> tuple[float, int]:
     """Summed negative log-likelihood of ``data`` under ``model``.
 
     Args:
@@ -72,8 +80,15 @@ def bits_per_dim(model: nn.Module, data: np.ndarray, seq_len: int, record_len: i
     model.eval()
     nats = torch.zeros((), dtype=torch.float64, device=device)
     tokens = 0
-    bar = tqdm(total=n_bytes, disable=not progress or rank != 0, desc="eval", unit="B", unit_scale=True,
-               leave=False, dynamic_ncols=True)
+    bar = tqdm(
+        total=n_bytes,
+        disable=not progress or rank != 0,
+        desc="eval",
+        unit="B",
+        unit_scale=True,
+        leave=False,
+        dynamic_ncols=True,
+    )
     for i in range(n_steps):
         batch = batches[min(i, len(batches) - 1)] if batches else [(0, min(seq_len, n_bytes))]
         x = torch.from_numpy(np.stack([np.asarray(data[s : s + n]) for s, n in batch]).astype(np.int64)).to(device)
@@ -92,8 +107,14 @@ def bits_per_dim(model: nn.Module, data: np.ndarray, seq_len: int, record_len: i
     return total[0].item(), int(total[1].item())
 
 
-def evaluate(run: str | Path, split: str = "test", max_tokens: int | None = None, device="auto",
-             data_dir: str | Path | None = None, progress: bool = False) -> dict:
+def evaluate(
+    run: str | Path,
+    split: str = "test",
+    max_tokens: int | None = None,
+    device="auto",
+    data_dir: str | Path | None = None,
+    progress: bool = False,
+) -> dict:
     """Bits per dim of a run's model (latest checkpoint, else the export) on one split of its data.
 
     Args:
@@ -119,7 +140,23 @@ def evaluate(run: str | Path, split: str = "test", max_tokens: int | None = None
     meta = read_meta(data_dir)
     data = open_split(data_dir, split)
     dtype = resolve_dtype(cfg.train.dtype, dev)
-    nats, tokens = bits_per_dim(model, data, cfg.data.seq_len, meta["record_len"] or None, cfg.train.batch_size,
-                                dev, dtype, max_tokens, progress=progress)
-    return {"bits_per_dim": nats / tokens / math.log(2), "unit": unit_of(meta["modality"]), "split": split,
-            "tokens": tokens, "nats": nats, "data_dir": str(data_dir), "run": str(run)}
+    nats, tokens = bits_per_dim(
+        model,
+        data,
+        cfg.data.seq_len,
+        meta["record_len"] or None,
+        cfg.train.batch_size,
+        dev,
+        dtype,
+        max_tokens,
+        progress=progress,
+    )
+    return {
+        "bits_per_dim": nats / tokens / math.log(2),
+        "unit": unit_of(meta["modality"]),
+        "split": split,
+        "tokens": tokens,
+        "nats": nats,
+        "data_dir": str(data_dir),
+        "run": str(run),
+    }

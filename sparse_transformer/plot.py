@@ -48,8 +48,13 @@ def read_curve(run: str | Path) -> dict:
     return curve
 
 
-def plot_runs(runs: list[str | Path], out: str | Path, title: str | None = None,
-              baselines: dict[str, float] | None = None, unit: str | None = None) -> Path:
+def plot_runs(
+    runs: list[str | Path],
+    out: str | Path,
+    title: str | None = None,
+    baselines: dict[str, float] | None = None,
+    unit: str | None = None,
+) -> Path:
     """Draw the validation curves of ``runs`` into the PNG ``out``; ``baselines`` maps a label (e.g.
     ``"xz -9e"``) to a bits-per-dim value drawn as a horizontal line. ``unit`` names the y axis;
     None takes the runs' own (bits per byte for text and audio, bits per dim for images; "bits per

@@ -35,7 +35,9 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return DTYPES[dtype_name(name, device)]
 
 
-def resolve_device(name: str | torch.device | None, local_rank: int = 0, option: str = "--train.device") -> torch.device:
+def resolve_device(
+    name: str | torch.device | None, local_rank: int = 0, option: str = "--train.device"
+) -> torch.device:
     """The ``torch.device`` of a config device name.
 
     Args:

@@ -82,8 +82,16 @@ class Decoder:
     If compiling or capturing fails, the decoder warns and falls back to the plain step.
     """
 
-    def __init__(self, model, tokens: torch.Tensor, temperature: float = 1.0, top_k: int = 0,
-                 noise: torch.Tensor | None = None, graphs: bool = False, compile: bool = False):
+    def __init__(
+        self,
+        model,
+        tokens: torch.Tensor,
+        temperature: float = 1.0,
+        top_k: int = 0,
+        noise: torch.Tensor | None = None,
+        graphs: bool = False,
+        compile: bool = False,
+    ):
         if graphs and tokens.device.type != "cuda":
             raise ValueError(f"CUDA graphs need a CUDA device; tokens are on {tokens.device} (use graphs=False)")
         self.model, self.tokens, self.noise = model, tokens, noise
@@ -127,7 +135,8 @@ class Decoder:
             if not self.compiled:
                 raise
             warnings.warn(
-                f"torch.compile of the decoding step failed ({type(e).__name__}: {e}); decoding uncompiled", stacklevel=2
+                f"torch.compile of the decoding step failed ({type(e).__name__}: {e}); decoding uncompiled",
+                stacklevel=2,
             )
             self.compiled, self.step_fn = False, self._step
 
@@ -376,8 +385,17 @@ def sample_command(
 
     t0 = time.perf_counter()
     samples = generate(
-        model, cfg, num, length, temperature=temperature, top_k=top_k, prefix=prefix, device=dev, seed=seed,
-        graphs=graphs, compile=compile,
+        model,
+        cfg,
+        num,
+        length,
+        temperature=temperature,
+        top_k=top_k,
+        prefix=prefix,
+        device=dev,
+        seed=seed,
+        graphs=graphs,
+        compile=compile,
     )
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)

@@ -69,8 +69,9 @@ def make_optimizer(model: nn.Module, t: TrainConfig, device: torch.device) -> to
     return torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps, fused=device.type == "cuda")
 
 
-def setup_training(model: nn.Module, cfg: Config, d: parallel.Dist, dtype: torch.dtype
-                   ) -> tuple[nn.Module, torch.optim.AdamW, torch.amp.GradScaler]:
+def setup_training(
+    model: nn.Module, cfg: Config, d: parallel.Dist, dtype: torch.dtype
+) -> tuple[nn.Module, torch.optim.AdamW, torch.amp.GradScaler]:
     """What ``train`` and ``bench train`` wrap around a model on ``d.device``: the module to train
     (:func:`~sparse_transformer.parallel.parallelize`: activation checkpointing, compile, DDP or
     FSDP2), the optimizer (:func:`make_optimizer`) and the grad scaler (active for fp16 only)."""
@@ -79,9 +80,15 @@ def setup_training(model: nn.Module, cfg: Config, d: parallel.Dist, dtype: torch
     return train_model, optimizer, torch.amp.GradScaler(d.device.type, enabled=dtype == torch.float16)
 
 
-def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
-               next_batch: Callable[[], torch.Tensor], t: TrainConfig, dtype: torch.dtype,
-               lr: float) -> tuple[torch.Tensor, torch.Tensor]:
+def train_step(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    next_batch: Callable[[], torch.Tensor],
+    t: TrainConfig,
+    dtype: torch.dtype,
+    lr: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """One optimizer update, as ``train`` and ``bench train`` run it (paper §5.6, §7; docs/method.md §8, §10).
 
     ``t.grad_accum`` micro-batches ``x = next_batch()`` (int ``[B, n]`` bytes on the model's
@@ -153,8 +160,10 @@ def _resolve_config(cfg: Config | None, run_dir, resume, overrides) -> tuple[Con
         return validate(cfg), Path(run_dir) if run_dir is not None else None
     resume = Path(resume)
     if not (resume / checkpoint.CHECKPOINT).is_file():
-        raise UserError(f"train: {resume} has no {checkpoint.CHECKPOINT} to resume; pass a run directory written by "
-                        "sparse-transformer train")
+        raise UserError(
+            f"train: {resume} has no {checkpoint.CHECKPOINT} to resume; pass a run directory written by "
+            "sparse-transformer train"
+        )
     cfg = checkpoint.read_run_config(resume)
     apply_overrides(cfg, list(overrides))
     return validate(cfg), Path(run_dir) if run_dir is not None else resume
@@ -176,26 +185,40 @@ def fit_to_data(cfg: Config, meta: dict) -> list[str]:
     """
     m, seq_len, notes = cfg.model, cfg.data.seq_len, []
     record_len, shape = meta["record_len"] or None, meta.get("shape")
-    cfg.data.modality, cfg.data.shape, cfg.data.sample_rate = meta["modality"], list(shape or []), meta["sample_rate"] or 0
+    cfg.data.modality, cfg.data.shape, cfg.data.sample_rate = (
+        meta["modality"],
+        list(shape or []),
+        meta["sample_rate"] or 0,
+    )
     if record_len and record_len % seq_len:
-        raise UserError(f"train: data.seq_len = {seq_len} does not fit this image data ({record_len} bytes per image); "
-                        f"use --data.seq_len {record_len} (one image) or a divisor of it")
+        raise UserError(
+            f"train: data.seq_len = {seq_len} does not fit this image data ({record_len} bytes per image); "
+            f"use --data.seq_len {record_len} (one image) or a divisor of it"
+        )
     if seq_len > meta["splits"]["train"]:
-        raise UserError(f"train: data.seq_len = {seq_len} is longer than the training split "
-                        f"({meta['splits']['train']:,} bytes); use a smaller --data.seq_len or more data")
+        raise UserError(
+            f"train: data.seq_len = {seq_len} is longer than the training split "
+            f"({meta['splits']['train']:,} bytes); use a smaller --data.seq_len or more data"
+        )
     if meta["modality"] == "image" and shape and seq_len == record_len:
         if m.position == "grid" and not m.image_shape:
             m.position, m.image_shape = "image", list(shape)
-            notes.append(f"note: image data: row, column and channel position embeddings for {'x'.join(map(str, shape))} "
-                         "images (model.position = image)")
+            notes.append(
+                f"note: image data: row, column and channel position embeddings for {'x'.join(map(str, shape))} "
+                "images (model.position = image)"
+            )
         elif m.position == "image" and list(m.image_shape) != list(shape):
-            raise UserError(f"train: model.image_shape = {m.image_shape} but the data holds {list(shape)} images; "
-                            f"use --model.image_shape {','.join(map(str, shape))}")
+            raise UserError(
+                f"train: model.image_shape = {m.image_shape} but the data holds {list(shape)} images; "
+                f"use --model.image_shape {','.join(map(str, shape))}"
+            )
     validate(cfg)
     t = cfg.train
     if t.warmup_steps >= t.max_steps:
-        notes.append(f"warning: train.warmup_steps = {t.warmup_steps} is not shorter than train.max_steps = "
-                     f"{t.max_steps}: the learning rate never reaches its peak or decays; lower --train.warmup_steps")
+        notes.append(
+            f"warning: train.warmup_steps = {t.warmup_steps} is not shorter than train.max_steps = "
+            f"{t.max_steps}: the learning rate never reaches its peak or decays; lower --train.warmup_steps"
+        )
     return notes
 
 
@@ -220,8 +243,10 @@ def import_wandb():
     try:
         import wandb
     except ImportError:
-        raise UserError("train: --train.wandb needs the wandb package; pip install wandb "
-                        "(or pip install 'sparse-transformer[wandb]'), or drop --train.wandb") from None
+        raise UserError(
+            "train: --train.wandb needs the wandb package; pip install wandb "
+            "(or pip install 'sparse-transformer[wandb]'), or drop --train.wandb"
+        ) from None
     return wandb
 
 
@@ -229,8 +254,9 @@ class Logger:
     """metrics.jsonl (one JSON object per line), TensorBoard events and, with ``wandb_project``, a
     Weights & Biases run (named after the run folder, with the resolved config); rank 0 only."""
 
-    def __init__(self, run_dir: Path, enabled: bool, purge_step: int | None, wandb_project: str = "",
-                 config: dict | None = None):
+    def __init__(
+        self, run_dir: Path, enabled: bool, purge_step: int | None, wandb_project: str = "", config: dict | None = None
+    ):
         self.enabled = enabled
         self.file = self.writer = self.wandb = None
         if enabled:
@@ -239,16 +265,20 @@ class Logger:
             self.file = open(run_dir / METRICS, "a")  # noqa: SIM115 (open for the run, closed in close())
             self.writer = SummaryWriter(str(run_dir), purge_step=purge_step)
             if wandb_project:
-                self.wandb = import_wandb().init(project=wandb_project, name=run_dir.resolve().name,
-                                                 dir=str(run_dir), config=config)
+                self.wandb = import_wandb().init(
+                    project=wandb_project, name=run_dir.resolve().name, dir=str(run_dir), config=config
+                )
 
     def log(self, record: dict, prefix: str) -> None:
         if not self.enabled:
             return
         self.file.write(json.dumps(record) + "\n")
         self.file.flush()
-        scalars = {f"{prefix}/{key}": value for key, value in record.items()
-                   if key not in ("step", "elapsed_s") and isinstance(value, (int, float))}
+        scalars = {
+            f"{prefix}/{key}": value
+            for key, value in record.items()
+            if key not in ("step", "elapsed_s") and isinstance(value, (int, float))
+        }
         for key, value in scalars.items():
             self.writer.add_scalar(key, value, record["step"])
         self.writer.flush()
@@ -263,8 +293,9 @@ class Logger:
                 self.wandb.finish()
 
 
-def train(cfg: Config | None, run_dir: str | Path | None, resume: str | Path | None = None,
-          overrides: list[str] = ()) -> dict:
+def train(
+    cfg: Config | None, run_dir: str | Path | None, resume: str | Path | None = None, overrides: list[str] = ()
+) -> dict:
     """Train (or with ``resume``, continue) a run; returns a summary dict.
 
     Args:
@@ -291,7 +322,9 @@ def _train(cfg: Config, run_dir: Path | None, resuming: bool, d: parallel.Dist) 
     dtype = resolve_dtype(t.dtype, device)
     run_dir = run_dir or _new_run_dir(d)
     if not resuming and (run_dir / checkpoint.CHECKPOINT).exists():
-        raise UserError(f"train: {run_dir} already holds a run; continue it with --resume {run_dir} or choose a new --run-dir")
+        raise UserError(
+            f"train: {run_dir} already holds a run; continue it with --resume {run_dir} or choose a new --run-dir"
+        )
     say = tqdm.write if d.main else (lambda *_: None)
 
     # Everything that can refuse the run is checked before anything is written.
@@ -323,12 +356,17 @@ def _train(cfg: Config, run_dir: Path | None, resuming: bool, d: parallel.Dist) 
         state = checkpoint.load_training(run_dir, model, optimizer)
         scaler.load_state_dict(state["scaler"])
         step, elapsed0 = state["step"], state["elapsed_s"]
-        timing.update({k: state["timing"][k] for k in ("train_s", "eval_s", "compile_s", "warmup_end_s")}
-                      if "timing" in state else {})
+        timing.update(
+            {k: state["timing"][k] for k in ("train_s", "eval_s", "compile_s", "warmup_end_s")}
+            if "timing" in state
+            else {}
+        )
         ranks = state["ranks"]
         if len(ranks) != d.world:
-            say(f"note: resuming {len(ranks)}-process state with {d.world} processes; the batch order will differ "
-                "from an uninterrupted run")
+            say(
+                f"note: resuming {len(ranks)}-process state with {d.world} processes; the batch order will differ "
+                "from an uninterrupted run"
+            )
         mine = ranks[d.rank % len(ranks)]
         set_rng_state(mine["rng"], rng, device)
         loss_sum, loss_steps = mine["loss_sum"], mine["loss_steps"]
@@ -337,36 +375,58 @@ def _train(cfg: Config, run_dir: Path | None, resuming: bool, d: parallel.Dist) 
             say(f"resumed {run_dir} at step {step} of {t.max_steps}")
 
     loss_sum = torch.tensor(loss_sum, dtype=torch.float64, device=device)  # this log interval's summed losses
-    logger = Logger(run_dir, d.main, purge_step=step + 1 if resuming else None, wandb_project=t.wandb,
-                    config=cfg.to_dict())
+    logger = Logger(
+        run_dir, d.main, purge_step=step + 1 if resuming else None, wandb_project=t.wandb, config=cfg.to_dict()
+    )
     eval_model = parallel.unwrap(ddp_model)
     tokens_per_step = t.batch_size * t.grad_accum * cfg.data.seq_len * d.world
     flops_per_token = train_flops_per_token(cfg.model)
     peak = peak_tflops(torch.cuda.get_device_name(device), t.peak_tflops) if device.type == "cuda" else None
     val_tokens = t.eval_batches * t.batch_size * cfg.data.seq_len or None
     if d.main:
-        say(f"run {run_dir}: {model.num_params():,} parameters, {flops_per_token / 1e6:,.2f} MFLOP per token "
-            f"(training), {d.world} x {device}, {dtype}, data {data_dir} ({meta['splits']['train']:,} train bytes)")
+        say(
+            f"run {run_dir}: {model.num_params():,} parameters, {flops_per_token / 1e6:,.2f} MFLOP per token "
+            f"(training), {d.world} x {device}, {dtype}, data {data_dir} ({meta['splits']['train']:,} train bytes)"
+        )
 
     def evaluate_val() -> dict:
-        nats, tokens = bits_per_dim(eval_model, val_data, cfg.data.seq_len, record_len, t.batch_size, device, dtype, val_tokens)
-        rec = {"step": step, "val_loss": nats / tokens, "val_bits_per_dim": nats / tokens / math.log(2),
-               "unit": unit, "val_tokens": tokens, "elapsed_s": elapsed0 + time.perf_counter() - t_start,
-               "train_s": timing["train_s"]}
+        nats, tokens = bits_per_dim(
+            eval_model, val_data, cfg.data.seq_len, record_len, t.batch_size, device, dtype, val_tokens
+        )
+        rec = {
+            "step": step,
+            "val_loss": nats / tokens,
+            "val_bits_per_dim": nats / tokens / math.log(2),
+            "unit": unit,
+            "val_tokens": tokens,
+            "elapsed_s": elapsed0 + time.perf_counter() - t_start,
+            "train_s": timing["train_s"],
+        }
         logger.log(rec, "val")
         return rec
 
     def save_checkpoint() -> None:
         mine = {"rng": rng_state(rng, device), "loss_sum": loss_sum.item(), "loss_steps": loss_steps}
-        state = {"step": step, "elapsed_s": elapsed0 + time.perf_counter() - t_start, "scaler": scaler.state_dict(),
-                 "timing": dict(timing), "ranks": parallel.all_gather_object(mine)}
+        state = {
+            "step": step,
+            "elapsed_s": elapsed0 + time.perf_counter() - t_start,
+            "scaler": scaler.state_dict(),
+            "timing": dict(timing),
+            "ranks": parallel.all_gather_object(mine),
+        }
         checkpoint.save_training(run_dir, model, optimizer, state)
 
     def next_batch() -> torch.Tensor:
         return sample_batch(train_data, t.batch_size, cfg.data.seq_len, rng, record_len).to(device, non_blocking=True)
 
-    bar = tqdm(total=t.max_steps, initial=step, disable=not (t.progress and d.main), desc="train", unit="step",
-               dynamic_ncols=True)
+    bar = tqdm(
+        total=t.max_steps,
+        initial=step,
+        disable=not (t.progress and d.main),
+        desc="train",
+        unit="step",
+        dynamic_ncols=True,
+    )
     # Clocks: ``train_s`` counts optimizer steps only (not evaluation, checkpoints or the first
     # step's compilation), which is what a time budget and an equal-wall-clock comparison measure.
     budget_s = t.max_minutes * 60.0
@@ -398,8 +458,10 @@ def _train(cfg: Config, run_dir: Path | None, resuming: bool, d: parallel.Dist) 
                 timing["first_step_s"] = first_step_s
                 timing["compile_s"] += first_step_s - charge
                 timing["train_s"] += charge
-                say(f"first step {first_step_s:.1f} s (compilation and warm-up {first_step_s - charge:.1f} s, "
-                    "not counted as training time)")
+                say(
+                    f"first step {first_step_s:.1f} s (compilation and warm-up {first_step_s - charge:.1f} s, "
+                    "not counted as training time)"
+                )
             timing["train_s"] += step_s
         step += 1
         steps_since_log += 1
@@ -412,9 +474,16 @@ def _train(cfg: Config, run_dir: Path | None, resuming: bool, d: parallel.Dist) 
             total, count = parallel.all_reduce_sum([loss_sum.item(), loss_steps], device)
             now = time.perf_counter()
             norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
-            rec = {"step": step, "loss": total / count, "bits_per_dim": total / count / math.log(2), "lr": lr,
-                   "grad_norm": norm.item(), "tokens_per_s": tokens_per_step * steps_since_log / (now - t_log),
-                   "elapsed_s": elapsed0 + now - t_start, "train_s": timing["train_s"]}
+            rec = {
+                "step": step,
+                "loss": total / count,
+                "bits_per_dim": total / count / math.log(2),
+                "lr": lr,
+                "grad_norm": norm.item(),
+                "tokens_per_s": tokens_per_step * steps_since_log / (now - t_log),
+                "elapsed_s": elapsed0 + now - t_start,
+                "train_s": timing["train_s"],
+            }
             rec["tflops"] = rec["tokens_per_s"] * flops_per_token / 1e12  # model FLOPs, all processes
             if peak is not None:
                 rec["mfu"] = rec["tflops"] / (peak * d.world)
@@ -434,13 +503,40 @@ def _train(cfg: Config, run_dir: Path | None, resuming: bool, d: parallel.Dist) 
             save_checkpoint()
             t_log = time.perf_counter()
     bar.close()
-    return _finish(cfg, run_dir, model, eval_model, d, dtype, record_len, unit, step, val, logger,
-                   elapsed0 + time.perf_counter() - t_start, data_dir, timing)
+    return _finish(
+        cfg,
+        run_dir,
+        model,
+        eval_model,
+        d,
+        dtype,
+        record_len,
+        unit,
+        step,
+        val,
+        logger,
+        elapsed0 + time.perf_counter() - t_start,
+        data_dir,
+        timing,
+    )
 
 
-def _finish(cfg: Config, run_dir: Path, model: nn.Module, eval_model: nn.Module, d: parallel.Dist, dtype: torch.dtype,
-            record_len: int | None, unit: str, step: int, val: dict | None, logger: Logger, elapsed: float,
-            data_dir: Path, timing: dict) -> dict:
+def _finish(
+    cfg: Config,
+    run_dir: Path,
+    model: nn.Module,
+    eval_model: nn.Module,
+    d: parallel.Dist,
+    dtype: torch.dtype,
+    record_len: int | None,
+    unit: str,
+    step: int,
+    val: dict | None,
+    logger: Logger,
+    elapsed: float,
+    data_dir: Path,
+    timing: dict,
+) -> dict:
     """Export the weights, score the test split (its first ``train.test_tokens`` bytes if set), print
     bits per byte and a sample."""
     t, device = cfg.train, d.device
@@ -450,20 +546,39 @@ def _finish(cfg: Config, run_dir: Path, model: nn.Module, eval_model: nn.Module,
     if d.main and t.progress:
         n_test = min(t.test_tokens or len(test_data), len(test_data))
         tqdm.write(f"scoring {n_test:,} bytes of the test split (--train.test_tokens N scores fewer)")
-    nats, tokens = bits_per_dim(eval_model, test_data, cfg.data.seq_len, record_len, t.batch_size, device, dtype,
-                                t.test_tokens or None, progress=t.progress and d.main)
+    nats, tokens = bits_per_dim(
+        eval_model,
+        test_data,
+        cfg.data.seq_len,
+        record_len,
+        t.batch_size,
+        device,
+        dtype,
+        t.test_tokens or None,
+        progress=t.progress and d.main,
+    )
     test_bpd = nats / tokens / math.log(2)
     times = {k: round(v, 3) for k, v in timing.items() if k in ("train_s", "eval_s", "compile_s")}
     times["test_s"] = round(time.perf_counter() - t_test, 3)
     logger.log({"step": step, "test_bits_per_dim": test_bpd, "unit": unit, "test_tokens": tokens, **times}, "test")
     logger.close()
-    summary = {"run_dir": str(run_dir), "step": step, "params": model.num_params(), "test_bits_per_dim": test_bpd,
-               "unit": unit, "test_tokens": tokens, "elapsed_s": elapsed, **times}
+    summary = {
+        "run_dir": str(run_dir),
+        "step": step,
+        "params": model.num_params(),
+        "test_bits_per_dim": test_bpd,
+        "unit": unit,
+        "test_tokens": tokens,
+        "elapsed_s": elapsed,
+        **times,
+    }
     if val is not None:
         summary["val_bits_per_dim"] = val["val_bits_per_dim"]
     if d.main:
-        print(f"test {unit}: {test_bpd:.3f} ({tokens:,} bytes); time: training {times['train_s']:.1f} s, "
-              f"validation {times['eval_s']:.1f} s, compilation {times['compile_s']:.1f} s, test {times['test_s']:.1f} s")
+        print(
+            f"test {unit}: {test_bpd:.3f} ({tokens:,} bytes); time: training {times['train_s']:.1f} s, "
+            f"validation {times['eval_s']:.1f} s, compilation {times['compile_s']:.1f} s, test {times['test_s']:.1f} s"
+        )
         text = _sample_text(cfg, run_dir, model, device) if not parallel.is_sharded(model) else None
         if text is not None:
             summary["sample"] = text
@@ -480,8 +595,17 @@ def _sample_text(cfg: Config, run_dir: Path, model: nn.Module, device: torch.dev
     if cfg.model.position == "image" or data_meta(cfg)["modality"] != "text":
         return None
     s = cfg.sample
-    tokens = generate(model, cfg, num=1, length=min(s.length or cfg.data.seq_len, cfg.data.seq_len),
-                      temperature=s.temperature, top_k=s.top_k, prefix=None, device=device, seed=s.seed)
+    tokens = generate(
+        model,
+        cfg,
+        num=1,
+        length=min(s.length or cfg.data.seq_len, cfg.data.seq_len),
+        temperature=s.temperature,
+        top_k=s.top_k,
+        prefix=None,
+        device=device,
+        seed=s.seed,
+    )
     text = bytes(tokens[0].tolist()).decode("utf-8", errors="replace")
     (run_dir / "sample.txt").write_text(text)
     return text

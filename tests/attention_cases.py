@@ -34,9 +34,9 @@ def random_qkv(B, H, n, dk, dv, dtype, device="cpu", seed=0):
 def torch_attention(q, k, v, pattern, scale=None):
     """PyTorch's own computation of the pattern: dense masked softmax entirely in ``q.dtype``
     (empty rows give 0). In fp64 it is the truth; in the input dtype, the yardstick."""
-    B, H, n, dk = q.shape
+    _, H, n, dk = q.shape
     mask = torch.stack([pattern.mask(n, head=h) for h in range(H)]).to(q.device)
-    s = (q @ k.transpose(-1, -2)) * (dk ** -0.5 if scale is None else scale)
+    s = (q @ k.transpose(-1, -2)) * (dk**-0.5 if scale is None else scale)
     s = s.masked_fill(~mask, float("-inf"))
     p = torch.softmax(s, dim=-1).nan_to_num(0.0)
     return p @ v
@@ -67,8 +67,9 @@ def assert_matches_torch(fn, pattern, q, k, v, do=None, scale=None, atol_rel=Non
     factorized backend needs up to 3). ``do=None`` checks the forward only.
     """
     exact_in = [t.detach().double().requires_grad_(True) for t in (q, k, v)]
-    exact = outputs_and_grads(lambda a, b, c: torch_attention(a, b, c, pattern, scale), *exact_in,
-                              None if do is None else do.double())
+    exact = outputs_and_grads(
+        lambda a, b, c: torch_attention(a, b, c, pattern, scale), *exact_in, None if do is None else do.double()
+    )
     same = outputs_and_grads(lambda a, b, c: torch_attention(a, b, c, pattern, scale), q, k, v, do)
     got = outputs_and_grads(fn, q, k, v, do)
     if atol_rel is None:
@@ -78,4 +79,5 @@ def assert_matches_torch(fn, pattern, q, k, v, do=None, scale=None, atol_rel=Non
         err, base, size = ((x - e).abs().max().item() for x in (a, t, torch.zeros_like(e)))
         size = max(size, 1.0)
         assert err <= 2 * base + atol_rel * size, (
-            f"{name}: error {err:.3g} > 2 x PyTorch's {q.dtype} error {base:.3g} + {atol_rel:.2g} x {size:.3g}")
+            f"{name}: error {err:.3g} > 2 x PyTorch's {q.dtype} error {base:.3g} + {atol_rel:.2g} x {size:.3g}"
+        )

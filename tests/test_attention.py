@@ -3,8 +3,8 @@ x parts x lengths x head dims x dtypes (the tolerance rule of docs/design.md §6
 
 import pytest
 import torch
-
 from attention_cases import assert_matches_torch, pattern_grid, random_qkv
+
 from sparse_transformer import patterns as P
 from sparse_transformer import sparse_attention
 from sparse_transformer.attention.reference import reference_attention

@@ -6,16 +6,24 @@ arithmetic of every term is also checked on CPU through Flex's eager path.
 
 import pytest
 import torch
-
 from attention_cases import assert_matches_torch
+
 from sparse_transformer import patterns as P
 from sparse_transformer.attention import sparse_attention
 from sparse_transformer.attention.flex import flex_attention_sparse
 
 PATTERNS = [
-    P.dense(), P.local(64), P.strided(64), P.strided(64, "local"), P.strided(64, "stride"),
-    P.fixed(64, 16), P.fixed(64, 16, part="block"), P.fixed(64, 16, part="summary"), P.fixed(64, 16, num_verts=2),
-    P.multihead(P.strided(64)), P.multihead(P.fixed(64, 16, num_verts=2)),
+    P.dense(),
+    P.local(64),
+    P.strided(64),
+    P.strided(64, "local"),
+    P.strided(64, "stride"),
+    P.fixed(64, 16),
+    P.fixed(64, 16, part="block"),
+    P.fixed(64, 16, part="summary"),
+    P.fixed(64, 16, num_verts=2),
+    P.multihead(P.strided(64)),
+    P.multihead(P.fixed(64, 16, num_verts=2)),
 ]
 
 gpu = pytest.mark.gpu
@@ -53,8 +61,9 @@ def test_fp32_forward_and_gradients(pattern, n, d, dv):
     out = sparse_attention(q, k, v, pattern, backend="flex")
     assert out.dtype == torch.float32
     # Flex's fp32 dots may run as TF32: a floor of 1e-3 of the largest value, the former rule's bound
-    assert_matches_torch(lambda a, b, c: sparse_attention(a, b, c, pattern, backend="flex"), pattern, q, k, v, grad,
-                         atol_rel=1e-3)
+    assert_matches_torch(
+        lambda a, b, c: sparse_attention(a, b, c, pattern, backend="flex"), pattern, q, k, v, grad, atol_rel=1e-3
+    )
 
 
 @gpu

@@ -13,14 +13,25 @@ def test_matmul_params_are_the_models_matrices(extra):
     cfg = load_config(None, ["--model.n_layer", "3", "--model.d_model", "64", "--model.n_head", "4", *extra]).model
     with torch.device("meta"):
         model = SparseTransformer(cfg)
-    matrices = sum(p.numel() for name, p in model.named_parameters()
-                   if p.dim() == 2 and name.startswith(("blocks.", "head.")))
+    matrices = sum(
+        p.numel() for name, p in model.named_parameters() if p.dim() == 2 and name.startswith(("blocks.", "head."))
+    )
     assert matmul_params(cfg) == matrices
 
 
 def test_attention_is_charged_for_allowed_pairs_only():
-    base = ["--model.n_layer", "2", "--model.d_model", "64", "--model.n_head", "4", "--data.seq_len", "64",
-            "--model.stride", "8"]
+    base = [
+        "--model.n_layer",
+        "2",
+        "--model.d_model",
+        "64",
+        "--model.n_head",
+        "4",
+        "--data.seq_len",
+        "64",
+        "--model.stride",
+        "8",
+    ]
     dense = load_config(None, [*base, "--model.pattern", "dense"]).model
     strided = load_config(None, [*base, "--model.pattern", "strided"]).model
     n = 64
@@ -43,7 +54,9 @@ def test_peak_table_and_override():
     assert peak_tflops("NVIDIA H100 80GB HBM3") == 989.5
     assert peak_tflops("NVIDIA H100 PCIe") == 756.0
     assert peak_tflops("NVIDIA A100-SXM4-80GB") == 312.0
-    assert peak_tflops("NVIDIA L40S") == 362.0 and peak_tflops("NVIDIA L40") == 181.0 and peak_tflops("NVIDIA L4") == 121.0
+    assert (
+        peak_tflops("NVIDIA L40S") == 362.0 and peak_tflops("NVIDIA L40") == 181.0 and peak_tflops("NVIDIA L4") == 121.0
+    )
     assert peak_tflops("Some Future GPU") is None
     assert peak_tflops("Some Future GPU", configured=500.0) == 500.0
     assert peak_tflops("NVIDIA H200", configured=100.0) == 100.0

@@ -33,17 +33,52 @@ def image_dir(root, shape=(4, 4, 3), n=(40, 4, 4)):
     for split, count in zip(("train", "val", "test"), n):
         (root / f"{split}.bin").write_bytes(rng.integers(0, 256, count * record).astype(np.uint8).tobytes())
         splits[split] = count * record
-    meta = {"kind": "mnist", "modality": "image", "record_len": record, "shape": list(shape), "sample_rate": None,
-            "splits": splits, "source": "test", "format_version": 1}
+    meta = {
+        "kind": "mnist",
+        "modality": "image",
+        "record_len": record,
+        "shape": list(shape),
+        "sample_rate": None,
+        "splits": splits,
+        "source": "test",
+        "format_version": 1,
+    }
     (root / "meta.json").write_text(json.dumps(meta))
     return root
 
 
 def tiny(data_dir, *extra):
-    return ["--data.dir", str(data_dir), "--model.n_layer", "1", "--model.d_model", "16", "--model.n_head", "2",
-            "--model.stride", "8", "--model.c", "2", "--train.batch_size", "2", "--train.max_steps", "3",
-            "--train.warmup_steps", "1", "--train.log_every", "1", "--train.eval_every", "0", "--train.eval_batches", "1",
-            "--train.device", "cpu", "--train.dtype", "fp32", *extra]
+    return [
+        "--data.dir",
+        str(data_dir),
+        "--model.n_layer",
+        "1",
+        "--model.d_model",
+        "16",
+        "--model.n_head",
+        "2",
+        "--model.stride",
+        "8",
+        "--model.c",
+        "2",
+        "--train.batch_size",
+        "2",
+        "--train.max_steps",
+        "3",
+        "--train.warmup_steps",
+        "1",
+        "--train.log_every",
+        "1",
+        "--train.eval_every",
+        "0",
+        "--train.eval_batches",
+        "1",
+        "--train.device",
+        "cpu",
+        "--train.dtype",
+        "fp32",
+        *extra,
+    ]
 
 
 def records(run):
@@ -77,20 +112,41 @@ def test_eval_data_points_a_run_at_moved_data(text_dir, tmp_path, capsys):
 
     moved = tmp_path / "moved"
     shutil.copytree(text_dir, tmp_path / "data")
-    train(load_config(None, tiny(tmp_path / "data", "--data.seq_len", "32", "--train.test_tokens", "64",
-                                 "--train.progress", "false")), tmp_path / "run")
+    train(
+        load_config(
+            None,
+            tiny(tmp_path / "data", "--data.seq_len", "32", "--train.test_tokens", "64", "--train.progress", "false"),
+        ),
+        tmp_path / "run",
+    )
     (tmp_path / "data").rename(moved)
     assert main(["eval", "--run", str(tmp_path / "run"), "--max-tokens", "64", "--no-progress"]) == 2
     assert "meta.json is missing" in capsys.readouterr().err
-    assert main(["eval", "--run", str(tmp_path / "run"), "--data", str(moved), "--max-tokens", "64", "--json",
-                 "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                "--run",
+                str(tmp_path / "run"),
+                "--data",
+                str(moved),
+                "--max-tokens",
+                "64",
+                "--json",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     result = json.loads(capsys.readouterr().out)
     assert result["data_dir"] == str(moved) and result["tokens"] == 64 and result["unit"] == "bits per byte"
 
 
 def test_image_data_gets_image_positions_and_bits_per_dim(tmp_path, capsys):
     data = image_dir(tmp_path / "images")
-    summary = train(load_config(None, tiny(data, "--data.seq_len", "48", "--train.progress", "false")), tmp_path / "run")
+    summary = train(
+        load_config(None, tiny(data, "--data.seq_len", "48", "--train.progress", "false")), tmp_path / "run"
+    )
     out = capsys.readouterr().out
     assert "row, column and channel position embeddings for 4x4x3 images" in out
     assert "test bits per dim:" in out and summary["unit"] == "bits per dim"
@@ -105,8 +161,12 @@ def test_sequence_length_that_does_not_fit_is_refused_before_writing(tmp_path, t
     with pytest.raises(UserError, match="data.seq_len = 40 does not fit .* use --data.seq_len 48"):
         train(load_config(None, tiny(data, "--data.seq_len", "40")), tmp_path / "run")
     with pytest.raises(UserError, match=r"model.image_shape = \[2, 8, 3\] but the data holds \[4, 4, 3\]"):
-        train(load_config(None, tiny(data, "--data.seq_len", "48", "--model.position", "image",
-                                     "--model.image_shape", "2,8,3")), tmp_path / "run")
+        train(
+            load_config(
+                None, tiny(data, "--data.seq_len", "48", "--model.position", "image", "--model.image_shape", "2,8,3")
+            ),
+            tmp_path / "run",
+        )
     with pytest.raises(UserError, match="longer than the training split"):
         train(load_config(None, tiny(text_dir, "--data.seq_len", "100000")), tmp_path / "run")
     assert not (tmp_path / "run").exists()

@@ -137,8 +137,9 @@ def _summary(q, k, v, term: Summary, scale, dt):
 _TERMS = {Band: _band, Block: _block, Stride: _stride, Summary: _summary}
 
 
-def factorized_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Pattern,
-                         scale: float | None = None) -> torch.Tensor:
+def factorized_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Pattern, scale: float | None = None
+) -> torch.Tensor:
     """Causal attention restricted to ``pattern`` in pure PyTorch (paper §4.2 Eqs. 2-4, computed by
     term as the paper's §5.5 describes).
 
@@ -153,6 +154,11 @@ def factorized_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, patt
     dt = q.dtype
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     q, k, v = q.float(), k.float(), v.float()  # no-ops for fp32 inputs
-    out = by_head_group(q, k, v, pattern,
-                        lambda qs, ks, vs, terms: merge_by_lse([_TERMS[type(t)](qs, ks, vs, t, scale, dt) for t in terms]))
+    out = by_head_group(
+        q,
+        k,
+        v,
+        pattern,
+        lambda qs, ks, vs, terms: merge_by_lse([_TERMS[type(t)](qs, ks, vs, t, scale, dt) for t in terms]),
+    )
     return out.to(dt)

@@ -7,15 +7,16 @@ import torch
 from ..patterns import Pattern
 
 
-def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Pattern,
-                        scale: float | None = None) -> torch.Tensor:
+def reference_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Pattern, scale: float | None = None
+) -> torch.Tensor:
     """Attention of ``q [B, H, n, dk]``, ``k [B, H, n, dk]``, ``v [B, H, n, dv]`` under ``pattern``
     (head ``h`` uses ``pattern.mask(n, head=h)``), computed in fp32 and returned in ``q.dtype``.
 
     A query with no allowed key gets a zero output (and zero gradients), never NaN.
     """
     H, n, dk = q.shape[1:]
-    scale = dk ** -0.5 if scale is None else scale
+    scale = dk**-0.5 if scale is None else scale
     mask = torch.stack([pattern.mask(n, head=h) for h in range(H)]).to(q.device)  # [H, n, n]
     s = torch.einsum("bhid,bhjd->bhij", q.float(), k.float()) * scale
     s = s.masked_fill(~mask, float("-inf"))

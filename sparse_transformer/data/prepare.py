@@ -445,8 +445,9 @@ def _audio_modules():
         import soundfile
         from scipy.signal import resample_poly
     except ImportError as e:
-        raise UserError(f"data: preparing audio needs soundfile and scipy ({e}); "
-                        "pip install 'sparse-transformer[audio]'") from None
+        raise UserError(
+            f"data: preparing audio needs soundfile and scipy ({e}); pip install 'sparse-transformer[audio]'"
+        ) from None
     return soundfile, resample_poly
 
 

@@ -20,8 +20,14 @@ from .ops import attention_fwd, encode
 __all__ = ["triton_attention"]
 
 
-def triton_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Pattern,
-                     scale: float | None = None, deterministic: bool = False) -> torch.Tensor:
+def triton_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    pattern: Pattern,
+    scale: float | None = None,
+    deterministic: bool = False,
+) -> torch.Tensor:
     """Causal attention restricted to ``pattern`` with fused Triton kernels (forward and backward).
 
     Args:
@@ -41,7 +47,8 @@ def triton_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern:
     if q.dim() != 4 or k.shape != q.shape or v.shape[:3] != q.shape[:3] or not (q.dtype == k.dtype == v.dtype):
         raise ValueError(
             f"expected q, k [B, H, n, dk] and v [B, H, n, dv] of one dtype; got {tuple(q.shape)}, "
-            f"{tuple(k.shape)}, {tuple(v.shape)}")
+            f"{tuple(k.shape)}, {tuple(v.shape)}"
+        )
     spec = encode(pattern, q.shape[1])  # raises for Interleaved: call .for_layer(layer) first
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
