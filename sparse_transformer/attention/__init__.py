@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from ..patterns import NamedPattern, Pattern
+from .common import empty_attention, is_empty
 
 BACKENDS = ("auto", "reference", "factorized", "triton", "flex", "sdpa")
 _GPU_ONLY = ("triton", "flex")
@@ -63,8 +64,11 @@ def resolve_backend(backend: str, pattern: Pattern, device: torch.device) -> str
 
 
 def _sdpa(q, k, v, pattern, scale):
+    """``F.scaled_dot_product_attention(is_causal=True)`` for the dense pattern (ValueError for any other)."""
     if not (isinstance(pattern, NamedPattern) and pattern.name == "dense"):
         raise ValueError("backend 'sdpa' computes only the dense causal pattern; use 'factorized' or 'triton'")
+    if is_empty(q):
+        return empty_attention(q, k, v, pattern)
     return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 
 from ...patterns import Pattern
+from ..common import empty_attention, is_empty
 from .ops import attention_fwd, encode
 
 __all__ = ["triton_attention"]
@@ -35,7 +36,11 @@ def triton_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern:
             flag is accepted so callers can state the requirement.
 
     Returns: ``[B, H, n, dv]`` in ``q.dtype``. Queries with no allowed key give zeros (and zero
-    gradients).
+    gradients). With no query (``B``, ``H`` or ``n`` is 0) the result is an empty ``[B, H, n, dv]``
+    tensor with empty gradients, and no kernel is launched.
+
+    Raises:
+        ValueError: another dtype, mismatched shapes, or an unresolved Interleaved pattern.
     """
     if q.dtype not in _DTYPES:
         raise ValueError(f"triton attention takes float16, bfloat16 or float32 inputs, got {q.dtype}")
@@ -43,6 +48,8 @@ def triton_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern:
         raise ValueError(
             f"expected q, k [B, H, n, dk] and v [B, H, n, dv] of one dtype; got {tuple(q.shape)}, "
             f"{tuple(k.shape)}, {tuple(v.shape)}")
+    if is_empty(q):
+        return empty_attention(q, k, v, pattern)
     spec = encode(pattern, q.shape[1])  # raises for Interleaved: call .for_layer(layer) first
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
