@@ -66,7 +66,8 @@ def sample_logits(
         ValueError: a temperature that is NaN or infinite.
     """
     if not math.isfinite(temperature):
-        raise ValueError(f"temperature {temperature} must be a finite number (0 = greedy, 1 = the model's distribution)")
+        raise ValueError(
+            f"temperature {temperature} must be a finite number (0 = greedy, 1 = the model's distribution)")
     if is_greedy(temperature, top_k):
         return logits.argmax(-1)
     logits = logits.float()

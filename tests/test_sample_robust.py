@@ -150,7 +150,8 @@ def test_sample_command_tiny_temperature_writes_greedy_text(monkeypatch, tmp_pat
     assert path.read_bytes() == bytes(greedy[0].tolist())
 
 
-@pytest.mark.parametrize("flag", [["--temperature", "-0.5"], ["--top-k", "-3"], ["--num", "0"], ["--temperature", "nan"]])
+@pytest.mark.parametrize("flag", [["--temperature", "-0.5"], ["--top-k", "-3"], ["--num", "0"],
+                                  ["--temperature", "nan"]])
 def test_cli_sample_bad_value_is_one_line_exit_2(tmp_path, flag):
     r = subprocess.run([sys.executable, "-m", "sparse_transformer", "sample", "--run", str(tmp_path / "missing-run"),
                         *flag],

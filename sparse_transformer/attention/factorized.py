@@ -81,8 +81,9 @@ class _TermAttention(torch.autograd.Function):
 
 
 def _softmax_lse(q, k, v, allowed, scale, dt):
-    """``(out [..., Q, dv], lse [..., Q])`` in fp32 (float64 for ``dt`` float64) of q ``[..., Q, dk]`` over the allowed keys of
-    k ``[..., K, dk]``; a row with no allowed key gives ``out = 0``, ``lse = -inf`` and zero gradients."""
+    """``(out [..., Q, dv], lse [..., Q])`` in fp32 (float64 for ``dt`` float64) of q ``[..., Q, dk]``
+    over the allowed keys of k ``[..., K, dk]``; a row with no allowed key gives ``out = 0``,
+    ``lse = -inf`` and zero gradients."""
     return _TermAttention.apply(q, k, v, allowed, scale, dt)
 
 

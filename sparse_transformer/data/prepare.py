@@ -291,7 +291,9 @@ def _cifar_images(blob: bytes, where: str) -> np.ndarray:
         batch = _CifarUnpickler(io.BytesIO(blob), encoding="bytes").load()
     except Exception as e:  # noqa: BLE001 - corrupt pickles raise nearly anything (OverflowError, LookupError,
         # MemoryError, SystemError from numpy's reconstruction, ...); the restricted unpickler runs no code
-        raise UserError(f"data: {where} is not a CIFAR-10 python batch ({_reason(e)}); pass {EXPECTS['cifar10']}") from None
+        raise UserError(
+            f"data: {where} is not a CIFAR-10 python batch ({_reason(e)}); pass {EXPECTS['cifar10']}"
+        ) from None
     data = batch.get(b"data", batch.get("data")) if isinstance(batch, dict) else None
     if not isinstance(data, np.ndarray) or data.dtype != np.uint8:
         raise UserError(f"data: {where} has no uint8 array under b'data'; pass {EXPECTS['cifar10']}")
