@@ -84,7 +84,15 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern:
         backend: see the module docstring.
         scale: softmax scale, default ``dk ** -0.5``.
 
-    Returns: ``[batch, heads, n, dv]`` in ``q.dtype``. Queries with no allowed key give zeros.
+    Returns: ``[batch, heads, n, dv]`` in ``q.dtype``. Queries with no allowed key give zeros. A
+        batch of 0, 0 heads or ``n = 0`` gives an empty ``[batch, heads, n, dv]`` result (as
+        ``F.scaled_dot_product_attention`` does) with empty gradients of the inputs' shapes, on every
+        backend. ``reference`` and ``factorized`` compute float64 inputs in float64.
+
+    Raises:
+        ValueError: an unknown backend, a non-pattern, tensors that are not 4-d or do not match in
+            shape, dtype or device, a GPU-only backend on CPU tensors, ``sdpa`` with a sparse
+            pattern, or an unresolved Interleaved pattern.
     """
     _check_inputs(q, k, v, pattern, backend)
     name = resolve_backend(backend, pattern, q.device)
