@@ -72,10 +72,21 @@ def spot_check(name, pattern, B, H, n, d, dtype, det=False):
     qf, kf, vf = (t.detach().float().requires_grad_(True) for t in (q, k, v))
     ref = reference_attention(qf, kf, vf, pattern)
     rgrads = torch.autograd.grad(ref, (qf, kf, vf), do.float())
-    errs = {nm: ((a.float() - r).abs().max() / r.abs().max()).item()
-            for nm, a, r in zip(("out", "dq", "dk", "dv"), (out, *grads), (ref, *rgrads))}
+    errs = {
+        nm: ((a.float() - r).abs().max() / r.abs().max()).item()
+        for nm, a, r in zip(("out", "dq", "dk", "dv"), (out, *grads), (ref, *rgrads))
+    }
     ok = all(e < (2e-2 if dtype != torch.float32 else 1e-4) for e in errs.values())
-    rec(kind="spot", name=name, det=det, n=n, dtype=str(dtype), d=d, ok=ok, **{f"rel_err_{k}": v for k, v in errs.items()})
+    rec(
+        kind="spot",
+        name=name,
+        det=det,
+        n=n,
+        dtype=str(dtype),
+        d=d,
+        ok=ok,
+        **{f"rel_err_{k}": v for k, v in errs.items()},
+    )
     return ok
 
 
@@ -86,8 +97,9 @@ def dense_cudnn(B, H, n, d, reps=(5, 30)):
         sd = lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True)
         with torch.no_grad():
             s_f = do_bench(sd, warmup=reps[0], rep=reps[1], return_mode="median")
-        s_fb = do_bench(lambda: sd().backward(g), warmup=reps[0], rep=reps[1], return_mode="median",
-                        grad_to_none=[q, k, v])
+        s_fb = do_bench(
+            lambda: sd().backward(g), warmup=reps[0], rep=reps[1], return_mode="median", grad_to_none=[q, k, v]
+        )
     rec(kind="dense", n=n, B=B, H=H, d=d, cudnn_fwd_ms=s_f, cudnn_fwdbwd_ms=s_fb)
     return s_f, s_fb
 
@@ -109,13 +121,28 @@ def bench_triton(name, pattern, B, H, n, d, dets=(False, True), dense=None, reps
         fb()
         torch.cuda.synchronize()
         peak = (torch.cuda.max_memory_allocated() - base) / 2**20
-        row = {"kind": "bench", "name": name + tag, "det": det, "n": n, "B": B, "H": H, "d": d, "fwd_ms": t_f,
-               "fwdbwd_ms": t_fb, "bwd_ms": t_fb - t_f, "peak_extra_MiB": peak,
-               "useful_fwd_tflops": 4 * d * pairs / t_f / 1e9,
-               "useful_fwdbwd_tflops": 3.5 * 4 * d * pairs / t_fb / 1e9}
+        row = {
+            "kind": "bench",
+            "name": name + tag,
+            "det": det,
+            "n": n,
+            "B": B,
+            "H": H,
+            "d": d,
+            "fwd_ms": t_f,
+            "fwdbwd_ms": t_fb,
+            "bwd_ms": t_fb - t_f,
+            "peak_extra_MiB": peak,
+            "useful_fwd_tflops": 4 * d * pairs / t_f / 1e9,
+            "useful_fwdbwd_tflops": 3.5 * 4 * d * pairs / t_fb / 1e9,
+        }
         if dense:
-            row.update(cudnn_fwd_ms=dense[0], cudnn_fwdbwd_ms=dense[1], speedup_fwd=dense[0] / t_f,
-                       speedup_fwdbwd=dense[1] / t_fb)
+            row.update(
+                cudnn_fwd_ms=dense[0],
+                cudnn_fwdbwd_ms=dense[1],
+                speedup_fwd=dense[0] / t_f,
+                speedup_fwdbwd=dense[1] / t_fb,
+            )
         rec(**row)
         rows.append(row)
     return rows
@@ -146,8 +173,19 @@ def run_pytest(budget):
     """The gpu-marked tests in a subprocess with a hard time limit, streamed to a log so a timeout
     still leaves a record. They compile first, which warms the on-disk Triton cache for the timings."""
     log = os.path.join(OUT, "pytest_gpu.log")
-    cmd = [sys.executable, "-m", "pytest", "tests/test_triton.py", "-m", "gpu", "-q", "-x", "-p", "no:cacheprovider",
-           "--durations=8"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pytest",
+        "tests/test_triton.py",
+        "-m",
+        "gpu",
+        "-q",
+        "-x",
+        "-p",
+        "no:cacheprovider",
+        "--durations=8",
+    ]
     with open(log, "w") as f:
         try:
             rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, timeout=budget, check=False).returncode
@@ -161,20 +199,33 @@ def run_pytest(budget):
 
 
 def table(results, mm, bw, ok, test_rc):
-    print(f"\n{torch.cuda.get_device_name()}  torch {torch.__version__}  triton {triton.__version__}  "
-          f"bf16 matmul {mm:.0f} TFLOP/s  copy {bw:.2f} TB/s  spot checks {'ok' if ok else 'FAILED'}  "
-          f"pytest -m gpu rc={test_rc}")
-    print("| case | det | n | B | fwd ms | fwd+bwd ms | bwd ms | useful f / f+b TFLOP/s | cuDNN f / f+b ms "
-          "| speed-up f+b | peak extra MiB |")
+    print(
+        f"\n{torch.cuda.get_device_name()}  torch {torch.__version__}  triton {triton.__version__}  "
+        f"bf16 matmul {mm:.0f} TFLOP/s  copy {bw:.2f} TB/s  spot checks {'ok' if ok else 'FAILED'}  "
+        f"pytest -m gpu rc={test_rc}"
+    )
+    print(
+        "| case | det | n | B | fwd ms | fwd+bwd ms | bwd ms | useful f / f+b TFLOP/s | cuDNN f / f+b ms "
+        "| speed-up f+b | peak extra MiB |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
-        dn = (f"{r['cudnn_fwd_ms']:.2f} / {r['cudnn_fwdbwd_ms']:.2f} | {r['speedup_fwdbwd']:.1f}x"
-              if "cudnn_fwd_ms" in r else "- | -")
-        print(f"| {r['name']} | {r['det']} | {r['n']} | {r['B']} | {r['fwd_ms']:.3f} | {r['fwdbwd_ms']:.3f} | "
-              f"{r['bwd_ms']:.3f} | {r['useful_fwd_tflops']:.0f} / {r['useful_fwdbwd_tflops']:.0f} | {dn} | "
-              f"{r['peak_extra_MiB']:.0f} |")
-    print("configs d=64:", json.dumps({k: v[64] for k, v in ops.CONFIGS.items()}), f"total {time.time() - T0:.0f}s",
-          flush=True)
+        dn = (
+            f"{r['cudnn_fwd_ms']:.2f} / {r['cudnn_fwdbwd_ms']:.2f} | {r['speedup_fwdbwd']:.1f}x"
+            if "cudnn_fwd_ms" in r
+            else "- | -"
+        )
+        print(
+            f"| {r['name']} | {r['det']} | {r['n']} | {r['B']} | {r['fwd_ms']:.3f} | {r['fwdbwd_ms']:.3f} | "
+            f"{r['bwd_ms']:.3f} | {r['useful_fwd_tflops']:.0f} / {r['useful_fwdbwd_tflops']:.0f} | {dn} | "
+            f"{r['peak_extra_MiB']:.0f} |"
+        )
+    print(
+        "configs d=64:",
+        json.dumps({k: v[64] for k, v in ops.CONFIGS.items()}),
+        f"total {time.time() - T0:.0f}s",
+        flush=True,
+    )
 
 
 def main():
@@ -183,13 +234,22 @@ def main():
     ap.add_argument("--pytest-budget", type=float, default=150)
     args = ap.parse_args()
     ops.FUSED_DQ = True
-    rec(kind="env", fused_dq=ops.FUSED_DQ, card=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
-        sms=torch.cuda.get_device_properties(0).multi_processor_count)
+    rec(
+        kind="env",
+        fused_dq=ops.FUSED_DQ,
+        card=torch.cuda.get_device_name(),
+        torch=torch.__version__,
+        triton=triton.__version__,
+        sms=torch.cuda.get_device_properties(0).multi_processor_count,
+    )
     test_rc = run_pytest(args.pytest_budget)
     mm, bw = ceilings()
     s128, f128 = P.strided(128), P.fixed(128, 32)
-    spots = [spot_check(nm, pat, 1, 2, 8192, 64, torch.bfloat16, det)  # every check runs, then all()
-             for det in (False, True) for nm, pat in (("strided l=128", s128), ("fixed l=128 c=32", f128))]
+    spots = [
+        spot_check(nm, pat, 1, 2, 8192, 64, torch.bfloat16, det)  # every check runs, then all()
+        for det in (False, True)
+        for nm, pat in (("strided l=128", s128), ("fixed l=128 c=32", f128))
+    ]
     ok = all(spots)
     dense = dense_cudnn(8, 8, 16384, 64)  # same shape for both 16K cases
     results = bench_triton("strided l=128", s128, 8, 8, 16384, 64, dense=dense)
@@ -197,8 +257,9 @@ def main():
     table(results, mm, bw, ok, test_rc)  # an early copy, in case the 1M case runs out of time
     if time.time() - T0 < args.budget - 45:
         results += bench_triton("strided l=1024", P.strided(1024), 1, 8, 1048576, 64, reps=(3, 25))
-    sweep = fused_sweep([("strided l=128", s128, 8, 8, 16384), ("fixed l=128 c=32", f128, 8, 8, 16384)],
-                        deadline=T0 + args.budget - 40)
+    sweep = fused_sweep(
+        [("strided l=128", s128, 8, 8, 16384), ("fixed l=128 c=32", f128, 8, 8, 16384)], deadline=T0 + args.budget - 40
+    )
     table(results + sweep, mm, bw, ok, test_rc)
 
 

@@ -87,8 +87,12 @@ class Timed:
         return run
 
 
-for _name, _kernel in (("attn_fwd", "fwd"), ("attn_bwd_dq", "dq"), ("attn_bwd_dkdv", "dkdv"),
-                       ("attn_bwd_delta", "delta")):
+for _name, _kernel in (
+    ("attn_fwd", "fwd"),
+    ("attn_bwd_dq", "dq"),
+    ("attn_bwd_dkdv", "dkdv"),
+    ("attn_bwd_delta", "delta"),
+):
     setattr(kernels, _name, Timed(getattr(kernels, _name), _kernel))
 
 
@@ -196,15 +200,24 @@ def main():
                 timed[short, name] = (float("inf"), float("inf"))
                 rec(kind="tuned", short_run_tiles=short, case=name, error=str(e)[:300])
                 continue
-            rec(kind="tuned", short_run_tiles=short, case=name, fwd_ms=timed[short, name][0],
-                fwdbwd_ms=timed[short, name][1], committed_fwd_ms=base[name][0], committed_fwdbwd_ms=base[name][1])
+            rec(
+                kind="tuned",
+                short_run_tiles=short,
+                case=name,
+                fwd_ms=timed[short, name][0],
+                fwdbwd_ms=timed[short, name][1],
+                committed_fwd_ms=base[name][0],
+                committed_fwdbwd_ms=base[name][1],
+            )
     short = min(SHORT_RUNS, key=lambda t: sum(timed[t, name][1] / timed[SHORT_RUNS[0], name][1] for name, *_ in CASES))
     ops.SHORT_RUN_TILES = short
     rows = [(name, n, B, *base[name], *timed[short, name]) for name, pattern, B, n, _ in CASES]
     with open(os.path.join(OUT, "tuned.json"), "w") as fh:
         json.dump({**{role: list(cfg) for role, cfg in best.items()}, "SHORT_RUN_TILES": short}, fh, indent=1)
-    print(f"\n{torch.cuda.get_device_name()} torch {torch.__version__} triton {triton.__version__} "
-          f"{time.time() - T0:.0f}s")
+    print(
+        f"\n{torch.cuda.get_device_name()} torch {torch.__version__} triton {triton.__version__} "
+        f"{time.time() - T0:.0f}s"
+    )
     print("| case | n | B | committed fwd / fwd+bwd ms | tuned fwd / fwd+bwd ms |")
     print("|---|---|---|---|---|")
     for name, n, B, f0, fb0, f, fb in rows:

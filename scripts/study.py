@@ -57,8 +57,21 @@ def prepare(data: dict, runs: Path) -> dict[str, Path]:
         out = runs / "data" / name
         if not (out / "meta.json").is_file():
             t = time.perf_counter()
-            subprocess.run([sys.executable, "-m", "sparse_transformer", "prepare", spec["kind"], "--src",
-                            str(ROOT / spec["src"]), "--out", str(out)], check=True, cwd=ROOT)
+            subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "sparse_transformer",
+                    "prepare",
+                    spec["kind"],
+                    "--src",
+                    str(ROOT / spec["src"]),
+                    "--out",
+                    str(out),
+                ],
+                check=True,
+                cwd=ROOT,
+            )
             print(f"prepared {name} in {time.perf_counter() - t:.0f} s", flush=True)
         dirs[name] = out
     return dirs
@@ -68,8 +81,19 @@ def run_queue(runs_spec: list[dict], runs: Path, data_dirs: dict[str, Path], res
     for spec in runs_spec:
         rd = runs / spec["name"]
         env = dict(os.environ, CUDA_VISIBLE_DEVICES=str(spec.get("gpu", 0)), PYTHONUNBUFFERED="1")
-        cmd = [sys.executable, "-m", "sparse_transformer", "train", "--run-dir", str(rd), "--train.progress", "false",
-               "--data.dir", str(data_dirs[spec["data"]]), *spec.get("args", [])]
+        cmd = [
+            sys.executable,
+            "-m",
+            "sparse_transformer",
+            "train",
+            "--run-dir",
+            str(rd),
+            "--train.progress",
+            "false",
+            "--data.dir",
+            str(data_dirs[spec["data"]]),
+            *spec.get("args", []),
+        ]
         rd.mkdir(parents=True, exist_ok=True)
         t = time.perf_counter()
         with open(rd / "train.log", "w") as log:
@@ -79,8 +103,17 @@ def run_queue(runs_spec: list[dict], runs: Path, data_dirs: dict[str, Path], res
         results[spec["name"]] = {"rc": rc, "wall_s": time.perf_counter() - t}
         print(f"{spec['name']}: exit {rc} after {time.perf_counter() - t:.0f} s", flush=True)
         for i, extra in enumerate(spec.get("samples", []) if rc == 0 else []):
-            cmd = [sys.executable, "-m", "sparse_transformer", "sample", "--run", str(rd), "--out",
-                   str(rd / f"samples{i}"), *extra]
+            cmd = [
+                sys.executable,
+                "-m",
+                "sparse_transformer",
+                "sample",
+                "--run",
+                str(rd),
+                "--out",
+                str(rd / f"samples{i}"),
+                *extra,
+            ]
             with open(rd / f"sample{i}.log", "w") as log:
                 log.write(" ".join(cmd) + "\n")
                 log.flush()
@@ -137,12 +170,18 @@ def main() -> None:
                     if f.is_file() and f.suffix in KEEP:
                         tar.add(f, arcname=str(f.relative_to(runs)))
         (out / "summary.json").write_text(json.dumps(rows, indent=1))
-    print(f"{'run':24s} {'rc':>3s} {'steps':>6s} {'train s':>8s} {'compile s':>9s} {'tok/s':>9s} {'val':>7s} {'test':>7s}")
+    print(
+        f"{'run':24s} {'rc':>3s} {'steps':>6s} {'train s':>8s} {'compile s':>9s} {'tok/s':>9s} {'val':>7s} {'test':>7s}"
+    )
     for r in rows:
+
         def f(key, fmt):
             return format(r[key], fmt) if r.get(key) is not None else "-"
-        print(f"{r['name']:24s} {f('rc', '3d'):>3s} {f('step', '6d'):>6s} {f('train_s', '8.1f'):>8s} "
-              f"{f('compile_s', '9.1f'):>9s} {f('tok_s', '9.0f'):>9s} {f('val', '7.3f'):>7s} {f('test', '7.3f'):>7s}")
+
+        print(
+            f"{r['name']:24s} {f('rc', '3d'):>3s} {f('step', '6d'):>6s} {f('train_s', '8.1f'):>8s} "
+            f"{f('compile_s', '9.1f'):>9s} {f('tok_s', '9.0f'):>9s} {f('val', '7.3f'):>7s} {f('test', '7.3f'):>7s}"
+        )
 
 
 if __name__ == "__main__":

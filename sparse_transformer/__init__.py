@@ -1,10 +1,10 @@
 """sparse-transformer: the Sparse Transformer (Child, Gray, Radford, Sutskever 2019) in PyTorch.
 
-    import sparse_transformer as st
-    pattern = st.patterns.fixed(stride=128, c=32)
-    out = st.sparse_attention(q, k, v, pattern)          # q, k, v [batch, heads, n, head_dim]
-    cfg = st.load_config("configs/enwik8.toml")
-    model = st.SparseTransformer(cfg.model)
+import sparse_transformer as st
+pattern = st.patterns.fixed(stride=128, c=32)
+out = st.sparse_attention(q, k, v, pattern)          # q, k, v [batch, heads, n, head_dim]
+cfg = st.load_config("configs/enwik8.toml")
+model = st.SparseTransformer(cfg.model)
 """
 
 from . import patterns

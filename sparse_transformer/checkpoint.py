@@ -86,14 +86,21 @@ def load(path: str | Path, map_location="cpu") -> dict:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
         if "weights only" in str(e).lower() or "weights_only" in str(e).lower():
-            raise UserError(f"checkpoint: refused to load {path}: it holds Python objects that could run code, "
-                            "not only tensors; use a checkpoint written by sparse-transformer") from None
-        raise UserError(f"checkpoint: {path} is corrupt ({_first_line(e)}); resume from an intact run or train again") from None
+            raise UserError(
+                f"checkpoint: refused to load {path}: it holds Python objects that could run code, "
+                "not only tensors; use a checkpoint written by sparse-transformer"
+            ) from None
+        raise UserError(
+            f"checkpoint: {path} is corrupt ({_first_line(e)}); resume from an intact run or train again"
+        ) from None
     except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as e:
-        raise UserError(f"checkpoint: {path} is corrupt or truncated ({_first_line(e)}); "
-                        "resume from an intact run or train again") from None
+        raise UserError(
+            f"checkpoint: {path} is corrupt or truncated ({_first_line(e)}); resume from an intact run or train again"
+        ) from None
     if not isinstance(state, dict):
-        raise UserError(f"checkpoint: {path} does not hold a state dict; use a checkpoint written by sparse-transformer")
+        raise UserError(
+            f"checkpoint: {path} does not hold a state dict; use a checkpoint written by sparse-transformer"
+        )
     return state
 
 
@@ -111,12 +118,16 @@ def check_compatible(model: nn.Module, state: dict[str, torch.Tensor], source: s
     fix = "use the config.json saved with it (drop --model.* overrides when resuming), or start a new --run-dir"
     if shapes:
         k = shapes[0]
-        raise UserError(f"checkpoint: {source} is from another architecture: {k} has shape {list(state[k].shape)} there "
-                        f"but {list(own[k].shape)} in this model ({len(shapes)} tensors differ); {fix}")
+        raise UserError(
+            f"checkpoint: {source} is from another architecture: {k} has shape {list(state[k].shape)} there "
+            f"but {list(own[k].shape)} in this model ({len(shapes)} tensors differ); {fix}"
+        )
     if missing or extra:
         what = f"lacks {missing[0]}" if missing else f"has an unknown tensor {extra[0]}"
-        raise UserError(f"checkpoint: {source} is from another architecture: it {what} "
-                        f"({len(missing)} missing, {len(extra)} unexpected); {fix}")
+        raise UserError(
+            f"checkpoint: {source} is from another architecture: it {what} "
+            f"({len(missing)} missing, {len(extra)} unexpected); {fix}"
+        )
 
 
 def load_weights(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
@@ -168,8 +179,10 @@ def _dcp_load(dcp, state: dict, folder: Path) -> None:
             warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process")
             dcp.load(state, checkpoint_id=str(folder))
     except Exception as e:  # DCP wraps planner errors (missing keys, shape mismatches) in its own types
-        raise UserError(f"checkpoint: cannot load {folder} into this model ({_first_line(e)}); it is from another "
-                        "architecture or corrupt: use the config.json saved with it, or start a new --run-dir") from None
+        raise UserError(
+            f"checkpoint: cannot load {folder} into this model ({_first_line(e)}); it is from another "
+            "architecture or corrupt: use the config.json saved with it, or start a new --run-dir"
+        ) from None
 
 
 def remove_old_sharded(run_dir: str | Path, keep: str) -> None:
@@ -232,7 +245,9 @@ def load_model(run_dir: str | Path, device: str | torch.device = "cpu") -> tuple
     """
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
-        raise UserError(f"checkpoint: run directory {run_dir} does not exist; pass --run DIR of a finished or running training")
+        raise UserError(
+            f"checkpoint: run directory {run_dir} does not exist; pass --run DIR of a finished or running training"
+        )
     cfg = read_run_config(run_dir)
     model = SparseTransformer(cfg.model)
     ckpt, weights = run_dir / CHECKPOINT, run_dir / WEIGHTS
@@ -245,8 +260,10 @@ def load_model(run_dir: str | Path, device: str | torch.device = "cpu") -> tuple
     elif weights.is_file():
         load_weights(model, _read_safetensors(weights), str(weights))
     else:
-        raise UserError(f"checkpoint: {run_dir} has neither {CHECKPOINT} nor {WEIGHTS}; train it first "
-                        f"(sparse-transformer train --run-dir {run_dir})")
+        raise UserError(
+            f"checkpoint: {run_dir} has neither {CHECKPOINT} nor {WEIGHTS}; train it first "
+            f"(sparse-transformer train --run-dir {run_dir})"
+        )
     return model.to(device).eval(), cfg
 
 

@@ -28,7 +28,9 @@ def cmd_train(args, overrides: list[str]) -> int:
 
     if args.resume:
         if args.config:
-            raise UserError("train: --resume continues a run with its saved config; drop --config (overrides are allowed)")
+            raise UserError(
+                "train: --resume continues a run with its saved config; drop --config (overrides are allowed)"
+            )
         train(None, run_dir=args.resume, resume=args.resume, overrides=overrides)
     else:
         train(load_config(args.config, overrides), run_dir=args.run_dir)
@@ -49,9 +51,19 @@ def cmd_eval(args) -> int:
 def cmd_sample(args) -> int:
     from .sample import sample_command
 
-    paths = sample_command(args.run, num=args.num, temperature=args.temperature, top_k=args.top_k,
-                           prefix_file=args.prefix, out_dir=args.out, length=args.length, seed=args.seed,
-                           device=args.device, graphs=False if args.no_graphs else None, compile=args.compile)
+    paths = sample_command(
+        args.run,
+        num=args.num,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        prefix_file=args.prefix,
+        out_dir=args.out,
+        length=args.length,
+        seed=args.seed,
+        device=args.device,
+        graphs=False if args.no_graphs else None,
+        compile=args.compile,
+    )
     for p in paths:
         print(p)
     return 0
@@ -71,8 +83,10 @@ def cmd_layout(args) -> int:
         print(pattern.ascii(args.n, head=args.head))
     pairs = pattern.num_pairs(args.n, head=args.head)
     causal = args.n * (args.n + 1) // 2
-    print(f"{pattern.describe()} head {args.head}, n = {args.n:,}: {pairs:,} allowed pairs "
-          f"({100 * pairs / causal:.3f} % of causal), at most {pattern.max_keys(args.n, head=args.head):,} keys per query")
+    print(
+        f"{pattern.describe()} head {args.head}, n = {args.n:,}: {pairs:,} allowed pairs "
+        f"({100 * pairs / causal:.3f} % of causal), at most {pattern.max_keys(args.n, head=args.head):,} keys per query"
+    )
     if args.png:
         img = pattern.picture(args.n, head=args.head, block=args.block)
         Path(args.png).parent.mkdir(parents=True, exist_ok=True)
@@ -108,8 +122,10 @@ def cmd_bench(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="sparse-transformer", description="Sparse Transformer: patterns, training, "
-                                "bits per dim, sampling, benchmarks")
+    p = argparse.ArgumentParser(
+        prog="sparse-transformer",
+        description="Sparse Transformer: patterns, training, bits per dim, sampling, benchmarks",
+    )
     sub = p.add_subparsers(dest="command", required=True)
 
     from .data.prepare import KINDS
@@ -120,8 +136,11 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--out", required=True, help="output folder")
     sp.add_argument("--rate", type=int, default=12000, help="audio sample rate in Hz")
 
-    sp = sub.add_parser("train", help="train a model (no arguments: the embedded default data)",
-                        epilog="Any config value can be overridden: --section.key VALUE, e.g. --train.max_steps 100")
+    sp = sub.add_parser(
+        "train",
+        help="train a model (no arguments: the embedded default data)",
+        epilog="Any config value can be overridden: --section.key VALUE, e.g. --train.max_steps 100",
+    )
     sp.add_argument("--config", default=None, help="a TOML preset, e.g. configs/enwik8.toml")
     sp.add_argument("--run-dir", default=None, help="where to write the run (default runs/<time>)")
     sp.add_argument("--resume", default=None, metavar="DIR", help="continue this run to its configured end")
@@ -164,8 +183,13 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--out", required=True, help="the PNG to write")
     sp.add_argument("--title", default=None)
     sp.add_argument("--unit", default="bits per dim", help="y-axis unit, e.g. 'bits per byte'")
-    sp.add_argument("--baseline", action="append", default=[], metavar="LABEL=BITS",
-                    help="a horizontal reference line, e.g. 'xz -9e=2.09' (repeatable)")
+    sp.add_argument(
+        "--baseline",
+        action="append",
+        default=[],
+        metavar="LABEL=BITS",
+        help="a horizontal reference line, e.g. 'xz -9e=2.09' (repeatable)",
+    )
 
     sp = sub.add_parser("bench", help="benchmarks: attention kernels, training steps, sampling")
     bsub = sp.add_subparsers(dest="what", required=True)
@@ -173,7 +197,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench_attention.add_arguments(bsub.add_parser("attention", help="backends x patterns x n, fwd and fwd+bwd"))
     bench_train.add_arguments(bsub.add_parser("train", help="training-step tokens/s, sparse vs dense"))
-    bench_sample.add_arguments(bsub.add_parser("sample", help="sampling speed: cached vs uncached (CPU), decoding modes (CUDA)"))
+    bench_sample.add_arguments(
+        bsub.add_parser("sample", help="sampling speed: cached vs uncached (CPU), decoding modes (CUDA)")
+    )
     return p
 
 
@@ -186,8 +212,14 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_train(args, extra)
         if extra:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
-        return {"prepare": cmd_prepare, "eval": cmd_eval, "sample": cmd_sample, "layout": cmd_layout,
-                "plot": cmd_plot, "bench": cmd_bench}[args.command](args)
+        return {
+            "prepare": cmd_prepare,
+            "eval": cmd_eval,
+            "sample": cmd_sample,
+            "layout": cmd_layout,
+            "plot": cmd_plot,
+            "bench": cmd_bench,
+        }[args.command](args)
     except UserError as e:
         print("error: " + " ".join(str(e).split()), file=sys.stderr)  # one line, even when a library's message is not
         return 2

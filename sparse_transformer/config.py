@@ -159,7 +159,9 @@ def set_value(cfg: Config, dotted: str, value) -> None:
     """Set ``section.key`` to ``value`` (converted to the field's type)."""
     section, _, key = dotted.partition(".")
     if section not in SECTIONS or not key:
-        raise UserError(f"config: unknown key {dotted!r}; keys look like section.key with section one of {', '.join(SECTIONS)}")
+        raise UserError(
+            f"config: unknown key {dotted!r}; keys look like section.key with section one of {', '.join(SECTIONS)}"
+        )
     obj = getattr(cfg, section)
     fields = _fields(obj)
     if key not in fields:
@@ -170,7 +172,9 @@ def set_value(cfg: Config, dotted: str, value) -> None:
 def _apply_table(cfg: Config, table: dict, origin: str) -> None:
     for section, values in table.items():
         if section not in SECTIONS or not isinstance(values, dict):
-            raise UserError(f"config {origin}: unknown section [{section}]; use {', '.join('[' + s + ']' for s in SECTIONS)}")
+            raise UserError(
+                f"config {origin}: unknown section [{section}]; use {', '.join('[' + s + ']' for s in SECTIONS)}"
+            )
         for key, value in values.items():
             set_value(cfg, f"{section}.{key}", value)
 
@@ -190,17 +194,25 @@ def validate(cfg: Config) -> Config:
         raise UserError(f"config: model.d_model = {m.d_model} is not divisible by model.n_head = {m.n_head}")
     d_qk = m.d_model * m.qk_ratio
     if d_qk != int(d_qk) or int(d_qk) % m.n_head or d_qk < m.n_head:
-        raise UserError(f"config: model.qk_ratio = {m.qk_ratio} gives a query/key width {d_qk} not divisible by n_head = {m.n_head}; use 1.0 or 0.5")
+        raise UserError(
+            f"config: model.qk_ratio = {m.qk_ratio} gives a query/key width {d_qk} not divisible by n_head = {m.n_head}; use 1.0 or 0.5"
+        )
     if m.position not in ("grid", "image"):
         raise UserError(f"config: model.position = {m.position!r}; use grid (text, audio) or image")
     if m.position == "grid" and m.stride < 1:
-        raise UserError(f"config: model.stride = {m.stride} must be positive (it is also the width of the position grid)")
+        raise UserError(
+            f"config: model.stride = {m.stride} must be positive (it is also the width of the position grid)"
+        )
     if m.position == "image":
         if len(m.image_shape) != 3 or min(m.image_shape) < 1:
-            raise UserError(f"config: model.image_shape = {m.image_shape} must be [height, width, channels], e.g. 32,32,3")
+            raise UserError(
+                f"config: model.image_shape = {m.image_shape} must be [height, width, channels], e.g. 32,32,3"
+            )
         size = m.image_shape[0] * m.image_shape[1] * m.image_shape[2]
         if size != cfg.data.seq_len:
-            raise UserError(f"config: data.seq_len = {cfg.data.seq_len} must equal one image ({'x'.join(map(str, m.image_shape))} = {size})")
+            raise UserError(
+                f"config: data.seq_len = {cfg.data.seq_len} must equal one image ({'x'.join(map(str, m.image_shape))} = {size})"
+            )
     if not 0.0 <= m.dropout < 1.0:
         raise UserError(f"config: model.dropout = {m.dropout} must be in [0, 1)")
     try:
@@ -247,7 +259,9 @@ def apply_overrides(cfg: Config, args: list[str]) -> Config:
     while i < len(args):
         arg = args[i]
         if not arg.startswith("--") or "." not in arg:
-            raise UserError(f"unrecognized argument {arg!r}; overrides look like --section.key VALUE (e.g. --train.max_steps 100)")
+            raise UserError(
+                f"unrecognized argument {arg!r}; overrides look like --section.key VALUE (e.g. --train.max_steps 100)"
+            )
         if "=" in arg:
             key, value = arg[2:].split("=", 1)
             i += 1

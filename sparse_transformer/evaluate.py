@@ -40,8 +40,16 @@ def _batches(windows: list[tuple[int, int]], batch_size: int) -> list[list[tuple
 
 
 @torch.no_grad()
-def bits_per_dim(model: nn.Module, data: np.ndarray, seq_len: int, record_len: int | None, batch_size: int,
-                 device: torch.device | str, dtype: torch.dtype, max_tokens: int | None = None) -> tuple[float, int]:
+def bits_per_dim(
+    model: nn.Module,
+    data: np.ndarray,
+    seq_len: int,
+    record_len: int | None,
+    batch_size: int,
+    device: torch.device | str,
+    dtype: torch.dtype,
+    max_tokens: int | None = None,
+) -> tuple[float, int]:
     """Summed negative log-likelihood of ``data`` under ``model``.
 
     Args:
@@ -99,7 +107,14 @@ def evaluate(run: str | Path, split: str = "test", max_tokens: int | None = None
     meta = read_meta(data_dir)
     data = open_split(data_dir, split)
     dtype = resolve_dtype(cfg.train.dtype, dev)
-    nats, tokens = bits_per_dim(model, data, cfg.data.seq_len, meta["record_len"] or None, cfg.train.batch_size,
-                                dev, dtype, max_tokens)
-    return {"bits_per_dim": nats / tokens / math.log(2), "split": split, "tokens": tokens, "nats": nats,
-            "data_dir": str(data_dir), "run": str(run)}
+    nats, tokens = bits_per_dim(
+        model, data, cfg.data.seq_len, meta["record_len"] or None, cfg.train.batch_size, dev, dtype, max_tokens
+    )
+    return {
+        "bits_per_dim": nats / tokens / math.log(2),
+        "split": split,
+        "tokens": tokens,
+        "nats": nats,
+        "data_dir": str(data_dir),
+        "run": str(run),
+    }

@@ -86,9 +86,13 @@ class _Layout:
         self.offsets = [sum(sizes[:k]) for k in range(len(terms))]
         # slot s of a read belongs to term segment[s] at index local[s] within it; the spare slot
         # gets a segment of its own with a count of 0 keys
-        segment = torch.cat([torch.full((s,), k) for k, s in enumerate(sizes)] + [torch.full((int(self.spare),), len(terms))])
+        segment = torch.cat(
+            [torch.full((s,), k) for k, s in enumerate(sizes)] + [torch.full((int(self.spare),), len(terms))]
+        )
         self.segment = segment.to(device)
-        self.local = torch.cat([torch.arange(s) for s in sizes] + [torch.zeros(int(self.spare), dtype=torch.long)]).to(device)
+        self.local = torch.cat([torch.arange(s) for s in sizes] + [torch.zeros(int(self.spare), dtype=torch.long)]).to(
+            device
+        )
         self.write_offsets = torch.tensor(self.offsets, device=device)
         self.no_keys = bool((sum(t.keys_per_query(j) for t in terms) == 0).any())  # e.g. summary heads before a cell
         self._prefill = {}
@@ -145,8 +149,18 @@ class _Group:
     """The key and value buffers ``[B·Hg, slots, d]`` of the heads ``heads`` of one layer (batch and
     head in one dimension: a step is then a few batched matrix products)."""
 
-    def __init__(self, layout: _Layout, layout_id: int, heads: list[int], n_head: int, batch: int, dk: int,
-                 dv: int, device, dtype):
+    def __init__(
+        self,
+        layout: _Layout,
+        layout_id: int,
+        heads: list[int],
+        n_head: int,
+        batch: int,
+        dk: int,
+        dv: int,
+        device,
+        dtype,
+    ):
         self.layout, self.layout_id = layout, layout_id
         self.heads = _head_selector(heads, n_head, device)
         self.k = torch.zeros(batch * len(heads), layout.slots, dk, device=device, dtype=key_dtype(dtype))
@@ -237,8 +251,17 @@ class KVCache:
         dtype: the model's dtype (values; keys see :func:`key_dtype`).
     """
 
-    def __init__(self, patterns: list[Pattern], n_head: int, batch: int, length: int, dk: int, dv: int,
-                 device=None, dtype=torch.float32):
+    def __init__(
+        self,
+        patterns: list[Pattern],
+        n_head: int,
+        batch: int,
+        length: int,
+        dk: int,
+        dv: int,
+        device=None,
+        dtype=torch.float32,
+    ):
         self.batch, self.length = batch, length
         index_device = torch.device("cpu") if torch.device(device or "cpu").type == "meta" else device
         self.layouts: list[_Layout] = []

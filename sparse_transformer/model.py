@@ -207,8 +207,10 @@ class SparseTransformer(nn.Module):
         keys and values of positions ``0 .. n-1`` are also stored in it, so that decoding can go on
         at position ``n`` (:meth:`decode_step`); ``n`` must be at most ``cache.length``."""
         if cache is not None and (x.shape[0] != cache.batch or x.shape[1] > cache.length):
-            raise ValueError(f"prefill of {tuple(x.shape)} does not fit a cache of batch {cache.batch}, "
-                             f"length {cache.length}; make the cache with new_cache(batch, length)")
+            raise ValueError(
+                f"prefill of {tuple(x.shape)} does not fit a cache of batch {cache.batch}, "
+                f"length {cache.length}; make the cache with new_cache(batch, length)"
+            )
         h = self.embed(x)
         for r, block in enumerate(self.blocks):
             h = block(h, None if cache is None else cache.layers[r])

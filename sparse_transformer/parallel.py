@@ -56,7 +56,9 @@ def init_distributed(device: str) -> Dist:
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
     if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo", device_id=dev if dev.type == "cuda" else None)
+        dist.init_process_group(
+            backend="nccl" if dev.type == "cuda" else "gloo", device_id=dev if dev.type == "cuda" else None
+        )
     return Dist(rank=dist.get_rank(), world=dist.get_world_size(), device=dev)
 
 
@@ -92,7 +94,9 @@ def parallelize(model: nn.Module, cfg: TrainConfig, d: Dist) -> nn.Module:
 
 def unwrap(model: nn.Module) -> nn.Module:
     """The model inside a DDP wrapper (FSDP2 and plain models are returned as they are)."""
-    return model.module if hasattr(model, "module") and isinstance(model, nn.parallel.DistributedDataParallel) else model
+    return (
+        model.module if hasattr(model, "module") and isinstance(model, nn.parallel.DistributedDataParallel) else model
+    )
 
 
 def is_sharded(model: nn.Module) -> bool:

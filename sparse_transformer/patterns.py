@@ -66,8 +66,12 @@ __all__ = [
 ]
 
 PATTERN_NAMES = ("dense", "local", "strided", "fixed")
-_PARTS = {"dense": ("both",), "local": ("both",), "strided": ("both", "local", "stride"),
-          "fixed": ("both", "block", "summary")}
+_PARTS = {
+    "dense": ("both",),
+    "local": ("both",),
+    "strided": ("both", "local", "stride"),
+    "fixed": ("both", "block", "summary"),
+}
 
 
 # --------------------------------------------------------------------------------------------
@@ -423,9 +427,7 @@ class Pattern(ABC):
         """The mask as text, one query per line (``x`` = allowed), as in docs/method.md §2."""
         m = self.mask(n, head)
         w = len(str(n - 1))
-        return "\n".join(
-            f"i={i:>{w}} " + "".join("x" if a else "." for a in row.tolist()) for i, row in enumerate(m)
-        )
+        return "\n".join(f"i={i:>{w}} " + "".join("x" if a else "." for a in row.tolist()) for i, row in enumerate(m))
 
     def picture(self, n: int, head: int = 0, block: int | None = None, max_pixels: int = 1024):
         """A PIL image of the mask (n <= max_pixels) or, for longer sequences, of the block layout
@@ -491,8 +493,12 @@ class NamedPattern(Pattern):
 
     def describe(self) -> str:
         """The pattern as the call that builds it, e.g. ``strided(stride=128, part='both')``."""
-        args = {"dense": "", "local": f"window={self.stride}", "strided": f"stride={self.stride}, part={self.part!r}",
-                "fixed": f"stride={self.stride}, c={self.c}, num_verts={self.num_verts}, part={self.part!r}"}
+        args = {
+            "dense": "",
+            "local": f"window={self.stride}",
+            "strided": f"stride={self.stride}, part={self.part!r}",
+            "fixed": f"stride={self.stride}, c={self.c}, num_verts={self.num_verts}, part={self.part!r}",
+        }
         return f"{self.name}({args[self.name]})"
 
 
@@ -624,8 +630,14 @@ def multihead(p: NamedPattern) -> MultiHead:
 INTEGRATIONS = {"merged": merged, "interleaved": interleaved, "multihead": multihead}
 
 
-def from_name(name: str, stride: int | None = None, c: int | None = None, num_verts: int = 1,
-              part: str = "both", integration: str = "merged") -> Pattern:
+def from_name(
+    name: str,
+    stride: int | None = None,
+    c: int | None = None,
+    num_verts: int = 1,
+    part: str = "both",
+    integration: str = "merged",
+) -> Pattern:
     """Build a pattern from configuration values (the model config and the CLI use this).
 
     ``integration`` (paper §5.1) combines the two parts of a strided or fixed pattern, so it takes
@@ -645,13 +657,17 @@ def from_name(name: str, stride: int | None = None, c: int | None = None, num_ve
         if part != "both":
             raise ValueError(f"{name} pattern: part={part!r}; it has no parts, use part='both'")
         if integration != "merged":
-            raise ValueError(f"{name} pattern: integration={integration!r} needs a strided or fixed pattern; "
-                             "use integration='merged'")
+            raise ValueError(
+                f"{name} pattern: integration={integration!r} needs a strided or fixed pattern; "
+                "use integration='merged'"
+            )
         return dense() if name == "dense" else local(stride)
     p = strided(stride, part) if name == "strided" else fixed(stride, c, num_verts, part)
     if integration == "merged":
         return p
     if part != "both":
-        raise ValueError(f"{name} pattern: integration={integration!r} combines both parts, but part={part!r} "
-                         "keeps one; use part='both' (or integration='merged' for the single part)")
+        raise ValueError(
+            f"{name} pattern: integration={integration!r} combines both parts, but part={part!r} "
+            "keeps one; use part='both' (or integration='merged' for the single part)"
+        )
     return INTEGRATIONS[integration](p)

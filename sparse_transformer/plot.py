@@ -46,8 +46,13 @@ def read_curve(run: str | Path) -> dict:
     return curve
 
 
-def plot_runs(runs: list[str | Path], out: str | Path, title: str | None = None,
-              baselines: dict[str, float] | None = None, unit: str = "bits per dim") -> Path:
+def plot_runs(
+    runs: list[str | Path],
+    out: str | Path,
+    title: str | None = None,
+    baselines: dict[str, float] | None = None,
+    unit: str = "bits per dim",
+) -> Path:
     """Draw the validation curves of ``runs`` into the PNG ``out``; ``baselines`` maps a label (e.g.
     ``"xz -9e"``) to a bits-per-dim value drawn as a horizontal line. Returns the written path."""
     try:

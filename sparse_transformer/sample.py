@@ -30,8 +30,16 @@ import torch
 from .config import Config
 from .errors import UserError
 
-__all__ = ["GREEDY_BELOW", "NOISE_STEPS", "Decoder", "generate", "is_greedy", "sample_command", "sample_logits",
-           "write_samples"]
+__all__ = [
+    "GREEDY_BELOW",
+    "NOISE_STEPS",
+    "Decoder",
+    "generate",
+    "is_greedy",
+    "sample_command",
+    "sample_logits",
+    "write_samples",
+]
 
 NOISE_STEPS = 256  # decoding steps whose sampling noise is drawn at once
 # Temperatures below the smallest normal fp32 number are greedy: fp32 logits cannot be divided by them.
@@ -67,7 +75,8 @@ def sample_logits(
     """
     if not math.isfinite(temperature):
         raise ValueError(
-            f"temperature {temperature} must be a finite number (0 = greedy, 1 = the model's distribution)")
+            f"temperature {temperature} must be a finite number (0 = greedy, 1 = the model's distribution)"
+        )
     if is_greedy(temperature, top_k):
         return logits.argmax(-1)
     logits = logits.float()
@@ -102,8 +111,16 @@ class Decoder:
     If compiling or capturing fails, the decoder warns and falls back to the plain step.
     """
 
-    def __init__(self, model, tokens: torch.Tensor, temperature: float = 1.0, top_k: int = 0,
-                 noise: torch.Tensor | None = None, graphs: bool = False, compile: bool = False):
+    def __init__(
+        self,
+        model,
+        tokens: torch.Tensor,
+        temperature: float = 1.0,
+        top_k: int = 0,
+        noise: torch.Tensor | None = None,
+        graphs: bool = False,
+        compile: bool = False,
+    ):
         if graphs and tokens.device.type != "cuda":
             raise ValueError(f"CUDA graphs need a CUDA device; tokens are on {tokens.device} (use graphs=False)")
         self.model, self.tokens, self.noise = model, tokens, noise
@@ -357,8 +374,10 @@ def _check_sample_args(num, temperature, top_k, length) -> None:
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not math.isfinite(temperature):
         raise UserError(f"sample: --temperature {temperature} is not a finite number; use 0 (greedy) to 1 or more")
     if temperature < 0:
-        raise UserError(f"sample: --temperature {temperature} is negative; use 0 for greedy sampling, 1 for the "
-                        "model's distribution")
+        raise UserError(
+            f"sample: --temperature {temperature} is negative; use 0 for greedy sampling, 1 for the "
+            "model's distribution"
+        )
     if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
         raise UserError(f"sample: --top-k {top_k} must be an integer >= 0 (0 = no truncation, 1 = greedy)")
     if isinstance(length, bool) or not isinstance(length, int) or length < 0:
@@ -399,7 +418,9 @@ def sample_command(
     if prefix_file is not None:
         prefix_path = Path(prefix_file)
         if not prefix_path.is_file():
-            raise UserError(f"sample: prefix file {prefix_path} does not exist or is not a file; pass a file of raw bytes")
+            raise UserError(
+                f"sample: prefix file {prefix_path} does not exist or is not a file; pass a file of raw bytes"
+            )
 
     from .checkpoint import load_model
     from .evaluate import resolve_dtype
@@ -415,8 +436,10 @@ def sample_command(
         meta = {"modality": "text"}
     length = length or cfg.sample.length or cfg.model.n_ctx
     if length <= 0:
-        raise UserError(f"sample: the sample length {length} (from the run's sample.length) must be positive; "
-                        "pass --length N with N >= 1")
+        raise UserError(
+            f"sample: the sample length {length} (from the run's sample.length) must be positive; "
+            "pass --length N with N >= 1"
+        )
     if length > cfg.model.n_ctx:
         raise UserError(
             f"sample: --length {length} exceeds the model's context {cfg.model.n_ctx}; use at most {cfg.model.n_ctx}"
@@ -431,8 +454,17 @@ def sample_command(
 
     t0 = time.perf_counter()
     samples = generate(
-        model, cfg, num, length, temperature=temperature, top_k=top_k, prefix=prefix, device=dev, seed=seed,
-        graphs=graphs, compile=compile,
+        model,
+        cfg,
+        num,
+        length,
+        temperature=temperature,
+        top_k=top_k,
+        prefix=prefix,
+        device=dev,
+        seed=seed,
+        graphs=graphs,
+        compile=compile,
     )
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)

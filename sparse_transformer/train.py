@@ -104,8 +104,10 @@ def _resolve_config(cfg: Config | None, run_dir, resume, overrides) -> tuple[Con
         return validate(cfg), Path(run_dir) if run_dir is not None else None
     resume = Path(resume)
     if not (resume / checkpoint.CHECKPOINT).is_file():
-        raise UserError(f"train: {resume} has no {checkpoint.CHECKPOINT} to resume; pass a run directory written by "
-                        "sparse-transformer train")
+        raise UserError(
+            f"train: {resume} has no {checkpoint.CHECKPOINT} to resume; pass a run directory written by "
+            "sparse-transformer train"
+        )
     cfg = checkpoint.read_run_config(resume)
     apply_overrides(cfg, list(overrides))
     return validate(cfg), Path(run_dir) if run_dir is not None else resume
@@ -152,8 +154,9 @@ class Logger:
             self.writer.close()
 
 
-def train(cfg: Config | None, run_dir: str | Path | None, resume: str | Path | None = None,
-          overrides: list[str] = ()) -> dict:
+def train(
+    cfg: Config | None, run_dir: str | Path | None, resume: str | Path | None = None, overrides: list[str] = ()
+) -> dict:
     """Train (or with ``resume``, continue) a run; returns a summary dict.
 
     Args:
@@ -180,7 +183,9 @@ def _train(cfg: Config, run_dir: Path | None, resuming: bool, d: parallel.Dist) 
     dtype = resolve_dtype(t.dtype, device)
     run_dir = run_dir or _new_run_dir(d)
     if not resuming and (run_dir / checkpoint.CHECKPOINT).exists():
-        raise UserError(f"train: {run_dir} already holds a run; continue it with --resume {run_dir} or choose a new --run-dir")
+        raise UserError(
+            f"train: {run_dir} already holds a run; continue it with --resume {run_dir} or choose a new --run-dir"
+        )
     if d.main:
         run_dir.mkdir(parents=True, exist_ok=True)
         checkpoint.save_config(run_dir, cfg)
@@ -206,7 +211,9 @@ def _train(cfg: Config, run_dir: Path | None, resuming: bool, d: parallel.Dist) 
         state = checkpoint.load(run_dir / checkpoint.CHECKPOINT, map_location="cpu")
         if "sharded" in state:
             if not parallel.is_sharded(model):
-                raise UserError(f"train: {run_dir} was trained with FSDP; resume it under torchrun with --train.parallel fsdp")
+                raise UserError(
+                    f"train: {run_dir} was trained with FSDP; resume it under torchrun with --train.parallel fsdp"
+                )
             checkpoint.load_sharded(run_dir, state["sharded"], model, optimizer)
         else:
             if parallel.is_sharded(model):
@@ -215,12 +222,17 @@ def _train(cfg: Config, run_dir: Path | None, resuming: bool, d: parallel.Dist) 
             optimizer.load_state_dict(state["optimizer"])
         scaler.load_state_dict(state["scaler"])
         step, elapsed0 = state["step"], state["elapsed_s"]
-        timing.update({k: state["timing"][k] for k in ("train_s", "eval_s", "compile_s", "warmup_end_s")}
-                      if "timing" in state else {})
+        timing.update(
+            {k: state["timing"][k] for k in ("train_s", "eval_s", "compile_s", "warmup_end_s")}
+            if "timing" in state
+            else {}
+        )
         ranks = state["ranks"]
         if len(ranks) != d.world:
-            say(f"note: resuming {len(ranks)}-process state with {d.world} processes; the batch order will differ "
-                "from an uninterrupted run")
+            say(
+                f"note: resuming {len(ranks)}-process state with {d.world} processes; the batch order will differ "
+                "from an uninterrupted run"
+            )
         mine = ranks[d.rank % len(ranks)]
         set_rng_state(mine["rng"], rng, device)
         loss_sum, loss_steps = mine["loss_sum"], mine["loss_steps"]
@@ -234,23 +246,36 @@ def _train(cfg: Config, run_dir: Path | None, resuming: bool, d: parallel.Dist) 
     tokens_per_step = t.batch_size * t.grad_accum * cfg.data.seq_len * d.world
     val_tokens = t.eval_batches * t.batch_size * cfg.data.seq_len or None
     if d.main:
-        say(f"run {run_dir}: {model.num_params():,} parameters, {d.world} x {device}, {dtype}, "
-            f"data {data_dir} ({meta['splits']['train']:,} train bytes)")
+        say(
+            f"run {run_dir}: {model.num_params():,} parameters, {d.world} x {device}, {dtype}, "
+            f"data {data_dir} ({meta['splits']['train']:,} train bytes)"
+        )
 
     def evaluate_val() -> dict:
-        nats, tokens = bits_per_dim(eval_model, val_data, cfg.data.seq_len, record_len, t.batch_size, device, dtype, val_tokens)
-        rec = {"step": step, "val_loss": nats / tokens, "val_bits_per_dim": nats / tokens / math.log(2),
-               "val_tokens": tokens, "elapsed_s": elapsed0 + time.perf_counter() - t_start,
-               "train_s": timing["train_s"]}
+        nats, tokens = bits_per_dim(
+            eval_model, val_data, cfg.data.seq_len, record_len, t.batch_size, device, dtype, val_tokens
+        )
+        rec = {
+            "step": step,
+            "val_loss": nats / tokens,
+            "val_bits_per_dim": nats / tokens / math.log(2),
+            "val_tokens": tokens,
+            "elapsed_s": elapsed0 + time.perf_counter() - t_start,
+            "train_s": timing["train_s"],
+        }
         logger.log(rec, "val")
         return rec
 
     def save_checkpoint() -> None:
         mine = {"rng": rng_state(rng, device), "loss_sum": loss_sum.item(), "loss_steps": loss_steps}
         ranks = parallel.all_gather_object(mine)
-        state = {"step": step, "elapsed_s": elapsed0 + time.perf_counter() - t_start, "scaler": scaler.state_dict(),
-                 "timing": dict(timing),
-                 "ranks": ranks}
+        state = {
+            "step": step,
+            "elapsed_s": elapsed0 + time.perf_counter() - t_start,
+            "scaler": scaler.state_dict(),
+            "timing": dict(timing),
+            "ranks": ranks,
+        }
         if parallel.is_sharded(model):
             state["sharded"] = checkpoint.save_sharded(run_dir, step, model, optimizer)
             parallel.barrier()
@@ -262,8 +287,14 @@ def _train(cfg: Config, run_dir: Path | None, resuming: bool, d: parallel.Dist) 
                 checkpoint.remove_old_sharded(run_dir, state["sharded"])
         parallel.barrier()
 
-    bar = tqdm(total=t.max_steps, initial=step, disable=not (t.progress and d.main), desc="train", unit="step",
-               dynamic_ncols=True)
+    bar = tqdm(
+        total=t.max_steps,
+        initial=step,
+        disable=not (t.progress and d.main),
+        desc="train",
+        unit="step",
+        dynamic_ncols=True,
+    )
     # Clocks: ``train_s`` counts optimizer steps only (not evaluation, checkpoints or the first
     # step's compilation), which is what a time budget and an equal-wall-clock comparison measure.
     budget_s = t.max_minutes * 60.0
@@ -310,8 +341,10 @@ def _train(cfg: Config, run_dir: Path | None, resuming: bool, d: parallel.Dist) 
                 timing["first_step_s"] = first_step_s
                 timing["compile_s"] += first_step_s - charge
                 timing["train_s"] += charge
-                say(f"first step {first_step_s:.1f} s (compilation and warm-up {first_step_s - charge:.1f} s, "
-                    "not counted as training time)")
+                say(
+                    f"first step {first_step_s:.1f} s (compilation and warm-up {first_step_s - charge:.1f} s, "
+                    "not counted as training time)"
+                )
             timing["train_s"] += step_s
         step += 1
         steps_since_log += 1
@@ -324,9 +357,16 @@ def _train(cfg: Config, run_dir: Path | None, resuming: bool, d: parallel.Dist) 
             total, count = parallel.all_reduce_sum([loss_sum.item(), loss_steps], device)
             now = time.perf_counter()
             norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
-            rec = {"step": step, "loss": total / count, "bits_per_dim": total / count / math.log(2), "lr": lr,
-                   "grad_norm": norm.item(), "tokens_per_s": tokens_per_step * steps_since_log / (now - t_log),
-                   "elapsed_s": elapsed0 + now - t_start, "train_s": timing["train_s"]}
+            rec = {
+                "step": step,
+                "loss": total / count,
+                "bits_per_dim": total / count / math.log(2),
+                "lr": lr,
+                "grad_norm": norm.item(),
+                "tokens_per_s": tokens_per_step * steps_since_log / (now - t_log),
+                "elapsed_s": elapsed0 + now - t_start,
+                "train_s": timing["train_s"],
+            }
             if device.type == "cuda":
                 rec["memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
             logger.log(rec, "train")
@@ -343,33 +383,70 @@ def _train(cfg: Config, run_dir: Path | None, resuming: bool, d: parallel.Dist) 
             save_checkpoint()
             t_log = time.perf_counter()
     bar.close()
-    return _finish(cfg, run_dir, model, eval_model, d, dtype, record_len, unit, step, val, logger,
-                   elapsed0 + time.perf_counter() - t_start, data_dir, timing)
+    return _finish(
+        cfg,
+        run_dir,
+        model,
+        eval_model,
+        d,
+        dtype,
+        record_len,
+        unit,
+        step,
+        val,
+        logger,
+        elapsed0 + time.perf_counter() - t_start,
+        data_dir,
+        timing,
+    )
 
 
-def _finish(cfg: Config, run_dir: Path, model: nn.Module, eval_model: nn.Module, d: parallel.Dist, dtype: torch.dtype,
-            record_len: int | None, unit: str, step: int, val: dict | None, logger: Logger, elapsed: float,
-            data_dir: Path, timing: dict) -> dict:
+def _finish(
+    cfg: Config,
+    run_dir: Path,
+    model: nn.Module,
+    eval_model: nn.Module,
+    d: parallel.Dist,
+    dtype: torch.dtype,
+    record_len: int | None,
+    unit: str,
+    step: int,
+    val: dict | None,
+    logger: Logger,
+    elapsed: float,
+    data_dir: Path,
+    timing: dict,
+) -> dict:
     """Export the weights, score the test split (its first ``train.test_tokens`` bytes if set), print
     bits per byte and a sample."""
     t, device = cfg.train, d.device
     checkpoint.export(model, cfg, run_dir)
     test_data = open_split(data_dir, "test")
     t_test = time.perf_counter()
-    nats, tokens = bits_per_dim(eval_model, test_data, cfg.data.seq_len, record_len, t.batch_size, device, dtype,
-                                t.test_tokens or None)
+    nats, tokens = bits_per_dim(
+        eval_model, test_data, cfg.data.seq_len, record_len, t.batch_size, device, dtype, t.test_tokens or None
+    )
     test_bpd = nats / tokens / math.log(2)
     times = {k: round(v, 3) for k, v in timing.items() if k in ("train_s", "eval_s", "compile_s")}
     times["test_s"] = round(time.perf_counter() - t_test, 3)
     logger.log({"step": step, "test_bits_per_dim": test_bpd, "test_tokens": tokens, **times}, "test")
     logger.close()
-    summary = {"run_dir": str(run_dir), "step": step, "params": model.num_params(), "test_bits_per_dim": test_bpd,
-               "test_tokens": tokens, "elapsed_s": elapsed, **times}
+    summary = {
+        "run_dir": str(run_dir),
+        "step": step,
+        "params": model.num_params(),
+        "test_bits_per_dim": test_bpd,
+        "test_tokens": tokens,
+        "elapsed_s": elapsed,
+        **times,
+    }
     if val is not None:
         summary["val_bits_per_dim"] = val["val_bits_per_dim"]
     if d.main:
-        print(f"test {unit}: {test_bpd:.3f} ({tokens:,} bytes); time: training {times['train_s']:.1f} s, "
-              f"validation {times['eval_s']:.1f} s, compilation {times['compile_s']:.1f} s, test {times['test_s']:.1f} s")
+        print(
+            f"test {unit}: {test_bpd:.3f} ({tokens:,} bytes); time: training {times['train_s']:.1f} s, "
+            f"validation {times['eval_s']:.1f} s, compilation {times['compile_s']:.1f} s, test {times['test_s']:.1f} s"
+        )
         text = _sample_text(cfg, run_dir, model, device) if not parallel.is_sharded(model) else None
         if text is not None:
             summary["sample"] = text
@@ -386,8 +463,17 @@ def _sample_text(cfg: Config, run_dir: Path, model: nn.Module, device: torch.dev
     if cfg.model.position == "image" or read_meta(cfg.data.dir or default_data_dir())["modality"] != "text":
         return None
     s = cfg.sample
-    tokens = generate(model, cfg, num=1, length=min(s.length or cfg.data.seq_len, cfg.data.seq_len),
-                      temperature=s.temperature, top_k=s.top_k, prefix=None, device=device, seed=s.seed)
+    tokens = generate(
+        model,
+        cfg,
+        num=1,
+        length=min(s.length or cfg.data.seq_len, cfg.data.seq_len),
+        temperature=s.temperature,
+        top_k=s.top_k,
+        prefix=None,
+        device=device,
+        seed=s.seed,
+    )
     text = bytes(tokens[0].tolist()).decode("utf-8", errors="replace")
     (run_dir / "sample.txt").write_text(text)
     return text

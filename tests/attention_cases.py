@@ -34,7 +34,7 @@ def lowp_masked_attention(q, k, v, pattern):
     """PyTorch's own low-precision computation: dense masked softmax entirely in q.dtype."""
     B, H, n, dk = q.shape
     mask = torch.stack([pattern.mask(n, head=h) for h in range(H)]).to(q.device)
-    s = (q @ k.transpose(-1, -2)) * dk ** -0.5
+    s = (q @ k.transpose(-1, -2)) * dk**-0.5
     s = s.masked_fill(~mask, float("-inf"))
     p = torch.softmax(s, dim=-1).nan_to_num(0.0)  # empty rows -> 0
     return p @ v
@@ -59,4 +59,6 @@ def assert_close_by_rule(got, ref, lowp=None, names=("out", "dq", "dk", "dv"), f
             assert err <= fp32_tol * (1 + scale), f"{name}: max error {err:.3g} vs |ref| {scale:.3g}"
         else:
             base = (lp[0] - r).abs().max().item()
-            assert err <= 2 * base + torch.finfo(dtype).eps * scale, f"{name}: error {err:.3g} > 2 x torch low-precision error {base:.3g}"
+            assert err <= 2 * base + torch.finfo(dtype).eps * scale, (
+                f"{name}: error {err:.3g} > 2 x torch low-precision error {base:.3g}"
+            )

@@ -25,7 +25,11 @@ def test_factorized_matches_reference(name, n, dk, dv, dtype):
     q, k, v, do = random_qkv(2, 4, n, dk, dv, dtype, seed=n * 1000 + dk)
     got = outputs_and_grads(lambda a, b, c: sparse_attention(a, b, c, pattern, backend="factorized"), q, k, v, do)
     ref = outputs_and_grads(_ref(pattern), *(t.detach().float().requires_grad_(True) for t in (q, k, v)), do.float())
-    lowp = None if dtype == torch.float32 else outputs_and_grads(lambda a, b, c: lowp_masked_attention(a, b, c, pattern), q, k, v, do)
+    lowp = (
+        None
+        if dtype == torch.float32
+        else outputs_and_grads(lambda a, b, c: lowp_masked_attention(a, b, c, pattern), q, k, v, do)
+    )
     assert_close_by_rule(got, ref, lowp, dtype=dtype)
 
 

@@ -16,8 +16,18 @@ from sparse_transformer.errors import UserError
 
 
 def test_pattern_for_sizes_by_length():
-    assert [pattern_for("strided", n).stride for n in (4096, 16384, 65536, 262144, 1048576)] == [64, 128, 256, 512, 1024]
-    assert (pattern_for("fixed", 16384).stride, pattern_for("fixed", 65536).stride, pattern_for("fixed", 4096).c) == (128, 256, 32)
+    assert [pattern_for("strided", n).stride for n in (4096, 16384, 65536, 262144, 1048576)] == [
+        64,
+        128,
+        256,
+        512,
+        1024,
+    ]
+    assert (pattern_for("fixed", 16384).stride, pattern_for("fixed", 65536).stride, pattern_for("fixed", 4096).c) == (
+        128,
+        256,
+        32,
+    )
     assert pattern_for("fixed:64:8", 1 << 20) == P.fixed(64, 8)
     assert pattern_for("strided:32", 1024) == P.strided(32)
     with pytest.raises(UserError):
@@ -37,9 +47,26 @@ def test_bench_attention_cpu_jsonl_and_table(tmp_path, capsys):
     out = tmp_path / "attn.jsonl"
     parser = argparse.ArgumentParser()
     bench_attention_mod.add_arguments(parser)
-    args = parser.parse_args(["--device", "cpu", "--backends", "factorized,sdpa,flex", "--patterns", "strided:8,fixed:8:2",
-                              "--n", "64", "--batch-tokens", "128", "--heads", "2", "--head-dim", "8",
-                              "--out", str(out)])
+    args = parser.parse_args(
+        [
+            "--device",
+            "cpu",
+            "--backends",
+            "factorized,sdpa,flex",
+            "--patterns",
+            "strided:8,fixed:8:2",
+            "--n",
+            "64",
+            "--batch-tokens",
+            "128",
+            "--heads",
+            "2",
+            "--head-dim",
+            "8",
+            "--out",
+            str(out),
+        ]
+    )
     assert bench_attention_mod.run(args) == 0
     records = [json.loads(line) for line in out.read_text().splitlines()]
     # dense sdpa (1 pattern) + factorized and flex on 2 patterns, each fwd and fwdbwd
@@ -60,8 +87,18 @@ def test_bench_attention_cpu_jsonl_and_table(tmp_path, capsys):
 
 
 def test_bench_attention_records_failures():
-    recs = bench_attention(backends=["factorized"], patterns=["strided:8"], ns=[32], batch_tokens=32, heads=1,
-                           head_dim=4, device="cpu", modes=["fwd"], max_n={"factorized": 16}, verbose=False)
+    recs = bench_attention(
+        backends=["factorized"],
+        patterns=["strided:8"],
+        ns=[32],
+        batch_tokens=32,
+        heads=1,
+        head_dim=4,
+        device="cpu",
+        modes=["fwd"],
+        max_n={"factorized": 16},
+        verbose=False,
+    )
     assert recs[0]["error"].startswith("skipped: n > 16")
     with pytest.raises(UserError):
         bench_attention(backends=["nope"], ns=[32], device="cpu", verbose=False)
@@ -70,10 +107,31 @@ def test_bench_attention_records_failures():
 def test_bench_train_cpu_sparse_vs_dense(tmp_path):
     cfg = Config()
     out = tmp_path / "train.jsonl"
-    recs = bench_train(cfg, n=64, batch=2, steps=1, warmup=1, sparse_backend="factorized", device="cpu",
-                       overrides=["--model.n_layer", "1", "--model.d_model", "32", "--model.n_head", "2",
-                                  "--model.stride", "8", "--model.c", "2"],
-                       target=1.0, case="tiny", out_jsonl=str(out), verbose=False)
+    recs = bench_train(
+        cfg,
+        n=64,
+        batch=2,
+        steps=1,
+        warmup=1,
+        sparse_backend="factorized",
+        device="cpu",
+        overrides=[
+            "--model.n_layer",
+            "1",
+            "--model.d_model",
+            "32",
+            "--model.n_head",
+            "2",
+            "--model.stride",
+            "8",
+            "--model.c",
+            "2",
+        ],
+        target=1.0,
+        case="tiny",
+        out_jsonl=str(out),
+        verbose=False,
+    )
     assert [json.loads(line) for line in out.read_text().splitlines()] == recs
     sparse, dense = recs
     assert sparse["pattern"] == "fixed l=8 c=2" and sparse["backend"] == "factorized" and sparse["checkpoint"]
@@ -88,8 +146,24 @@ def test_bench_train_cpu_sparse_vs_dense(tmp_path):
 def test_bench_train_cli_case_without_dense(capsys):
     parser = argparse.ArgumentParser()
     bench_train_mod.add_arguments(parser)
-    args = parser.parse_args(["--case", "audio1m", "--n", "256", "--steps", "1", "--warmup", "0", "--device", "cpu",
-                              "--set", "model.n_layer=1", "--set", "model.stride=16"])
+    args = parser.parse_args(
+        [
+            "--case",
+            "audio1m",
+            "--n",
+            "256",
+            "--steps",
+            "1",
+            "--warmup",
+            "0",
+            "--device",
+            "cpu",
+            "--set",
+            "model.n_layer=1",
+            "--set",
+            "model.stride=16",
+        ]
+    )
     assert bench_train_mod.run(args) == 0
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
     (rec,) = [json.loads(line) for line in lines]

@@ -14,15 +14,32 @@ from sparse_transformer.model import SparseTransformer
 
 
 def small_cfg(d_model=32):
-    return load_config(None, ["--model.n_layer", "1", "--model.d_model", str(d_model), "--model.n_head", "2",
-                              "--data.seq_len", "64", "--model.stride", "16", "--model.c", "4"])
+    return load_config(
+        None,
+        [
+            "--model.n_layer",
+            "1",
+            "--model.d_model",
+            str(d_model),
+            "--model.n_head",
+            "2",
+            "--data.seq_len",
+            "64",
+            "--model.stride",
+            "16",
+            "--model.c",
+            "4",
+        ],
+    )
 
 
 def test_save_load_round_trip(tmp_path):
     state = {"step": 3, "w": torch.arange(4.0), "rng": {"numpy": {"state": 2**100 + 7}}, "xs": [1, 2]}
     path = checkpoint.save(tmp_path, state)
     loaded = checkpoint.load(path)
-    assert loaded["step"] == 3 and torch.equal(loaded["w"], state["w"]) and loaded["rng"]["numpy"]["state"] == 2**100 + 7
+    assert (
+        loaded["step"] == 3 and torch.equal(loaded["w"], state["w"]) and loaded["rng"]["numpy"]["state"] == 2**100 + 7
+    )
     assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"]  # no temporary files left
 
 

@@ -10,8 +10,26 @@ from sparse_transformer.cli import main
 
 def test_layout_ascii_and_png(tmp_path, capsys):
     png = tmp_path / "fixed.png"
-    assert main(["layout", "--pattern", "fixed", "--n", "12", "--stride", "4", "--c", "1", "--part", "summary",
-                 "--png", str(png)]) == 0
+    assert (
+        main(
+            [
+                "layout",
+                "--pattern",
+                "fixed",
+                "--n",
+                "12",
+                "--stride",
+                "4",
+                "--c",
+                "1",
+                "--part",
+                "summary",
+                "--png",
+                str(png),
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "i= 3 ...x........" in out and "i=11 ...x...x...x" in out
     assert Image.open(png).size[0] >= 12
@@ -32,8 +50,20 @@ def test_bad_pattern_parameters_exit_2(capsys):
 
 
 def test_unknown_config_key_exit_2_no_traceback(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "sparse_transformer", "train", "--run-dir", str(tmp_path / "run"),
-                        "--model.n_layers", "2"], capture_output=True, text=True)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "sparse_transformer",
+            "train",
+            "--run-dir",
+            str(tmp_path / "run"),
+            "--model.n_layers",
+            "2",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 2
     assert "Traceback" not in r.stderr and "unknown key 'model.n_layers'" in r.stderr
     assert not (tmp_path / "run").exists() or not any((tmp_path / "run").iterdir())
@@ -50,8 +80,10 @@ def test_plot_runs(tmp_path, capsys):
         lines.append({"step": 30, "test_bits_per_dim": start - 0.3})
         (run / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
     out = tmp_path / "plots" / "curves.png"
-    assert main(["plot", str(tmp_path / "dense"), str(tmp_path / "fixed"), "--out", str(out),
-                 "--baseline", "xz -9e=2.09"]) == 0
+    assert (
+        main(["plot", str(tmp_path / "dense"), str(tmp_path / "fixed"), "--out", str(out), "--baseline", "xz -9e=2.09"])
+        == 0
+    )
     assert Image.open(out).size[0] > 500
     assert main(["plot", str(tmp_path / "missing"), "--out", str(out)]) == 2
     assert "no metrics.jsonl" in capsys.readouterr().err

@@ -15,12 +15,35 @@ from sparse_transformer.evaluate import evaluate
 
 pytestmark = [
     pytest.mark.distributed,
-    pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()), reason="needs torch.distributed with gloo"),
+    pytest.mark.skipif(
+        not (dist.is_available() and dist.is_gloo_available()), reason="needs torch.distributed with gloo"
+    ),
 ]
 
-TINY = ["--data.seq_len", "64", "--model.n_layer", "2", "--model.d_model", "32", "--model.n_head", "2",
-        "--model.stride", "16", "--model.c", "4", "--train.batch_size", "4", "--train.log_every", "1",
-        "--train.eval_batches", "2", "--train.device", "cpu", "--train.progress", "false"]
+TINY = [
+    "--data.seq_len",
+    "64",
+    "--model.n_layer",
+    "2",
+    "--model.d_model",
+    "32",
+    "--model.n_head",
+    "2",
+    "--model.stride",
+    "16",
+    "--model.c",
+    "4",
+    "--train.batch_size",
+    "4",
+    "--train.log_every",
+    "1",
+    "--train.eval_batches",
+    "2",
+    "--train.device",
+    "cpu",
+    "--train.progress",
+    "false",
+]
 
 
 @pytest.fixture(scope="module")
@@ -33,8 +56,17 @@ def data_dir(tmp_path_factory):
 
 
 def torchrun(*args):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           "-m", "sparse_transformer", "train", *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "-m",
+        "sparse_transformer",
+        "train",
+        *args,
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
@@ -47,8 +79,17 @@ def records(run):
 
 def test_ddp_trains_resumes_and_sums_eval_over_ranks(data_dir, tmp_path):
     run = tmp_path / "ddp"
-    out = torchrun("--run-dir", str(run), "--data.dir", str(data_dir), *TINY, "--train.max_steps", "6",
-                   "--train.checkpoint_every", "3")
+    out = torchrun(
+        "--run-dir",
+        str(run),
+        "--data.dir",
+        str(data_dir),
+        *TINY,
+        "--train.max_steps",
+        "6",
+        "--train.checkpoint_every",
+        "3",
+    )
     assert out.count("test bits per byte:") == 1  # only rank 0 prints and writes
     out = torchrun("--resume", str(run), "--train.max_steps", "9")
     recs = records(run)
@@ -62,8 +103,9 @@ def test_ddp_trains_resumes_and_sums_eval_over_ranks(data_dir, tmp_path):
 
 def test_fsdp2_trains_and_its_sharded_checkpoint_loads_in_one_process(data_dir, tmp_path):
     run = tmp_path / "fsdp"
-    torchrun("--run-dir", str(run), "--data.dir", str(data_dir), *TINY, "--train.max_steps", "4",
-             "--train.parallel", "fsdp")
+    torchrun(
+        "--run-dir", str(run), "--data.dir", str(data_dir), *TINY, "--train.max_steps", "4", "--train.parallel", "fsdp"
+    )
     assert (run / "checkpoint-dcp-4").is_dir() and (run / "model.safetensors").is_file()
     test = [r for r in records(run) if "test_bits_per_dim" in r][-1]
     result = evaluate(run, device="cpu")

@@ -73,10 +73,33 @@ def test_evaluate_a_run_matches_the_training_summary(tmp_path):
     rng = np.random.default_rng(0)
     (tmp_path / "corpus.txt").write_bytes(bytes(rng.integers(97, 123, 30000).astype(np.uint8)))
     prepare("text", tmp_path / "corpus.txt", tmp_path / "data", progress=False)
-    cfg = load_config(None, ["--data.dir", str(tmp_path / "data"), "--data.seq_len", "64", "--model.n_layer", "1",
-                             "--model.d_model", "32", "--model.n_head", "2", "--model.stride", "16", "--model.c", "4",
-                             "--train.batch_size", "4", "--train.max_steps", "5", "--train.device", "cpu",
-                             "--train.progress", "false"])
+    cfg = load_config(
+        None,
+        [
+            "--data.dir",
+            str(tmp_path / "data"),
+            "--data.seq_len",
+            "64",
+            "--model.n_layer",
+            "1",
+            "--model.d_model",
+            "32",
+            "--model.n_head",
+            "2",
+            "--model.stride",
+            "16",
+            "--model.c",
+            "4",
+            "--train.batch_size",
+            "4",
+            "--train.max_steps",
+            "5",
+            "--train.device",
+            "cpu",
+            "--train.progress",
+            "false",
+        ],
+    )
     summary = train(cfg, tmp_path / "run")
     result = evaluate(tmp_path / "run", split="test", device="cpu")
     assert result["split"] == "test" and result["tokens"] == summary["test_tokens"] == 1500

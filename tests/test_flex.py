@@ -14,9 +14,17 @@ from sparse_transformer.attention.flex import flex_attention_sparse
 from sparse_transformer.attention.reference import reference_attention
 
 PATTERNS = [
-    P.dense(), P.local(64), P.strided(64), P.strided(64, "local"), P.strided(64, "stride"),
-    P.fixed(64, 16), P.fixed(64, 16, part="block"), P.fixed(64, 16, part="summary"), P.fixed(64, 16, num_verts=2),
-    P.multihead(P.strided(64)), P.multihead(P.fixed(64, 16, num_verts=2)),
+    P.dense(),
+    P.local(64),
+    P.strided(64),
+    P.strided(64, "local"),
+    P.strided(64, "stride"),
+    P.fixed(64, 16),
+    P.fixed(64, 16, part="block"),
+    P.fixed(64, 16, part="summary"),
+    P.fixed(64, 16, num_verts=2),
+    P.multihead(P.strided(64)),
+    P.multihead(P.fixed(64, 16, num_verts=2)),
 ]
 # patterns with no empty query row: SDPA's own low-precision run (the bf16 yardstick) needs one key per row
 NO_EMPTY_ROWS = [p for p in PATTERNS if "summary" not in p.describe()]
@@ -88,6 +96,7 @@ def test_bf16_error_at_most_twice_pytorch(pattern):
     out = sparse_attention(q, k, v, pattern, backend="flex")
     grads = torch.autograd.grad(out, (q, k, v), grad)
     assert out.dtype == torch.bfloat16
-    for name, mine, theirs, exact in zip(("out", "dq", "dk", "dv"), (out, *grads), (torch_out, *torch_grads),
-                                         (ref, *ref_grads)):
+    for name, mine, theirs, exact in zip(
+        ("out", "dq", "dk", "dv"), (out, *grads), (torch_out, *torch_grads), (ref, *ref_grads)
+    ):
         assert _rel(mine, exact) <= 2 * _rel(theirs, exact) + 1e-3, name

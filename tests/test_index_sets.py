@@ -45,8 +45,17 @@ class NewRules(P.Pattern):
         return f"new_rules(l={self.l})"
 
 
-PATTERNS = [P.strided(L), P.strided(L, "stride"), P.fixed(L, 2, num_verts=2), P.fixed(L, 2, num_verts=2, part="summary"),
-            P.multihead(P.strided(L)), P.multihead(P.fixed(L, 2, num_verts=2)), P.local(5), P.dense(), NewRules()]
+PATTERNS = [
+    P.strided(L),
+    P.strided(L, "stride"),
+    P.fixed(L, 2, num_verts=2),
+    P.fixed(L, 2, num_verts=2, part="summary"),
+    P.multihead(P.strided(L)),
+    P.multihead(P.fixed(L, 2, num_verts=2)),
+    P.local(5),
+    P.dense(),
+    NewRules(),
+]
 N, H = 37, 2  # not a multiple of L; two heads so per-head summary offsets differ
 
 
@@ -103,8 +112,13 @@ def test_kv_cache_reads_the_pattern(pattern):
     q, k, v, _ = (t.detach() for t in _probe(N, H))
     cache = KVCache([pattern], H, 1, N, q.shape[-1], v.shape[-1])
     layer = cache.layers[0]
-    out = torch.cat([layer.attend(q[:, :, i:i + 1], k[:, :, i:i + 1], v[:, :, i:i + 1], cache.step(torch.tensor([i])))
-                     for i in range(N)], dim=2)
+    out = torch.cat(
+        [
+            layer.attend(q[:, :, i : i + 1], k[:, :, i : i + 1], v[:, :, i : i + 1], cache.step(torch.tensor([i])))
+            for i in range(N)
+        ],
+        dim=2,
+    )
     _assert_sets({"out": out[0, :, :, :N] != 0}, pattern, N, H)
 
 

@@ -15,10 +15,18 @@ CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
 
 # The paper's 59M / 95M / 152M; the presets have no biases in the blocks (with them: 59.20 / 94.95 / 151.64).
-@pytest.mark.parametrize("preset, millions, bias", [("cifar10", 59.00, "false"), ("enwik8", 94.81, "false"),
-                                                    ("imagenet64", 151.42, "false"), ("audio", 151.62, "false"),
-                                                    ("cifar10", 59.20, "true"), ("enwik8", 94.95, "true"),
-                                                    ("imagenet64", 151.64, "true")])
+@pytest.mark.parametrize(
+    "preset, millions, bias",
+    [
+        ("cifar10", 59.00, "false"),
+        ("enwik8", 94.81, "false"),
+        ("imagenet64", 151.42, "false"),
+        ("audio", 151.62, "false"),
+        ("cifar10", 59.20, "true"),
+        ("enwik8", 94.95, "true"),
+        ("imagenet64", 151.64, "true"),
+    ],
+)
 def test_preset_parameter_counts(preset, millions, bias):
     cfg = st.load_config(CONFIGS / f"{preset}.toml", ["--model.bias", bias])
     with torch.device("meta"):
@@ -39,8 +47,20 @@ def test_enwik8_layer_size_matches_paper_spec():
 
 
 def tiny(**overrides):
-    args = ["--data.seq_len", "40", "--model.stride", "8", "--model.c", "2", "--model.n_layer", "2",
-            "--model.d_model", "32", "--model.n_head", "4"]
+    args = [
+        "--data.seq_len",
+        "40",
+        "--model.stride",
+        "8",
+        "--model.c",
+        "2",
+        "--model.n_layer",
+        "2",
+        "--model.d_model",
+        "32",
+        "--model.n_head",
+        "4",
+    ]
     for k, v in overrides.items():
         args += [f"--{k}", str(v)]
     cfg = load_config(None, args)
@@ -69,8 +89,11 @@ def test_gelu_is_sigmoid_approximation():
     torch.testing.assert_close(gelu(x), x * torch.sigmoid(1.702 * x))
 
 
-@pytest.mark.parametrize("pattern, integration", [("dense", "merged"), ("local", "merged")] + [
-    (p, i) for p in ("strided", "fixed") for i in ("merged", "interleaved", "multihead")])
+@pytest.mark.parametrize(
+    "pattern, integration",
+    [("dense", "merged"), ("local", "merged")]
+    + [(p, i) for p in ("strided", "fixed") for i in ("merged", "interleaved", "multihead")],
+)
 def test_causal_and_shifted(pattern, integration):
     model = tiny(**{"model.pattern": pattern, "model.integration": integration}).eval()
     x = torch.randint(0, 256, (2, 40))
@@ -97,8 +120,7 @@ def test_checkpointing_gives_the_same_gradients_with_dropout():
 
 
 def test_half_size_qk_and_image_positions():
-    model = tiny(**{"model.qk_ratio": 0.5, "model.position": "image", "model.image_shape": "4,5,2",
-                    "model.ff_mult": 2})
+    model = tiny(**{"model.qk_ratio": 0.5, "model.position": "image", "model.image_shape": "4,5,2", "model.ff_mult": 2})
     assert model.blocks[0].attn.qkv.out_features == 16 + 16 + 32
     assert [t.shape[0] for t in model.pos_emb.tables] == [4, 5, 2]
     emb = model.pos_emb(torch.arange(40))

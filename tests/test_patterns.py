@@ -9,7 +9,9 @@ from sparse_transformer import patterns as P
 
 # docs/method.md §2-3 (paper §4.3, Fig. 3), n = 12, l = 4, c = 1 (strided local part: the released code's l keys)
 PICTURES = {
-    "strided-local": (P.strided(4, "local"), """
+    "strided-local": (
+        P.strided(4, "local"),
+        """
 x...........
 xx..........
 xxx.........
@@ -21,8 +23,11 @@ xxxx........
 .....xxxx...
 ......xxxx..
 .......xxxx.
-........xxxx"""),
-    "strided-stride": (P.strided(4, "stride"), """
+........xxxx""",
+    ),
+    "strided-stride": (
+        P.strided(4, "stride"),
+        """
 x...........
 .x..........
 ..x.........
@@ -34,8 +39,11 @@ x...x.......
 x...x...x...
 .x...x...x..
 ..x...x...x.
-...x...x...x"""),
-    "fixed-block": (P.fixed(4, 1, part="block"), """
+...x...x...x""",
+    ),
+    "fixed-block": (
+        P.fixed(4, 1, part="block"),
+        """
 x...........
 xx..........
 xxx.........
@@ -47,8 +55,11 @@ xxxx........
 ........x...
 ........xx..
 ........xxx.
-........xxxx"""),
-    "fixed-summary": (P.fixed(4, 1, part="summary"), """
+........xxxx""",
+    ),
+    "fixed-summary": (
+        P.fixed(4, 1, part="summary"),
+        """
 ............
 ............
 ............
@@ -60,7 +71,8 @@ xxxx........
 ...x...x....
 ...x...x....
 ...x...x....
-...x...x...x"""),
+...x...x...x""",
+    ),
 }
 
 
@@ -89,8 +101,18 @@ def test_paper_size_counts():
     assert round(100 * f.num_pairs(n) / causal, 3) == 25.787
 
 
-ALL = [P.dense(), P.local(5), P.strided(4), P.strided(5, "stride"), P.strided(3, "local"), P.fixed(6, 2, num_verts=3),
-       P.fixed(6, 2, 3, "summary"), P.fixed(5, 1, 1, "block"), P.multihead(P.fixed(8, 2, 2)), P.multihead(P.strided(4))]
+ALL = [
+    P.dense(),
+    P.local(5),
+    P.strided(4),
+    P.strided(5, "stride"),
+    P.strided(3, "local"),
+    P.fixed(6, 2, num_verts=3),
+    P.fixed(6, 2, 3, "summary"),
+    P.fixed(5, 1, 1, "block"),
+    P.multihead(P.fixed(8, 2, 2)),
+    P.multihead(P.strided(4)),
+]
 
 
 @pytest.mark.parametrize("pattern", ALL, ids=lambda p: p.describe())

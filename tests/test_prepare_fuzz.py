@@ -43,16 +43,20 @@ def _cifar_tar(path: Path) -> None:
     rng = np.random.default_rng(0)
     with tarfile.open(path, "w:gz") as tar:
         for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
-            blob = pickle.dumps({b"data": rng.integers(0, 256, (5, 3072), dtype=np.uint8), b"labels": [0] * 5},
-                                protocol=2)
+            blob = pickle.dumps(
+                {b"data": rng.integers(0, 256, (5, 3072), dtype=np.uint8), b"labels": [0] * 5}, protocol=2
+            )
             info = tarfile.TarInfo(f"cifar-10-batches-py/{name}")
             info.size = len(blob)
             tar.addfile(info, io.BytesIO(blob))
 
 
 def _idx(n: int, rows=4, cols=4) -> bytes:
-    return struct.pack(">4i", 0x803, n, rows, cols) + bytes(range(256)) * (n * rows * cols // 256) + bytes(
-        n * rows * cols % 256)
+    return (
+        struct.pack(">4i", 0x803, n, rows, cols)
+        + bytes(range(256)) * (n * rows * cols // 256)
+        + bytes(n * rows * cols % 256)
+    )
 
 
 def _wav(path: Path) -> None:
@@ -65,8 +69,12 @@ def _build(case: str, root: Path) -> tuple[str, Path, Path]:
     """A valid input: ``(kind, src for prepare, the file that gets corrupted)``."""
     root.mkdir(parents=True, exist_ok=True)
     if case in ("text", "text-gz", "text-bz2", "text-xz"):
-        ext, comp = {"text": ("", bytes), "text-gz": (".gz", gzip.compress), "text-bz2": (".bz2", bz2.compress),
-                     "text-xz": (".xz", lzma.compress)}[case]
+        ext, comp = {
+            "text": ("", bytes),
+            "text-gz": (".gz", gzip.compress),
+            "text-bz2": (".bz2", bz2.compress),
+            "text-xz": (".xz", lzma.compress),
+        }[case]
         f = root / f"corpus.txt{ext}"
         f.write_bytes(comp(_text()))
         return "text", f, f
@@ -112,8 +120,21 @@ def _build(case: str, root: Path) -> tuple[str, Path, Path]:
     raise AssertionError(case)
 
 
-CASES = ["text", "text-gz", "text-bz2", "text-xz", "enwik8-zip", "cifar10-tar", "cifar10-folder",
-         "imagenet64-folder", "imagenet64-file", "mnist-gz", "mnist-raw", "audio-wav", "audio-folder"]
+CASES = [
+    "text",
+    "text-gz",
+    "text-bz2",
+    "text-xz",
+    "enwik8-zip",
+    "cifar10-tar",
+    "cifar10-folder",
+    "imagenet64-folder",
+    "imagenet64-file",
+    "mnist-gz",
+    "mnist-raw",
+    "audio-wav",
+    "audio-folder",
+]
 # kinds where any bytes are valid data (the corrupted file is still a text or a raw-bytes stream)
 ANY_BYTES_OK = {"text"}
 
@@ -145,7 +166,7 @@ def _corruptions(data: bytes) -> dict[str, bytes]:
     for i in range(min(16, len(flipped))):
         flipped[i] ^= 0xFF
     zeroed = bytearray(data)
-    zeroed[len(data) // 2: len(data) // 2 + 64] = bytes(64)
+    zeroed[len(data) // 2 : len(data) // 2 + 64] = bytes(64)
     return {
         "empty": b"",
         "one-byte": data[:1],
@@ -247,8 +268,20 @@ def _mutate(data: bytes, ops) -> bytes:
     return bytes(b)
 
 
-@pytest.mark.parametrize("case", ["text-gz", "text-xz", "enwik8-zip", "cifar10-tar", "cifar10-folder",
-                                  "imagenet64-file", "mnist-gz", "mnist-raw", "audio-wav"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "text-gz",
+        "text-xz",
+        "enwik8-zip",
+        "cifar10-tar",
+        "cifar10-folder",
+        "imagenet64-file",
+        "mnist-gz",
+        "mnist-raw",
+        "audio-wav",
+    ],
+)
 def test_random_mutations_end_in_prepare_or_one_line_error(tmp_path_factory, case):
     root = tmp_path_factory.mktemp(case)
     kind, src, target = _build(case, root / "src")
@@ -277,13 +310,34 @@ def test_random_bytes_as_a_cifar_batch(tmp_path_factory, blob):
 # ---------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("case,corruption", [("cifar10-tar", "random-bytes"), ("mnist-gz", "truncated-half"),
-                                             ("imagenet64-file", "header-flipped"), ("enwik8-zip", "empty")])
+@pytest.mark.parametrize(
+    "case,corruption",
+    [
+        ("cifar10-tar", "random-bytes"),
+        ("mnist-gz", "truncated-half"),
+        ("imagenet64-file", "header-flipped"),
+        ("enwik8-zip", "empty"),
+    ],
+)
 def test_cli_prepare_corrupted_input_exits_2_with_one_line(tmp_path, case, corruption):
     kind, src, target = _build(case, tmp_path / "src")
     target.write_bytes(_corruptions(target.read_bytes())[corruption])
-    r = subprocess.run([sys.executable, "-m", "sparse_transformer", "prepare", kind, "--src", str(src),
-                        "--out", str(tmp_path / "out")], capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "sparse_transformer",
+            "prepare",
+            kind,
+            "--src",
+            str(src),
+            "--out",
+            str(tmp_path / "out"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 2, r.stderr
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: data: ") and "Traceback" not in r.stderr, r.stderr

@@ -98,7 +98,7 @@ def test_block_layout_marks_exactly_the_tiles_with_an_allowed_pair(p, n, block, 
     want = torch.zeros(nb, nb, dtype=torch.bool)
     for qb in range(nb):
         for kb in range(nb):
-            want[qb, kb] = m[qb * block:(qb + 1) * block, kb * block:(kb + 1) * block].any()
+            want[qb, kb] = m[qb * block : (qb + 1) * block, kb * block : (kb + 1) * block].any()
     assert torch.equal(p.block_layout(n, block, h), want)
 
 
@@ -114,8 +114,9 @@ def test_summary_compact_rules_match_positions(p, n):
                 i = torch.arange(n).view(n, 1)
                 real = pos.view(1, -1) < n
                 # reading compact key s is reading position(s): the same key set as allows()
-                assert torch.equal((t.allows_compact(i, s.view(1, -1)) & real).sum(1),
-                                   t.allows(i, torch.arange(n).view(1, n)).sum(1))
+                assert torch.equal(
+                    (t.allows_compact(i, s.view(1, -1)) & real).sum(1), t.allows(i, torch.arange(n).view(1, n)).sum(1)
+                )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -135,8 +136,11 @@ def _compare(fn, p, B, H, n, dk, dv, seed, grads=True):
     q, k, v, do = random_qkv(B, H, n, dk, dv, torch.float32, seed=seed)
     if grads:
         got = outputs_and_grads(fn, q, k, v, do)
-        ref = outputs_and_grads(lambda a, b, c: reference_attention(a, b, c, p),
-                                *(t.detach().clone().requires_grad_(True) for t in (q, k, v)), do)
+        ref = outputs_and_grads(
+            lambda a, b, c: reference_attention(a, b, c, p),
+            *(t.detach().clone().requires_grad_(True) for t in (q, k, v)),
+            do,
+        )
         _close(got, ref, ("out", "dq", "dk", "dv"))
     else:
         q, k, v = (t.detach() for t in (q, k, v))
@@ -175,7 +179,7 @@ def test_reference_is_a_masked_softmax_with_empty_rows_zero(p, n, H, seed):
     """The oracle itself against a float64 masked softmax of the pattern's mask."""
     q, k, v, _ = random_qkv(1, H, n, 8, 8, torch.float64, seed=seed)
     mask = torch.stack([p.mask(n, h) for h in range(H)]) if H else torch.zeros(0, n, n, dtype=torch.bool)
-    s = (q @ k.transpose(-1, -2) * 8 ** -0.5).masked_fill(~mask, float("-inf"))
+    s = (q @ k.transpose(-1, -2) * 8**-0.5).masked_fill(~mask, float("-inf"))
     want = torch.softmax(s, -1).nan_to_num(0.0) @ v
     got = reference_attention(q, k, v, p)
     assert _tmax((got - want).abs()) < 1e-12
@@ -195,8 +199,9 @@ def test_dense_backends_equal_sdpa(n, H, seed):
 # invalid parameters: always a ValueError that names the parameter
 # ---------------------------------------------------------------------------------------------
 
-bad_ints = st.one_of(st.integers(max_value=0), st.floats(allow_nan=True), st.booleans(), st.none(),
-                     st.text(max_size=3), st.just([4]))
+bad_ints = st.one_of(
+    st.integers(max_value=0), st.floats(allow_nan=True), st.booleans(), st.none(), st.text(max_size=3), st.just([4])
+)
 
 
 @FEW
@@ -226,8 +231,12 @@ def test_bad_num_verts_names_it(l, c, nv):
 @FEW
 @given(name=st.sampled_from(P.PATTERN_NAMES), part=st.text(max_size=8), integration=st.text(max_size=12))
 def test_bad_part_or_integration_names_it(name, part, integration):
-    ok_parts = {"dense": ("both",), "local": ("both",), "strided": ("both", "local", "stride"),
-                "fixed": ("both", "block", "summary")}[name]
+    ok_parts = {
+        "dense": ("both",),
+        "local": ("both",),
+        "strided": ("both", "local", "stride"),
+        "fixed": ("both", "block", "summary"),
+    }[name]
     assume(part not in ok_parts or integration not in P.INTEGRATIONS)
     with pytest.raises(ValueError, match="part=|integration"):
         P.from_name(name, 8, 2, 1, part, integration)
@@ -244,8 +253,12 @@ def test_unknown_pattern_name(name):
 @FEW
 @given(p=patterns(), n=st.one_of(st.integers(max_value=-1), st.floats(), st.booleans()), block=st.integers(1, 4))
 def test_bad_length_names_it(p, n, block):
-    for call in (lambda: p.mask(n), lambda: p.keys_per_query(n), lambda: p.num_pairs(n),
-                 lambda: p.block_layout(n, block)):
+    for call in (
+        lambda: p.mask(n),
+        lambda: p.keys_per_query(n),
+        lambda: p.num_pairs(n),
+        lambda: p.block_layout(n, block),
+    ):
         with pytest.raises(ValueError, match="n="):
             call()
 

@@ -461,7 +461,9 @@ def test_low_precision_decoding(dtype):
         exact = model32(x)
         error = (model(x).float() - exact).abs().max()
         cache = model.new_cache(2)
-        assert {g.k.dtype for layer in cache.layers for g in layer.groups} == {torch.float32 if dtype == torch.float16 else dtype}
+        assert {g.k.dtype for layer in cache.layers for g in layer.groups} == {
+            torch.float32 if dtype == torch.float16 else dtype
+        }
         assert {g.v.dtype for layer in cache.layers for g in layer.groups} == {dtype}
         steps = torch.stack([model.decode_step(x[:, i - 1], i, cache).float() for i in range(N)], 1)
     assert (steps - exact).abs().max() <= 2 * error

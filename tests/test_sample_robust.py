@@ -79,8 +79,9 @@ def test_generate_with_tiny_temperature_equals_greedy(temperature):
     model, cfg = tiny(**PATTERNS["fixed-both"])
     greedy = generate(model, cfg, num=2, length=N, top_k=1)
     for use_cache in (True, False):
-        assert torch.equal(generate(model, cfg, num=2, length=N, temperature=temperature, seed=3,
-                                    use_cache=use_cache), greedy)
+        assert torch.equal(
+            generate(model, cfg, num=2, length=N, temperature=temperature, seed=3, use_cache=use_cache), greedy
+        )
 
 
 def test_decoder_with_noise_and_tiny_temperature_is_greedy():
@@ -112,18 +113,21 @@ def no_load(monkeypatch, tmp_path):
     return tmp_path
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    ({"temperature": -1.0}, "--temperature -1.0 is negative"),
-    ({"temperature": -1e-30}, "is negative"),
-    ({"temperature": math.nan}, "not a finite number"),
-    ({"temperature": math.inf}, "not a finite number"),
-    ({"top_k": -1}, "--top-k -1 must be an integer >= 0"),
-    ({"length": -5}, "--length -5 must be a positive integer"),
-    ({"num": 0}, "--num 0"),
-    ({"num": -2}, "--num -2"),
-    ({"prefix_file": "."}, "is not a file"),
-    ({"prefix_file": "no/such/file.bin"}, "does not exist"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"temperature": -1.0}, "--temperature -1.0 is negative"),
+        ({"temperature": -1e-30}, "is negative"),
+        ({"temperature": math.nan}, "not a finite number"),
+        ({"temperature": math.inf}, "not a finite number"),
+        ({"top_k": -1}, "--top-k -1 must be an integer >= 0"),
+        ({"length": -5}, "--length -5 must be a positive integer"),
+        ({"num": 0}, "--num 0"),
+        ({"num": -2}, "--num -2"),
+        ({"prefix_file": "."}, "is not a file"),
+        ({"prefix_file": "no/such/file.bin"}, "does not exist"),
+    ],
+)
 def test_sample_command_refuses_bad_values_before_loading(no_load, kwargs, message):
     with pytest.raises(UserError, match=message) as e:
         sample_command(no_load / "run", device="cpu", **kwargs)
@@ -150,12 +154,16 @@ def test_sample_command_tiny_temperature_writes_greedy_text(monkeypatch, tmp_pat
     assert path.read_bytes() == bytes(greedy[0].tolist())
 
 
-@pytest.mark.parametrize("flag", [["--temperature", "-0.5"], ["--top-k", "-3"], ["--num", "0"],
-                                  ["--temperature", "nan"]])
+@pytest.mark.parametrize(
+    "flag", [["--temperature", "-0.5"], ["--top-k", "-3"], ["--num", "0"], ["--temperature", "nan"]]
+)
 def test_cli_sample_bad_value_is_one_line_exit_2(tmp_path, flag):
-    r = subprocess.run([sys.executable, "-m", "sparse_transformer", "sample", "--run", str(tmp_path / "missing-run"),
-                        *flag],
-                       capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [sys.executable, "-m", "sparse_transformer", "sample", "--run", str(tmp_path / "missing-run"), *flag],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 2, r.stderr
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in r.stderr and flag[0] in lines[0], r.stderr

@@ -52,22 +52,62 @@ def test_study_driver_runs_a_plan_and_packs_the_runs(tmp_path):
 
     text = tmp_path / "corpus.txt"
     text.write_bytes(b"the quick brown fox jumps over the lazy dog. " * 400)
-    tiny = ["--model.n_layer", "1", "--model.d_model", "16", "--model.n_head", "2", "--model.stride", "8",
-            "--model.c", "2", "--data.seq_len", "32", "--train.device", "cpu", "--train.batch_size", "2",
-            "--train.max_steps", "3", "--train.eval_every", "2", "--train.eval_batches", "1",
-            "--train.test_tokens", "64", "--sample.length", "8"]
-    runs = "".join(f'[[run]]\nname = "{name}"\ndata = "toy"\nqueue = "{name}"\nargs = {json.dumps(tiny + extra)}\n'
-                   f'samples = [["--num", "1", "--length", "8", "--device", "cpu"]]\n\n'
-                   for name, extra in (("a", []), ("b", ["--model.pattern", "strided"])))
+    tiny = [
+        "--model.n_layer",
+        "1",
+        "--model.d_model",
+        "16",
+        "--model.n_head",
+        "2",
+        "--model.stride",
+        "8",
+        "--model.c",
+        "2",
+        "--data.seq_len",
+        "32",
+        "--train.device",
+        "cpu",
+        "--train.batch_size",
+        "2",
+        "--train.max_steps",
+        "3",
+        "--train.eval_every",
+        "2",
+        "--train.eval_batches",
+        "1",
+        "--train.test_tokens",
+        "64",
+        "--sample.length",
+        "8",
+    ]
+    runs = "".join(
+        f'[[run]]\nname = "{name}"\ndata = "toy"\nqueue = "{name}"\nargs = {json.dumps(tiny + extra)}\n'
+        f'samples = [["--num", "1", "--length", "8", "--device", "cpu"]]\n\n'
+        for name, extra in (("a", []), ("b", ["--model.pattern", "strided"]))
+    )
     plan = tmp_path / "plan.toml"
     plan.write_text(f'[data.toy]\nkind = "text"\nsrc = "{text}"\n\n{runs}')
-    out = subprocess.run([sys.executable, str(ROOT / "scripts" / "study.py"), str(plan), "--runs",
-                          str(tmp_path / "runs"), "--out", str(tmp_path / "out")], capture_output=True, text=True,
-                         cwd=ROOT, timeout=600)
+    out = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "scripts" / "study.py"),
+            str(plan),
+            "--runs",
+            str(tmp_path / "runs"),
+            "--out",
+            str(tmp_path / "out"),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=600,
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     table = out.stdout.strip().splitlines()
     assert table[-3].split()[:2] == ["run", "rc"] and [line.split()[:3] for line in table[-2:]] == [
-        ["a", "0", "3"], ["b", "0", "3"]]
+        ["a", "0", "3"],
+        ["b", "0", "3"],
+    ]
     rows = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert [r["name"] for r in rows] == ["a", "b"] and all(r["test"] > 0 for r in rows)
     with tarfile.open(tmp_path / "out" / "runs.tar.gz") as tar:

@@ -32,12 +32,44 @@ def data_dir(tmp_path_factory):
 
 
 def tiny(data_dir, *extra):
-    return load_config(None, ["--data.dir", str(data_dir), "--data.seq_len", "64", "--model.n_layer", "2",
-                              "--model.d_model", "32", "--model.n_head", "2", "--model.stride", "16", "--model.c", "4",
-                              "--model.dropout", "0.1", "--train.batch_size", "4", "--train.device", "cpu",
-                              "--train.dtype", "fp32", "--train.warmup_steps", "3", "--train.log_every", "1",
-                              "--train.eval_every", "4", "--train.eval_batches", "2", "--train.progress", "false",
-                              *extra])
+    return load_config(
+        None,
+        [
+            "--data.dir",
+            str(data_dir),
+            "--data.seq_len",
+            "64",
+            "--model.n_layer",
+            "2",
+            "--model.d_model",
+            "32",
+            "--model.n_head",
+            "2",
+            "--model.stride",
+            "16",
+            "--model.c",
+            "4",
+            "--model.dropout",
+            "0.1",
+            "--train.batch_size",
+            "4",
+            "--train.device",
+            "cpu",
+            "--train.dtype",
+            "fp32",
+            "--train.warmup_steps",
+            "3",
+            "--train.log_every",
+            "1",
+            "--train.eval_every",
+            "4",
+            "--train.eval_batches",
+            "2",
+            "--train.progress",
+            "false",
+            *extra,
+        ],
+    )
 
 
 def losses(run_dir):
@@ -73,9 +105,28 @@ def test_interrupted_then_resumed_equals_straight(data_dir, tmp_path, monkeypatc
 
 
 def test_check_command_and_extend(data_dir, tmp_path, capsys):
-    args = ["--data.dir", str(data_dir), "--model.n_layer", "2", "--model.d_model", "64", "--model.n_head", "2",
-            "--data.seq_len", "256", "--train.batch_size", "4", "--train.max_steps", "12",
-            "--train.checkpoint_every", "6", "--train.device", "cpu", "--train.progress", "false"]
+    args = [
+        "--data.dir",
+        str(data_dir),
+        "--model.n_layer",
+        "2",
+        "--model.d_model",
+        "64",
+        "--model.n_head",
+        "2",
+        "--data.seq_len",
+        "256",
+        "--train.batch_size",
+        "4",
+        "--train.max_steps",
+        "12",
+        "--train.checkpoint_every",
+        "6",
+        "--train.device",
+        "cpu",
+        "--train.progress",
+        "false",
+    ]
     run = tmp_path / "run"
     summary = train(load_config(None, args), run)
     assert summary["step"] == 12 and summary["test_bits_per_dim"] < 8.0
@@ -98,10 +149,33 @@ def test_check_command_and_extend(data_dir, tmp_path, capsys):
 def test_check_command_through_cli(data_dir, tmp_path):
     run = tmp_path / "run"
     base = [sys.executable, "-m", "sparse_transformer", "train"]
-    r = subprocess.run(base + ["--run-dir", str(run), "--data.dir", str(data_dir), "--model.n_layer", "2",
-                               "--model.d_model", "64", "--model.n_head", "2", "--data.seq_len", "256",
-                               "--train.batch_size", "4", "--train.max_steps", "12", "--train.checkpoint_every", "6",
-                               "--train.device", "cpu"], capture_output=True, text=True)
+    r = subprocess.run(
+        base
+        + [
+            "--run-dir",
+            str(run),
+            "--data.dir",
+            str(data_dir),
+            "--model.n_layer",
+            "2",
+            "--model.d_model",
+            "64",
+            "--model.n_head",
+            "2",
+            "--data.seq_len",
+            "256",
+            "--train.batch_size",
+            "4",
+            "--train.max_steps",
+            "12",
+            "--train.checkpoint_every",
+            "6",
+            "--train.device",
+            "cpu",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 0, r.stderr
     assert "test bits per byte:" in r.stdout
     r = subprocess.run(base + ["--resume", str(run), "--train.max_steps", "18"], capture_output=True, text=True)
@@ -118,8 +192,10 @@ def test_resume_with_another_architecture_is_a_user_error(data_dir, tmp_path):
 
 
 def test_lr_schedule_warmup_then_cosine():
-    t = load_config(None, ["--train.lr", "1.0", "--train.warmup_steps", "10", "--train.max_steps", "110",
-                           "--train.min_lr_ratio", "0.1"]).train
+    t = load_config(
+        None,
+        ["--train.lr", "1.0", "--train.warmup_steps", "10", "--train.max_steps", "110", "--train.min_lr_ratio", "0.1"],
+    ).train
     assert lr_at(0, t) == pytest.approx(0.1) and lr_at(9, t) == pytest.approx(1.0)
     assert lr_at(10, t) == pytest.approx(1.0)
     assert lr_at(60, t) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
@@ -135,8 +211,13 @@ def test_weight_decay_on_matrices_only():
     names = {id(p): n for n, p in model.named_parameters()}
     decayed = {names[id(p)] for g in opt.param_groups if g["weight_decay"] > 0 for p in g["params"]}
     plain = {names[id(p)] for g in opt.param_groups if g["weight_decay"] == 0 for p in g["params"]}
-    assert decayed == {"blocks.0.attn.qkv.weight", "blocks.0.attn.proj.weight", "blocks.0.ff.fc.weight",
-                       "blocks.0.ff.proj.weight", "head.weight"}
+    assert decayed == {
+        "blocks.0.attn.qkv.weight",
+        "blocks.0.attn.proj.weight",
+        "blocks.0.ff.fc.weight",
+        "blocks.0.ff.proj.weight",
+        "head.weight",
+    }
     assert {"tok_emb.weight", "start", "pos_emb.tables.0", "blocks.0.ln_1.weight", "blocks.0.attn.qkv.bias"} <= plain
     assert len(decayed) + len(plain) == len(list(model.parameters()))
 
@@ -148,10 +229,18 @@ def test_default_run_beats_gzip(tmp_path):
     test bytes (2.841 bits per byte, shared/data/README.md). Deterministic seeds make this a fixed
     number (2.730 on 2026-11-28); no timing is asserted here (docs/benchmarks.md has the times)."""
     root = str(Path(__file__).resolve().parents[1])
-    env = dict(os.environ, XDG_CACHE_HOME=str(tmp_path / "cache"),
-               PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
-    r = subprocess.run([sys.executable, "-m", "sparse_transformer", "train", "--run-dir", str(tmp_path / "run")],
-                       capture_output=True, text=True, env=env, cwd=tmp_path)
+    env = dict(
+        os.environ,
+        XDG_CACHE_HOME=str(tmp_path / "cache"),
+        PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])),
+    )
+    r = subprocess.run(
+        [sys.executable, "-m", "sparse_transformer", "train", "--run-dir", str(tmp_path / "run")],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     line = next(x for x in r.stdout.splitlines() if x.startswith("test bits per byte:"))
     assert float(line.split(":")[1]) < 2.841
@@ -159,8 +248,10 @@ def test_default_run_beats_gzip(tmp_path):
 
 
 def test_lr_schedule_follows_the_time_budget():
-    t = load_config(None, ["--train.lr", "1.0", "--train.warmup_steps", "10", "--train.max_steps", "1000000",
-                           "--train.max_minutes", "1"]).train
+    t = load_config(
+        None,
+        ["--train.lr", "1.0", "--train.warmup_steps", "10", "--train.max_steps", "1000000", "--train.max_minutes", "1"],
+    ).train
     assert lr_at(5, t, time_progress=0.9) == pytest.approx(0.6)  # warmup is by steps
     assert lr_at(20, t, time_progress=0.0) == pytest.approx(1.0, abs=1e-4)
     assert lr_at(20, t, time_progress=0.5) == pytest.approx(0.5)
@@ -171,8 +262,20 @@ def test_lr_schedule_follows_the_time_budget():
 
 
 def test_time_budget_ends_the_run_and_reports_the_clocks(data_dir, tmp_path):
-    summary = train(tiny(data_dir, "--train.max_steps", "100000", "--train.max_minutes", "0.1",
-                         "--train.warmup_steps", "0", "--train.test_tokens", "256"), tmp_path / "run")
+    summary = train(
+        tiny(
+            data_dir,
+            "--train.max_steps",
+            "100000",
+            "--train.max_minutes",
+            "0.1",
+            "--train.warmup_steps",
+            "0",
+            "--train.test_tokens",
+            "256",
+        ),
+        tmp_path / "run",
+    )
     assert 2 < summary["step"] < 100000
     assert 6.0 <= summary["train_s"] < 6.0 + 5.0  # stops at the first step boundary after 6 s of training
     assert summary["test_tokens"] == 256

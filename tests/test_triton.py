@@ -33,12 +33,14 @@ GRID = pattern_grid()
 # the interpreter trips numpy's scalar-conversion deprecation on every program id
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 cpu_interpreter = pytest.mark.skipif(
-    not ops.INTERPRET, reason="CPU tests need the Triton interpreter (kernels were imported compiled)")
+    not ops.INTERPRET, reason="CPU tests need the Triton interpreter (kernels were imported compiled)"
+)
 
 
 def _check(pattern, q, k, v, do, dtype, fp32_tol=2e-5, deterministic=False):
-    got = outputs_and_grads(lambda a, b, c: triton_attention(a, b, c, pattern, deterministic=deterministic),
-                            q, k, v, do)
+    got = outputs_and_grads(
+        lambda a, b, c: triton_attention(a, b, c, pattern, deterministic=deterministic), q, k, v, do
+    )
     ref_in = [t.detach().float().requires_grad_(True) for t in (q, k, v)]
     ref = outputs_and_grads(lambda a, b, c: reference_attention(a, b, c, pattern), *ref_in, do.float())
     lowp = None
@@ -70,9 +72,17 @@ def test_fp16_matches_reference(name, n, dk, dv):
 
 
 @cpu_interpreter
-@pytest.mark.parametrize("pattern", [P.strided(64), P.fixed(64, 16, num_verts=2), P.multihead(P.fixed(48, 16, 3)),
-                                     P.fixed(64, 16, part="summary"), P.local(40)],
-                         ids=["strided64", "fixed64", "multihead-fixed48", "summary64", "local40"])
+@pytest.mark.parametrize(
+    "pattern",
+    [
+        P.strided(64),
+        P.fixed(64, 16, num_verts=2),
+        P.multihead(P.fixed(48, 16, 3)),
+        P.fixed(64, 16, part="summary"),
+        P.local(40),
+    ],
+    ids=["strided64", "fixed64", "multihead-fixed48", "summary64", "local40"],
+)
 def test_blocks_larger_than_tiles(pattern):
     """Strides and blocks larger than the 32-row tiles (blocks span tiles, summaries span tiles)."""
     q, k, v, do = random_qkv(1, 4, 300, 64, 64, torch.float32, seed=3)
@@ -81,8 +91,11 @@ def test_blocks_larger_than_tiles(pattern):
 
 @cpu_interpreter
 @pytest.mark.parametrize("short_run_tiles", [0, 1000], ids=["always-split", "one-masked-loop"])
-@pytest.mark.parametrize("pattern", [P.strided(16), P.fixed(32, 8, num_verts=2), P.local(40), P.dense()],
-                         ids=["strided16", "fixed32", "local40", "dense"])
+@pytest.mark.parametrize(
+    "pattern",
+    [P.strided(16), P.fixed(32, 8, num_verts=2), P.local(40), P.dense()],
+    ids=["strided16", "fixed32", "local40", "dense"],
+)
 def test_range_tiles_split_or_one_masked_loop(pattern, short_run_tiles, monkeypatch):
     """Both walks of a range term's tiles (masked head / full middle / masked tail, or one masked
     loop: ops.SHORT_RUN_TILES picks by the span) give the reference."""
@@ -121,15 +134,18 @@ def test_strided_inputs_and_explicit_scale():
 @pytest.mark.parametrize("pattern", [P.strided(8), P.fixed(8, 2, num_verts=2)], ids=["strided8", "fixed8"])
 def test_deterministic_backward_is_bitwise_reproducible(pattern):
     q, k, v, do = random_qkv(1, 2, 70, 32, 32, torch.float32, seed=9)
-    runs = [torch.autograd.grad(triton_attention(q, k, v, pattern, deterministic=True), (q, k, v), do)
-            for _ in range(2)]
+    runs = [
+        torch.autograd.grad(triton_attention(q, k, v, pattern, deterministic=True), (q, k, v), do) for _ in range(2)
+    ]
     for a, b in zip(*runs):
         assert torch.equal(a, b)
 
 
 def _grads_both_modes(pattern, q, k, v, do):
-    return [torch.autograd.grad(triton_attention(q, k, v, pattern, deterministic=det), (q, k, v), do)
-            for det in (False, True)]
+    return [
+        torch.autograd.grad(triton_attention(q, k, v, pattern, deterministic=det), (q, k, v), do)
+        for det in (False, True)
+    ]
 
 
 def _assert_modes_agree(fused, det, tol):
@@ -201,8 +217,11 @@ def test_encode_splits_heads_into_progressions():
 def test_custom_op_registration_and_no_graph_breaks():
     q, k, v, _ = random_qkv(1, 2, 24, 16, 16, torch.float32)
     spec = ops.encode(P.fixed(8, 2), 2)
-    torch.library.opcheck(ops.attention_fwd, (q, k, v, spec, 0.25, False),
-                          test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+    torch.library.opcheck(
+        ops.attention_fwd,
+        (q, k, v, spec, 0.25, False),
+        test_utils=("test_schema", "test_autograd_registration", "test_faketensor"),
+    )
     fn = torch.compile(lambda a, b, c: triton_attention(a, b, c, P.fixed(8, 2)), backend="eager", fullgraph=True)
     assert torch.allclose(fn(q, k, v), triton_attention(q, k, v, P.fixed(8, 2)))
 
@@ -224,10 +243,15 @@ GPU_CASES = [  # (pattern, n, B, H, dk, dv, dtype, l)
 
 
 def _gpu_pattern(name, l):
-    return {"strided": P.strided(l), "fixed": P.fixed(l, 32, num_verts=2), "dense": P.dense(),
-            "strided-stride": P.strided(l, "stride"), "fixed-summary": P.fixed(l, 32, num_verts=2, part="summary"),
-            "multihead-fixed": P.multihead(P.fixed(l, 32, num_verts=2)),
-            "multihead-strided": P.multihead(P.strided(l))}[name]
+    return {
+        "strided": P.strided(l),
+        "fixed": P.fixed(l, 32, num_verts=2),
+        "dense": P.dense(),
+        "strided-stride": P.strided(l, "stride"),
+        "fixed-summary": P.fixed(l, 32, num_verts=2, part="summary"),
+        "multihead-fixed": P.multihead(P.fixed(l, 32, num_verts=2)),
+        "multihead-strided": P.multihead(P.strided(l)),
+    }[name]
 
 
 @pytest.mark.gpu
@@ -242,8 +266,9 @@ def test_gpu_matches_reference(case):
 @pytest.mark.parametrize("pattern", [P.strided(128), P.fixed(128, 32)], ids=["strided", "fixed"])
 def test_gpu_deterministic_grads_are_bitwise_identical(pattern):
     q, k, v, do = random_qkv(2, 4, 4096, 64, 64, torch.bfloat16, device="cuda", seed=1)
-    runs = [torch.autograd.grad(triton_attention(q, k, v, pattern, deterministic=True), (q, k, v), do)
-            for _ in range(2)]
+    runs = [
+        torch.autograd.grad(triton_attention(q, k, v, pattern, deterministic=True), (q, k, v), do) for _ in range(2)
+    ]
     for a, b in zip(*runs):
         assert torch.equal(a, b)
 

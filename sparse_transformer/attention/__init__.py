@@ -28,12 +28,18 @@ def _check_inputs(q, k, v, pattern, backend):
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     if not isinstance(pattern, Pattern):
-        raise ValueError(f"pattern must come from sparse_transformer.patterns (e.g. patterns.strided(128)), got {type(pattern).__name__}")
+        raise ValueError(
+            f"pattern must come from sparse_transformer.patterns (e.g. patterns.strided(128)), got {type(pattern).__name__}"
+        )
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor) or t.dim() != 4:
-            raise ValueError(f"{name} must be a 4-d tensor [batch, heads, n, head_dim], got shape {tuple(getattr(t, 'shape', ()))}")
+            raise ValueError(
+                f"{name} must be a 4-d tensor [batch, heads, n, head_dim], got shape {tuple(getattr(t, 'shape', ()))}"
+            )
     if q.shape != k.shape:
-        raise ValueError(f"q and k must have the same shape [batch, heads, n, head_dim]; got q {tuple(q.shape)} and k {tuple(k.shape)}")
+        raise ValueError(
+            f"q and k must have the same shape [batch, heads, n, head_dim]; got q {tuple(q.shape)} and k {tuple(k.shape)}"
+        )
     if v.shape[:3] != q.shape[:3]:
         raise ValueError(f"v must match q in batch, heads and n; got q {tuple(q.shape)} and v {tuple(v.shape)}")
     if not (q.dtype == k.dtype == v.dtype):
@@ -72,8 +78,14 @@ def _sdpa(q, k, v, pattern, scale):
     return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
 
 
-def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Pattern,
-                     backend: str = "auto", scale: float | None = None) -> torch.Tensor:
+def sparse_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    pattern: Pattern,
+    backend: str = "auto",
+    scale: float | None = None,
+) -> torch.Tensor:
     """Causal attention restricted to ``pattern``.
 
     Args:

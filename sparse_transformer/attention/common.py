@@ -14,8 +14,17 @@ import torch.nn.functional as F
 
 from ..patterns import Pattern, Stride, Summary, Term
 
-__all__ = ["pad_to", "to_runs", "from_runs", "gather_summary", "merge_by_lse", "by_head_group", "is_empty",
-           "empty_attention", "compute_dtype"]
+__all__ = [
+    "pad_to",
+    "to_runs",
+    "from_runs",
+    "gather_summary",
+    "merge_by_lse",
+    "by_head_group",
+    "is_empty",
+    "empty_attention",
+    "compute_dtype",
+]
 
 
 def is_empty(q: torch.Tensor) -> bool:
@@ -68,7 +77,7 @@ def gather_summary(x: torch.Tensor, term: Summary) -> torch.Tensor:
     padded last block past ``n`` are zeros and no query reads them)."""
     B, H, n, d = x.shape
     blocks = pad_to(x, term.size).view(B, H, -1, term.size, d)
-    return blocks[:, :, :, term.lo:term.hi].reshape(B, H, term.compact_length(n), d)
+    return blocks[:, :, :, term.lo : term.hi].reshape(B, H, term.compact_length(n), d)
 
 
 def merge_by_lse(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
@@ -87,9 +96,13 @@ def merge_by_lse(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor
     return sum(wt.unsqueeze(-1) * o for wt, o in zip(w, outs)) / total.unsqueeze(-1)
 
 
-def by_head_group(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Pattern,
-                  attend: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, tuple[Term, ...]], torch.Tensor]
-                  ) -> torch.Tensor:
+def by_head_group(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    pattern: Pattern,
+    attend: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, tuple[Term, ...]], torch.Tensor],
+) -> torch.Tensor:
     """Run ``attend(q, k, v, terms) -> [B, h, n, dv]`` once per group of heads that share a key set
     (``pattern.head_groups``: per-head summary offsets and the multi-head integration make groups)
     on ``q, k [B, H, n, dk]``, ``v [B, H, n, dv]``; returns ``[B, H, n, dv]`` with the heads back in

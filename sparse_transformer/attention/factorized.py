@@ -28,8 +28,17 @@ import torch
 import torch.nn.functional as F
 
 from ..patterns import Band, Block, Pattern, Stride, Summary
-from .common import (by_head_group, compute_dtype, empty_attention, from_runs, gather_summary, is_empty, merge_by_lse,
-                     pad_to, to_runs)
+from .common import (
+    by_head_group,
+    compute_dtype,
+    empty_attention,
+    from_runs,
+    gather_summary,
+    is_empty,
+    merge_by_lse,
+    pad_to,
+    to_runs,
+)
 
 
 def _masked_scores(q, k, allowed, scale, dt):
@@ -142,8 +151,9 @@ def _summary(q, k, v, term: Summary, scale, dt):
 _TERMS = {Band: _band, Block: _block, Stride: _stride, Summary: _summary}
 
 
-def factorized_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Pattern,
-                         scale: float | None = None) -> torch.Tensor:
+def factorized_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Pattern, scale: float | None = None
+) -> torch.Tensor:
     """Causal attention restricted to ``pattern`` in pure PyTorch (paper §4.2 Eqs. 2-4, computed by
     term as the paper's §5.5 describes).
 
@@ -164,6 +174,11 @@ def factorized_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, patt
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     ct = compute_dtype(dt)
     q, k, v = q.to(ct), k.to(ct), v.to(ct)  # no-ops for fp32 and float64 inputs
-    out = by_head_group(q, k, v, pattern,
-                        lambda qs, ks, vs, terms: merge_by_lse([_TERMS[type(t)](qs, ks, vs, t, scale, dt) for t in terms]))
+    out = by_head_group(
+        q,
+        k,
+        v,
+        pattern,
+        lambda qs, ks, vs, terms: merge_by_lse([_TERMS[type(t)](qs, ks, vs, t, scale, dt) for t in terms]),
+    )
     return out.to(dt)

@@ -101,8 +101,9 @@ def _term(q, k, v, term: Term, scale: float):
     return _flex(q, gather_summary(k, term), gather_summary(v, term), bm, scale)
 
 
-def flex_attention_sparse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Pattern,
-                          scale: float | None = None) -> torch.Tensor:
+def flex_attention_sparse(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Pattern, scale: float | None = None
+) -> torch.Tensor:
     """Causal attention restricted to ``pattern``, one FlexAttention call per pattern term (paper
     §4.2 Eqs. 2-4, computed by term as in §5.5; docs/design.md §4).
 
@@ -120,5 +121,7 @@ def flex_attention_sparse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pat
     if is_empty(q):
         return empty_attention(q, k, v, pattern)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    out = by_head_group(q, k, v, pattern, lambda qs, ks, vs, terms: merge_by_lse([_term(qs, ks, vs, t, scale) for t in terms]))
+    out = by_head_group(
+        q, k, v, pattern, lambda qs, ks, vs, terms: merge_by_lse([_term(qs, ks, vs, t, scale) for t in terms])
+    )
     return out.to(q.dtype)

@@ -9,8 +9,9 @@ from ..patterns import Pattern
 from .common import compute_dtype, empty_attention, is_empty
 
 
-def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Pattern,
-                        scale: float | None = None) -> torch.Tensor:
+def reference_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Pattern, scale: float | None = None
+) -> torch.Tensor:
     """Attention of ``q [B, H, n, dk]``, ``k [B, H, n, dk]``, ``v [B, H, n, dv]`` under ``pattern``
     (head ``h`` uses ``pattern.mask(n, head=h)``), computed in fp32 (float64 inputs in float64, so
     ``torch.autograd.gradcheck`` applies) and returned ``[B, H, n, dv]`` in ``q.dtype``.
@@ -22,7 +23,7 @@ def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, patte
         return empty_attention(q, k, v, pattern)
     H, n, dk = q.shape[1:]
     ct = compute_dtype(q.dtype)
-    scale = dk ** -0.5 if scale is None else scale
+    scale = dk**-0.5 if scale is None else scale
     mask = torch.stack([pattern.mask(n, head=h) for h in range(H)]).to(q.device)  # [H, n, n]
     s = torch.einsum("bhid,bhjd->bhij", q.to(ct), k.to(ct)) * scale
     s = s.masked_fill(~mask, float("-inf"))

@@ -57,14 +57,23 @@ from ..errors import UserError
 DENSE_BACKENDS = ("sdpa_cudnn", "sdpa_flash", "sdpa")
 ALL_BACKENDS = tuple(b for b in BACKENDS if b != "sdpa") + DENSE_BACKENDS
 BASELINES = ("sdpa_cudnn", "sdpa_flash", "sdpa", "flex", "factorized")
-_BASELINE_TITLES = {"sdpa_cudnn": "x cuDNN", "sdpa_flash": "x flash", "sdpa": "x sdpa", "flex": "x flex",
-                    "factorized": "x factorized"}
+_BASELINE_TITLES = {
+    "sdpa_cudnn": "x cuDNN",
+    "sdpa_flash": "x flash",
+    "sdpa": "x sdpa",
+    "flex": "x flex",
+    "factorized": "x factorized",
+}
 _CUDA_ONLY = ("triton", "flex", "sdpa_cudnn", "sdpa_flash")
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 MODES = ("fwd", "fwdbwd")
 DEFAULTS = {
-    "cuda": {"backends": ("triton", "flex", "factorized", "sdpa_cudnn", "sdpa_flash"),
-             "ns": (4096, 16384, 65536, 262144, 1048576), "batch_tokens": 131072, "dtype": "bf16"},
+    "cuda": {
+        "backends": ("triton", "flex", "factorized", "sdpa_cudnn", "sdpa_flash"),
+        "ns": (4096, 16384, 65536, 262144, 1048576),
+        "batch_tokens": 131072,
+        "dtype": "bf16",
+    },
     "cpu": {"backends": ("factorized", "sdpa"), "ns": (1024, 4096), "batch_tokens": 4096, "dtype": "fp32"},
 }
 
@@ -90,7 +99,9 @@ def pattern_for(spec: str | P.Pattern, n: int) -> P.Pattern:
     try:
         ints = [_parse_int(a) for a in args]
     except ValueError:
-        raise UserError(f"pattern {spec!r}: the values after ':' must be integers, e.g. strided:256 or fixed:128:32") from None
+        raise UserError(
+            f"pattern {spec!r}: the values after ':' must be integers, e.g. strided:256 or fixed:128:32"
+        ) from None
     try:
         if name == "dense" and not ints:
             return P.dense()
@@ -239,13 +250,21 @@ def _measure_cpu(case: Case, min_total_s: float = 1.0, max_reps: int = 20) -> di
         t0 = time.perf_counter()
         fn()
         times.append((time.perf_counter() - t0) * 1e3)
-    return {"ms": statistics.median(times), "reps": len(times), "peak_mib": peak_mib,
-            "peak_method": "ru_maxrss growth in a fresh process"}
+    return {
+        "ms": statistics.median(times),
+        "reps": len(times),
+        "peak_mib": peak_mib,
+        "peak_method": "ru_maxrss growth in a fresh process",
+    }
 
 
 def _error_text(e: BaseException) -> str:
     first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-    kind = "out of memory" if isinstance(e, torch.OutOfMemoryError) or "out of memory" in first.lower() else type(e).__name__
+    kind = (
+        "out of memory"
+        if isinstance(e, torch.OutOfMemoryError) or "out of memory" in first.lower()
+        else type(e).__name__
+    )
     return f"{kind}: {first}"[:300]
 
 
@@ -314,8 +333,13 @@ def _add_speedups(records: list[dict], rec: dict) -> None:
     for b in BASELINES:
         spec = dense_spec if b in DENSE_BACKENDS else rec["pattern_spec"]
         for base in records:
-            if (base is not rec and "ms" in base and base["backend"] == b and base["pattern_spec"] == spec
-                    and base["mode"] == rec["mode"]):
+            if (
+                base is not rec
+                and "ms" in base
+                and base["backend"] == b
+                and base["pattern_spec"] == spec
+                and base["mode"] == rec["mode"]
+            ):
                 speedups[b] = base["ms"] / rec["ms"]
     rec["speedup_vs"] = speedups
 
@@ -414,9 +438,16 @@ def format_table(records: Sequence[dict]) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in records:
         ok = "ms" in r
-        cells = [f"{r['n']:,}", str(r["batch"]), r["pattern"], r["backend"], r["mode"],
-                 f"{r['ms']:.3f}" if ok else "", _num(r["useful_tflops"]) if ok else "",
-                 f"{r['peak_mib']:.0f}" if ok else ""]
+        cells = [
+            f"{r['n']:,}",
+            str(r["batch"]),
+            r["pattern"],
+            r["backend"],
+            r["mode"],
+            f"{r['ms']:.3f}" if ok else "",
+            _num(r["useful_tflops"]) if ok else "",
+            f"{r['peak_mib']:.0f}" if ok else "",
+        ]
         cells += [_num(r["speedup_vs"][b]) + "x" if ok and b in r.get("speedup_vs", {}) else "" for b in present]
         cells.append(r.get("error", ""))
         lines.append("| " + " | ".join(cells) + " |")
@@ -441,22 +472,34 @@ def _split(text: str | None) -> list[str]:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """Options of ``sparse-transformer bench attention``."""
-    p.add_argument("--backends", default=None,
-                   help=f"comma-separated from {', '.join(ALL_BACKENDS)} (default CUDA: "
-                        f"{','.join(DEFAULTS['cuda']['backends'])}; CPU: {','.join(DEFAULTS['cpu']['backends'])})")
-    p.add_argument("--patterns", default="strided,fixed",
-                   help="comma-separated: strided[:l], fixed[:l[:c]], local[:w], dense; without l: strided "
-                        "l = sqrt(n) as a power of two, fixed l = 128 (n <= 16K) or 256, c = 32")
-    p.add_argument("--n", default=None, help="comma-separated lengths, e.g. 4K,16K,64K (default CUDA: 4K..1M; CPU: 1K,4K)")
-    p.add_argument("--batch-tokens", type=_parse_int, default=None,
-                   help="B = batch_tokens // n (default CUDA 131072, CPU 4096)")
+    p.add_argument(
+        "--backends",
+        default=None,
+        help=f"comma-separated from {', '.join(ALL_BACKENDS)} (default CUDA: "
+        f"{','.join(DEFAULTS['cuda']['backends'])}; CPU: {','.join(DEFAULTS['cpu']['backends'])})",
+    )
+    p.add_argument(
+        "--patterns",
+        default="strided,fixed",
+        help="comma-separated: strided[:l], fixed[:l[:c]], local[:w], dense; without l: strided "
+        "l = sqrt(n) as a power of two, fixed l = 128 (n <= 16K) or 256, c = 32",
+    )
+    p.add_argument(
+        "--n", default=None, help="comma-separated lengths, e.g. 4K,16K,64K (default CUDA: 4K..1M; CPU: 1K,4K)"
+    )
+    p.add_argument(
+        "--batch-tokens", type=_parse_int, default=None, help="B = batch_tokens // n (default CUDA 131072, CPU 4096)"
+    )
     p.add_argument("--heads", type=int, default=8)
     p.add_argument("--head-dim", type=int, default=64)
     p.add_argument("--dtype", default=None, choices=tuple(_DTYPES), help="default bf16 on CUDA, fp32 on CPU")
     p.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: cuda if available)")
     p.add_argument("--modes", default="fwd,fwdbwd", help="comma-separated: fwd, fwdbwd")
-    p.add_argument("--max-n", default="", help="comma-separated BACKEND=N: skip BACKEND above length N, "
-                                              "e.g. sdpa_flash=64K,factorized=256K")
+    p.add_argument(
+        "--max-n",
+        default="",
+        help="comma-separated BACKEND=N: skip BACKEND above length N, e.g. sdpa_flash=64K,factorized=256K",
+    )
     p.add_argument("--case-timeout", type=float, default=None, help="CPU: seconds before a case is abandoned")
     p.add_argument("--out", default=None, help="append JSON lines to this file")
 
@@ -472,10 +515,19 @@ def run(args: argparse.Namespace) -> int:
     except ValueError:
         raise UserError("--n and --max-n take integers such as 65536, 64K or 1M (--max-n as BACKEND=N)") from None
     records = bench_attention(
-        backends=_split(args.backends) or None, patterns=_split(args.patterns), ns=ns,
-        batch_tokens=args.batch_tokens, heads=args.heads, head_dim=args.head_dim, dtype=args.dtype,
-        device=args.device, modes=_split(args.modes), out_jsonl=args.out, max_n=max_n,
-        case_timeout_s=args.case_timeout)
+        backends=_split(args.backends) or None,
+        patterns=_split(args.patterns),
+        ns=ns,
+        batch_tokens=args.batch_tokens,
+        heads=args.heads,
+        head_dim=args.head_dim,
+        dtype=args.dtype,
+        device=args.device,
+        modes=_split(args.modes),
+        out_jsonl=args.out,
+        max_n=max_n,
+        case_timeout_s=args.case_timeout,
+    )
     print()
     print(format_table(records))
     return 0

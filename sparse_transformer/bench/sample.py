@@ -264,10 +264,19 @@ def bench_sample_cuda(
     for batch in batches:
         n = _fitting_length(model, batch, length, device)
         for mode in modes:
-            row = {"bench": "sample", "preset": preset, "pattern": model.blocks[0].attn.pattern.describe(),
-                   "mode": mode, "batch": batch, "length": n, "dtype": dtype, "params": model.num_params(),
-                   "weight_bytes": weight_bytes, "device": torch.cuda.get_device_name(device),
-                   "torch": torch.__version__}
+            row = {
+                "bench": "sample",
+                "preset": preset,
+                "pattern": model.blocks[0].attn.pattern.describe(),
+                "mode": mode,
+                "batch": batch,
+                "length": n,
+                "dtype": dtype,
+                "params": model.num_params(),
+                "weight_bytes": weight_bytes,
+                "device": torch.cuda.get_device_name(device),
+                "torch": torch.__version__,
+            }
             if n < length:
                 row["note"] = f"a {length:,}-token cache does not fit in free memory; run at {n:,}"
             torch.cuda.reset_peak_memory_stats(device)
@@ -289,8 +298,10 @@ def bench_sample_cuda(
 
 def format_cuda_table(rows: list[dict]) -> str:
     """The markdown table of :func:`bench_sample_cuda`'s rows."""
-    lines = ["| mode | batch | length | ms/step | tokens/s | one sample of the length | set-up | KV cache | dense KV |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        "| mode | batch | length | ms/step | tokens/s | one sample of the length | set-up | KV cache | dense KV |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for r in rows:
         if "error" in r:
             lines.append(f"| {r['mode']} | {r['batch']} | {r['length']:,} | {r['error']} | | | | | |")
@@ -314,8 +325,9 @@ def format_cuda_table(rows: list[dict]) -> str:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--length", type=int, default=0,
-                   help="tokens to sample (0 = 4,096 on CPU, the preset's context on CUDA)")
+    p.add_argument(
+        "--length", type=int, default=0, help="tokens to sample (0 = 4,096 on CPU, the preset's context on CUDA)"
+    )
     p.add_argument("--patterns", default="strided,fixed", help="comma-separated: strided, fixed, local, dense")
     p.add_argument("--num", type=int, default=1, help="samples drawn together (batch)")
     p.add_argument("--n-layer", type=int, default=2)

@@ -51,14 +51,34 @@ __all__ = ["CASES", "add_arguments", "bench_train", "format_table", "run"]
 
 CASES = {
     "enwik8": {"preset": "enwik8", "n": 12288, "batch": 8, "overrides": [], "target": 1.8},
-    "strided64k": {"preset": "enwik8", "n": 65536, "batch": 1, "target": 8.0,
-                   "overrides": ["--model.pattern", "strided", "--model.stride", "256"]},
-    "audio1m": {"preset": "audio", "n": 1048576, "batch": 1, "target": None,
-                "overrides": ["--model.n_layer", "16", "--model.d_model", "128", "--model.n_head", "4",
-                              "--model.stride", "1024", "--model.integration", "merged"],
-                "dense": False,
-                "dense_note": "dense not run: ~10 s per dense attention fwd+bwd at n = 1M (anchors.md), "
-                              "a minute or more per step"},
+    "strided64k": {
+        "preset": "enwik8",
+        "n": 65536,
+        "batch": 1,
+        "target": 8.0,
+        "overrides": ["--model.pattern", "strided", "--model.stride", "256"],
+    },
+    "audio1m": {
+        "preset": "audio",
+        "n": 1048576,
+        "batch": 1,
+        "target": None,
+        "overrides": [
+            "--model.n_layer",
+            "16",
+            "--model.d_model",
+            "128",
+            "--model.n_head",
+            "4",
+            "--model.stride",
+            "1024",
+            "--model.integration",
+            "merged",
+        ],
+        "dense": False,
+        "dense_note": "dense not run: ~10 s per dense attention fwd+bwd at n = 1M (anchors.md), "
+        "a minute or more per step",
+    },
 }
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -101,8 +121,9 @@ def _measure(cfg: Config, device: torch.device, dtype: torch.dtype, steps: int, 
     """Build the model and optimizer, run ``warmup`` then ``steps`` timed training steps."""
     torch.manual_seed(0)
     model = SparseTransformer(cfg.model).to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay,
-                            fused=device.type == "cuda")
+    opt = torch.optim.AdamW(
+        model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay, fused=device.type == "cuda"
+    )
     batch, n = cfg.train.batch_size, cfg.data.seq_len
     x = torch.randint(0, 256, (batch, n), device=device, dtype=torch.uint8)
 
@@ -124,8 +145,12 @@ def _measure(cfg: Config, device: torch.device, dtype: torch.dtype, steps: int, 
             step()
         _sync(device)
         elapsed = time.perf_counter() - t0
-    return {"params": model.num_params(), "tokens_per_s": batch * n * steps / elapsed,
-            "step_ms": elapsed / steps * 1e3, "peak_mib": _peak_mib(device)}
+    return {
+        "params": model.num_params(),
+        "tokens_per_s": batch * n * steps / elapsed,
+        "step_ms": elapsed / steps * 1e3,
+        "peak_mib": _peak_mib(device),
+    }
 
 
 def _run_model(cfg: Config, device, dtype, steps, warmup, dense) -> dict:
@@ -209,21 +234,35 @@ def bench_train(
         c = validate(apply_overrides(copy.deepcopy(cfg), [f"--model.backend={b}"]))
         runs.append((c, False))
     if dense:
-        runs.append((validate(apply_overrides(copy.deepcopy(cfg), ["--model.pattern=dense", "--model.backend=sdpa"])), True))
+        runs.append(
+            (validate(apply_overrides(copy.deepcopy(cfg), ["--model.pattern=dense", "--model.backend=sdpa"])), True)
+        )
 
     records = []
     try:
         for c, is_dense in runs:
             pattern = model_pattern(c.model).for_layer(0)
-            rec = {"case": case, "device": str(device), "dtype": dtype, "n": c.data.seq_len,
-                   "batch": c.train.batch_size, "steps": steps, "n_layer": c.model.n_layer, "d_model": c.model.d_model,
-                   "n_head": c.model.n_head, "pattern": "dense" if is_dense else pattern_label(model_pattern(c.model)),
-                   "backend": resolve_backend(c.model.backend, pattern, device)
-                   + (" (cuDNN)" if is_dense and device.type == "cuda" else ""),
-                   "checkpoint": c.model.checkpoint}
+            rec = {
+                "case": case,
+                "device": str(device),
+                "dtype": dtype,
+                "n": c.data.seq_len,
+                "batch": c.train.batch_size,
+                "steps": steps,
+                "n_layer": c.model.n_layer,
+                "d_model": c.model.d_model,
+                "n_head": c.model.n_head,
+                "pattern": "dense" if is_dense else pattern_label(model_pattern(c.model)),
+                "backend": resolve_backend(c.model.backend, pattern, device)
+                + (" (cuDNN)" if is_dense and device.type == "cuda" else ""),
+                "checkpoint": c.model.checkpoint,
+            }
             if verbose:
-                print(f"[bench train] {case or ''} {rec['pattern']} {rec['backend']} n={rec['n']} batch={rec['batch']}",
-                      file=sys.stderr, flush=True)
+                print(
+                    f"[bench train] {case or ''} {rec['pattern']} {rec['backend']} n={rec['n']} batch={rec['batch']}",
+                    file=sys.stderr,
+                    flush=True,
+                )
             rec.update(_run_model(c, device, _DTYPES[dtype], steps, warmup, is_dense))
             records.append(rec)
     finally:  # an interrupted run (Ctrl-C, a shell timeout's SIGINT) still writes what it measured
@@ -239,28 +278,54 @@ def bench_train(
 
 def format_table(records: Sequence[dict]) -> str:
     """A markdown table: one row per model."""
-    head = ["case", "model", "n", "B", "pattern", "backend", "params", "tokens/s", "step ms", "peak GiB",
-            "x dense", "target", "note"]
+    head = [
+        "case",
+        "model",
+        "n",
+        "B",
+        "pattern",
+        "backend",
+        "params",
+        "tokens/s",
+        "step ms",
+        "peak GiB",
+        "x dense",
+        "target",
+        "note",
+    ]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in records:
         ok = "tokens_per_s" in r
         target = r.get("target_speedup")
-        cells = [r.get("case") or "", f"{r['n_layer']}L d{r['d_model']} h{r['n_head']}", f"{r['n']:,}", str(r["batch"]),
-                 r["pattern"], r["backend"], f"{r['params'] / 1e6:.2f}M" if ok else "",
-                 f"{r['tokens_per_s']:,.0f}" if ok else "", f"{r['step_ms']:.1f}" if ok else "",
-                 f"{r['peak_mib'] / 1024:.2f}" if ok else "",
-                 f"{r['speedup_vs_dense']:.2f}x" if "speedup_vs_dense" in r else "",
-                 "" if target is None else f">= {target}x " + ("met" if r.get("target_met") else "missed" if "target_met" in r else ""),
-                 r.get("error", r.get("note", ""))]
+        cells = [
+            r.get("case") or "",
+            f"{r['n_layer']}L d{r['d_model']} h{r['n_head']}",
+            f"{r['n']:,}",
+            str(r["batch"]),
+            r["pattern"],
+            r["backend"],
+            f"{r['params'] / 1e6:.2f}M" if ok else "",
+            f"{r['tokens_per_s']:,.0f}" if ok else "",
+            f"{r['step_ms']:.1f}" if ok else "",
+            f"{r['peak_mib'] / 1024:.2f}" if ok else "",
+            f"{r['speedup_vs_dense']:.2f}x" if "speedup_vs_dense" in r else "",
+            ""
+            if target is None
+            else f">= {target}x " + ("met" if r.get("target_met") else "missed" if "target_met" in r else ""),
+            r.get("error", r.get("note", "")),
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """Options of ``sparse-transformer bench train``."""
-    p.add_argument("--case", default=None,
-                   help=f"comma-separated named cases: {', '.join(CASES)} (sets preset, n, batch, target); "
-                        "default: all of them, unless --config is given")
+    p.add_argument(
+        "--case",
+        default=None,
+        help=f"comma-separated named cases: {', '.join(CASES)} (sets preset, n, batch, target); "
+        "default: all of them, unless --config is given",
+    )
     p.add_argument("--config", default=None, help="a preset name or TOML file (instead of --case)")
     p.add_argument("--n", type=int, default=None, help="sequence length (default: the case's or config's)")
     p.add_argument("--batch", type=int, default=None, help="sequences per step (default: the case's or config's)")
@@ -268,8 +333,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first")
     p.add_argument("--backend", default="auto", help="comma-separated attention backends of the sparse model")
     p.add_argument("--no-dense", action="store_true", help="skip the dense SDPA model")
-    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                   help="a config override, e.g. --set model.n_layer=2 (repeatable)")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="a config override, e.g. --set model.n_layer=2 (repeatable)",
+    )
     p.add_argument("--device", default=None)
     p.add_argument("--dtype", default="auto", choices=("auto", *_DTYPES))
     p.add_argument("--out", default=None, help="append JSON lines to this file")
@@ -290,10 +360,21 @@ def run(args: argparse.Namespace) -> int:
     records = []
     for job in jobs:
         records += bench_train(
-            job["preset"], n=args.n or job.get("n"), batch=args.batch or job.get("batch"), steps=args.steps,
-            sparse_backend=backends, overrides=list(job["overrides"]) + overrides, warmup=args.warmup,
-            device=args.device, dtype=args.dtype, dense=job.get("dense", True) and not args.no_dense,
-            case=job.get("case"), target=job.get("target"), dense_note=job.get("dense_note"), out_jsonl=args.out)
+            job["preset"],
+            n=args.n or job.get("n"),
+            batch=args.batch or job.get("batch"),
+            steps=args.steps,
+            sparse_backend=backends,
+            overrides=list(job["overrides"]) + overrides,
+            warmup=args.warmup,
+            device=args.device,
+            dtype=args.dtype,
+            dense=job.get("dense", True) and not args.no_dense,
+            case=job.get("case"),
+            target=job.get("target"),
+            dense_note=job.get("dense_note"),
+            out_jsonl=args.out,
+        )
     print()
     print(format_table(records))
     return 0

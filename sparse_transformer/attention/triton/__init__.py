@@ -22,8 +22,14 @@ __all__ = ["triton_attention"]
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
-def triton_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Pattern,
-                     scale: float | None = None, deterministic: bool = False) -> torch.Tensor:
+def triton_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    pattern: Pattern,
+    scale: float | None = None,
+    deterministic: bool = False,
+) -> torch.Tensor:
     """Causal attention restricted to ``pattern`` with fused Triton kernels (forward and backward).
 
     Args:
@@ -47,7 +53,8 @@ def triton_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern:
     if q.dim() != 4 or k.shape != q.shape or v.shape[:3] != q.shape[:3] or not (q.dtype == k.dtype == v.dtype):
         raise ValueError(
             f"expected q, k [B, H, n, dk] and v [B, H, n, dv] of one dtype; got {tuple(q.shape)}, "
-            f"{tuple(k.shape)}, {tuple(v.shape)}")
+            f"{tuple(k.shape)}, {tuple(v.shape)}"
+        )
     if is_empty(q):
         return empty_attention(q, k, v, pattern)
     spec = encode(pattern, q.shape[1])  # raises for Interleaved: call .for_layer(layer) first
