@@ -75,7 +75,8 @@ class Attention(nn.Module):
         """``[B, n, d]`` -> q, k ``[B, H, n, d_qk/H]`` and v ``[B, H, n, d/H]``."""
         B, n, _ = x.shape
         q, k, v = self.qkv(x).split([self.d_qk, self.d_qk, self.d_model], dim=-1)
-        return [t.view(B, n, self.n_head, -1).transpose(1, 2) for t in (q, k, v)]
+        H = self.n_head  # head dims spelled out: a view with -1 is ambiguous for B = 0 or n = 0
+        return [t.view(B, n, H, t.shape[-1] // H).transpose(1, 2) for t in (q, k, v)]
 
     def merge_heads(self, y: torch.Tensor) -> torch.Tensor:
         B, H, n, dh = y.shape
@@ -158,7 +159,8 @@ class PositionEmbedding(nn.Module):
 
 class SparseTransformer(nn.Module):
     """``SparseTransformer(cfg)(x)``: ``x [B, n]`` bytes (int) -> logits ``[B, n, vocab]`` where
-    ``logits[:, i]`` is the model's distribution of ``x[:, i]`` given ``x[:, :i]``."""
+    ``logits[:, i]`` is the model's distribution of ``x[:, i]`` given ``x[:, :i]``. An empty batch
+    (``B = 0``) or sequence (``n = 0``) gives empty logits ``[B, n, vocab]``."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -196,12 +198,13 @@ class SparseTransformer(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
-        """``x [B, n]`` -> ``H_0 [B, n, d]``: position ``i`` sees token ``i-1`` (start at 0)."""
+        """``x [B, n]`` -> ``H_0 [B, n, d]``: position ``i`` sees token ``i-1`` (start at 0). ``B = 0``
+        or ``n = 0`` gives an empty ``[B, n, d]``. Raises ValueError for ``n > n_ctx``."""
         B, n = x.shape
         if n > self.cfg.n_ctx:
             raise ValueError(f"sequence length {n} exceeds the model's n_ctx = {self.cfg.n_ctx}; use a shorter input")
         tok = self.tok_emb(x[:, :-1].long())
-        h = torch.cat([self.start.expand(B, 1, -1).to(tok.dtype), tok], dim=1)
+        h = torch.cat([self.start.expand(B, 1, -1).to(tok.dtype), tok], dim=1)[:, :n]  # n = 0: no start
         return h + self.pos_emb(torch.arange(n, device=x.device))
 
     def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:

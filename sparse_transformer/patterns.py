@@ -383,7 +383,9 @@ class Pattern(ABC):
         return list(groups.items())
 
     def mask(self, n: int, head: int = 0) -> torch.Tensor:
-        """``torch.bool [n, n]``: ``[i, j]`` is True iff query ``i`` may read key ``j``. Small n only."""
+        """``torch.bool [n, n]``: ``[i, j]`` is True iff query ``i`` may read key ``j``. Small n only.
+        Raises ValueError unless ``n`` is an integer >= 0."""
+        _check_int("n", n, 0)
         i = torch.arange(n).view(n, 1)
         j = torch.arange(n).view(1, n)
         out = torch.zeros(n, n, dtype=torch.bool)
@@ -393,7 +395,10 @@ class Pattern(ABC):
 
     def block_layout(self, n: int, block: int, head: int = 0) -> torch.Tensor:
         """``torch.bool [ceil(n/block), ceil(n/block)]``: True where a ``block x block`` tile of the
-        score matrix holds at least one allowed pair. Closed-form arithmetic per tile."""
+        score matrix holds at least one allowed pair. Closed-form arithmetic per tile. Raises
+        ValueError unless ``n >= 0`` and ``block >= 1`` are integers."""
+        _check_int("n", n, 0)
+        _check_int("block", block, 1)
         nb = ceil_div(n, block)
         qb = torch.arange(nb, dtype=torch.int64).view(nb, 1)
         kb = torch.arange(nb, dtype=torch.int64).view(1, nb)
@@ -403,7 +408,9 @@ class Pattern(ABC):
         return out
 
     def keys_per_query(self, n: int, head: int = 0) -> np.ndarray:
-        """``int64 [n]``: how many keys each query reads (the terms are disjoint)."""
+        """``int64 [n]``: how many keys each query reads (the terms are disjoint). Raises ValueError
+        unless ``n`` is an integer >= 0."""
+        _check_int("n", n, 0)
         i = np.arange(n, dtype=np.int64)
         return sum((t.keys_per_query(i) for t in self.terms(head)), np.zeros(n, dtype=np.int64))
 
@@ -494,6 +501,12 @@ class NamedPattern(Pattern):
         return f"{self.name}({args[self.name]})"
 
 
+def _check_int(name: str, value, least: int) -> None:
+    """ValueError naming ``name`` unless ``value`` is an int (numpy ints included, bool not) ``>= least``."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or value < least:
+        raise ValueError(f"{name}={value!r} must be an integer >= {least}")
+
+
 def _validate(p: NamedPattern) -> None:
     if p.name not in PATTERN_NAMES:
         raise ValueError(f"unknown pattern {p.name!r}; choose one of {', '.join(PATTERN_NAMES)}")
@@ -510,7 +523,7 @@ def _validate(p: NamedPattern) -> None:
         raise ValueError(f"fixed pattern: c={p.c!r} must be a positive integer <= stride (e.g. c=32)")
     if p.c > p.stride:
         raise ValueError(f"fixed pattern: c={p.c} is larger than stride={p.stride}; use c <= stride")
-    if not isinstance(p.num_verts, int) or p.num_verts < 1:
+    if not isinstance(p.num_verts, int) or isinstance(p.num_verts, bool) or p.num_verts < 1:
         raise ValueError(f"fixed pattern: num_verts={p.num_verts!r} must be a positive integer")
     if p.num_verts * p.c > p.stride:
         raise ValueError(

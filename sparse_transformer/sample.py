@@ -30,9 +30,27 @@ import torch
 from .config import Config, data_meta
 from .errors import UserError
 
-__all__ = ["NOISE_STEPS", "Decoder", "generate", "sample_command", "sample_logits", "write_samples"]
+__all__ = [
+    "GREEDY_BELOW",
+    "NOISE_STEPS",
+    "Decoder",
+    "generate",
+    "is_greedy",
+    "sample_command",
+    "sample_logits",
+    "write_samples",
+]
 
 NOISE_STEPS = 256  # decoding steps whose sampling noise is drawn at once
+# Temperatures below the smallest normal fp32 number are greedy: fp32 logits cannot be divided by them.
+GREEDY_BELOW = torch.finfo(torch.float32).tiny
+
+
+def is_greedy(temperature: float, top_k: int = 0) -> bool:
+    """Whether :func:`sample_logits` takes the argmax for ``temperature`` and ``top_k``: ``top_k == 1``,
+    or a temperature below :data:`GREEDY_BELOW` (0, negative, or too small to divide by in fp32:
+    there the limit of the distribution is the argmax)."""
+    return top_k == 1 or temperature < GREEDY_BELOW
 
 
 def sample_logits(
@@ -44,17 +62,28 @@ def sample_logits(
 ) -> torch.Tensor:
     """Draw one token per row of ``logits [B, V]`` -> ``[B]`` int64.
 
-    ``temperature <= 0`` or ``top_k == 1`` is greedy (argmax); ``top_k > 1`` keeps the ``top_k``
-    largest logits. The draw is ``argmax(p / E)`` with ``E ~ Exp(1)``, which samples ``p`` exactly
-    and, unlike ``torch.multinomial``, never waits for the device. ``noise [B, V]``: the ``E`` to use
-    (else drawn from ``generator``, or the global RNG when None).
+    ``top_k == 1`` or a temperature below :data:`GREEDY_BELOW` (0 and negative values included) is
+    greedy (argmax); ``top_k > 1`` keeps the ``top_k`` largest logits (``top_k <= 0``: all). The
+    logits are shifted so that their maximum is 0 before dividing by the temperature, so a tiny
+    positive temperature gives the largest logit probability 1 (ties share it), never ``inf - inf``
+    = NaN. The draw is ``argmax(p / E)`` with ``E ~ Exp(1)``, which samples ``p`` exactly and, unlike
+    ``torch.multinomial``, never waits for the device. ``noise [B, V]``: the ``E`` to use (else drawn
+    from ``generator``, or the global RNG when None).
+
+    Raises:
+        ValueError: a temperature that is NaN or infinite.
     """
-    if temperature <= 0 or top_k == 1:
+    if not math.isfinite(temperature):
+        raise ValueError(
+            f"temperature {temperature} must be a finite number (0 = greedy, 1 = the model's distribution)"
+        )
+    if is_greedy(temperature, top_k):
         return logits.argmax(-1)
-    logits = logits.float() / temperature
+    logits = logits.float()
     if top_k > 0:
         kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
+    logits = (logits - logits.amax(-1, keepdim=True)) / temperature  # <= 0, the largest exactly 0
     probs = torch.softmax(logits, dim=-1)
     if noise is None:
         noise = torch.empty_like(probs).exponential_(1.0, generator=generator)
@@ -237,13 +266,16 @@ def generate(
     Returns:
         ``[num, length]`` int64 bytes on ``device``.
     Raises:
-        ValueError: a length outside ``1..n_ctx``, ``num < 1``, a bad prefix, graphs off CUDA.
+        ValueError: a length outside ``1..n_ctx``, ``num < 1``, a NaN or infinite temperature, a bad
+            prefix, graphs off CUDA.
     """
     device = torch.device(device) if device is not None else next(model.parameters()).device
     if not 1 <= length <= cfg.model.n_ctx:
         raise ValueError(f"sample length {length} must be in 1..n_ctx = {cfg.model.n_ctx}")
     if num < 1:
         raise ValueError(f"num = {num} samples; ask for at least 1")
+    if not math.isfinite(temperature):
+        raise ValueError(f"temperature {temperature} must be a finite number (0 = greedy)")
     graphs = use_cache and device.type == "cuda" if graphs is None else graphs
     generator = None
     if seed is not None:
@@ -251,7 +283,7 @@ def generate(
         generator.manual_seed(seed)
     prefix = _prefix_rows(prefix, num, length, device)
     P = 0 if prefix is None else prefix.shape[1]
-    greedy = temperature <= 0 or top_k == 1
+    greedy = is_greedy(temperature, top_k)
     vocab = model.head.out_features
     noise = None if greedy else torch.empty(min(NOISE_STEPS, length), num, vocab, device=device)
 
@@ -333,6 +365,23 @@ def write_samples(samples: np.ndarray, meta: dict, out_dir: str | Path) -> list[
     return paths
 
 
+def _check_sample_args(num, temperature, top_k, length) -> None:
+    """The command's own checks, before anything is loaded (UserError, one line each)."""
+    if isinstance(num, bool) or not isinstance(num, int) or num < 1:
+        raise UserError(f"sample: --num {num}; ask for at least 1 sample (an integer)")
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not math.isfinite(temperature):
+        raise UserError(f"sample: --temperature {temperature} is not a finite number; use 0 (greedy) to 1 or more")
+    if temperature < 0:
+        raise UserError(
+            f"sample: --temperature {temperature} is negative; use 0 for greedy sampling, 1 for the "
+            "model's distribution"
+        )
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
+        raise UserError(f"sample: --top-k {top_k} must be an integer >= 0 (0 = no truncation, 1 = greedy)")
+    if isinstance(length, bool) or not isinstance(length, int) or length < 0:
+        raise UserError(f"sample: --length {length} must be a positive integer (or 0 for the model's context)")
+
+
 def sample_command(
     run: str | Path,
     num: int = 1,
@@ -352,13 +401,26 @@ def sample_command(
     following the data's ``meta.json`` (the embedded default data set is text). ``prefix_file``: its
     raw bytes condition the first positions (for images: the first rows in raster order), fed in one
     forward pass. ``graphs``, ``compile``: see :func:`generate`. The weights are cast to the run's
-    ``train.dtype`` (``auto``: bf16 on CUDA, fp32 on CPU). Prints tokens/s.
+    ``train.dtype`` (``auto``: bf16 on CUDA, fp32 on CPU). Prints tokens/s. A temperature of 0, or
+    one too small to divide by (below :data:`GREEDY_BELOW`), samples greedily.
 
     Returns: the written paths.
+    Raises:
+        UserError: before the run is loaded, ``num < 1``, a negative, NaN or infinite temperature,
+            ``top_k < 0``, ``length < 0`` or a prefix path that is no file; after, a sample length
+            that is not in ``1..n_ctx`` or a prefix longer than it.
     """
-    from .checkpoint import load_model
-
     run = Path(run)
+    _check_sample_args(num, temperature, top_k, length)
+    prefix_path = None
+    if prefix_file is not None:
+        prefix_path = Path(prefix_file)
+        if not prefix_path.is_file():
+            raise UserError(
+                f"sample: prefix file {prefix_path} does not exist or is not a file; pass a file of raw bytes"
+            )
+
+    from .checkpoint import load_model
     from .runtime import resolve_device, resolve_dtype
 
     dev = resolve_device(device, option="--device")
@@ -366,18 +428,18 @@ def sample_command(
     model = model.to(resolve_dtype(cfg.train.dtype, dev))  # the run's compute dtype (auto: bf16 on CUDA)
     meta = data_meta(cfg)  # modality, image shape, sample rate: recorded in config.json, else the data's meta.json
     length = length or cfg.sample.length or cfg.model.n_ctx
+    if length <= 0:
+        raise UserError(
+            f"sample: the sample length {length} (from the run's sample.length) must be positive; "
+            "pass --length N with N >= 1"
+        )
     if length > cfg.model.n_ctx:
         raise UserError(
             f"sample: --length {length} exceeds the model's context {cfg.model.n_ctx}; use at most {cfg.model.n_ctx}"
         )
-    if num < 1:
-        raise UserError(f"sample: --num {num}; ask for at least 1 sample")
     prefix = None
-    if prefix_file is not None:
-        path = Path(prefix_file)
-        if not path.is_file():
-            raise UserError(f"sample: prefix file {path} does not exist; pass a file of raw bytes")
-        prefix = torch.frombuffer(bytearray(path.read_bytes()), dtype=torch.uint8)
+    if prefix_path is not None:
+        prefix = torch.frombuffer(bytearray(prefix_path.read_bytes()), dtype=torch.uint8)
         if len(prefix) > length:
             raise UserError(
                 f"sample: the prefix has {len(prefix)} bytes, more than the sample length {length}; shorten it"

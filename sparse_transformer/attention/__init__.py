@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from ..config import Backend, literal_values
 from ..patterns import NamedPattern, Pattern
+from .common import empty_attention, is_empty
 
 BACKENDS = literal_values(Backend)  # the schema's names (config.Backend)
 _GPU_ONLY = ("triton", "flex")
@@ -70,8 +71,11 @@ def resolve_backend(backend: str, pattern: Pattern, device: torch.device) -> str
 
 
 def _sdpa(q, k, v, pattern, scale):
+    """``F.scaled_dot_product_attention(is_causal=True)`` for the dense pattern (ValueError for any other)."""
     if not (isinstance(pattern, NamedPattern) and pattern.name == "dense"):
         raise ValueError("backend 'sdpa' computes only the dense causal pattern; use 'factorized' or 'triton'")
+    if is_empty(q):
+        return empty_attention(q, k, v, pattern)
     return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
 
 
@@ -93,7 +97,15 @@ def sparse_attention(
         backend: see the module docstring.
         scale: softmax scale, default ``dk ** -0.5``.
 
-    Returns: ``[batch, heads, n, dv]`` in ``q.dtype``. Queries with no allowed key give zeros.
+    Returns: ``[batch, heads, n, dv]`` in ``q.dtype``. Queries with no allowed key give zeros. A
+        batch of 0, 0 heads or ``n = 0`` gives an empty ``[batch, heads, n, dv]`` result (as
+        ``F.scaled_dot_product_attention`` does) with empty gradients of the inputs' shapes, on every
+        backend. ``reference`` and ``factorized`` compute float64 inputs in float64.
+
+    Raises:
+        ValueError: an unknown backend, a non-pattern, tensors that are not 4-d or do not match in
+            shape, dtype or device, a GPU-only backend on CPU tensors, ``sdpa`` with a sparse
+            pattern, or an unresolved Interleaved pattern.
     """
     _check_inputs(q, k, v, pattern, backend)
     name = resolve_backend(backend, pattern, q.device)

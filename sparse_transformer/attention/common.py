@@ -14,7 +14,39 @@ import torch.nn.functional as F
 
 from ..patterns import Pattern, Stride, Summary, Term
 
-__all__ = ["by_head_group", "from_runs", "gather_summary", "merge_by_lse", "pad_to", "to_runs"]
+__all__ = [
+    "by_head_group",
+    "compute_dtype",
+    "empty_attention",
+    "from_runs",
+    "gather_summary",
+    "is_empty",
+    "merge_by_lse",
+    "pad_to",
+    "to_runs",
+]
+
+
+def is_empty(q: torch.Tensor) -> bool:
+    """Whether ``q [B, H, n, dk]`` has no query at all (``B``, ``H`` or ``n`` is 0)."""
+    return q.shape[0] == 0 or q.shape[1] == 0 or q.shape[2] == 0
+
+
+def empty_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Pattern) -> torch.Tensor:
+    """The result of attention with no query (:func:`is_empty`): an empty ``[B, H, n, dv]`` tensor in
+    ``q.dtype``, as ``F.scaled_dot_product_attention`` returns. It is connected to q, k and v, so
+    ``torch.autograd.grad`` gives each of them an (empty) gradient of its own shape. The pattern is
+    still checked: an unresolved :class:`~sparse_transformer.patterns.Interleaved` raises its
+    ValueError, as it does for non-empty inputs."""
+    pattern.terms(0)
+    tie = q.sum(-1, keepdim=True) + k.sum(-1, keepdim=True)  # [B, H, n, 1], empty
+    return (v + tie).to(q.dtype)
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype softmax statistics and accumulations run in for inputs of ``dtype``: float64 for
+    float64 inputs, float32 for every other floating dtype (fp32, fp16, bf16)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def pad_to(x: torch.Tensor, multiple: int) -> torch.Tensor:

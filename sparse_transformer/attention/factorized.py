@@ -17,7 +17,9 @@ term's size are padded at the end; causality keeps real queries from reading pad
 
 Matrix products run in the input dtype; the softmax and the merge run in fp32. The rearranged
 copies of q, k and v are kept in fp32 and cast right before each product, so the gradients of the
-terms are summed in fp32 and rounded to the input dtype once.
+terms are summed in fp32 and rounded to the input dtype once. float64 inputs are computed entirely
+in float64 (products, softmax, merge and the hand-written backward), so ``torch.autograd.gradcheck``
+applies to them.
 """
 
 from __future__ import annotations
@@ -26,12 +28,23 @@ import torch
 import torch.nn.functional as F
 
 from ..patterns import Band, Block, Pattern, Stride, Summary
-from .common import by_head_group, from_runs, gather_summary, merge_by_lse, pad_to, to_runs
+from .common import (
+    by_head_group,
+    compute_dtype,
+    empty_attention,
+    from_runs,
+    gather_summary,
+    is_empty,
+    merge_by_lse,
+    pad_to,
+    to_runs,
+)
 
 
 def _masked_scores(q, k, allowed, scale, dt):
-    """fp32 scores ``q·kᵀ·scale`` of ``[..., Q, K]`` with disallowed pairs at -inf (products in ``dt``)."""
-    s = torch.matmul(q.to(dt), k.to(dt).transpose(-1, -2)).float().mul_(scale)
+    """Scores ``q·kᵀ·scale`` of ``[..., Q, K]`` in :func:`compute_dtype` of ``dt`` (fp32, float64 for
+    float64) with disallowed pairs at -inf (products in ``dt``)."""
+    s = torch.matmul(q.to(dt), k.to(dt).transpose(-1, -2)).to(compute_dtype(dt)).mul_(scale)
     return s.masked_fill_(~allowed, float("-inf"))
 
 
@@ -50,7 +63,7 @@ class _TermAttention(torch.autograd.Function):
         p = s.sub_(m).exp_()
         denom = p.sum(-1, keepdim=True)
         p = p.div_(torch.where(denom > 0, denom, torch.ones_like(denom)))
-        out = torch.matmul(p.to(dt), v.to(dt)).float()
+        out = torch.matmul(p.to(dt), v.to(dt)).to(p.dtype)
         lse = torch.where(denom > 0, m + torch.log(denom), torch.full_like(denom, float("-inf"))).squeeze(-1)
         ctx.save_for_backward(q, k, v, allowed, lse)
         ctx.scale, ctx.dt = scale, dt
@@ -62,23 +75,24 @@ class _TermAttention(torch.autograd.Function):
         scale, dt = ctx.scale, ctx.dt
         lse = torch.where(torch.isinf(lse), torch.zeros_like(lse), lse).unsqueeze(-1)
         p = _masked_scores(q, k, allowed, scale, dt).sub_(lse).exp_()  # 0 where masked or empty
-        dv = torch.matmul(p.to(dt).transpose(-1, -2), dout.to(dt)).float()
+        dv = torch.matmul(p.to(dt).transpose(-1, -2), dout.to(dt)).to(p.dtype)
         # d out / d s_j = p_j (v_j - out) and d lse / d s_j = p_j, so
         # ds = p * dp - p * (sum_j p_j dp_j - dlse) with dp = dout · vᵀ (delta from p·dp, not dout·out,
         # keeps a one-key row's gradient exactly zero in low precision)
-        pdp = torch.matmul(dout.to(dt), v.to(dt).transpose(-1, -2)).float().mul_(p)
+        pdp = torch.matmul(dout.to(dt), v.to(dt).transpose(-1, -2)).to(p.dtype).mul_(p)
         delta = pdp.sum(-1, keepdim=True)
         if dlse is not None:
             delta = delta - dlse.unsqueeze(-1)
         ds = pdp.addcmul_(p, delta, value=-1).mul_(scale).to(dt)
-        dq = torch.matmul(ds, k.to(dt)).float()
-        dk = torch.matmul(ds.transpose(-1, -2), q.to(dt)).float()
+        dq = torch.matmul(ds, k.to(dt)).to(p.dtype)
+        dk = torch.matmul(ds.transpose(-1, -2), q.to(dt)).to(p.dtype)
         return dq, dk, dv, None, None, None
 
 
 def _softmax_lse(q, k, v, allowed, scale, dt):
-    """``(out [..., Q, dv] fp32, lse [..., Q] fp32)`` of q ``[..., Q, dk]`` over the allowed keys of
-    k ``[..., K, dk]``; a row with no allowed key gives ``out = 0``, ``lse = -inf`` and zero gradients."""
+    """``(out [..., Q, dv], lse [..., Q])`` in fp32 (float64 for ``dt`` float64) of q ``[..., Q, dk]``
+    over the allowed keys of k ``[..., K, dk]``; a row with no allowed key gives ``out = 0``,
+    ``lse = -inf`` and zero gradients."""
     return _TermAttention.apply(q, k, v, allowed, scale, dt)
 
 
@@ -149,11 +163,17 @@ def factorized_attention(
             ValueError.
         scale: softmax scale, default ``dk ** -0.5``.
 
-    Returns: ``[B, H, n, dv]`` in ``q.dtype``; queries with no allowed key give zeros.
+    Returns: ``[B, H, n, dv]`` in ``q.dtype``; queries with no allowed key give zeros. float64
+    inputs are computed in float64 (``torch.autograd.gradcheck`` passes); other dtypes accumulate
+    in fp32. With no query (``B``, ``H`` or ``n`` is 0) the result is an empty ``[B, H, n, dv]``
+    tensor whose gradients are empty tensors of the inputs' shapes.
     """
+    if is_empty(q):
+        return empty_attention(q, k, v, pattern)
     dt = q.dtype
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    q, k, v = q.float(), k.float(), v.float()  # no-ops for fp32 inputs
+    ct = compute_dtype(dt)
+    q, k, v = q.to(ct), k.to(ct), v.to(ct)  # no-ops for fp32 and float64 inputs
     out = by_head_group(
         q,
         k,

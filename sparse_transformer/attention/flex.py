@@ -33,7 +33,7 @@ import torch
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
 from ..patterns import Band, Block, Pattern, Stride, Summary, Term
-from .common import by_head_group, from_runs, gather_summary, merge_by_lse, to_runs
+from .common import by_head_group, empty_attention, from_runs, gather_summary, is_empty, merge_by_lse, to_runs
 
 try:  # torch >= 2.9 asks for the log-sum-exp through an AuxRequest; return_lse is deprecated there
     from torch.nn.attention.flex_attention import AuxRequest
@@ -114,8 +114,12 @@ def flex_attention_sparse(
         scale: softmax scale, default ``dk ** -0.5``.
 
     Returns: ``[B, H, n, dv]`` in ``q.dtype``; queries with no allowed key give zeros.
-    Heads with identical key sets are computed together, as in the ``factorized`` backend.
+    Heads with identical key sets are computed together, as in the ``factorized`` backend. With no
+    query (``B``, ``H`` or ``n`` is 0) the result is an empty ``[B, H, n, dv]`` tensor (no Flex call,
+    so this holds on every device and under autograd).
     """
+    if is_empty(q):
+        return empty_attention(q, k, v, pattern)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     out = by_head_group(
         q, k, v, pattern, lambda qs, ks, vs, terms: merge_by_lse([_term(qs, ks, vs, t, scale) for t in terms])

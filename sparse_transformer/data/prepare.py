@@ -63,6 +63,14 @@ CHUNK = 1 << 22
 READ_ERRORS = (OSError, EOFError, lzma.LZMAError, zlib.error, tarfile.TarError, zipfile.BadZipFile)
 
 
+def _reason(e: BaseException, limit: int = 200) -> str:
+    """An exception as one short line for a UserError message: its text with every run of
+    whitespace (newlines included: tarfile and pickle write several lines) made one space, cut to
+    ``limit`` characters; the exception's type name when it has no text (e.g. MemoryError)."""
+    text = " ".join(str(e).split()) or type(e).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def _bar(progress: bool, **kwargs) -> tqdm:
     return tqdm(disable=None if progress else True, unit_scale=True, leave=False, **kwargs)  # None: off when not a TTY
 
@@ -168,9 +176,26 @@ def _open_text(path: Path) -> tuple[io.BufferedIOBase, str | None]:
     return open(path, "rb"), None
 
 
+def _looks_like_zip(path: Path) -> bool:
+    """Whether ``path`` claims to be a zip archive: a ``.zip`` name or the local-file magic ``PK\\x03\\x04``
+    (an empty archive's ``PK\\x05\\x06`` too). A directory or unreadable file does not."""
+    if path.suffix.lower() == ".zip":
+        return True
+    try:
+        with open(path, "rb") as f:
+            return f.read(4) in (b"PK\x03\x04", b"PK\x05\x06")
+    except OSError:
+        return False
+
+
 def _prepare_text(kind: str, src: Path, w: _SplitWriter, progress: bool, **_) -> dict:
     codec = None
     try:
+        if kind == "enwik8" and not zipfile.is_zipfile(src) and _looks_like_zip(src):
+            raise UserError(
+                f"data: {src} is not an intact zip archive (truncated or corrupt?); pass the official enwik8.zip "
+                "or the raw enwik8 file"
+            )
         if kind == "enwik8" and zipfile.is_zipfile(src):
             with zipfile.ZipFile(src) as z:
                 if "enwik8" not in z.namelist():
@@ -188,7 +213,7 @@ def _prepare_text(kind: str, src: Path, w: _SplitWriter, progress: bool, **_) ->
             with f, _bar(progress, total=None if codec else src.stat().st_size, unit="B", desc=src.name) as bar:
                 w.copy_stream("train", f, bar)
     except READ_ERRORS as e:
-        raise UserError(f"data: could not read {src} ({e}); pass an intact {EXPECTS[kind]}") from None
+        raise UserError(f"data: could not read {src} ({_reason(e)}); pass an intact {EXPECTS[kind]}") from None
     n_train, n_val, n_test = _split_90_5_5(w)
     n = n_train + n_val + n_test
     origin = f"{kind} from {src}" + (f" ({codec})" if codec else "") + f": {n:,} bytes"
@@ -251,7 +276,7 @@ def _cifar_blobs(src: Path) -> dict[str, bytes]:
                         blobs[name] = tar.extractfile(member).read()
         except READ_ERRORS as e:
             raise UserError(
-                f"data: could not read {src} as a tar archive ({e}); pass an intact {EXPECTS['cifar10']}"
+                f"data: could not read {src} as a tar archive ({_reason(e)}); pass an intact {EXPECTS['cifar10']}"
             ) from None
         where = src
     missing = [n for n in CIFAR_NAMES if n not in blobs]
@@ -264,8 +289,11 @@ def _cifar_images(blob: bytes, where: str) -> np.ndarray:
     """One pickled CIFAR-10 batch -> uint8 [N, 3072] in raster order, channel fastest."""
     try:
         batch = _CifarUnpickler(io.BytesIO(blob), encoding="bytes").load()
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError) as e:
-        raise UserError(f"data: {where} is not a CIFAR-10 python batch ({e}); pass {EXPECTS['cifar10']}") from None
+    except Exception as e:  # noqa: BLE001 - corrupt pickles raise nearly anything (OverflowError, LookupError,
+        # MemoryError, SystemError from numpy's reconstruction, ...); the restricted unpickler runs no code
+        raise UserError(
+            f"data: {where} is not a CIFAR-10 python batch ({_reason(e)}); pass {EXPECTS['cifar10']}"
+        ) from None
     data = batch.get(b"data", batch.get("data")) if isinstance(batch, dict) else None
     if not isinstance(data, np.ndarray) or data.dtype != np.uint8:
         raise UserError(f"data: {where} has no uint8 array under b'data'; pass {EXPECTS['cifar10']}")
@@ -296,7 +324,7 @@ def _npz_images(path: Path) -> np.ndarray:
         with np.load(path, allow_pickle=False) as z:
             data = z["data"] if "data" in z.files else None
     except (*READ_ERRORS, ValueError) as e:  # ValueError: not an npz, or an object array
-        raise UserError(f"data: could not read {path} as .npz ({e}); pass {EXPECTS['imagenet64']}") from None
+        raise UserError(f"data: could not read {path} as .npz ({_reason(e)}); pass {EXPECTS['imagenet64']}") from None
     if data is None:
         raise UserError(
             f"data: {path} has no array named 'data'; pass the official downsampled-ImageNet 64x64 .npz files"
@@ -347,10 +375,15 @@ def _idx_images(path: Path) -> tuple[np.ndarray, int, int]:
         with _open_text(path)[0] as f:
             raw = f.read()
     except READ_ERRORS as e:
-        raise UserError(f"data: could not read {path} ({e}); pass intact idx files") from None
+        raise UserError(f"data: could not read {path} ({_reason(e)}); pass intact idx files") from None
     if len(raw) < 16:
         raise UserError(f"data: {path} is too short for an idx header (truncated); pass intact idx files")
     magic, n, rows, cols = struct.unpack(">4i", raw[:16])
+    if magic == 0x803 and (n < 0 or rows <= 0 or cols <= 0):
+        raise UserError(
+            f"data: {path} has an idx header of {n} images of {rows} x {cols} pixels (corrupt: counts must be "
+            "positive); pass intact idx files"
+        )
     if magic != 0x803:
         raise UserError(
             f"data: {path} has idx magic {magic:#010x}, not 0x00000803 (an image file); pass the *-images-idx3-ubyte.gz files"
@@ -459,7 +492,7 @@ def _audio_mulaw(path: Path, rate: int) -> np.ndarray:
         x, sr = sf.read(path, dtype="float64", always_2d=True)
     except (sf.SoundFileError, RuntimeError, OSError) as e:
         raise UserError(
-            f"data: cannot decode audio file {path} ({e}); pass wav/flac/ogg files or remove this one"
+            f"data: cannot decode audio file {path} ({_reason(e)}); pass wav/flac/ogg files or remove this one"
         ) from None
     x = x.mean(axis=1)
     if sr != rate:
@@ -501,7 +534,7 @@ def _download(url: str, out: Path, progress: bool) -> Path:
         os.replace(tmp, dest)
     except (OSError, http.client.HTTPException) as e:  # URLError is an OSError
         raise UserError(
-            f"data: could not download {url} (offline? {e}); download it elsewhere and pass --src PATH"
+            f"data: could not download {url} (offline? {_reason(e)}); download it elsewhere and pass --src PATH"
         ) from None
     finally:
         tmp.unlink(missing_ok=True)
@@ -540,7 +573,7 @@ def prepare(kind: str, src: str | Path | None, out: str | Path, *, rate: int = 1
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise UserError(f"data: cannot create output folder {out} ({e}); pass a writable --out") from None
+        raise UserError(f"data: cannot create output folder {out} ({_reason(e)}); pass a writable --out") from None
     if src is None:
         if kind not in DOWNLOADS:
             raise UserError(f"data: {kind} cannot be downloaded automatically; pass --src with {EXPECTS[kind]}")

@@ -15,6 +15,7 @@ import torch
 
 from ...patterns import Pattern
 from ...runtime import DTYPES
+from ..common import empty_attention, is_empty
 from .ops import attention_fwd, encode
 
 __all__ = ["triton_attention"]
@@ -40,7 +41,11 @@ def triton_attention(
             flag is accepted so callers can state the requirement.
 
     Returns: ``[B, H, n, dv]`` in ``q.dtype``. Queries with no allowed key give zeros (and zero
-    gradients).
+    gradients). With no query (``B``, ``H`` or ``n`` is 0) the result is an empty ``[B, H, n, dv]``
+    tensor with empty gradients, and no kernel is launched.
+
+    Raises:
+        ValueError: another dtype, mismatched shapes, or an unresolved Interleaved pattern.
     """
     if q.dtype not in DTYPES.values():
         raise ValueError(f"triton attention takes float16, bfloat16 or float32 inputs, got {q.dtype}")
@@ -49,6 +54,8 @@ def triton_attention(
             f"expected q, k [B, H, n, dk] and v [B, H, n, dv] of one dtype; got {tuple(q.shape)}, "
             f"{tuple(k.shape)}, {tuple(v.shape)}"
         )
+    if is_empty(q):
+        return empty_attention(q, k, v, pattern)
     spec = encode(pattern, q.shape[1])  # raises for Interleaved: call .for_layer(layer) first
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
