@@ -59,7 +59,7 @@ def cmd_eval(args) -> int:
     return 0
 
 
-def cmd_sample(args) -> int:
+def cmd_sample(args, overrides: list[str]) -> int:
     from .sample import sample_command
 
     paths = sample_command(
@@ -74,6 +74,7 @@ def cmd_sample(args) -> int:
         device=args.device,
         graphs=False if args.no_graphs else None,
         compile=args.compile,
+        overrides=overrides,
     )
     for p in paths:
         print(p)
@@ -197,15 +198,19 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--json", action="store_true", help="print one JSON object")
     sp.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
 
-    sp = sub.add_parser("sample", help="draw samples from a trained run")
+    sp = sub.add_parser(
+        "sample",
+        help="draw samples from a trained run",
+        epilog="Unset options take the run's [sample] config; --sample.KEY VALUE overrides it, e.g. --sample.top_k 40",
+    )
     sp.add_argument("--run", required=True)
-    sp.add_argument("--num", type=int, default=1, help="samples, drawn together in one batch")
-    sp.add_argument("--length", type=int, default=0, help="tokens per sample (0 = the model's context)")
-    sp.add_argument("--temperature", type=float, default=1.0)
-    sp.add_argument("--top-k", type=int, default=0)
+    sp.add_argument("--num", type=int, default=None, help="samples, drawn together in one batch (run's sample.num)")
+    sp.add_argument("--length", type=int, default=None, help="tokens per sample (0 = the model's context)")
+    sp.add_argument("--temperature", type=float, default=None, help="(run's sample.temperature)")
+    sp.add_argument("--top-k", type=int, default=None, help="(run's sample.top_k; 0 = no truncation)")
     sp.add_argument("--prefix", default=None, help="a file whose bytes begin every sample (completions)")
     sp.add_argument("--out", default=None, help="output folder (default RUN/samples)")
-    sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--seed", type=int, default=None, help="(run's sample.seed)")
     sp.add_argument("--device", default="auto")
     sp.add_argument("--no-graphs", action="store_true", help="CUDA: run the decoding step eagerly, not as a CUDA graph")
     sp.add_argument("--compile", action="store_true", help="torch.compile the decoding step (long samples on CUDA)")
@@ -254,12 +259,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "train":
             return cmd_train(args, extra)
+        if args.command == "sample":
+            return cmd_sample(args, extra)
         if extra:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         return {
             "prepare": cmd_prepare,
             "eval": cmd_eval,
-            "sample": cmd_sample,
             "layout": cmd_layout,
             "plot": cmd_plot,
             "bench": cmd_bench,

@@ -384,25 +384,29 @@ def _check_sample_args(num, temperature, top_k, length) -> None:
 
 def sample_command(
     run: str | Path,
-    num: int = 1,
-    temperature: float = 1.0,
-    top_k: int = 0,
+    num: int | None = None,
+    temperature: float | None = None,
+    top_k: int | None = None,
     prefix_file: str | Path | None = None,
     out_dir: str | Path | None = None,
-    length: int = 0,
-    seed: int = 0,
+    length: int | None = None,
+    seed: int | None = None,
     device: str = "auto",
     graphs: bool | None = None,
     compile: bool = False,
+    overrides: list[str] | tuple[str, ...] = (),
 ) -> list[Path]:
     """``sparse-transformer sample``: load the model of run directory ``run``, draw ``num`` samples of
-    ``length`` bytes in one batch (0 = ``cfg.sample.length``, or the model's context when that is 0
-    too) and write them to ``out_dir`` (default ``run/samples``) as text, one PNG grid or WAV files,
+    ``length`` bytes in one batch (0 = the model's context) and write them to ``out_dir`` (default ``run/samples``) as text, one PNG grid or WAV files,
     following the data's ``meta.json`` (the embedded default data set is text). ``prefix_file``: its
     raw bytes condition the first positions (for images: the first rows in raster order), fed in one
     forward pass. ``graphs``, ``compile``: see :func:`generate`. The weights are cast to the run's
     ``train.dtype`` (``auto``: bf16 on CUDA, fp32 on CPU). Prints tokens/s. A temperature of 0, or
     one too small to divide by (below :data:`GREEDY_BELOW`), samples greedily.
+
+    ``num``, ``temperature``, ``top_k``, ``length`` and ``seed`` left as None take the run's
+    ``SampleConfig`` (config.json's ``sample`` section), after ``overrides`` (``["--sample.top_k",
+    "40"]``, the sample section only) are applied to it; given values win over both.
 
     Returns: the written paths.
     Raises:
@@ -411,7 +415,13 @@ def sample_command(
             that is not in ``1..n_ctx`` or a prefix longer than it.
     """
     run = Path(run)
-    _check_sample_args(num, temperature, top_k, length)
+    given = {"num": num, "temperature": temperature, "top_k": top_k, "length": length, "seed": seed}
+    given = {key: value for key, value in given.items() if value is not None}
+    checked = {"num": 1, "temperature": 1.0, "top_k": 0, "length": 0}
+    _check_sample_args(**{key: given.get(key, default) for key, default in checked.items()})
+    bad = [a for a in overrides if a.startswith("--") and not a.startswith("--sample.")]
+    if bad:
+        raise UserError(f"sample: {bad[0]} cannot be changed when sampling; only --sample.KEY VALUE overrides apply")
     prefix_path = None
     if prefix_file is not None:
         prefix_path = Path(prefix_file)
@@ -421,10 +431,16 @@ def sample_command(
             )
 
     from .checkpoint import load_model
+    from .config import apply_overrides
     from .runtime import resolve_device, resolve_dtype
 
     dev = resolve_device(device, option="--device")
     model, cfg = load_model(run, dev)
+    apply_overrides(cfg, list(overrides))  # --sample.KEY VALUE over the run's SampleConfig
+    num, temperature, top_k, length, seed = (
+        given.get(key, getattr(cfg.sample, key)) for key in ("num", "temperature", "top_k", "length", "seed")
+    )
+    _check_sample_args(num, temperature, top_k, length)
     model = model.to(resolve_dtype(cfg.train.dtype, dev))  # the run's compute dtype (auto: bf16 on CUDA)
     meta = data_meta(cfg)  # modality, image shape, sample rate: recorded in config.json, else the data's meta.json
     length = length or cfg.sample.length or cfg.model.n_ctx

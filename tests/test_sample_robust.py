@@ -140,7 +140,7 @@ def test_sample_command_refuses_a_nonpositive_configured_length(monkeypatch, tmp
     fake = types.ModuleType("sparse_transformer.checkpoint")
     fake.load_model = lambda run_dir, device="cpu": (model, cfg)
     monkeypatch.setitem(sys.modules, "sparse_transformer.checkpoint", fake)
-    with pytest.raises(UserError, match="must be positive"):
+    with pytest.raises(UserError, match="-3 must be a positive integer"):
         sample_command(tmp_path, device="cpu")
 
 
@@ -167,3 +167,32 @@ def test_cli_sample_bad_value_is_one_line_exit_2(tmp_path, flag):
     assert r.returncode == 2, r.stderr
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in r.stderr and flag[0] in lines[0], r.stderr
+
+
+def test_sample_takes_the_runs_sample_config_and_overrides(tmp_path, capsys):
+    """`sample` reads the run's [sample] section; --sample.KEY overrides it; explicit flags win."""
+    from sparse_transformer.cli import main
+    from sparse_transformer.config import load_config
+    from sparse_transformer.train import train
+
+    cfg = load_config(
+        None,
+        ["--model.n_layer", "1", "--model.d_model", "16", "--model.n_head", "2", "--model.stride", "8",
+         "--model.c", "2", "--data.seq_len", "32", "--train.device", "cpu", "--train.max_steps", "2",
+         "--train.eval_batches", "1", "--train.test_tokens", "64", "--train.progress", "false",
+         "--sample.length", "12", "--sample.num", "3"],
+    )  # fmt: skip
+    run = tmp_path / "run"
+    train(cfg, run)
+    assert main(["sample", "--run", str(run), "--out", str(tmp_path / "a"), "--device", "cpu"]) == 0
+    texts = sorted((tmp_path / "a").glob("*.txt"))
+    assert len(texts) == 3 and all(len(p.read_bytes()) == 12 for p in texts)  # the run's SampleConfig
+    assert main(["sample", "--run", str(run), "--out", str(tmp_path / "b"), "--device", "cpu",
+                 "--sample.num", "2", "--sample.length", "5", "--length", "7"]) == 0  # fmt: skip
+    texts = sorted((tmp_path / "b").glob("*.txt"))
+    assert len(texts) == 2 and all(len(p.read_bytes()) == 7 for p in texts)  # override, then the flag wins
+    capsys.readouterr()
+    assert main(["sample", "--run", str(run), "--model.n_layer", "3"]) == 2
+    assert "only --sample.KEY VALUE overrides apply" in capsys.readouterr().err
+    assert main(["sample", "--run", str(run), "--sample.top_k", "-1"]) == 2
+    assert "--top-k -1" in capsys.readouterr().err
