@@ -186,9 +186,9 @@ def decode(spec: list[int]) -> list[_Group]:
     term code."""
     groups, pos = [], 1
     for _ in range(spec[0]):
-        h0, step, count, nt = spec[pos : pos + 4]
+        h0, step, count, nt = spec[pos:pos + 4]
         pos += 4
-        terms = [_term_of(*spec[pos + 5 * i : pos + 5 * i + 5]) for i in range(nt)]
+        terms = [_term_of(*spec[pos + 5 * i: pos + 5 * i + 5]) for i in range(nt)]
         pos += 5 * nt
         groups.append(_Group(h0, step, count, _plan_terms(terms)))
     return groups
@@ -238,13 +238,8 @@ CONFIGS = {
     "dkdv_fused": _by_dim((32, 128, 4, 3), _D128_DKDV),
 }
 # fp32 tiles are twice the bytes: halve them and pipeline two deep so K/V stages fit shared memory.
-_FP32_CONFIG = {
-    "fwd": (64, 32, 4, 2),
-    "dq": (64, 32, 4, 2),
-    "dkdv": (32, 64, 4, 2),
-    "dkdv_owned": (32, 64, 4, 2),
-    "dkdv_fused": (32, 64, 4, 2),
-}
+_FP32_CONFIG = {"fwd": (64, 32, 4, 2), "dq": (64, 32, 4, 2), "dkdv": (32, 64, 4, 2), "dkdv_owned": (32, 64, 4, 2),
+                "dkdv_fused": (32, 64, 4, 2)}
 # The fused-dQ backward (non-deterministic mode only) passed the GPU tests on an H200 (2026-11-28) but
 # did not pay: at n = 16K (bf16, d 64, B 8, H 8) it ran strided l=128 fwd+bwd in 2.30 ms and fixed
 # l=128 c=32 in 7.78 ms against 2.21 / 7.04 ms for the atomic-free backward; its best tiles gained
@@ -278,16 +273,8 @@ def _dot_precision(dtype: torch.dtype) -> str:
 
 
 def _pass_args(p: _Pass):
-    return {
-        "STEP": p.step,
-        "WINDOW": p.window,
-        "BLOCK": p.block,
-        "OFFSET": p.offset,
-        "SUM_C": p.sum_c,
-        "SUM_L": p.sum_l,
-        "SUM_LO": p.sum_lo,
-        "SUM_EARLIER": p.sum_earlier,
-    }
+    return {"STEP": p.step, "WINDOW": p.window, "BLOCK": p.block, "OFFSET": p.offset, "SUM_C": p.sum_c,
+            "SUM_L": p.sum_l, "SUM_LO": p.sum_lo, "SUM_EARLIER": p.sum_earlier}
 
 
 # A range term whose rows read at most this many tiles runs as one masked loop (kernels._segments).
@@ -329,36 +316,11 @@ def _forward(q, k, v, spec, scale):
             bm, bn, warps, stages = _config(role("fwd", p.step, p.sum_c > 0), max(dkp, dvp), q.dtype)
             grid, per_class = _query_grid(p, n, bm, B * g.count)
             kernels.attn_fwd[grid](
-                q,
-                k,
-                v,
-                out,
-                lse,
-                *q.stride()[:3],
-                *k.stride()[:3],
-                *v.stride()[:3],
-                *out.stride()[:3],
-                n,
-                H,
-                g.head0,
-                g.head_step,
-                g.count,
-                per_class,
-                scale * math.log2(math.e),
-                dk,
-                dv,
-                HAS_RANGE=p.has_range,
-                INIT_FROM_OUT=i > 0,
-                SPLIT=_split(p, n, bm, bn),
-                BLOCK_M=bm,
-                BLOCK_N=bn,
-                DK_PAD=dkp,
-                DV_PAD=dvp,
-                DOT_PREC=_dot_precision(q.dtype),
-                num_warps=warps,
-                num_stages=stages,
-                **_pass_args(p),
-            )
+                q, k, v, out, lse, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
+                n, H, g.head0, g.head_step, g.count, per_class, scale * math.log2(math.e), dk, dv,
+                HAS_RANGE=p.has_range, INIT_FROM_OUT=i > 0, SPLIT=_split(p, n, bm, bn), BLOCK_M=bm, BLOCK_N=bn,
+                DK_PAD=dkp, DV_PAD=dvp,
+                DOT_PREC=_dot_precision(q.dtype), num_warps=warps, num_stages=stages, **_pass_args(p))
     return out, lse
 
 
@@ -387,9 +349,8 @@ def _backward(do, q, k, v, out, lse, spec, scale, deterministic=True):
     groups = decode(spec)
     dkp, dvp = _pad(dk), _pad(dv)
     d_pad = max(dkp, dvp)
-    owned = {
-        (gi, pi): _owned_tile(p, n, d_pad, q.dtype) for gi, g in enumerate(groups) for pi, p in enumerate(g.passes)
-    }
+    owned = {(gi, pi): _owned_tile(p, n, d_pad, q.dtype)
+             for gi, g in enumerate(groups) for pi, p in enumerate(g.passes)}
     # a group made only of summary terms leaves non-summary keys untouched: start from zeros
     needs_zero = any(not any(p.has_range for p in g.passes) for g in groups)
     alloc = torch.zeros if needs_zero else torch.empty
@@ -406,8 +367,7 @@ def _backward(do, q, k, v, out, lse, spec, scale, deterministic=True):
     if fused or no_dq_pass:
         # delta for every row first (the key-tile programs read it for any query)
         kernels.attn_bwd_delta[(ceil_div(B * H * n, _DELTA_ROWS),)](
-            out.contiguous(), do, delta, B * H * n, dv, BLOCK=_DELTA_ROWS, DV_PAD=dvp
-        )
+            out.contiguous(), do, delta, B * H * n, dv, BLOCK=_DELTA_ROWS, DV_PAD=dvp)
     if fused:  # dQ is summed in fp32 whatever the input dtype, since many programs add into each row
         dq = torch.zeros(B, H, n, dk, device=q.device, dtype=torch.float32)
     else:
@@ -420,37 +380,11 @@ def _backward(do, q, k, v, out, lse, spec, scale, deterministic=True):
                 bm, bn, warps, stages = _config(role("dq", p.step, p.sum_c > 0), d_pad, q.dtype)
                 grid, per_class = _query_grid(p, n, bm, B * g.count)
                 kernels.attn_bwd_dq[grid](
-                    q,
-                    k,
-                    v,
-                    out,
-                    do,
-                    dq,
-                    lse,
-                    delta,
-                    *strides,
-                    n,
-                    H,
-                    g.head0,
-                    g.head_step,
-                    g.count,
-                    per_class,
-                    qk_scale,
-                    scale,
-                    dk,
-                    dv,
-                    HAS_RANGE=p.has_range,
-                    FIRST=first,
-                    SPLIT=_split(p, n, bm, bn),
-                    BLOCK_M=bm,
-                    BLOCK_N=bn,
-                    DK_PAD=dkp,
-                    DV_PAD=dvp,
-                    DOT_PREC=prec,
-                    num_warps=warps,
-                    num_stages=stages,
-                    **_pass_args(p),
-                )
+                    q, k, v, out, do, dq, lse, delta, *strides,
+                    n, H, g.head0, g.head_step, g.count, per_class, qk_scale, scale, dk, dv,
+                    HAS_RANGE=p.has_range, FIRST=first, SPLIT=_split(p, n, bm, bn), BLOCK_M=bm, BLOCK_N=bn,
+                    DK_PAD=dkp, DV_PAD=dvp,
+                    DOT_PREC=prec, num_warps=warps, num_stages=stages, **_pass_args(p))
                 first = False
 
     for gi, g in enumerate(groups):
@@ -475,39 +409,12 @@ def _backward(do, q, k, v, out, lse, spec, scale, deterministic=True):
                 else:
                     grid, per_class = _query_grid(pp, n, bn, B * g.count)
                 kernels.attn_bwd_dkdv[grid](
-                    q,
-                    k,
-                    v,
-                    do,
-                    dkk,
-                    dvv,
-                    dq,
-                    lse,
-                    delta,
-                    *strides,
-                    n,
-                    H,
-                    g.head0,
-                    g.head_step,
-                    g.count,
-                    per_class,
-                    qk_scale,
-                    scale,
-                    dk,
-                    dv,
-                    IS_SUMMARY=is_summary,
-                    ACCUMULATE=not first,
-                    DQ_MODE=2 if own else 1 if fused else 0,
+                    q, k, v, do, dkk, dvv, dq, lse, delta, *strides,
+                    n, H, g.head0, g.head_step, g.count, per_class, qk_scale, scale, dk, dv,
+                    IS_SUMMARY=is_summary, ACCUMULATE=not first, DQ_MODE=2 if own else 1 if fused else 0,
                     SPLIT=is_summary or _split(pp, n, bn, bm),
-                    BLOCK_M=bm,
-                    BLOCK_N=bn,
-                    DK_PAD=dkp,
-                    DV_PAD=dvp,
-                    DOT_PREC=prec,
-                    num_warps=warps,
-                    num_stages=stages,
-                    **_pass_args(pp),
-                )
+                    BLOCK_M=bm, BLOCK_N=bn, DK_PAD=dkp, DV_PAD=dvp, DOT_PREC=prec, num_warps=warps,
+                    num_stages=stages, **_pass_args(pp))
                 first = False
     if fused and dq.dtype != q.dtype:
         dq = dq.to(q.dtype)
@@ -520,9 +427,8 @@ def _backward(do, q, k, v, out, lse, spec, scale, deterministic=True):
 
 
 @torch.library.custom_op("sparse_transformer::triton_attention_fwd", mutates_args=())
-def attention_fwd(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: list[int], scale: float, deterministic: bool
-) -> tuple[torch.Tensor, torch.Tensor]:
+def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: list[int], scale: float,
+                  deterministic: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """``(out [B, H, n, dv], lse [B, H, n] fp32, log2 units)``; ``deterministic`` is for backward."""
     return _forward(q, k, v, spec, scale)
 
@@ -534,17 +440,9 @@ def _(q, k, v, spec, scale, deterministic):
 
 
 @torch.library.custom_op("sparse_transformer::triton_attention_bwd", mutates_args=())
-def attention_bwd(
-    do: torch.Tensor,
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    out: torch.Tensor,
-    lse: torch.Tensor,
-    spec: list[int],
-    scale: float,
-    deterministic: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                  lse: torch.Tensor, spec: list[int], scale: float,
+                  deterministic: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return _backward(do, q, k, v, out, lse, spec, scale, deterministic)
 
 
@@ -567,6 +465,5 @@ def _attention_backward(ctx, grad_out, grad_lse):
     return dq, dk, dv, None, None, None
 
 
-torch.library.register_autograd(
-    "sparse_transformer::triton_attention_fwd", _attention_backward, setup_context=_setup_context
-)
+torch.library.register_autograd("sparse_transformer::triton_attention_fwd", _attention_backward,
+                                setup_context=_setup_context)
