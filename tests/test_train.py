@@ -237,7 +237,7 @@ def test_default_run_beats_gzip(tmp_path):
     )
     assert r.returncode == 0, r.stderr[-2000:]
     line = next(x for x in r.stdout.splitlines() if x.startswith("test bits per byte:"))
-    assert float(line.split(":")[1]) < 2.841
+    assert float(line.split(":")[1].split()[0]) < 2.841  # "test bits per byte: 2.746 (304,488 bytes); time: ..."
     assert "sample:" in r.stdout
 
 
