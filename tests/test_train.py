@@ -98,8 +98,9 @@ def test_interrupted_then_resumed_equals_straight(data_dir, tmp_path, monkeypatc
     assert resumed["test_bits_per_dim"] == straight["test_bits_per_dim"]
 
 
-def test_check_command_and_extend(data_dir, tmp_path, capsys):
-    args = [
+def check_args(data_dir):
+    """The 12-step run of the check-command tests (checkpoint at step 6), as CLI overrides."""
+    return [
         "--data.dir",
         str(data_dir),
         "--model.n_layer",
@@ -118,9 +119,11 @@ def test_check_command_and_extend(data_dir, tmp_path, capsys):
         "6",
         "--train.device",
         "cpu",
-        "--train.progress",
-        "false",
     ]
+
+
+def test_check_command_and_extend(data_dir, tmp_path, capsys):
+    args = [*check_args(data_dir), "--train.progress", "false"]
     run = tmp_path / "run"
     summary = train(load_config(None, args), run)
     assert summary["step"] == 12 and summary["test_bits_per_dim"] < 8.0
@@ -144,29 +147,7 @@ def test_check_command_through_cli(data_dir, tmp_path):
     run = tmp_path / "run"
     base = [sys.executable, "-m", "sparse_transformer", "train"]
     r = subprocess.run(
-        base
-        + [
-            "--run-dir",
-            str(run),
-            "--data.dir",
-            str(data_dir),
-            "--model.n_layer",
-            "2",
-            "--model.d_model",
-            "64",
-            "--model.n_head",
-            "2",
-            "--data.seq_len",
-            "256",
-            "--train.batch_size",
-            "4",
-            "--train.max_steps",
-            "12",
-            "--train.checkpoint_every",
-            "6",
-            "--train.device",
-            "cpu",
-        ],
+        base + ["--run-dir", str(run), *check_args(data_dir)],
         capture_output=True,
         text=True,
     )
