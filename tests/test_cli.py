@@ -111,9 +111,9 @@ def test_train_help_lists_config_keys_and_presets():
         "[model]",
         "--model.n_layer INT  (default 3)",
         "[train]",
-        "--train.max_steps INT  (default 3200)",
+        "--train.max_steps INT  (default 4000)",
         '--train.wandb STR  (default "")',
-        "--model.bias BOOL  (default true)",
+        "--model.bias BOOL  (default false)",
         "presets (--config NAME): audio, cifar10, enwik8, imagenet64",
     ):
         assert line in r.stdout, line

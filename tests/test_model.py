@@ -72,7 +72,7 @@ def tiny(**overrides):
 
 
 def test_init():
-    cfg = load_config(None, ["--model.n_layer", "6", "--model.d_model", "64"])
+    cfg = load_config(None, ["--model.n_layer", "6", "--model.d_model", "64", "--model.bias", "true"])
     model = SparseTransformer(cfg.model)
     assert (model.head.weight == 0).all()
     assert (model.blocks[0].attn.qkv.bias == 0).all()
@@ -81,7 +81,7 @@ def test_init():
     proj_std = model.blocks[0].ff.proj.weight.std().item()
     want = math.sqrt(0.125 / (4 * 64)) / math.sqrt(2 * 6)
     assert abs(proj_std - want) < 0.1 * want
-    x = torch.randint(0, 256, (2, 256))
+    x = torch.randint(0, 256, (2, cfg.model.n_ctx))
     assert abs(model.loss(x).item() - math.log(256)) < 1e-5  # zero W_out: uniform prediction
 
 

@@ -180,7 +180,9 @@ def test_lr_schedule_warmup_then_cosine():
 
 
 def test_weight_decay_on_matrices_only():
-    cfg = load_config(None, ["--model.n_layer", "1", "--model.d_model", "32", "--model.n_head", "2"])
+    cfg = load_config(
+        None, ["--model.n_layer", "1", "--model.d_model", "32", "--model.n_head", "2", "--model.bias", "true"]
+    )
     model = SparseTransformer(cfg.model)
     opt = make_optimizer(model, cfg.train, torch.device("cpu"))
     names = {id(p): n for n, p in model.named_parameters()}
@@ -198,11 +200,12 @@ def test_weight_decay_on_matrices_only():
 
 
 @pytest.mark.slow
-def test_default_run_beats_gzip(tmp_path):
+def test_default_run_reaches_its_target(tmp_path):
     """The README's main job, as a user runs it: `sparse-transformer train` with no arguments on the
-    embedded Wikipedia sample (fresh cache: data preparation included) must beat gzip -9 on the same
-    test bytes (2.841 bits per byte, shared/data/README.md). Deterministic seeds make this a fixed
-    number (2.730 on 2026-11-28); no timing is asserted here (docs/benchmarks.md has the times)."""
+    embedded Wikipedia sample (fresh cache: data preparation included) must reach the issue's target
+    of 2.5 test bits per byte (gzip -9: 2.841, bzip2 -9: 2.37 on the same bytes, shared/data/README.md).
+    Deterministic seeds make this a fixed number up to the CPU's rounding (2.444 on 2026-11-30, one
+    thread); no timing is asserted here (README and docs/results.md have the times)."""
     root = str(Path(__file__).resolve().parents[1])
     env = dict(
         os.environ,
@@ -218,7 +221,7 @@ def test_default_run_beats_gzip(tmp_path):
     )
     assert r.returncode == 0, r.stderr[-2000:]
     line = next(x for x in r.stdout.splitlines() if x.startswith("test bits per byte:"))
-    assert float(line.split(":")[1].split()[0]) < 2.841  # "test bits per byte: 2.746 (304,488 bytes); time: ..."
+    assert float(line.split(":")[1].split()[0]) <= 2.5  # "test bits per byte: 2.444 (304,488 bytes); time: ..."
     assert "sample:" in r.stdout
 
 
