@@ -248,12 +248,10 @@ def bench_sample_cuda(
     Returns: one dict per (batch, mode), also printed as JSON lines, then a markdown table.
     Raises: ValueError for an unknown mode or dtype, or a length above the preset's context.
     """
-    from .train import preset_path
-
     dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
     if dtype not in dtypes or not set(modes) <= {"eager", "graphs", "compile"}:
         raise ValueError(f"dtype {dtype!r} / modes {modes}: choose bf16|fp16|fp32 and eager,graphs,compile")
-    cfg = load_config(preset_path(preset))
+    cfg = load_config(preset)
     length = length or cfg.model.n_ctx
     if length > cfg.model.n_ctx:
         raise ValueError(f"length {length} exceeds the preset's context {cfg.model.n_ctx}")
