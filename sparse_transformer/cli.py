@@ -60,22 +60,11 @@ def cmd_eval(args) -> int:
 
 
 def cmd_sample(args, overrides: list[str]) -> int:
+    from .options import keywords
     from .sample import sample_command
 
-    paths = sample_command(
-        args.run,
-        num=args.num,
-        temperature=args.temperature,
-        top_k=args.top_k,
-        prefix_file=args.prefix,
-        out_dir=args.out,
-        length=args.length,
-        seed=args.seed,
-        device=args.device,
-        graphs=False if args.no_graphs else None,
-        compile=args.compile,
-        overrides=overrides,
-    )
+    renamed = {"prefix_file": args.prefix, "out_dir": args.out, "graphs": False if args.no_graphs else None}
+    paths = sample_command(**keywords(sample_command, args, **renamed, overrides=overrides))
     for p in paths:
         print(p)
     return 0

@@ -1,4 +1,4 @@
-"""Empty inputs and float64 (issue 10, items 8 and 9).
+"""Empty inputs and float64.
 
 * A batch of 0, 0 heads or ``n = 0`` gives an empty output of the right shape on every backend
   (as ``F.scaled_dot_product_attention`` does), with empty gradients of the inputs' shapes; the

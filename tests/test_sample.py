@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import json
 import math
 import sys
 import types
@@ -12,6 +11,7 @@ import wave
 import numpy as np
 import pytest
 import torch
+from conftest import write_prepared
 from PIL import Image
 
 from sparse_transformer.config import Config, DataConfig, ModelConfig, validate
@@ -38,13 +38,7 @@ PATTERNS = {
 }
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Decoding is many tiny ops: extra threads only add contention (tests slow down 20x on a busy host)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: decoding runs on one thread
 
 
 def tiny(n: int = N, data_dir: str = "", **model) -> tuple[SparseTransformer, Config]:
@@ -58,12 +52,19 @@ def tiny(n: int = N, data_dir: str = "", **model) -> tuple[SparseTransformer, Co
     return m.eval(), cfg
 
 
-@pytest.mark.parametrize("name", list(PATTERNS))
-def test_cached_decoding_matches_full_forward(name):
+@torch.no_grad()
+def full_forward(name):
+    """``tiny``'s model of ``PATTERNS[name]``, a random batch ``x`` of 2 x N tokens and the logits of
+    one forward pass over it."""
     model, _cfg = tiny(**PATTERNS[name])
     x = torch.randint(0, 256, (2, N))
+    return model, x, model(x)
+
+
+@pytest.mark.parametrize("name", list(PATTERNS))
+def test_cached_decoding_matches_full_forward(name):
+    model, x, full = full_forward(name)
     with torch.no_grad():
-        full = model(x)
         cache = model.new_cache(2)
         steps = [model.decode_step(x[:, i - 1] if i else None, i, cache) for i in range(N)]
     torch.testing.assert_close(torch.stack(steps, 1), full, atol=1e-4, rtol=1e-4)
@@ -129,10 +130,8 @@ def test_no_cache_is_larger_than_dense(name):
 @pytest.mark.parametrize("name", list(PATTERNS))
 def test_prefill_then_decoding_matches_full_forward(name):
     """A prefix fed in one forward pass fills the cache as decoding it position by position would."""
-    model, _cfg = tiny(**PATTERNS[name])
-    x = torch.randint(0, 256, (2, N))
+    model, x, full = full_forward(name)
     with torch.no_grad():
-        full = model(x)
         for P in (1, 4, 5, 11, N - 1):  # shorter and longer than the stride 5 (ring buffers wrap)
             cache = model.new_cache(2)
             pre = model(x[:, :P], cache)
@@ -289,23 +288,10 @@ def test_generate_rejects_bad_lengths():
 
 def _data_dir(tmp_path, modality, shape=None, sample_rate=None, record_len=None):
     """A minimal prepared data folder that read_meta accepts."""
-    d = tmp_path / "data"
-    d.mkdir()
-    size = record_len or 100
-    for split in ("train", "val", "test"):
-        (d / f"{split}.bin").write_bytes(bytes(size))
-    meta = {
-        "kind": modality,
-        "modality": modality,
-        "record_len": record_len,
-        "shape": shape,
-        "sample_rate": sample_rate,
-        "splits": dict.fromkeys(("train", "val", "test"), size),
-        "source": "test",
-        "format_version": 1,
-    }
-    (d / "meta.json").write_text(json.dumps(meta))
-    return str(d)
+    splits = dict.fromkeys(("train", "val", "test"), bytes(record_len or 100))
+    return str(
+        write_prepared(tmp_path / "data", splits, modality, record_len=record_len, shape=shape, sample_rate=sample_rate)
+    )
 
 
 @pytest.fixture

@@ -54,6 +54,7 @@ from .. import patterns as P
 from ..attention import BACKENDS, sparse_attention
 from ..config import Precision, literal_values
 from ..errors import UserError
+from ..options import comma_list
 from ..runtime import DTYPES, dtype_name, resolve_device
 
 DENSE_BACKENDS = ("sdpa_cudnn", "sdpa_flash", "sdpa")
@@ -464,10 +465,6 @@ def _parse_int(text: str) -> int:
     return int(t[:-1] if mult > 1 else t) * mult
 
 
-def _split(text: str | None) -> list[str]:
-    return [s.strip() for s in (text or "").split(",") if s.strip()]
-
-
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """Options of ``sparse-transformer bench attention``."""
     p.add_argument(
@@ -505,23 +502,23 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """Entry point of ``sparse-transformer bench attention``: JSON lines, then the table."""
     try:
-        ns = [_parse_int(s) for s in _split(args.n)] or None
+        ns = [_parse_int(s) for s in comma_list(args.n)] or None
         max_n = {}
-        for item in _split(args.max_n):
+        for item in comma_list(args.max_n):
             backend, _, value = item.partition("=")
             max_n[backend.strip()] = _parse_int(value)
     except ValueError:
         raise UserError("--n and --max-n take integers such as 65536, 64K or 1M (--max-n as BACKEND=N)") from None
     records = bench_attention(
-        backends=_split(args.backends) or None,
-        patterns=_split(args.patterns),
+        backends=comma_list(args.backends) or None,
+        patterns=comma_list(args.patterns),
         ns=ns,
         batch_tokens=args.batch_tokens,
         heads=args.heads,
         head_dim=args.head_dim,
         dtype=args.dtype,
         device=args.device,
-        modes=_split(args.modes),
+        modes=comma_list(args.modes),
         out_jsonl=args.out,
         max_n=max_n,
         case_timeout_s=args.case_timeout,

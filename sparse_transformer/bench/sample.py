@@ -36,30 +36,24 @@ import torch
 
 from ..config import Config, DataConfig, ModelConfig, load_config
 from ..model import SparseTransformer
+from ..options import comma_list, keywords
+from ..runtime import DTYPES
 from ..sample import NOISE_STEPS, Decoder, generate
 
 
-def _model(
-    pattern: str, length: int, n_layer: int, d_model: int, n_head: int, stride: int, c: int, device
-) -> tuple[SparseTransformer, Config]:
-    cfg = Config(
-        model=ModelConfig(
-            n_layer=n_layer,
-            d_model=d_model,
-            n_head=n_head,
-            n_ctx=length,
-            pattern=pattern,
-            stride=stride,
-            c=c,
-            backend="factorized",
-        ),
-        data=DataConfig(seq_len=length),
-    )
+def _random_model(cfg: Config, device, dtype) -> SparseTransformer:
     torch.manual_seed(0)
     model = SparseTransformer(cfg.model)
     with torch.no_grad():  # W_out starts at zero (uniform logits); random weights make samples vary
-        model.head.weight.normal_(0.0, d_model**-0.5)
-    return model.to(device).eval(), cfg
+        model.head.weight.normal_(0.0, cfg.model.d_model**-0.5)
+    return model.to(device=device, dtype=dtype).eval()
+
+
+def _model(length: int, device, **model) -> tuple[SparseTransformer, Config]:
+    """A random fp32 model of ``length`` positions on the ``factorized`` backend; ``model``: the
+    other fields of its ModelConfig (pattern, sizes)."""
+    cfg = Config(model=ModelConfig(n_ctx=length, backend="factorized", **model), data=DataConfig(seq_len=length))
+    return _random_model(cfg, device, torch.float32), cfg
 
 
 def _sync(device) -> None:
@@ -115,9 +109,10 @@ def bench_sample(
     if threads:
         torch.set_num_threads(threads)
     stride = stride or max(1, round(length**0.5))
+    sizes = {"n_layer": n_layer, "d_model": d_model, "n_head": n_head, "stride": stride, "c": c}
     rows = []
     for pattern in patterns:
-        model, cfg = _model(pattern, length, n_layer, d_model, n_head, stride, c, device)
+        model, cfg = _model(length, device, pattern=pattern, **sizes)
         generate(model, cfg, num, min(length, 64), seed=0, device=device)  # warm-up
         _sync(device)
         t0 = time.perf_counter()
@@ -165,14 +160,6 @@ def bench_sample(
 
 
 HBM_BYTES_PER_S = 4.8e12  # an H200's memory bandwidth, for the weight-reading bound in the table
-
-
-def _random_model(cfg: Config, device, dtype) -> SparseTransformer:
-    torch.manual_seed(0)
-    model = SparseTransformer(cfg.model)
-    with torch.no_grad():  # W_out starts at zero (uniform logits); random weights make samples vary
-        model.head.weight.normal_(0.0, cfg.model.d_model**-0.5)
-    return model.to(device=device, dtype=dtype).eval()
 
 
 def _fitting_length(model, batch: int, length: int, device) -> int:
@@ -248,15 +235,14 @@ def bench_sample_cuda(
     Returns: one dict per (batch, mode), also printed as JSON lines, then a markdown table.
     Raises: ValueError for an unknown mode or dtype, or a length above the preset's context.
     """
-    dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-    if dtype not in dtypes or not set(modes) <= {"eager", "graphs", "compile"}:
+    if dtype not in DTYPES or not set(modes) <= {"eager", "graphs", "compile"}:
         raise ValueError(f"dtype {dtype!r} / modes {modes}: choose bf16|fp16|fp32 and eager,graphs,compile")
     cfg = load_config(preset)
     length = length or cfg.model.n_ctx
     if length > cfg.model.n_ctx:
         raise ValueError(f"length {length} exceeds the preset's context {cfg.model.n_ctx}")
     device = torch.device(device)
-    model = _random_model(cfg, device, dtypes[dtype])
+    model = _random_model(cfg, device, DTYPES[dtype])
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     rows = []
     for batch in batches:
@@ -352,28 +338,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     if torch.device(args.device).type == "cuda":
-        bench_sample_cuda(
-            preset=args.preset,
-            length=args.length,
-            batches=tuple(int(b) for b in args.batches.split(",") if b.strip()),
-            modes=tuple(m.strip() for m in args.modes.split(",") if m.strip()),
-            window=args.window,
-            dtype=args.dtype,
-            device=args.device,
-            out_jsonl=args.out,
-        )
+        batches = tuple(int(b) for b in comma_list(args.batches))
+        modes = tuple(comma_list(args.modes))
+        bench_sample_cuda(**keywords(bench_sample_cuda, args, batches=batches, modes=modes, out_jsonl=args.out))
         return 0
-    bench_sample(
-        length=args.length or 4096,
-        patterns=tuple(s.strip() for s in args.patterns.split(",") if s.strip()),
-        num=args.num,
-        n_layer=args.n_layer,
-        d_model=args.d_model,
-        n_head=args.n_head,
-        stride=args.stride,
-        c=args.c,
-        no_cache_steps=args.no_cache_steps,
-        threads=args.threads,
-        device=args.device,
-    )
+    patterns = tuple(comma_list(args.patterns))
+    bench_sample(**keywords(bench_sample, args, length=args.length or 4096, patterns=patterns))
     return 0

@@ -49,6 +49,7 @@ from ..attention import resolve_backend
 from ..config import Config, TrainConfig, apply_overrides, choices, load_config, validate
 from ..errors import UserError
 from ..model import SparseTransformer, model_pattern
+from ..options import comma_list
 from ..runtime import DTYPES, dtype_name, resolve_device
 from ..train import setup_training, train_step
 from .attention import pattern_label
@@ -330,12 +331,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Entry point of ``sparse-transformer bench train``: JSON lines, then the table."""
-    backends = [b.strip() for b in args.backend.split(",") if b.strip()]
+    backends = comma_list(args.backend)
     overrides = [f"--{s}" for s in args.set]
     if args.config:
         jobs = [{"preset": args.config, "overrides": [], "target": None}]
     else:
-        names = [c.strip() for c in (args.case or ",".join(CASES)).split(",") if c.strip()]
+        names = comma_list(args.case or ",".join(CASES))
         unknown = [c for c in names if c not in CASES]
         if unknown:
             raise UserError(f"bench train: unknown case {unknown[0]!r}; choose from {', '.join(CASES)}")
