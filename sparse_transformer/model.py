@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from . import patterns
 from .attention import sparse_attention
 from .config import ModelConfig
-from .kv_cache import KVCache, LayerKVCache, StepIndex
+from .kv_cache import KVCache, KVStep, LayerKVCache
 
 
 def gelu(x: torch.Tensor) -> torch.Tensor:
@@ -83,7 +83,7 @@ class Attention(nn.Module):
         return self.proj(y.transpose(1, 2).reshape(B, n, H * dh))
 
     def forward(
-        self, x: torch.Tensor, cache: LayerKVCache | None = None, step: list[StepIndex] | None = None
+        self, x: torch.Tensor, cache: LayerKVCache | None = None, step: KVStep | None = None
     ) -> torch.Tensor:
         """``x [B, n, d]`` -> ``[B, n, d]``, the sparse attention of paper §4 and its projections.
 
@@ -129,7 +129,7 @@ class Block(nn.Module):
         return self.dropout(self.ff(self.ln_2(x)))
 
     def forward(
-        self, x: torch.Tensor, cache: LayerKVCache | None = None, step: list[StepIndex] | None = None
+        self, x: torch.Tensor, cache: LayerKVCache | None = None, step: KVStep | None = None
     ) -> torch.Tensor:
         """``x [B, n, d]`` -> ``[B, n, d]``; ``cache`` and ``step`` as in :meth:`Attention.forward`.
         Activation checkpointing (paper §5.4) is applied from outside: ``parallel.checkpoint_blocks``."""
