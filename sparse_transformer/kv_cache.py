@@ -41,6 +41,7 @@ model's dtype, except fp16 keys, stored in fp32 (fp16 q·k can overflow when sam
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass
 
 import torch
@@ -187,13 +188,15 @@ class LayerStep:
     each write takes, or None when that is ``0 .. B·H - 1``; ``read [B·H·S]``: the rows query
     ``(b, h)`` gathers (``S`` per head, in head order), or None when one compact group reads its
     whole buffer; ``bias [B·H, 1, S]``: 0 for the keys the query attends to, -inf for the others
-    (padding of heads that read fewer than ``S`` slots included).
+    (padding of heads that read fewer than ``S`` slots included); ``rows [B·H·S]``: ``read``, or
+    the whole buffer's rows when ``read`` is None (for the fused kernel, which always gathers).
     """
 
     write: torch.Tensor
     source: torch.Tensor | None
     read: torch.Tensor | None
     bias: torch.Tensor
+    rows: torch.Tensor
 
 
 class _Plan:
@@ -235,6 +238,9 @@ class _Plan:
             for lay in layouts
         ]
         self.whole = [torch.arange(lay.slots, device=device) if lay.compact else None for lay in layouts]
+        self.all_rows = None  # one compact group: it reads its whole buffer, rows in (b, h) order
+        if self.direct:
+            self.all_rows = (self.bases[0][:, None] + self.whole[0][None, :]).view(-1)
 
     def _rows(self, parts: list[torch.Tensor], perm: torch.Tensor | None) -> torch.Tensor:
         out = parts[0] if len(parts) == 1 else torch.cat(parts)
@@ -258,16 +264,22 @@ class _Plan:
         write = self._rows(writes, self.write_perm)
         read = None if self.direct else self._rows(reads, self.read_perm)
         bias = self._rows(biases, self.row_perm).unsqueeze(1)
-        return LayerStep(write, self.source, read, bias)
+        return LayerStep(write, self.source, read, bias, self.all_rows if read is None else read)
 
 
 class LayerKVCache:
     """The cache of one attention layer: flat key and value buffers ``[rows, dk]``, ``[rows, dv]``
     holding one :class:`_Group` of rows per group of heads with the same terms
-    (``pattern.head_groups``). Built by :class:`KVCache`."""
+    (``pattern.head_groups``). Built by :class:`KVCache`.
 
-    def __init__(self, k: torch.Tensor, v: torch.Tensor, groups: list[_Group], plan_id: int, plan: _Plan):
+    ``fused``: decode with the one-launch Triton kernel (:mod:`sparse_transformer.kv_kernel`) when
+    the layer writes one slot per head (every pattern but the merged fixed one)."""
+
+    def __init__(
+        self, k: torch.Tensor, v: torch.Tensor, groups: list[_Group], plan_id: int, plan: _Plan, fused: bool = False
+    ):
         self.k, self.v, self.groups, self.plan_id, self.plan = k, v, groups, plan_id, plan
+        self.fused = fused and plan.source is None
 
     @property
     def nbytes(self) -> int:
@@ -291,6 +303,10 @@ class LayerKVCache:
         """
         index = step.layers[self.plan_id]
         B, H, _, dk = q.shape
+        if self.fused:
+            from .kv_kernel import decode_attention
+
+            return decode_attention(q, k, v, self.k, self.v, index.write, index.rows, index.bias, dk**-0.5)
         q, k, v = q.reshape(B * H, 1, dk), k.reshape(B * H, dk), v.reshape(B * H, -1)
         if k.dtype != self.k.dtype:  # fp16 models keep fp32 keys
             q, k = q.to(self.k.dtype), k.to(self.k.dtype)
@@ -339,6 +355,9 @@ class KVCache:
         dk, dv: per-head query/key and value widths.
         device: where the buffers live (``"meta"`` allocates nothing, for sizing).
         dtype: the model's dtype (values; keys see :func:`key_dtype`).
+        fused: attend with the fused Triton kernel (:mod:`sparse_transformer.kv_kernel`; one launch
+            per layer); None: on CUDA when Triton is installed. True elsewhere needs Triton's CPU
+            interpreter (``TRITON_INTERPRET=1``, for tests).
     """
 
     def __init__(
@@ -351,8 +370,11 @@ class KVCache:
         dv: int,
         device=None,
         dtype=torch.float32,
+        fused: bool | None = None,
     ):
         self.batch, self.length = batch, length
+        if fused is None:
+            fused = torch.device(device or "cpu").type == "cuda" and importlib.util.find_spec("triton") is not None
         index_device = torch.device("cpu") if torch.device(device or "cpu").type == "meta" else device
         self.layouts: list[_Layout] = []
         self.plans: list[_Plan] = []
@@ -377,7 +399,7 @@ class KVCache:
             if key not in plan_ids:
                 plan_ids[key] = len(self.plans)
                 self.plans.append(_Plan(built, n_head, batch, index_device))
-            self.layers.append(LayerKVCache(k, v, built, plan_ids[key], self.plans[plan_ids[key]]))
+            self.layers.append(LayerKVCache(k, v, built, plan_ids[key], self.plans[plan_ids[key]], fused))
         # a dense KV cache in the same dtypes: every position of every head
         key_bytes = torch.empty(0, dtype=key_dtype(dtype)).element_size()
         value_bytes = torch.empty(0, dtype=dtype).element_size()
