@@ -107,6 +107,8 @@ class Decoder:
         noise: ``[S, B, V]`` fp32 Exp(1) noise, row ``pos mod S`` used at ``pos`` (None: greedy).
         graphs: capture the step in a CUDA graph (CUDA only; ValueError elsewhere).
         compile: ``torch.compile`` the step first (inductor, whole graph).
+        fused: attend with the fused Triton decode kernel, one launch per layer (None: on CUDA;
+            see :meth:`~sparse_transformer.model.SparseTransformer.new_cache`).
 
     If compiling or capturing fails, the decoder warns and falls back to the plain step.
     """
@@ -120,12 +122,13 @@ class Decoder:
         noise: torch.Tensor | None = None,
         graphs: bool = False,
         compile: bool = False,
+        fused: bool | None = None,
     ):
         if graphs and tokens.device.type != "cuda":
             raise ValueError(f"CUDA graphs need a CUDA device; tokens are on {tokens.device} (use graphs=False)")
         self.model, self.tokens, self.noise = model, tokens, noise
         self.temperature, self.top_k = temperature, top_k
-        self.cache = model.new_cache(tokens.shape[0], tokens.shape[1])
+        self.cache = model.new_cache(tokens.shape[0], tokens.shape[1], fused=fused)
         self.pos = torch.zeros(1, dtype=torch.long, device=tokens.device)
         self.graph, self.graph_logits = None, None
         self.compiled = compile  # False again if compiling fails

@@ -180,7 +180,8 @@ def test_decoder_step_is_fixed_shape_and_advances_the_position():
             assert decoder.pos.item() == i
             shapes.add(tuple(decoder.step().shape))
             index = decoder.cache.step(decoder.pos)
-            shapes.add(tuple(t.shape for t in (index[0].write, index[0].bias)))
+            layer = index.layers[0]
+            shapes.add(tuple(t.shape for t in (index.layouts[0].write, index.layouts[0].bias, layer.write, layer.read)))
         assert len(shapes) == 2 and decoder.pos.item() == N
         assert torch.equal(tokens[:, :3], torch.tensor([[1, 2, 3]] * 2))
         with pytest.raises(ValueError, match="CUDA graphs"):
@@ -453,3 +454,37 @@ def test_low_precision_decoding(dtype):
         assert {g.v.dtype for layer in cache.layers for g in layer.groups} == {dtype}
         steps = torch.stack([model.decode_step(x[:, i - 1], i, cache).float() for i in range(N)], 1)
     assert (steps - exact).abs().max() <= 2 * error
+
+
+@pytest.mark.parametrize("name, selects", [("strided-multihead", 2), ("fixed-multihead", 2), ("fixed-both", 4)])
+def test_all_head_groups_of_a_layer_attend_in_one_call(name, selects):
+    """A layer with several head groups dispatches the same attention ops as a layer with one: one
+    scatter per buffer, one gather, one scores product, one softmax, one product with the values
+    (fixed-both also selects its keys and values once more: two slots per head are written)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    model, _ = tiny(**PATTERNS[name])
+    cache = model.new_cache(2)
+    assert len(cache.layers[0].groups) >= 2
+    step = cache.step(torch.tensor([7]))
+    h = torch.zeros(2, 1, model.cfg.d_model)
+    with torch.no_grad(), Count() as count:
+        model.blocks[0](h, cache.layers[0], step)
+    for op, times in {
+        "index_copy_": 2,
+        "index_select": selects,
+        "baddbmm": 1,
+        "_softmax": 1,
+        "bmm": 1,
+        "cat": 0,
+    }.items():
+        assert count.ops.count(op) == times, (op, count.ops)

@@ -171,13 +171,15 @@ def _fitting_length(model, batch: int, length: int, device) -> int:
 
 
 @torch.inference_mode()
-def _time_mode(model, batch: int, length: int, mode: str, window: int, warmup: int, device) -> dict:
+def _time_mode(
+    model, batch: int, length: int, mode: str, window: int, warmup: int, device, fused: bool | None = None
+) -> dict:
     tokens = torch.zeros(batch, length, dtype=torch.long, device=device)
     noise = torch.empty(min(NOISE_STEPS, length), batch, model.head.out_features, device=device)
     noise.exponential_(1.0, generator=torch.Generator(device).manual_seed(0))
     _sync(device)
     t0 = time.perf_counter()
-    decoder = Decoder(model, tokens, 1.0, 0, noise, graphs=mode != "eager", compile=mode == "compile")
+    decoder = Decoder(model, tokens, 1.0, 0, noise, graphs=mode != "eager", compile=mode == "compile", fused=fused)
     _sync(device)
     setup = time.perf_counter() - t0
     window = min(window, length - 1)
@@ -193,6 +195,7 @@ def _time_mode(model, batch: int, length: int, mode: str, window: int, warmup: i
     seconds = time.perf_counter() - t0
     row = {
         "captured": decoder.graph is not None,
+        "fused_attention": all(layer.fused for layer in decoder.cache.layers),
         "compiled": decoder.compiled,
         "timed_steps": window,
         "ms_per_step": round(1e3 * seconds / window, 4),
@@ -222,6 +225,7 @@ def bench_sample_cuda(
     dtype: str = "bf16",
     device: str = "cuda",
     out_jsonl: str | None = None,
+    attention: str = "fused",
 ) -> list[dict]:
     """Time the decoding step of a preset model on CUDA (see the module docstring).
 
@@ -232,11 +236,17 @@ def bench_sample_cuda(
         window, warmup: timed and untimed steps per mode (the rest is extrapolated).
         dtype: ``bf16``, ``fp16`` or ``fp32`` weights.
         out_jsonl: also append the JSON lines to this file.
-    Returns: one dict per (batch, mode), also printed as JSON lines, then a markdown table.
-    Raises: ValueError for an unknown mode or dtype, or a length above the preset's context.
+        attention: ``fused`` (one Triton launch per layer, the default on CUDA) or ``torch`` (the
+            step's attention as torch operations: scatter, gather, products, softmax), or both,
+            comma-separated (each mode is then timed with each).
+    Returns: one dict per (batch, mode, attention), also printed as JSON lines, then a markdown table.
+    Raises: ValueError for an unknown mode, dtype or attention, or a length above the preset's context.
     """
     if dtype not in DTYPES or not set(modes) <= {"eager", "graphs", "compile"}:
         raise ValueError(f"dtype {dtype!r} / modes {modes}: choose bf16|fp16|fp32 and eager,graphs,compile")
+    kinds = comma_list(attention)
+    if not kinds or not set(kinds) <= {"fused", "torch"}:
+        raise ValueError(f"attention {attention!r}: choose fused, torch or fused,torch")
     cfg = load_config(preset)
     length = length or cfg.model.n_ctx
     if length > cfg.model.n_ctx:
@@ -247,12 +257,13 @@ def bench_sample_cuda(
     rows = []
     for batch in batches:
         n = _fitting_length(model, batch, length, device)
-        for mode in modes:
+        for mode, kind in [(m, k) for m in modes for k in kinds]:
             row = {
                 "bench": "sample",
                 "preset": preset,
                 "pattern": model.blocks[0].attn.pattern.describe(),
-                "mode": mode,
+                "mode": mode if kind == "fused" else f"{mode} (torch attention)",
+                "attention": kind,
                 "batch": batch,
                 "length": n,
                 "dtype": dtype,
@@ -265,7 +276,7 @@ def bench_sample_cuda(
                 row["note"] = f"a {length:,}-token cache does not fit in free memory; run at {n:,}"
             torch.cuda.reset_peak_memory_stats(device)
             try:
-                row.update(_time_mode(model, batch, n, mode, window, warmup, device))
+                row.update(_time_mode(model, batch, n, mode, window, warmup, device, kind == "fused"))
             except torch.OutOfMemoryError as e:
                 row["error"] = f"out of memory: {str(e).splitlines()[0]}"[:300]
                 gc.collect()
@@ -291,7 +302,7 @@ def format_cuda_table(rows: list[dict]) -> str:
             lines.append(f"| {r['mode']} | {r['batch']} | {r['length']:,} | {r['error']} | | | | | |")
             continue
         est = " (extrapolated)" if r["extrapolated"] else ""
-        mode = r["mode"] + ("" if r["captured"] or r["mode"] == "eager" else " (capture failed)")
+        mode = r["mode"] + ("" if r["captured"] or r["mode"].startswith("eager") else " (capture failed)")
         lines.append(
             f"| {mode} | {r['batch']} | {r['length']:,} | {r['ms_per_step']:.3f} | {r['tokens_per_s']:,.0f} "
             f"| {r['sample_s']:,.1f} s{est} | {r['setup_s']:.0f} s | {r['cache_bytes'] / 2**30:.2f} GiB "
@@ -334,6 +345,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     cuda.add_argument("--window", type=int, default=2048, help="timed steps per mode (the rest is extrapolated)")
     cuda.add_argument("--dtype", default="bf16", choices=("bf16", "fp16", "fp32"))
     cuda.add_argument("--out", default=None, help="append the JSON lines to this file")
+    cuda.add_argument(
+        "--attention", default="fused", help="fused (one Triton kernel per layer), torch, or fused,torch (both)"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
