@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Sampling on one CUDA GPU, in one call of at most BUDGET seconds (default 560):
-#  1. the gpu tests of tests/test_sample.py: the CUDA-graph decoding step against the eager step
+#  1. the gpu tests of tests/test_sample.py and tests/test_kv_kernel.py (the fused decode kernel against
+#     the torch step, compiled without a cache copy): the CUDA-graph decoding step against the eager step
 #     and the full forward pass (bf16), no host sync in a step, the compiled + captured step;
 #  2. `bench sample --device cuda`: the 152M audio preset at 65,536 tokens, batch 1/8/64, the
 #     decoding step eager and as a CUDA graph, then compiled + captured (batch 1 first), 2,048
@@ -15,7 +16,7 @@ LOG="$OUT/sample.log"
 source "$(dirname "$0")/gpu_steps.sh"
 rm -f "$OUT/sample.jsonl"
 
-step 200 gpu_tests $PY -m pytest -q -p no:cacheprovider tests/test_sample.py -m gpu
+step 200 gpu_tests $PY -m pytest -q -p no:cacheprovider tests/test_sample.py tests/test_kv_kernel.py -m gpu
 grep -E "passed|failed|error" "$LOG" | tail -n 3
 BENCH="$PY -m sparse_transformer bench sample --device cuda --preset audio --window 2048 --out $OUT/sample.jsonl"
 step 150 bench_eager_graphs $BENCH --batches 1,8,64 --modes eager,graphs
