@@ -18,7 +18,7 @@ rm -f "$OUT/sample.jsonl"
 
 step 200 gpu_tests $PY -m pytest -q -p no:cacheprovider tests/test_sample.py tests/test_kv_kernel.py -m gpu
 grep -E "passed|failed|error" "$LOG" | tail -n 3
-BENCH="$PY -m sparse_transformer bench sample --device cuda --preset audio --window 2048 --out $OUT/sample.jsonl"
+BENCH="$PY -m sparse_transformer bench sample --device cuda --preset audio --window 2048 --attention torch,fused --out $OUT/sample.jsonl"
 step 150 bench_eager_graphs $BENCH --batches 1,8,64 --modes eager,graphs
 step 200 bench_compile_b1 $BENCH --batches 1 --modes compile
 step 250 bench_compile_b8_b64 $BENCH --batches 8,64 --modes compile

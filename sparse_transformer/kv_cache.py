@@ -41,7 +41,6 @@ model's dtype, except fp16 keys, stored in fp32 (fp16 q·k can overflow when sam
 
 from __future__ import annotations
 
-import importlib.util
 from dataclasses import dataclass
 
 import torch
@@ -356,8 +355,8 @@ class KVCache:
         device: where the buffers live (``"meta"`` allocates nothing, for sizing).
         dtype: the model's dtype (values; keys see :func:`key_dtype`).
         fused: attend with the fused Triton kernel (:mod:`sparse_transformer.kv_kernel`; one launch
-            per layer); None: on CUDA when Triton is installed. True elsewhere needs Triton's CPU
-            interpreter (``TRITON_INTERPRET=1``, for tests).
+            per layer). Off by default until it has been measured on a GPU; on CPU tensors it needs
+            Triton's interpreter (``TRITON_INTERPRET=1``, for tests). None means False.
     """
 
     def __init__(
@@ -373,8 +372,7 @@ class KVCache:
         fused: bool | None = None,
     ):
         self.batch, self.length = batch, length
-        if fused is None:
-            fused = torch.device(device or "cpu").type == "cuda" and importlib.util.find_spec("triton") is not None
+        fused = bool(fused)
         index_device = torch.device("cpu") if torch.device(device or "cpu").type == "meta" else device
         self.layouts: list[_Layout] = []
         self.plans: list[_Plan] = []

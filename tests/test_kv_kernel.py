@@ -86,7 +86,7 @@ def test_fused_kernel_is_off_on_cpu_and_for_two_slots_per_head():
 @pytest.mark.gpu
 @pytest.mark.parametrize("name", ["strided-multihead", "strided-both", "dense", "fixed-multihead", "fixed-summary"])
 def test_cuda_fused_step_matches_torch_step(name):
-    """bf16 on the GPU: the fused step (the default on CUDA) is no further from the fp32 full forward
+    """bf16 on the GPU: the fused step (opt-in) is no further from the fp32 full forward
     pass than the torch step plus the bf16 forward's own error."""
     length = 64
     model32, _ = tiny(n=length, **PATTERNS[name] | {"stride": 8})
@@ -94,7 +94,7 @@ def test_cuda_fused_step_matches_torch_step(name):
     model = copy.deepcopy(model32).to(torch.bfloat16)
     x = torch.randint(0, 256, (3, length), device="cuda")
     with torch.no_grad():
-        assert all(layer.fused for layer in model.new_cache(3).layers)
+        assert not any(layer.fused for layer in model.new_cache(3).layers)  # opt-in until measured
         exact = model32(x)
         error = (model(x).float() - exact).abs().max()
         fused = _decode(model, x, True).float()

@@ -225,7 +225,7 @@ def bench_sample_cuda(
     dtype: str = "bf16",
     device: str = "cuda",
     out_jsonl: str | None = None,
-    attention: str = "fused",
+    attention: str = "torch",
 ) -> list[dict]:
     """Time the decoding step of a preset model on CUDA (see the module docstring).
 
@@ -236,9 +236,9 @@ def bench_sample_cuda(
         window, warmup: timed and untimed steps per mode (the rest is extrapolated).
         dtype: ``bf16``, ``fp16`` or ``fp32`` weights.
         out_jsonl: also append the JSON lines to this file.
-        attention: ``fused`` (one Triton launch per layer, the default on CUDA) or ``torch`` (the
-            step's attention as torch operations: scatter, gather, products, softmax), or both,
-            comma-separated (each mode is then timed with each).
+        attention: ``torch`` (the step's attention as torch operations: scatter, gather, products,
+            softmax; the default) or ``fused`` (one Triton launch per layer, opt-in until measured on
+            a GPU), or both, comma-separated (each mode is then timed with each).
     Returns: one dict per (batch, mode, attention), also printed as JSON lines, then a markdown table.
     Raises: ValueError for an unknown mode, dtype or attention, or a length above the preset's context.
     """
@@ -262,7 +262,7 @@ def bench_sample_cuda(
                 "bench": "sample",
                 "preset": preset,
                 "pattern": model.blocks[0].attn.pattern.describe(),
-                "mode": mode if kind == "fused" else f"{mode} (torch attention)",
+                "mode": mode if kind == "torch" else f"{mode} (fused attention)",
                 "attention": kind,
                 "batch": batch,
                 "length": n,
@@ -346,7 +346,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     cuda.add_argument("--dtype", default="bf16", choices=("bf16", "fp16", "fp32"))
     cuda.add_argument("--out", default=None, help="append the JSON lines to this file")
     cuda.add_argument(
-        "--attention", default="fused", help="fused (one Triton kernel per layer), torch, or fused,torch (both)"
+        "--attention", default="torch", help="fused (one Triton kernel per layer), torch, or fused,torch (both)"
     )
 
 
