@@ -27,16 +27,19 @@ def cmd_prepare(args) -> int:
 
 def cmd_train(args, overrides: list[str]) -> int:
     from .config import load_config
-    from .train import train
+    from .train import Stopped, train
 
-    if args.resume:
-        if args.config:
-            raise UserError(
-                "train: --resume continues a run with its saved config; drop --config (overrides are allowed)"
-            )
-        train(None, run_dir=args.resume, resume=args.resume, overrides=overrides)
-    else:
-        train(load_config(args.config, overrides), run_dir=args.run_dir)
+    try:
+        if args.resume:
+            if args.config:
+                raise UserError(
+                    "train: --resume continues a run with its saved config; drop --config (overrides are allowed)"
+                )
+            train(None, run_dir=args.resume, resume=args.resume, overrides=overrides)
+        else:
+            train(load_config(args.config, overrides), run_dir=args.run_dir)
+    except Stopped as e:  # SIGTERM / SIGINT: train printed where it stopped and how to resume
+        return e.exit_status
     return 0
 
 

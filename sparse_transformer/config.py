@@ -111,6 +111,8 @@ class TrainConfig:
     test_tokens: int = 0  # bytes of the test split scored at the end; 0 = all of it
     log_every: int = 20
     checkpoint_every: int = 1000
+    keep_checkpoints: int = 2  # the newest checkpoints kept in the run folder (older ones removed after a save)
+    max_bad_steps: int = 8  # stop (exit status 2) after this many skipped steps in a row (non-finite loss/grad)
     seed: int = 1337
     compile: bool = False
     parallel: Parallel = "ddp"
@@ -336,6 +338,9 @@ def validate(cfg: Config) -> Config:
     for key in ("max_minutes", "test_tokens", "peak_tflops"):
         if getattr(t, key) < 0:
             raise UserError(f"config: train.{key} = {getattr(t, key)} must be 0 (off) or positive")
+    for key in ("keep_checkpoints", "max_bad_steps"):
+        if getattr(t, key) < 1:
+            raise UserError(f"config: train.{key} = {getattr(t, key)} must be at least 1, e.g. --train.{key} 2")
     return cfg
 
 
