@@ -386,10 +386,11 @@ def _check_ranges(cfg: Config) -> None:
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise UserError(f"config: {where} = {value!r} is not a number; e.g. --{where} {_example(typ)}")
             rng = RANGES.get(where, Range())
+            bound = "" if rng == Range() else f" {rng.describe()}"
             if typ is int and not -INT_MAX <= value <= INT_MAX:
-                raise UserError(f"config: {where} = {value} is too large; use a value {rng.describe()} below 2**63")
+                raise UserError(f"config: {where} = {value} is too large; use a value{bound} below 2**63")
             if not math.isfinite(value):
-                raise UserError(f"config: {where} = {value} is not a finite number; use a value {rng.describe()}")
+                raise UserError(f"config: {where} = {value} is not a finite number; use a finite value{bound}")
             if value not in rng:
                 fix = rng.fix or f"e.g. {getattr(type(obj)(), key)} (the default)"
                 raise UserError(f"config: {where} = {value!r} must be {rng.describe()}; use {fix}")
@@ -426,13 +427,16 @@ def validate(cfg: Config) -> Config:
         raise UserError(
             f"config: data.shape = {d.shape} must be [height, width, channels] (e.g. 32,32,3) for images, else []"
         )
+    if cfg.sample.length > d.seq_len:
+        raise UserError(
+            f"config: sample.length = {cfg.sample.length} is longer than the model's context data.seq_len = "
+            f"{d.seq_len}; use at most {d.seq_len} (0 = all of it)"
+        )
     if d.modality == "audio" and d.sample_rate < 1:
         raise UserError(f"config: data.sample_rate = {d.sample_rate}: audio data need their rate in Hz, e.g. 12000")
+    if (m.position == "image" or m.image_shape) and (len(m.image_shape) != 3 or min(m.image_shape) < 1):
+        raise UserError(f"config: model.image_shape = {m.image_shape} must be [height, width, channels], e.g. 32,32,3")
     if m.position == "image":
-        if len(m.image_shape) != 3 or min(m.image_shape) < 1:
-            raise UserError(
-                f"config: model.image_shape = {m.image_shape} must be [height, width, channels], e.g. 32,32,3"
-            )
         size = m.image_shape[0] * m.image_shape[1] * m.image_shape[2]
         if size != cfg.data.seq_len:
             raise UserError(

@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 from .data.loader import eval_windows, open_split, read_meta
 from .model import cross_entropy
+from .paths import check_run_dir
 from .runtime import fall_back_backend, resolve_device, resolve_dtype
 
 
@@ -135,6 +136,7 @@ def evaluate(
 
     if max_tokens is not None and max_tokens < 1:
         raise UserError(f"eval: --max-tokens {max_tokens} must be positive; omit it to score the whole split")
+    check_run_dir(run, "eval: --run")
     if data_dir is not None:
         read_meta(data_dir)  # a bad --data is refused before the model is loaded
     dev = resolve_device(device, option="--device")

@@ -46,6 +46,15 @@ def check_output_dir(path: str | Path, option: str) -> Path:
     return path
 
 
+def check_run_dir(path: str | Path, option: str) -> Path:
+    """``path`` names a run folder to read: refused with one line when it is a file (a folder that
+    does not exist is left to the loader, which says so). Returns it as a Path."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise UserError(f"{option} {path} is a file; pass the run's folder (it holds config.json)")
+    return path
+
+
 def check_output_file(path: str | Path, option: str, suffixes: tuple[str, ...] = ()) -> Path:
     """``path`` can be written as a file: not a folder, not below a file, in a writable folder and,
     given ``suffixes`` (e.g. ``(".png",)``), ending in one of them (case-insensitive). Returns it as a Path.

@@ -30,7 +30,7 @@ import torch
 
 from .config import SEED_MAX, Config, data_meta
 from .errors import UserError
-from .paths import atomic_output, check_output_dir
+from .paths import atomic_output, check_output_dir, check_run_dir
 
 __all__ = [
     "GREEDY_BELOW",
@@ -451,6 +451,7 @@ def sample_command(
             raise UserError(
                 f"sample: prefix file {prefix_path} does not exist or is not a file; pass a file of raw bytes"
             )
+    check_run_dir(run, "sample: --run")
     if out_dir is not None:
         check_output_dir(out_dir, "sample: --out")
 

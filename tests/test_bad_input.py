@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from sparse_transformer.cli import main
-from sparse_transformer.config import RANGES, SECTIONS, Config, _fields, load_config, validate
+from sparse_transformer.config import RANGES, SECTIONS, Config, load_config, validate
 from sparse_transformer.errors import UserError
 
 TINY = [
@@ -87,7 +87,7 @@ CASES = [
     # train: optimizer and schedule values (the RANGES table)
     ("lr zero", T("--train.lr", "0"), "train.lr = 0.0 must be > 0", None),
     ("lr negative", T("--train.lr", "-1e-3"), "train.lr = -0.001 must be > 0", None),
-    ("lr nan", T("--train.lr", "nan"), "train.lr = nan is not a finite number", None),
+    ("lr nan", T("--train.lr", "nan"), "train.lr = nan is not a finite number; use a finite value > 0", None),
     ("lr inf", T("--train.lr", "inf"), "train.lr = inf is not a finite number", None),
     ("beta1 one", T("--train.beta1", "1"), "train.beta1 = 1.0 must be in [0, 1)", None),
     ("beta2 negative", T("--train.beta2", "-0.5"), "train.beta2 = -0.5 must be in [0, 1)", None),
@@ -123,6 +123,8 @@ CASES = [
     ("sample temperature nan", T("--sample.temperature", "nan"), "sample.temperature = nan is not a finite", None),
     ("sample length negative", T("--sample.length", "-1"), "sample.length = -1 must be >= 0", None),
     ("sample seed negative", T("--sample.seed", "-1"), "sample.seed = -1 must be in [0, 2**63 - 1]", None),
+    ("sample longer than context", T("--sample.length", "100"), "sample.length = 100 is longer than the model's", None),
+    ("image shape of zeros", T("--model.image_shape", "0,0,0"), "model.image_shape = [0, 0, 0] must be", None),
     # train: config files
     ("config is a folder", ["train", "--config", "{ws}"], "is a folder; pass a TOML file", None),
     ("toml unknown key", ["train", "--config", "{ws}/c.toml"], "unknown key 'model.n_layerz'", write("c.toml", "[model]\nn_layerz = 2\n")),
@@ -152,7 +154,8 @@ CASES = [
     ("eval unknown option", ["eval", "--run", "{ws}/run", "--bogus"], "unrecognized arguments: --bogus", None),
     ("eval device unknown", ["eval", "--run", "{ws}/run", "--device", "gpu"], "--device 'gpu' is not a device", None),
     ("eval data missing", ["eval", "--run", "{ws}/run", "--data", "{ws}/nope"], "meta.json is missing", None),
-    ("eval run is a file", ["eval", "--run", "{ws}/afile"], "does not exist", None),
+    ("eval run is a file", ["eval", "--run", "{ws}/afile"], "--run {ws}/afile is a file; pass the run's folder", None),
+    ("sample run is a file", ["sample", "--run", "{ws}/afile"], "--run {ws}/afile is a file; pass the run's folder", None),
     ("eval config.json a list", ["eval", "--run", "{ws}/run"], "config config.json: holds a list", write("run/config.json", "[1]")),
     ("eval config.json batch 0", ["eval", "--run", "{ws}/run"], "config config.json: train.batch_size = 0", config_json(train={"batch_size": 0})),
     # sample
@@ -200,6 +203,13 @@ CASES = [
     ("no command", [], "the following arguments are required: command", None),
     ("unknown command", ["frobnicate"], "invalid choice: 'frobnicate'", None),
 ]  # fmt: skip
+
+
+def _fields(section) -> dict[str, type]:
+    """The field types of a config section object (``{"lr": float, ...}``)."""
+    import typing
+
+    return typing.get_type_hints(type(section))
 
 
 def _snapshot(root: Path) -> dict[str, str]:
