@@ -81,10 +81,12 @@ def atomic_output(path: str | Path):
     """Write a file all at once: yields a temporary path beside ``path`` (same suffix, so that
     writers that choose the format by it still can) and renames it to ``path`` when the block ends
     without error. On any error the temporary file is removed and whatever was at ``path`` stays
-    as it was; an OSError (a full disk) is raised again naming ``path``."""
+    as it was; an OSError (a full disk) is raised again naming ``path``. The rename replaces a
+    symbolic link at ``path`` (or a leftover at the temporary name) instead of writing through it."""
     path = Path(path)
     tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
     try:
+        tmp.unlink(missing_ok=True)
         yield tmp
         os.replace(tmp, path)
     except OSError as e:
