@@ -81,11 +81,11 @@ def _memory_bytes(device: torch.device) -> int | None:
         return None
 
 
-def check_model(model_cfg, device: torch.device, fix: str = "use --model.backend auto") -> None:
+def check_model(model_cfg, device: torch.device, fix: str = "use --model.backend auto", shards: int = 1) -> None:
     """Refuse, before any work starts, a model that cannot train on ``device``: a ``model.backend``
     that cannot run its pattern there (``triton`` or ``flex`` off CUDA, ``sdpa`` with a sparse
     pattern; ``fix`` says what to do), or one whose weights, gradients and Adam moments (16 bytes
-    per parameter) alone exceed the device's memory.
+    per parameter, split over ``shards`` processes under FSDP) alone exceed the device's memory.
 
     Raises:
         UserError: naming the problem and the fix.
@@ -99,10 +99,11 @@ def check_model(model_cfg, device: torch.device, fix: str = "use --model.backend
         raise UserError(f"config: model.{problem}; {fix}")
     params = matmul_params(model_cfg) + (model_cfg.vocab_size + model_cfg.n_ctx) * model_cfg.d_model
     memory = _memory_bytes(device)
-    if memory is not None and 16 * params > memory:
+    need = 16 * params / shards
+    if memory is not None and need > memory:
         raise UserError(
             f"config: the model has about {params:,} parameters, whose weights, gradients and optimizer state "
-            f"({16 * params / 2**30:,.0f} GiB) exceed the {memory / 2**30:,.0f} GiB of {device}; use a smaller "
+            f"({need / 2**30:,.0f} GiB per process) exceed the {memory / 2**30:,.0f} GiB of {device}; use a smaller "
             "--model.n_layer or --model.d_model"
         )
 

@@ -338,7 +338,7 @@ def _train(cfg: Config, run_dir: Path | None, resuming: bool, d: parallel.Dist) 
     t, device = cfg.train, d.device
     set_threads(device)
     dtype = resolve_dtype(t.dtype, device)
-    check_model(cfg.model, device)
+    check_model(cfg.model, device, shards=d.world if t.parallel == "fsdp" else 1)
     run_dir = run_dir or _new_run_dir(d)
     if not resuming and (run_dir / checkpoint.CHECKPOINT).exists():
         raise UserError(
