@@ -58,7 +58,8 @@ from .errors import UserError
 from .evaluate import bits_per_dim, unit_of
 from .flops import peak_tflops, train_flops_per_token
 from .model import SparseTransformer, cross_entropy
-from .runtime import resolve_dtype
+from .paths import check_output_dir
+from .runtime import check_model, resolve_dtype
 
 METRICS = "metrics.jsonl"
 
@@ -229,11 +230,28 @@ def set_rng_state(state: dict, rng: np.random.Generator, device: torch.device) -
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
+def _new_run_folder(run_dir) -> Path | None:
+    """``run_dir`` of a new run, checked: a folder that can be written and holds no files of another
+    run or program that training would overwrite (config.json, metrics.jsonl). A run that already
+    saved a checkpoint is refused later, with the hint to resume it."""
+    if run_dir is None:
+        return None
+    run_dir = check_output_dir(run_dir, "train: --run-dir")
+    ours = [name for name in (checkpoint.CONFIG, METRICS) if (run_dir / name).exists()]
+    if ours and not (run_dir / checkpoint.CHECKPOINT).exists():
+        raise UserError(
+            f"train: {run_dir} already holds {' and '.join(ours)} but no checkpoint (a run stopped before its "
+            "first checkpoint, or files of something else) that a new run would overwrite; choose a new --run-dir "
+            "or remove them"
+        )
+    return run_dir
+
+
 def _resolve_config(cfg: Config | None, run_dir, resume, overrides) -> tuple[Config, Path | None]:
     if resume is None:
         if cfg is None:
             raise UserError("train: no config given; pass a Config (or --config FILE) or --resume DIR")
-        return validate(cfg), Path(run_dir) if run_dir is not None else None
+        return validate(cfg), _new_run_folder(run_dir)
     resume = Path(resume)
     if not checkpoint.training_checkpoints(resume):
         raise UserError(
@@ -417,6 +435,7 @@ def _train(cfg: Config, run_dir: Path | None, resuming: bool, d: parallel.Dist, 
     t, device = cfg.train, d.device
     set_threads(device)
     dtype = resolve_dtype(t.dtype, device)
+    check_model(cfg.model, device, shards=d.world if t.parallel == "fsdp" else 1)
     run_dir = run_dir or _new_run_dir(d)
     if not resuming and checkpoint.training_checkpoints(run_dir):
         raise UserError(

@@ -59,6 +59,18 @@ def _triton_available() -> bool:
         return False
 
 
+def backend_problem(backend: str, pattern: Pattern, device: torch.device) -> str | None:
+    """Why ``backend`` cannot compute ``pattern`` on ``device`` (a phrase), or None when it can:
+    checked before a run starts, so that the first forward pass does not find out."""
+    if backend in _GPU_ONLY and device.type != "cuda":
+        return f"backend {backend!r} needs a CUDA device, not {device.type}"
+    if backend == "triton" and not _triton_available():
+        return "backend 'triton' needs the triton package, which is not installed"
+    if backend == "sdpa" and not (isinstance(pattern, NamedPattern) and pattern.name == "dense"):
+        return "backend 'sdpa' computes only the dense pattern"
+    return None
+
+
 def resolve_backend(backend: str, pattern: Pattern, device: torch.device) -> str:
     """The backend ``auto`` stands for on ``device`` (or ``backend`` itself when forced)."""
     if backend != "auto":

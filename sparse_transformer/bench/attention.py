@@ -55,6 +55,7 @@ from ..attention import BACKENDS, sparse_attention
 from ..config import Precision, literal_values
 from ..errors import UserError
 from ..options import comma_list
+from ..paths import check_output_file
 from ..runtime import DTYPES, dtype_name, resolve_device
 
 DENSE_BACKENDS = ("sdpa_cudnn", "sdpa_flash", "sdpa")
@@ -379,10 +380,18 @@ def bench_attention(
     Returns: the records (dicts; see the module docstring for the fields).
     """
     device = resolve_device(device, option="--device")
+    sizes = [("--n", n) for n in ns or ()] + [("--batch-tokens", batch_tokens), ("--heads", heads)]
+    for option, value in [*sizes, ("--head-dim", head_dim)]:
+        if value is not None and value < 1:
+            raise UserError(f"bench attention: {option} {value} must be at least 1")
+    if case_timeout_s is not None and not case_timeout_s > 0:
+        raise UserError(f"bench attention: --case-timeout {case_timeout_s} must be a positive number of seconds")
+    if out_jsonl:
+        check_output_file(out_jsonl, "bench attention: --out")
     defaults = DEFAULTS["cuda" if device.type == "cuda" else "cpu"]
     backends = tuple(backends or defaults["backends"])
     ns = tuple(ns or defaults["ns"])
-    batch_tokens = batch_tokens or defaults["batch_tokens"]
+    batch_tokens = batch_tokens if batch_tokens is not None else defaults["batch_tokens"]
     dtype = dtype_name(dtype or "auto", device)  # auto: bf16 on CUDA, fp32 on CPU
     max_n = dict(max_n or {})
     for b in backends:

@@ -34,7 +34,8 @@ import time
 
 import torch
 
-from ..config import Config, DataConfig, ModelConfig, load_config
+from ..cli import at_least, device_arg
+from ..config import Config, DataConfig, ModelConfig, SampleConfig, load_config, validate
 from ..model import SparseTransformer
 from ..options import comma_list, keywords
 from ..runtime import DTYPES
@@ -105,7 +106,11 @@ def bench_sample(
         threads: CPU threads for both runs (0 = PyTorch's default). One decoded token is a few
             dozen tiny ops, which more threads only slow down (and badly on a busy machine).
     Returns: one dict per pattern (also printed as JSON lines, then a markdown table).
+    Raises: UserError for sizes a model cannot have (checked as a config is).
     """
+    for pattern in patterns:  # the one schema's checks, before anything is timed
+        sizes = ModelConfig(n_layer=n_layer, d_model=d_model, n_head=n_head, stride=stride or 1, c=c, pattern=pattern)
+        validate(Config(model=sizes, data=DataConfig(seq_len=length), sample=SampleConfig(num=num)))
     if threads:
         torch.set_num_threads(threads)
     stride = stride or max(1, round(length**0.5))
@@ -321,28 +326,35 @@ def format_cuda_table(rows: list[dict]) -> str:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
-        "--length", type=int, default=0, help="tokens to sample (0 = 4,096 on CPU, the preset's context on CUDA)"
+        "--length",
+        type=at_least(0),
+        default=0,
+        help="tokens to sample (0 = 4,096 on CPU, the preset's context on CUDA)",
     )
     p.add_argument("--patterns", default="strided,fixed", help="comma-separated: strided, fixed, local, dense")
-    p.add_argument("--num", type=int, default=1, help="samples drawn together (batch)")
-    p.add_argument("--n-layer", type=int, default=2)
-    p.add_argument("--d-model", type=int, default=64)
-    p.add_argument("--n-head", type=int, default=2)
-    p.add_argument("--stride", type=int, default=0, help="l (0 = sqrt(length))")
-    p.add_argument("--c", type=int, default=8, help="fixed: summary cells per block")
+    p.add_argument("--num", type=at_least(1), default=1, help="samples drawn together (batch)")
+    p.add_argument("--n-layer", type=at_least(1), default=2)
+    p.add_argument("--d-model", type=at_least(1), default=64)
+    p.add_argument("--n-head", type=at_least(1), default=2)
+    p.add_argument("--stride", type=at_least(0), default=0, help="l (0 = sqrt(length))")
+    p.add_argument("--c", type=at_least(1), default=8, help="fixed: summary cells per block")
     p.add_argument(
         "--no-cache-steps",
-        type=int,
+        type=at_least(0),
         default=0,
         help="time only the last K uncached steps and extrapolate (0 = measure all)",
     )
-    p.add_argument("--threads", type=int, default=1, help="CPU threads for both runs (0 = PyTorch's default)")
-    p.add_argument("--device", default="cpu", help="cpu: cache vs no cache; cuda: the decoding modes of a preset")
+    p.add_argument("--threads", type=at_least(0), default=1, help="CPU threads for both runs (0 = PyTorch's default)")
+    p.add_argument(
+        "--device", type=device_arg, default="cpu", help="cpu: cache vs no cache; cuda: the decoding modes of a preset"
+    )
     cuda = p.add_argument_group("CUDA")
     cuda.add_argument("--preset", default="audio", help="a name in configs/ or a TOML file")
     cuda.add_argument("--batches", default="1,8,64", help="comma-separated batch sizes")
     cuda.add_argument("--modes", default="eager,graphs,compile", help="comma-separated: eager, graphs, compile")
-    cuda.add_argument("--window", type=int, default=2048, help="timed steps per mode (the rest is extrapolated)")
+    cuda.add_argument(
+        "--window", type=at_least(1), default=2048, help="timed steps per mode (the rest is extrapolated)"
+    )
     cuda.add_argument("--dtype", default="bf16", choices=("bf16", "fp16", "fp32"))
     cuda.add_argument("--out", default=None, help="append the JSON lines to this file")
     cuda.add_argument(
