@@ -233,7 +233,7 @@ def test_keeps_the_newest_checkpoints_and_resumes_from_the_newest_that_loads(dat
 
 def test_fault_keys_are_checked():
     for key in ("keep_checkpoints", "max_bad_steps"):
-        with pytest.raises(UserError, match=f"train.{key} = 0 must be at least 1"):
+        with pytest.raises(UserError, match=f"train.{key} = 0 must be >= 1"):
             load_config(None, [f"--train.{key}", "0"])
     t = load_config(None).train
     assert (t.keep_checkpoints, t.max_bad_steps) == (2, 8)
