@@ -12,6 +12,11 @@ A run directory holds
                          checkpoint-N.pt then holds everything else and names this folder
     model.safetensors    the exported weights (with config.json: everything sampling needs)
 
+The export (:func:`export`: config.json + model.safetensors) is the one shareable format: ``train``
+writes it at the end of a run, ``SparseTransformer.save_pretrained`` and ``sparse-transformer
+export`` write it through the same function, and :func:`load_export` reads it for
+``SparseTransformer.from_pretrained``, ``eval`` and ``sample`` alike.
+
 Training saves and resumes through :func:`save_training` and :func:`load_training`, which hide the
 difference between one process, DDP (full state dicts in checkpoint.pt) and FSDP2 (shards through
 torch.distributed.checkpoint); :func:`load_model` reads either kind into one process.
@@ -359,7 +364,9 @@ def _dcp_load(dcp, state: dict, folder: Path) -> None:
 
 
 def export(model: nn.Module, cfg: Config, out_dir: str | Path) -> Path:
-    """Write ``out_dir/model.safetensors`` (fp32 weights) and ``out_dir/config.json``.
+    """Write ``out_dir/model.safetensors`` (fp32 weights; the config also in its metadata) and
+    ``out_dir/config.json`` (``cfg``, the whole run config), each atomically: the export that
+    :func:`load_export` reads. The writer of ``train``'s export and of ``SparseTransformer.save_pretrained``.
 
     ``model`` is the plain (unwrapped) model, or an FSDP2 model: then every rank must call this (the
     full weights are gathered) and only rank 0 writes. Returns the weights' path.
@@ -387,18 +394,30 @@ def full_model_state(model: nn.Module) -> dict[str, torch.Tensor] | None:
 
 
 def read_run_config(run_dir: str | Path) -> Config:
-    """The resolved config saved in ``run_dir/config.json``."""
+    """The resolved config saved in ``run_dir/config.json`` (a run directory or an export).
+
+    Raises UserError when it is missing, not JSON, or not a config (unknown sections or keys, values
+    of the wrong type, cross-field rules broken)."""
     path = Path(run_dir) / CONFIG
     if not path.is_file():
-        raise UserError(f"checkpoint: {path} is missing; pass a run directory written by sparse-transformer train")
+        raise UserError(
+            f"checkpoint: {path} is missing; pass a run directory written by sparse-transformer train or an export"
+        )
     try:
-        return config_from_dict(json.loads(path.read_text()))
+        table = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise UserError(f"checkpoint: {path} is not valid JSON ({e}); restore it from the run or train again") from None
+    if not isinstance(table, dict):
+        raise UserError(f"checkpoint: {path} holds no config (a JSON object of sections); restore it from the run")
+    try:
+        return config_from_dict(table)
+    except UserError as e:
+        raise UserError(f"checkpoint: {path} is not a valid config: {e}") from None
 
 
 def load_model(run_dir: str | Path, device: str | torch.device = "cpu") -> tuple[SparseTransformer, Config]:
-    """The model of a run (latest checkpoint, else the export) in eval mode on ``device``, and its config.
+    """The model of a run (latest checkpoint, else the export) in eval mode on ``device``, and its config
+    (also ``model.config``).
 
     Raises UserError when the folder has no config.json, no weights, corrupt weights, or weights of
     another architecture than config.json describes.
@@ -408,18 +427,45 @@ def load_model(run_dir: str | Path, device: str | torch.device = "cpu") -> tuple
         raise UserError(
             f"checkpoint: run directory {run_dir} does not exist; pass --run DIR of a finished or running training"
         )
-    cfg = read_run_config(run_dir)
-    model = SparseTransformer(cfg.model)
-    ckpt, weights = run_dir / CHECKPOINT, run_dir / WEIGHTS
-    if ckpt.is_file():
-        _restore(run_dir, load(ckpt), model, None)
-    elif weights.is_file():
-        load_weights(model, _read_safetensors(weights), str(weights))
-    else:
+    if (run_dir / CHECKPOINT).is_file():
+        cfg = read_run_config(run_dir)
+        model = SparseTransformer(cfg)
+        _restore(run_dir, load(run_dir / CHECKPOINT), model, None)
+        return model.to(device).eval(), cfg
+    if (run_dir / CONFIG).is_file() and not (run_dir / WEIGHTS).is_file():
         raise UserError(
             f"checkpoint: {run_dir} has neither {CHECKPOINT} nor {WEIGHTS}; train it first "
             f"(sparse-transformer train --run-dir {run_dir})"
         )
+    return load_export(run_dir, device)
+
+
+def load_export(folder: str | Path, device: str | torch.device = "cpu") -> tuple[SparseTransformer, Config]:
+    """The model of an export (what :func:`export` writes) in eval mode on ``device``, and its config
+    (also ``model.config``): the one reader of exports, under ``SparseTransformer.from_pretrained`` and
+    under ``eval`` and ``sample`` of a folder without checkpoint.pt.
+
+    The weights are read with safetensors only, so a tampered file cannot execute code.
+
+    Raises:
+        UserError: one line: the folder or either file is missing, config.json is not a valid config,
+            model.safetensors is truncated or corrupt, or its tensors are not the ones config.json's
+            architecture has.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise UserError(
+            f"checkpoint: {folder} is not a folder; pass an export (config.json + {WEIGHTS}) or a run directory"
+        )
+    cfg = read_run_config(folder)
+    weights = folder / WEIGHTS
+    if not weights.is_file():
+        raise UserError(
+            f"checkpoint: {folder} has no {WEIGHTS}; pass an export (config.json + {WEIGHTS}) as written by "
+            "save_pretrained, sparse-transformer export or the end of sparse-transformer train"
+        )
+    model = SparseTransformer(cfg)
+    load_weights(model, _read_safetensors(weights), str(weights))
     return model.to(device).eval(), cfg
 
 

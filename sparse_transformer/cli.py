@@ -144,6 +144,15 @@ def cmd_sample(args, overrides: list[str]) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from .checkpoint import load_model
+
+    model, _ = load_model(args.run)
+    model.save_pretrained(args.out)
+    print(f"wrote {args.out}: config.json, model.safetensors, README.md (model card)")
+    return 0
+
+
 def cmd_layout(args) -> int:
     from . import patterns
 
@@ -294,6 +303,17 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--no-graphs", action="store_true", help="CUDA: run the decoding step eagerly, not as a CUDA graph")
     sp.add_argument("--compile", action="store_true", help="torch.compile the decoding step (long samples on CUDA)")
 
+    sp = sub.add_parser(
+        "export",
+        help="write a run's latest weights as an export to share (config.json + model.safetensors + model card)",
+        epilog="The folder loads with SparseTransformer.from_pretrained(OUT) and works with eval/sample --run OUT; "
+        "model.push_to_hub(REPO) uploads it.",
+    )
+    sp.add_argument(
+        "--run", required=True, help="a run directory (its latest checkpoint, else its export) or an export"
+    )
+    sp.add_argument("--out", required=True, help="the folder to write")
+
     sp = sub.add_parser("layout", help="print and draw an attention pattern")
     sp.add_argument("--pattern", required=True, choices=choices(ModelConfig, "pattern"))
     sp.add_argument("--n", type=int, required=True)
@@ -345,6 +365,7 @@ def main(argv: list[str] | None = None) -> int:
         return {
             "prepare": cmd_prepare,
             "eval": cmd_eval,
+            "export": cmd_export,
             "layout": cmd_layout,
             "plot": cmd_plot,
             "bench": cmd_bench,

@@ -560,6 +560,17 @@ def data_meta(cfg: Config) -> dict:
     return {"modality": "text", "shape": None, "sample_rate": None}
 
 
+def config_for_model(m: ModelConfig) -> Config:
+    """The whole Config of a model built from its ``ModelConfig`` alone (not from a run's Config): ``m``
+    itself as the model section, ``data.seq_len = m.n_ctx``, image data of ``m.image_shape`` for image
+    positions (else the modality stays unrecorded: text), defaults elsewhere. What
+    ``SparseTransformer.save_pretrained`` writes for such a model."""
+    data = DataConfig(seq_len=m.n_ctx)
+    if m.position == "image":
+        data.modality, data.shape = "image", list(m.image_shape)
+    return Config(model=m, data=data)
+
+
 def config_from_dict(d: dict) -> Config:
     """Rebuild a Config from ``Config.to_dict()`` output (e.g. a run's config.json)."""
     cfg = Config()

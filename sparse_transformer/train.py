@@ -461,7 +461,7 @@ def _train(cfg: Config, run_dir: Path | None, resuming: bool, d: parallel.Dist, 
     unit = unit_of(meta["modality"])
 
     torch.manual_seed(t.seed)  # the same initial weights on every rank (FSDP2 does not broadcast them)
-    model = SparseTransformer(cfg.model).to(device)
+    model = SparseTransformer(cfg).to(device)  # model.config is the run's config (save_pretrained writes it)
     torch.manual_seed(t.seed + d.rank)  # then a different dropout stream and batch order per rank
     rng = np.random.default_rng(t.seed + d.rank)
     ddp_model, optimizer, scaler = setup_training(model, cfg, d, dtype)
