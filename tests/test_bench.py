@@ -5,6 +5,7 @@ import argparse
 import json
 
 import pytest
+import torch
 from conftest import SMALLEST_MODEL, overrides
 
 from sparse_transformer import patterns as P
@@ -130,6 +131,40 @@ def test_bench_train_cli_case_without_dense(capsys):
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
     (rec,) = [json.loads(line) for line in lines]
     assert rec["case"] == "audio1m" and rec["n"] == 256 and rec["d_model"] == 128 and "dense not run" in rec["note"]
+
+
+def test_bench_tiles_cases_and_winners():
+    """``bench tiles`` needs a GPU to time anything; its case specs and its choice of winners are
+    checked here (winners: least time relative to the committed tile, summed over the cases that
+    launch the role)."""
+    from sparse_transformer.bench import tiles as bench_tiles_mod
+
+    assert bench_tiles_mod.parse_case("fixed:128:32@16K", 131072)[1:] == (P.fixed(128, 32), 16384, 8)
+    assert bench_tiles_mod.parse_case("strided@1M", 131072)[1:] == (P.strided(1024), 1 << 20, 1)
+    for bad in ("strided:128", "strided:128@lots", "banded@16K"):
+        with pytest.raises(UserError):
+            bench_tiles_mod.parse_case(bad, 131072)
+    a, b, c = (64, 64, 4, 3), (32, 64, 4, 3), (16, 64, 4, 3)
+    cands = {"fwd": [a, b, c], "dkdv": [b, a], "dq_summary": [a, b]}
+    results = {  # (variant, case) -> {role: ms}; variant 2 gives dkdv its candidate 2 % 2 = 0
+        (0, "x"): {"fwd": 1.0, "dkdv": 2.0},
+        (0, "y"): {"fwd": 10.0, "dkdv": 20.0},
+        (1, "x"): {"fwd": 0.5, "dkdv": 3.0},
+        (1, "y"): {"fwd": 12.0, "dkdv": 30.0},  # fwd: 0.5 + 1.2 = 1.7 < 2 (committed)
+        (2, "x"): {"fwd": 0.9},  # c: 0.9 + 0.85 = 1.75
+        (2, "y"): {"fwd": 8.5},
+    }
+    winners, scores = bench_tiles_mod.pick_winners(results, cands)
+    assert winners == {"fwd": b, "dkdv": b}  # dq_summary is launched by no case: no winner
+    assert scores["fwd"] == {str(a): 2.0, str(b): 1.7, str(c): 1.75}
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+def test_bench_tiles_without_cuda_is_one_clear_error(capsys):
+    from sparse_transformer.cli import main
+
+    assert main(["bench", "tiles", "--cases", "strided:8@64"]) == 2
+    assert "needs CUDA" in capsys.readouterr().err
 
 
 def test_bench_sample_cpu_passes_its_options_on(capsys):

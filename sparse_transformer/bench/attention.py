@@ -79,7 +79,7 @@ DEFAULTS = {
     "cpu": {"backends": ("factorized", "sdpa"), "ns": (1024, 4096), "batch_tokens": 4096},
 }
 
-__all__ = ["add_arguments", "bench_attention", "format_table", "pattern_for", "run"]
+__all__ = ["add_arguments", "bench_attention", "format_table", "parse_int", "pattern_for", "run"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -99,7 +99,7 @@ def pattern_for(spec: str | P.Pattern, n: int) -> P.Pattern:
         return spec
     name, *args = spec.strip().split(":")
     try:
-        ints = [_parse_int(a) for a in args]
+        ints = [parse_int(a) for a in args]
     except ValueError:
         raise UserError(
             f"pattern {spec!r}: the values after ':' must be integers, e.g. strided:256 or fixed:128:32"
@@ -467,7 +467,7 @@ def format_table(records: Sequence[dict]) -> str:
 # --------------------------------------------------------------------------------------------
 
 
-def _parse_int(text: str) -> int:
+def parse_int(text: str) -> int:
     """``65536``, ``65_536``, ``64K`` or ``1M`` (powers of two) -> int."""
     t = text.strip().replace("_", "").upper()
     mult = {"K": 2**10, "M": 2**20}.get(t[-1:], 1)
@@ -492,7 +492,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--n", default=None, help="comma-separated lengths, e.g. 4K,16K,64K (default CUDA: 4K..1M; CPU: 1K,4K)"
     )
     p.add_argument(
-        "--batch-tokens", type=_parse_int, default=None, help="B = batch_tokens // n (default CUDA 131072, CPU 4096)"
+        "--batch-tokens", type=parse_int, default=None, help="B = batch_tokens // n (default CUDA 131072, CPU 4096)"
     )
     p.add_argument("--heads", type=int, default=8)
     p.add_argument("--head-dim", type=int, default=64)
@@ -511,11 +511,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """Entry point of ``sparse-transformer bench attention``: JSON lines, then the table."""
     try:
-        ns = [_parse_int(s) for s in comma_list(args.n)] or None
+        ns = [parse_int(s) for s in comma_list(args.n)] or None
         max_n = {}
         for item in comma_list(args.max_n):
             backend, _, value = item.partition("=")
-            max_n[backend.strip()] = _parse_int(value)
+            max_n[backend.strip()] = parse_int(value)
     except ValueError:
         raise UserError("--n and --max-n take integers such as 65536, 64K or 1M (--max-n as BACKEND=N)") from None
     records = bench_attention(
