@@ -156,7 +156,7 @@ CASES = [
     ("eval data missing", ["eval", "--run", "{ws}/run", "--data", "{ws}/nope"], "meta.json is missing", None),
     ("eval run is a file", ["eval", "--run", "{ws}/afile"], "--run {ws}/afile is a file; pass the run's folder", None),
     ("sample run is a file", ["sample", "--run", "{ws}/afile"], "--run {ws}/afile is a file; pass the run's folder", None),
-    ("eval config.json a list", ["eval", "--run", "{ws}/run"], "config config.json: holds a list", write("run/config.json", "[1]")),
+    ("eval config.json a list", ["eval", "--run", "{ws}/run"], "config.json holds no config (a JSON object of sections)", write("run/config.json", "[1]")),
     ("eval config.json batch 0", ["eval", "--run", "{ws}/run"], "config config.json: train.batch_size = 0", config_json(train={"batch_size": 0})),
     # sample
     ("sample seed negative", ["sample", "--run", "{ws}/run", "--seed", "-1"], "--seed -1 must be an integer from 0", None),
