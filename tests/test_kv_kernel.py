@@ -94,7 +94,7 @@ def test_cuda_fused_step_matches_torch_step(name):
     model = copy.deepcopy(model32).to(torch.bfloat16)
     x = torch.randint(0, 256, (3, length), device="cuda")
     with torch.no_grad():
-        assert not any(layer.fused for layer in model.new_cache(3).layers)  # opt-in until measured
+        assert all(layer.fused for layer in model.new_cache(3).layers)  # the default on CUDA
         exact = model32(x)
         error = (model(x).float() - exact).abs().max()
         fused = _decode(model, x, True).float()
