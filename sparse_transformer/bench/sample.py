@@ -221,7 +221,8 @@ def _time_mode(
         "peak_mib": round(torch.cuda.max_memory_allocated(device) / 2**20),
     }
     if profile:
-        row["profile"] = _profile_steps(decoder, profile)
+        decoder.pos.fill_(length - min(profile, window + warmup))  # positions inside the sample
+        row["profile"] = _profile_steps(decoder, min(profile, window + warmup))
     del decoder, tokens, noise
     if mode == "compile":
         torch._dynamo.reset()  # drop the compiled step (and the buffers its guards refer to)
