@@ -3,10 +3,13 @@
 A run directory holds
 
     config.json          the resolved config (written at the start of training)
-    checkpoint.pt        the latest training state: model, optimizer, grad scaler, step, per-rank
-                         RNG states and data position (single process and DDP)
+    checkpoint-N.pt      the training state after step N: model, optimizer, grad scaler, step,
+                         per-rank RNG states and data position (single process and DDP); the newest
+                         ``train.keep_checkpoints`` are kept, older ones are removed after a save
+    checkpoint.pt        the newest of them under a fixed name (a hard link, or a copy where the
+                         file system has none): what eval and sample read
     checkpoint-dcp-N/    FSDP2 runs only: model and optimizer shards (torch.distributed.checkpoint);
-                         checkpoint.pt then holds everything else and names this folder
+                         checkpoint-N.pt then holds everything else and names this folder
     model.safetensors    the exported weights (with config.json: everything sampling needs)
 
 The export (:func:`export`: config.json + model.safetensors) is the one shareable format: ``train``
@@ -19,7 +22,9 @@ difference between one process, DDP (full state dicts in checkpoint.pt) and FSDP
 torch.distributed.checkpoint); :func:`load_model` reads either kind into one process.
 
 Every file is written under a temporary name in the same folder, fsynced and renamed over the old
-one (``os.replace`` is atomic), so a crash during a save leaves the previous checkpoint usable.
+one (``os.replace`` is atomic), so a crash during a save leaves the previous checkpoint usable;
+weights that are not finite (a diverged run) are never saved (:class:`NotFinite`). Resuming takes
+the newest checkpoint that loads, passing over (and naming) any that do not.
 Files are read with ``torch.load(weights_only=True)``: tensors, numbers, strings, lists and dicts
 only, so a tampered checkpoint cannot execute code.
 """
@@ -29,6 +34,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import re
 import shutil
 import warnings
 import zipfile
@@ -43,6 +49,7 @@ from .errors import UserError
 from .model import SparseTransformer
 
 CHECKPOINT = "checkpoint.pt"
+_STEP_CHECKPOINT = re.compile(r"checkpoint-([0-9]+)\.pt")  # checkpoint-N.pt: the state after step N
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
 
@@ -151,43 +158,137 @@ def load_weights(model: nn.Module, state: dict[str, torch.Tensor], source: str) 
 _WEIGHTS_KEYS = ("model", "optimizer", "sharded")
 
 
-def save_training(run_dir: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> Path:
-    """Save a resumable training state; every rank calls this, rank 0 writes checkpoint.pt.
+class NotFinite(UserError):
+    """:func:`save_training` refused to save: some weight is infinite or NaN (a diverged run)."""
+
+
+def all_finite(model: nn.Module) -> bool:
+    """Whether every parameter of ``model`` is finite, on every rank (FSDP2: each rank checks its
+    shards; every rank must call this under a process group, whose ranks then agree)."""
+    params = [p.to_local() if hasattr(p, "to_local") else p for p in model.parameters()]
+    device = params[0].device if params else torch.device("cpu")
+    checks = [torch.isfinite(p.detach()).all() for p in params if p.numel()]
+    bad = ~torch.stack(checks).all() if checks else torch.tensor(False, device=device)
+    return parallel.all_reduce_max(bad.float().reshape(1))[0] == 0
+
+
+def training_checkpoints(run_dir: str | Path) -> list[Path]:
+    """The training states of a run folder, newest first: ``checkpoint-N.pt`` by N, then checkpoint.pt
+    (the newest under a fixed name, or the only one of a run saved before checkpoints were numbered)."""
+    run_dir = Path(run_dir)
+    steps = sorted(
+        ((int(m.group(1)), p) for p in run_dir.glob("checkpoint-*.pt") if (m := _STEP_CHECKPOINT.fullmatch(p.name))),
+        reverse=True,
+    )
+    found = [p for _, p in steps]
+    latest = run_dir / CHECKPOINT
+    if latest.is_file() and not any(os.path.samefile(p, latest) for p in found):
+        found.append(latest)
+    return found
+
+
+def save_training(
+    run_dir: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict, keep: int = 1
+) -> Path:
+    """Save a resumable training state; every rank calls this, rank 0 writes the files.
 
     Args:
         model: the model as trained: plain (one process, or the model inside DDP) or FSDP2-sharded.
         optimizer: its optimizer.
         state: everything else that decides the run's future (``step``, grad scaler, per-rank RNG
             states, ...), the same on every rank; tensors, numbers, strings, lists and dicts only.
-    The weights and optimizer state go into checkpoint.pt, or for FSDP2 into
-    ``checkpoint-dcp-<step>/`` shards that checkpoint.pt then names (older shard folders are
-    deleted once it does). Returns the path of checkpoint.pt.
+        keep: how many checkpoints to keep (this one and the ``keep - 1`` newest before it).
+    The weights and optimizer state go into ``checkpoint-<step>.pt``, or for FSDP2 into
+    ``checkpoint-dcp-<step>/`` shards that it then names; once it is written, checkpoint.pt is made
+    the same file, and checkpoints (and shard folders) beyond the newest ``keep`` are deleted, as
+    are any of a later step than this one (left by a run that was resumed from an earlier one).
+    Returns the path of ``checkpoint-<step>.pt``.
+
+    Raises:
+        NotFinite: a weight is infinite or NaN; nothing is written (on any rank).
     """
+    step = state["step"]
+    if not all_finite(model):
+        raise NotFinite(f"checkpoint: the weights at step {step} are not finite; not saved")
     state = dict(state)
     if parallel.is_sharded(model):
-        state["sharded"] = save_sharded(run_dir, state["step"], model, optimizer)
+        state["sharded"] = save_sharded(run_dir, step, model, optimizer)
         parallel.barrier()
     else:
         state["model"], state["optimizer"] = model.state_dict(), optimizer.state_dict()
-    path = Path(run_dir) / CHECKPOINT
+    path = Path(run_dir) / f"checkpoint-{step}.pt"
     if parallel.is_main():
-        save(run_dir, state)
-        if "sharded" in state:
-            remove_old_sharded(run_dir, state["sharded"])
+        save(run_dir, state, path.name)
+        _link_latest(path)
+        _remove_old(Path(run_dir), step, keep)
     parallel.barrier()
     return path
 
 
+def _link_latest(path: Path) -> None:
+    """Make ``checkpoint.pt`` next to ``path`` the same file as ``path``, atomically (a hard link
+    renamed over it; a copy where the file system has no hard links)."""
+    latest = path.with_name(CHECKPOINT)
+    tmp = path.with_name(f".{CHECKPOINT}.tmp-{os.getpid()}")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(path, tmp)
+    except OSError:
+        shutil.copyfile(path, tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+    try:
+        os.replace(tmp, latest)
+    finally:
+        tmp.unlink(missing_ok=True)
+    _fsync_dir(path.parent)
+
+
+def _remove_old(run_dir: Path, step: int, keep: int) -> None:
+    """Delete ``checkpoint-N.pt`` files (and FSDP2 shard folders) other than the ``keep`` newest up to
+    ``step``; those of a later step than ``step`` belong to an abandoned continuation and go too."""
+    numbered = {
+        int(m.group(1)): p for p in run_dir.glob("checkpoint-*.pt") if (m := _STEP_CHECKPOINT.fullmatch(p.name))
+    }
+    kept = sorted((n for n in numbered if n <= step), reverse=True)[:keep]
+    for n, p in numbered.items():
+        if n not in kept:
+            p.unlink(missing_ok=True)
+    for folder in run_dir.glob("checkpoint-dcp-*"):
+        suffix = folder.name[len("checkpoint-dcp-") :]
+        if not (suffix.isdigit() and int(suffix) in kept):
+            shutil.rmtree(folder, ignore_errors=True)
+
+
 def load_training(run_dir: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
-    """Load the state :func:`save_training` wrote into ``model`` and ``optimizer`` (every rank calls
-    this) and return the rest of it (``step``, grad scaler, per-rank states, ...).
+    """Load the newest state :func:`save_training` wrote into ``model`` and ``optimizer`` (every rank
+    calls this) and return the rest of it (``step``, grad scaler, per-rank states, ...).
+
+    Checkpoints that do not load (truncated, corrupt, missing shards) are passed over for the next
+    newer one; the returned dict then names them (``passed_over``: one line each). ``path`` is the
+    checkpoint loaded.
 
     Raises:
-        UserError: no checkpoint.pt, a corrupt one, weights of another architecture, or a run saved
-            with FSDP2 resumed without it (or the other way round).
+        UserError: no checkpoint, none that loads (the newest one's error), weights of another
+            architecture, or a run saved with FSDP2 resumed without it (or the other way round).
     """
     run_dir = Path(run_dir)
-    state = load(run_dir / CHECKPOINT)
+    candidates = training_checkpoints(run_dir) or [run_dir / CHECKPOINT]
+    passed_over = []
+    for path in candidates:  # the newest whose file (and shard folder) reads; its errors are final
+        try:
+            state = load(path)
+            if "sharded" in state and not (run_dir / str(state["sharded"])).is_dir():
+                raise UserError(f"checkpoint: {run_dir / str(state['sharded'])} (named by {path}) is missing")
+        except UserError as e:
+            passed_over.append(str(e))
+            continue
+        state = _load_training(run_dir, state, model, optimizer)
+        return {**state, "path": str(path), "passed_over": passed_over}
+    raise UserError(f"{passed_over[0]} (and no older checkpoint loads)" if len(passed_over) > 1 else passed_over[0])
+
+
+def _load_training(run_dir: Path, state: dict, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
     if "sharded" in state and not parallel.is_sharded(model):
         raise UserError(f"train: {run_dir} was trained with FSDP; resume it under torchrun with --train.parallel fsdp")
     if "sharded" not in state and parallel.is_sharded(model):
@@ -257,13 +358,6 @@ def _dcp_load(dcp, state: dict, folder: Path) -> None:
             f"checkpoint: cannot load {folder} into this model ({_first_line(e)}); it is from another "
             "architecture or corrupt: use the config.json saved with it, or start a new --run-dir"
         ) from None
-
-
-def remove_old_sharded(run_dir: str | Path, keep: str) -> None:
-    """Delete ``checkpoint-dcp-*`` folders other than ``keep`` (after checkpoint.pt names ``keep``)."""
-    for folder in Path(run_dir).glob("checkpoint-dcp-*"):
-        if folder.name != keep:
-            shutil.rmtree(folder, ignore_errors=True)
 
 
 # --- export and loading for evaluation / sampling -------------------------------------------------

@@ -48,7 +48,7 @@ from . import patterns
 from .attention import sparse_attention
 from .config import Config, ModelConfig, config_for_model
 from .errors import UserError
-from .kv_cache import KVCache, LayerKVCache, StepIndex
+from .kv_cache import KVCache, KVStep, LayerKVCache
 
 # The model card save_pretrained writes as README.md beside the two files (huggingface_hub's template
 # syntax; card_data is the YAML metadata: library name, tags).
@@ -110,9 +110,7 @@ class Attention(nn.Module):
         B, H, n, dh = y.shape
         return self.proj(y.transpose(1, 2).reshape(B, n, H * dh))
 
-    def forward(
-        self, x: torch.Tensor, cache: LayerKVCache | None = None, step: list[StepIndex] | None = None
-    ) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: LayerKVCache | None = None, step: KVStep | None = None) -> torch.Tensor:
         """``x [B, n, d]`` -> ``[B, n, d]``, the sparse attention of paper §4 and its projections.
 
         Without ``cache``: positions ``0 .. n-1`` (training, evaluation). With ``cache`` and no
@@ -156,9 +154,7 @@ class Block(nn.Module):
     def _ff_branch(self, x):
         return self.dropout(self.ff(self.ln_2(x)))
 
-    def forward(
-        self, x: torch.Tensor, cache: LayerKVCache | None = None, step: list[StepIndex] | None = None
-    ) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: LayerKVCache | None = None, step: KVStep | None = None) -> torch.Tensor:
         """``x [B, n, d]`` -> ``[B, n, d]``; ``cache`` and ``step`` as in :meth:`Attention.forward`.
         Activation checkpointing (paper §5.4) is applied from outside: ``parallel.checkpoint_blocks``."""
         x = x + self._attn_branch(x, cache, step)
@@ -366,10 +362,12 @@ class SparseTransformer(
 
     # ---- incremental decoding (sampling) ------------------------------------------------------
 
-    def new_cache(self, batch: int, length: int | None = None, device=None) -> KVCache:
+    def new_cache(self, batch: int, length: int | None = None, device=None, fused: bool | None = None) -> KVCache:
         """A pre-allocated sparse KV cache for ``batch`` sequences of ``length`` positions (default
         ``n_ctx``), in the model's dtype (fp16 models keep fp32 keys), on ``device`` (default the
-        model's; ``"meta"`` allocates nothing, for sizing). Raises ValueError outside ``1..n_ctx``."""
+        model's; ``"meta"`` allocates nothing, for sizing). ``fused``: decode each layer's attention
+        with one Triton kernel (None: on CUDA; see :class:`~sparse_transformer.kv_cache.KVCache`).
+        Raises ValueError outside ``1..n_ctx``."""
         cfg = self.cfg
         length = cfg.n_ctx if length is None else length
         if not 0 < length <= cfg.n_ctx:
@@ -378,7 +376,7 @@ class SparseTransformer(
         w = self.head.weight
         device = w.device if device is None else device
         patterns = [b.attn.pattern for b in self.blocks]
-        return KVCache(patterns, cfg.n_head, batch, length, dk, dv, device, w.dtype)
+        return KVCache(patterns, cfg.n_head, batch, length, dk, dv, device, w.dtype, fused)
 
     def decode_step(self, token: torch.Tensor | None, pos: torch.Tensor | int, cache: KVCache) -> torch.Tensor:
         """Logits of position ``pos`` given the cached positions ``0 .. pos-1`` (one sampling step).

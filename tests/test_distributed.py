@@ -8,6 +8,7 @@ import sys
 
 import pytest
 import torch.distributed as dist
+from conftest import TINY_RUN, overrides
 
 from sparse_transformer.evaluate import evaluate
 
@@ -18,30 +19,7 @@ pytestmark = [
     ),
 ]
 
-TINY = [
-    "--data.seq_len",
-    "64",
-    "--model.n_layer",
-    "2",
-    "--model.d_model",
-    "32",
-    "--model.n_head",
-    "2",
-    "--model.stride",
-    "16",
-    "--model.c",
-    "4",
-    "--train.batch_size",
-    "4",
-    "--train.log_every",
-    "1",
-    "--train.eval_batches",
-    "2",
-    "--train.device",
-    "cpu",
-    "--train.progress",
-    "false",
-]
+TINY = overrides(TINY_RUN, {"train.log_every": 1, "train.eval_batches": 2})
 
 
 @pytest.fixture(scope="module")
