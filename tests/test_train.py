@@ -159,7 +159,7 @@ def test_weight_decay_on_matrices_only():
 def test_default_run_reaches_its_target(tmp_path):
     """The README's main job, as a user runs it: `sparse-transformer train` with no arguments on the
     embedded Wikipedia sample (fresh cache: data preparation included) must reach the issue's target
-    of 2.5 test bits per byte (gzip -9: 2.841, bzip2 -9: 2.37 on the same bytes, shared/data/README.md).
+    of 2.5 test bits per byte (gzip -9: 2.841, bzip2 -9: 2.37 on the same bytes, docs/results.md).
     Deterministic seeds make this a fixed number up to the CPU's rounding (2.444 on 2026-11-30, one
     thread); no timing is asserted here (README and docs/results.md have the times)."""
     root = str(Path(__file__).resolve().parents[1])
