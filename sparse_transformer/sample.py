@@ -335,6 +335,14 @@ def image_grid(images: np.ndarray):
     return Image.fromarray(grid[:, :, 0] if C == 1 else grid, mode="L" if C == 1 else "RGB")
 
 
+def _unlinked(path: Path) -> Path:
+    """``path``, with a symbolic link there removed: a sample replaces a link, never writes through it
+    (a run folder from elsewhere could hold one pointing at any file)."""
+    if path.is_symlink():
+        path.unlink()
+    return path
+
+
 def write_samples(samples: np.ndarray, meta: dict, out_dir: str | Path) -> list[Path]:
     """Write ``uint8 [num, length]`` samples as the data's modality: text -> ``sample_000.txt``, ...
     (raw bytes); image -> one ``samples.png`` grid (raster order, channel fastest); audio ->
@@ -349,7 +357,7 @@ def write_samples(samples: np.ndarray, meta: dict, out_dir: str | Path) -> list[
                 f"sample: an image sample needs length {H * W * C} ({H}x{W}x{C}), got {samples.shape[1]}; use --length 0"
             )
         path = out_dir / "samples.png"
-        image_grid(samples.reshape(-1, H, W, C)).save(path)
+        image_grid(samples.reshape(-1, H, W, C)).save(_unlinked(path))
         return [path]
     paths = []
     for n, s in enumerate(samples):
@@ -357,10 +365,10 @@ def write_samples(samples: np.ndarray, meta: dict, out_dir: str | Path) -> list[
             from .data.mulaw import write_wav
 
             path = out_dir / f"sample_{n:03d}.wav"
-            write_wav(path, s, meta["sample_rate"])
+            write_wav(_unlinked(path), s, meta["sample_rate"])
         else:
             path = out_dir / f"sample_{n:03d}.txt"
-            path.write_bytes(s.tobytes())
+            _unlinked(path).write_bytes(s.tobytes())
         paths.append(path)
     return paths
 
@@ -432,10 +440,13 @@ def sample_command(
 
     from .checkpoint import load_model
     from .config import apply_overrides
+    from .runfolder import inside
     from .runtime import resolve_device, resolve_dtype
 
     dev = resolve_device(device, option="--device")
     model, cfg = load_model(run, dev)
+    if out_dir is None:  # inside the run folder, which may come from elsewhere: no link out of it
+        inside(run, Path(run) / "samples", "sample")
     apply_overrides(cfg, list(overrides))  # --sample.KEY VALUE over the run's SampleConfig
     num, temperature, top_k, length, seed = (
         given.get(key, getattr(cfg.sample, key)) for key in ("num", "temperature", "top_k", "length", "seed")
