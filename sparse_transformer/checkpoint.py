@@ -3,11 +3,19 @@
 A run directory holds
 
     config.json          the resolved config (written at the start of training)
-    checkpoint.pt        the latest training state: model, optimizer, grad scaler, step, per-rank
-                         RNG states and data position (single process and DDP)
+    checkpoint-N.pt      the training state after step N: model, optimizer, grad scaler, step,
+                         per-rank RNG states and data position (single process and DDP); the newest
+                         ``train.keep_checkpoints`` are kept, older ones are removed after a save
+    checkpoint.pt        the newest of them under a fixed name (a hard link, or a copy where the
+                         file system has none): what eval and sample read
     checkpoint-dcp-N/    FSDP2 runs only: model and optimizer shards (torch.distributed.checkpoint);
-                         checkpoint.pt then holds everything else and names this folder
+                         checkpoint-N.pt then holds everything else and names this folder
     model.safetensors    the exported weights (with config.json: everything sampling needs)
+
+The export (:func:`export`: config.json + model.safetensors) is the one shareable format: ``train``
+writes it at the end of a run, ``SparseTransformer.save_pretrained`` and ``sparse-transformer
+export`` write it through the same function, and :func:`load_export` reads it for
+``SparseTransformer.from_pretrained``, ``eval`` and ``sample`` alike.
 
 Training saves and resumes through :func:`save_training` and :func:`load_training`, which hide the
 difference between one process, DDP (full state dicts in checkpoint.pt) and FSDP2 (shards through
@@ -16,16 +24,20 @@ processes, with or without FSDP2, resumes on any other; :func:`load_model` reads
 one process.
 
 Every file is written under a temporary name in the same folder, fsynced and renamed over the old
-one (``os.replace`` is atomic), so a crash during a save leaves the previous checkpoint usable.
+one (``os.replace`` is atomic), so a crash during a save leaves the previous checkpoint usable;
+weights that are not finite (a diverged run) are never saved (:class:`NotFinite`). Resuming takes
+the newest checkpoint that loads, passing over (and naming) any that do not.
 
 Run folders are not trusted (one may come from someone else): nothing in one can run code or make
 the tool read outside it.
 
-* checkpoint.pt is read with ``torch.load(weights_only=True)`` (tensors, numbers, strings, lists
-  and dicts only) and its contents are checked (types, keys, shapes) before use.
-* config.json, checkpoint.pt, model.safetensors and the shard folder must resolve inside the run
-  folder (:func:`~sparse_transformer.runfolder.inside`); checkpoint.pt may only name a shard folder
-  ``checkpoint-dcp-<step>`` of its own run folder.
+* Checkpoints (``checkpoint-N.pt``, checkpoint.pt) are read with ``torch.load(weights_only=True)``
+  (tensors, numbers, strings, lists and dicts only) and their contents are checked (types, keys,
+  shapes) before use.
+* config.json, every checkpoint file, model.safetensors and the shard folders must resolve inside
+  the run folder (:func:`~sparse_transformer.runfolder.inside`); a checkpoint may only name a shard
+  folder ``checkpoint-dcp-<step>`` of its own run folder. Removing old checkpoints removes a link,
+  never what it points to.
 * Shards: torch.distributed.checkpoint's own reader (torch 2.13, as earlier releases) unpickles
   ``.metadata`` without restriction (``FileSystemReader.read_metadata`` calls ``pickle.load``) and
   its default planner loads non-tensor entries with ``torch.load(weights_only=False)``; either runs code from a
@@ -60,6 +72,7 @@ from .model import SparseTransformer
 from .runfolder import inside
 
 CHECKPOINT = "checkpoint.pt"
+_STEP_CHECKPOINT = re.compile(r"checkpoint-([0-9]+)\.pt")  # checkpoint-N.pt: the state after step N
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
 
@@ -170,41 +183,144 @@ def load_weights(model: nn.Module, state: dict[str, torch.Tensor], source: str) 
 # --- training state: one interface for one process, DDP and FSDP2 --------------------------------
 
 _WEIGHTS_KEYS = ("model", "optimizer")
-SHARDED = re.compile(r"checkpoint-dcp-[0-9]+")  # the names of shard folders save_sharded writes
+SHARDED = re.compile(r"checkpoint-dcp-([0-9]+)")  # the names of shard folders save_sharded writes
 _SHARD_FILE = re.compile(r"__[0-9]+_[0-9]+\.distcp")  # the shard files torch.distributed.checkpoint writes
 _OPTIMIZER_KEYS = ("step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq")  # AdamW's state per parameter
 
 
-def save_training(run_dir: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> Path:
-    """Save a resumable training state; every rank calls this, rank 0 writes checkpoint.pt.
+class NotFinite(UserError):
+    """:func:`save_training` refused to save: some weight is infinite or NaN (a diverged run)."""
+
+
+def all_finite(model: nn.Module) -> bool:
+    """Whether every parameter of ``model`` is finite, on every rank (FSDP2: each rank checks its
+    shards; every rank must call this under a process group, whose ranks then agree)."""
+    params = [p.to_local() if hasattr(p, "to_local") else p for p in model.parameters()]
+    device = params[0].device if params else torch.device("cpu")
+    checks = [torch.isfinite(p.detach()).all() for p in params if p.numel()]
+    bad = ~torch.stack(checks).all() if checks else torch.tensor(False, device=device)
+    return parallel.all_reduce_max(bad.float().reshape(1))[0] == 0
+
+
+def _numbered(run_dir: Path) -> dict[int, Path]:
+    """The ``checkpoint-N.pt`` files of ``run_dir`` by N."""
+    return {int(m.group(1)): p for p in run_dir.glob("checkpoint-*.pt") if (m := _STEP_CHECKPOINT.fullmatch(p.name))}
+
+
+def training_checkpoints(run_dir: str | Path) -> list[Path]:
+    """The training states of a run folder, newest first: ``checkpoint-N.pt`` by N, then checkpoint.pt
+    (the newest under a fixed name, or the only one of a run saved before checkpoints were numbered).
+
+    Only names are listed (and links compared, not followed): whether each may be read is
+    :func:`load_training`'s check."""
+    run_dir = Path(run_dir)
+    found = [p for _, p in sorted(_numbered(run_dir).items(), reverse=True)]
+    latest = run_dir / CHECKPOINT
+    if latest.is_file() or latest.is_symlink():
+        own = os.lstat(latest)
+        if not any(os.path.samestat(own, os.lstat(p)) for p in found):
+            found.append(latest)
+    return found
+
+
+def save_training(
+    run_dir: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict, keep: int = 1
+) -> Path:
+    """Save a resumable training state; every rank calls this, rank 0 writes the files.
 
     Args:
         model: the model as trained: plain (one process, or the model inside DDP) or FSDP2-sharded.
         optimizer: its optimizer.
         state: everything else that decides the run's future (``step``, grad scaler, per-rank RNG
             states, ...), the same on every rank; tensors, numbers, strings, lists and dicts only.
-    The weights and optimizer state go into checkpoint.pt, or for FSDP2 into
-    ``checkpoint-dcp-<step>/`` shards that checkpoint.pt then names (shard folders it does not name
-    are deleted once it is written). Returns the path of checkpoint.pt.
+        keep: how many checkpoints to keep (this one and the ``keep - 1`` newest before it).
+    The weights and optimizer state go into ``checkpoint-<step>.pt``, or for FSDP2 into
+    ``checkpoint-dcp-<step>/`` shards that it then names; once it is written, checkpoint.pt is made
+    the same file, and checkpoints (and shard folders) beyond the newest ``keep`` are deleted, as
+    are any of a later step than this one (left by a run that was resumed from an earlier one).
+    Returns the path of ``checkpoint-<step>.pt``.
+
+    Raises:
+        NotFinite: a weight is infinite or NaN; nothing is written (on any rank).
     """
+    step = state["step"]
+    if not all_finite(model):
+        raise NotFinite(f"checkpoint: the weights at step {step} are not finite; not saved")
     state = dict(state)
     if parallel.is_sharded(model):
-        state["sharded"] = save_sharded(run_dir, state["step"], model, optimizer)
+        state["sharded"] = save_sharded(run_dir, step, model, optimizer)
         parallel.barrier()
     else:
         state["model"], state["optimizer"] = model.state_dict(), optimizer.state_dict()
-    path = Path(run_dir) / CHECKPOINT
+    path = Path(run_dir) / f"checkpoint-{step}.pt"
     if parallel.is_main():
-        save(run_dir, state)
-        remove_old_sharded(run_dir, state.get("sharded"))
+        save(run_dir, state, path.name)
+        _link_latest(path)
+        _remove_old(Path(run_dir), step, keep)
     parallel.barrier()
     return path
 
 
+def _link_latest(path: Path) -> None:
+    """Make ``checkpoint.pt`` next to ``path`` the same file as ``path``, atomically (a hard link
+    renamed over it; a copy where the file system has no hard links)."""
+    latest = path.with_name(CHECKPOINT)
+    tmp = path.with_name(f".{CHECKPOINT}.tmp-{os.getpid()}")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(path, tmp)
+    except OSError:
+        shutil.copyfile(path, tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+    try:
+        os.replace(tmp, latest)
+    finally:
+        tmp.unlink(missing_ok=True)
+    _fsync_dir(path.parent)
+
+
+def _remove_old(run_dir: Path, step: int, keep: int) -> None:
+    """Delete ``checkpoint-N.pt`` files (and FSDP2 shard folders) other than the ``keep`` newest up to
+    ``step``; those of a later step than ``step`` belong to an abandoned continuation and go too."""
+    numbered = _numbered(run_dir)
+    kept = sorted((n for n in numbered if n <= step), reverse=True)[:keep]
+    for n, p in numbered.items():
+        if n not in kept:
+            p.unlink(missing_ok=True)  # a link: the link only
+    _remove_shard_folders(run_dir, lambda n: n in kept)
+
+
+def remove_unfinished(run_dir: str | Path, keep: str | None = None) -> None:
+    """Delete the shard folders of saves that did not finish (no ``checkpoint-N.pt`` of their step),
+    except ``keep`` (the folder the resumed checkpoint named); rank 0 calls this as a run starts."""
+    run_dir = Path(run_dir)
+    numbered = _numbered(run_dir)
+    _remove_shard_folders(run_dir, lambda n: n in numbered, keep)
+
+
+def _remove_shard_folders(run_dir: Path, kept, keep_name: str | None = None) -> None:
+    """Delete the ``checkpoint-dcp-*`` entries of ``run_dir`` whose step ``n`` fails ``kept(n)`` (or
+    that are not named ``checkpoint-dcp-<step>`` at all), but not ``keep_name``. A symbolic link is
+    removed itself, never what it points to."""
+    for folder in run_dir.glob("checkpoint-dcp-*"):
+        m = SHARDED.fullmatch(folder.name)
+        if folder.name == keep_name or (m and kept(int(m.group(1)))):
+            continue
+        if folder.is_symlink() or not folder.is_dir():
+            folder.unlink(missing_ok=True)
+        else:
+            shutil.rmtree(folder, ignore_errors=True)
+
+
 def load_training(run_dir: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
-    """Load the state :func:`save_training` wrote into ``model`` and ``optimizer`` (every rank calls
-    this) and return the rest of it (``step``, grad scaler, per-rank states, ..., and ``sharded``:
+    """Load the newest state :func:`save_training` wrote into ``model`` and ``optimizer`` (every rank
+    calls this) and return the rest of it (``step``, grad scaler, per-rank states, ..., ``sharded``:
     the shard folder it was loaded from, if any).
+
+    Checkpoints that do not load (truncated, corrupt, missing shards, or leading out of ``run_dir``)
+    are passed over for the next newer one; the returned dict then names them (``passed_over``: one
+    line each). ``path`` is the checkpoint loaded.
 
     Any saved kind loads into any model: full state dicts (one process, DDP) into an FSDP2 model are
     sharded on the way in, and FSDP2 shards into a plain model are gathered (torch.distributed.checkpoint
@@ -213,20 +329,33 @@ def load_training(run_dir: str | Path, model: nn.Module, optimizer: torch.optim.
     (betas, eps, weight decay) from ``optimizer``, i.e. from the config the run resumes with.
 
     Raises:
-        UserError: no checkpoint.pt, a corrupt or tampered one, one that leads outside ``run_dir``,
-            weights or optimizer state of another architecture.
+        UserError: no checkpoint, none that loads (the newest one's error), a tampered one (its
+            shards), weights or optimizer state of another architecture.
     """
     run_dir = Path(run_dir)
-    state = load(inside(run_dir, run_dir / CHECKPOINT))
-    _restore(run_dir, state, model, optimizer)
-    return {k: v for k, v in state.items() if k not in _WEIGHTS_KEYS}
+    candidates = training_checkpoints(run_dir) or [run_dir / CHECKPOINT]
+    passed_over = []
+    for path in candidates:  # the newest whose file (and shard folder) reads; its errors are final
+        try:
+            state = load(inside(run_dir, path))
+            if "sharded" in state:
+                sharded_folder(run_dir, state["sharded"], path)
+        except UserError as e:
+            passed_over.append(str(e))
+            continue
+        _restore(run_dir, state, model, optimizer, path)
+        rest = {k: v for k, v in state.items() if k not in _WEIGHTS_KEYS}
+        return {**rest, "path": str(path), "passed_over": passed_over}
+    raise UserError(f"{passed_over[0]} (and no older checkpoint loads)" if len(passed_over) > 1 else passed_over[0])
 
 
-def _restore(run_dir: Path, state: dict, model: nn.Module, optimizer: torch.optim.Optimizer | None) -> None:
-    """Load the weights (and, given ``optimizer``, its state) of a checkpoint.pt's ``state``."""
-    source = run_dir / CHECKPOINT
+def _restore(
+    run_dir: Path, state: dict, model: nn.Module, optimizer: torch.optim.Optimizer | None, source: Path
+) -> None:
+    """Load the weights (and, given ``optimizer``, its state) of the ``state`` that checkpoint file
+    ``source`` of ``run_dir`` holds."""
     if "sharded" in state:
-        load_sharded(run_dir, state["sharded"], model, optimizer)
+        load_sharded(run_dir, state["sharded"], model, optimizer, source)
         return
     if "model" not in state:
         raise UserError(f"checkpoint: {source} holds no weights; use a checkpoint written by sparse-transformer train")
@@ -320,9 +449,10 @@ def save_sharded(run_dir: str | Path, step: int, model: nn.Module, optimizer: to
     return name
 
 
-def sharded_folder(run_dir: str | Path, name) -> Path:
-    """The shard folder ``name`` that a checkpoint.pt of ``run_dir`` names, after checking that it is
-    one :func:`save_sharded` writes (``checkpoint-dcp-<step>``, inside ``run_dir``, there).
+def sharded_folder(run_dir: str | Path, name, source: Path | None = None) -> Path:
+    """The shard folder ``name`` that checkpoint file ``source`` (default checkpoint.pt) of ``run_dir``
+    names, after checking that it is one :func:`save_sharded` writes (``checkpoint-dcp-<step>``,
+    inside ``run_dir``, there).
 
     Raises:
         UserError: any other name (a path elsewhere, ``..``, an absolute path), a symlink out of the
@@ -331,7 +461,7 @@ def sharded_folder(run_dir: str | Path, name) -> Path:
     run_dir = Path(run_dir)
     if not isinstance(name, str) or not SHARDED.fullmatch(name):
         raise UserError(
-            f"checkpoint: refused {run_dir / CHECKPOINT}: it names the shard folder {str(name)[:100]!r}, not one "
+            f"checkpoint: refused {source or run_dir / CHECKPOINT}: it names the shard folder {str(name)[:100]!r}, not one "
             "of its own run folder (checkpoint-dcp-STEP); use a checkpoint written by sparse-transformer train"
         )
     folder = inside(run_dir, run_dir / name)
@@ -340,7 +470,13 @@ def sharded_folder(run_dir: str | Path, name) -> Path:
     return folder
 
 
-def load_sharded(run_dir: str | Path, name: str, model: nn.Module, optimizer: torch.optim.Optimizer | None) -> None:
+def load_sharded(
+    run_dir: str | Path,
+    name: str,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | None,
+    source: Path | None = None,
+) -> None:
     """Load shards saved by :func:`save_sharded` into an FSDP2 (or plain) model and optimizer.
 
     Only tensors are read: the weights and the optimizer's per-parameter state; its hyperparameters
@@ -349,7 +485,7 @@ def load_sharded(run_dir: str | Path, name: str, model: nn.Module, optimizer: to
     """
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-    folder = sharded_folder(run_dir, name)
+    folder = sharded_folder(run_dir, name, source)
     metadata = read_sharded_metadata(run_dir, folder)
     if optimizer is None:
         request = {"model": model.state_dict()}
@@ -554,22 +690,13 @@ def _dcp_load(request: dict, folder: Path, metadata) -> None:
         ) from None
 
 
-def remove_old_sharded(run_dir: str | Path, keep: str | None) -> None:
-    """Delete ``checkpoint-dcp-*`` folders other than ``keep`` (after checkpoint.pt names ``keep``, or
-    no shard folder at all: ``keep=None``)."""
-    for folder in Path(run_dir).glob("checkpoint-dcp-*"):
-        if folder.name != keep:
-            if folder.is_symlink():
-                folder.unlink()  # the link only, never what it points to
-            else:
-                shutil.rmtree(folder, ignore_errors=True)
-
-
 # --- export and loading for evaluation / sampling -------------------------------------------------
 
 
 def export(model: nn.Module, cfg: Config, out_dir: str | Path) -> Path:
-    """Write ``out_dir/model.safetensors`` (fp32 weights) and ``out_dir/config.json``.
+    """Write ``out_dir/model.safetensors`` (fp32 weights; the config also in its metadata) and
+    ``out_dir/config.json`` (``cfg``, the whole run config), each atomically: the export that
+    :func:`load_export` reads. The writer of ``train``'s export and of ``SparseTransformer.save_pretrained``.
 
     ``model`` is the plain (unwrapped) model, or an FSDP2 model: then every rank must call this (the
     full weights are gathered) and only rank 0 writes. Returns the weights' path.
@@ -596,24 +723,33 @@ def full_model_state(model: nn.Module) -> dict[str, torch.Tensor] | None:
     return state if parallel.is_main() else None
 
 
-def read_run_config(run_dir: str | Path) -> Config:
-    """The resolved config saved in ``run_dir/config.json`` (checked as a config file from the command
-    line is: unknown keys, wrong types and values out of range are refused)."""
+def read_run_config(run_dir: str | Path, root: str | Path | None = None) -> Config:
+    """The resolved config saved in ``run_dir/config.json`` (a run directory or an export), which
+    must resolve inside ``root`` (default ``run_dir``: a run folder may come from elsewhere).
+
+    Raises UserError when it is missing, leads out of ``root``, is not JSON, or not a config
+    (unknown sections or keys, values of the wrong type or out of range, cross-field rules broken)."""
     path = Path(run_dir) / CONFIG
     if not path.is_file():
-        raise UserError(f"checkpoint: {path} is missing; pass a run directory written by sparse-transformer train")
-    inside(run_dir, path)
+        raise UserError(
+            f"checkpoint: {path} is missing; pass a run directory written by sparse-transformer train or an export"
+        )
+    inside(run_dir if root is None else root, path)
     try:
         table = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError, OSError) as e:
         raise UserError(f"checkpoint: {path} is not valid JSON ({e}); restore it from the run or train again") from None
     if not isinstance(table, dict):
-        raise UserError(f"checkpoint: {path} is not a config (a JSON object of sections); restore it or train again")
-    return config_from_dict(table)
+        raise UserError(f"checkpoint: {path} is not a config (a JSON object of sections); restore it from the run")
+    try:
+        return config_from_dict(table)
+    except UserError as e:
+        raise UserError(f"checkpoint: {path} is not a valid config: {e}") from None
 
 
 def load_model(run_dir: str | Path, device: str | torch.device = "cpu") -> tuple[SparseTransformer, Config]:
-    """The model of a run (latest checkpoint, else the export) in eval mode on ``device``, and its config.
+    """The model of a run (latest checkpoint, else the export) in eval mode on ``device``, and its config
+    (also ``model.config``).
 
     Raises UserError when the folder has no config.json, no weights, corrupt or tampered weights,
     files that lead outside it, or weights of another architecture than config.json describes.
@@ -623,18 +759,51 @@ def load_model(run_dir: str | Path, device: str | torch.device = "cpu") -> tuple
         raise UserError(
             f"checkpoint: run directory {run_dir} does not exist; pass --run DIR of a finished or running training"
         )
-    cfg = read_run_config(run_dir)
-    model = SparseTransformer(cfg.model)
-    ckpt, weights = run_dir / CHECKPOINT, run_dir / WEIGHTS
-    if ckpt.is_file():
-        _restore(run_dir, load(inside(run_dir, ckpt)), model, None)
-    elif weights.is_file():
-        load_weights(model, _read_safetensors(inside(run_dir, weights)), str(weights))
-    else:
+    ckpt = run_dir / CHECKPOINT
+    if ckpt.is_file() or ckpt.is_symlink():
+        cfg = read_run_config(run_dir)
+        model = SparseTransformer(cfg)
+        _restore(run_dir, load(inside(run_dir, ckpt)), model, None, ckpt)
+        return model.to(device).eval(), cfg
+    if (run_dir / CONFIG).is_file() and not (run_dir / WEIGHTS).is_file():
         raise UserError(
             f"checkpoint: {run_dir} has neither {CHECKPOINT} nor {WEIGHTS}; train it first "
             f"(sparse-transformer train --run-dir {run_dir})"
         )
+    return load_export(run_dir, device)
+
+
+def load_export(
+    folder: str | Path, device: str | torch.device = "cpu", root: str | Path | None = None
+) -> tuple[SparseTransformer, Config]:
+    """The model of an export (what :func:`export` writes) in eval mode on ``device``, and its config
+    (also ``model.config``): the one reader of exports, under ``SparseTransformer.from_pretrained`` and
+    under ``eval`` and ``sample`` of a folder without checkpoint.pt.
+
+    The weights are read with safetensors only, so a tampered file cannot execute code. Both files
+    must resolve inside ``root`` (default ``folder``: an export may come from someone else; a Hub
+    download passes its repo's cache folder, whose snapshot links into its own blob store).
+
+    Raises:
+        UserError: one line: the folder or either file is missing or leads out of ``root``,
+            config.json is not a valid config, model.safetensors is truncated or corrupt, or its
+            tensors are not the ones config.json's architecture has.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise UserError(
+            f"checkpoint: {folder} is not a folder; pass an export (config.json + {WEIGHTS}) or a run directory"
+        )
+    root = folder if root is None else root
+    cfg = read_run_config(folder, root)
+    weights = folder / WEIGHTS
+    if not weights.is_file():
+        raise UserError(
+            f"checkpoint: {folder} has no {WEIGHTS}; pass an export (config.json + {WEIGHTS}) as written by "
+            "save_pretrained, sparse-transformer export or the end of sparse-transformer train"
+        )
+    model = SparseTransformer(cfg)
+    load_weights(model, _read_safetensors(inside(root, weights)), str(weights))
     return model.to(device).eval(), cfg
 
 

@@ -8,17 +8,88 @@ the parser imports neither torch nor the benchmarks (each subcommand imports wha
 from __future__ import annotations
 
 import argparse
+import errno
 import json
+import re
 import sys
 from pathlib import Path
 
 from .config import ModelConfig, choices
 from .errors import UserError
+from .paths import atomic_output, check_output_file
+
+LAYOUT_MAX_N = 2**24  # layout computes per-query key counts of length n
+
+
+class Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are one line (problem, then where the options are listed), exit 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {self.prog}: {message}; see {self.prog} --help\n")
+
+
+# The fix for an OSError a command meets (a path that cannot be written, a full disk), by errno.
+OS_ERROR_FIXES = {
+    errno.ENOSPC: "free some space on that disk or write elsewhere",
+    errno.EDQUOT: "free some of your quota or write elsewhere",
+    errno.EROFS: "choose a path on a writable file system",
+    errno.EACCES: "check its permissions or choose another path",
+    errno.EPERM: "check its permissions or choose another path",
+    errno.ENOTDIR: "a file stands where a folder is needed: choose another path",
+    errno.EISDIR: "it is a folder: pass the path of a file",
+    errno.EEXIST: "a file of that name is in the way: choose another path",
+    errno.ENOENT: "check the path",
+    errno.ENAMETOOLONG: "choose a shorter path",
+}
+
+
+def os_error_line(e: OSError) -> str:
+    """An OSError that reached the command line as one line: what failed, on which path, and the fix."""
+    path = f" ({e.filename})" if e.filename else ""
+    fix = OS_ERROR_FIXES.get(e.errno, "check the path and the disk")
+    return f"{e.strerror or e}{path}; {fix}, then run the command again"
+
+
+def _out_of_memory(e: BaseException) -> bool:
+    """A failed allocation: MemoryError, or torch's CPU/CUDA allocator errors (RuntimeError subclasses)."""
+    return isinstance(e, MemoryError) or (
+        isinstance(e, RuntimeError) and re.search(r"out of memory|not enough memory|can't allocate", str(e)) is not None
+    )
+
+
+def at_least(low: int):
+    """An argparse ``type``: an integer of at least ``low`` (refused with a one-line usage error)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"{value} must be at least {low}")
+        return value
+
+    parse.__name__ = f"integer >= {low}"
+    return parse
+
+
+def device_arg(text: str) -> str:
+    """An argparse ``type`` for a ``--device`` that this machine has (imports torch: for options
+    built when a command runs, such as the benchmarks')."""
+    from .runtime import resolve_device
+
+    try:
+        resolve_device(text, option="--device")
+    except UserError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
 
 
 def cmd_prepare(args) -> int:
     from .data.prepare import prepare
 
+    if args.rate <= 0:
+        raise UserError(f"prepare: --rate {args.rate} must be a positive sample rate in Hz, e.g. 12000")
     meta = prepare(args.kind, args.src, args.out, rate=args.rate)
     sizes = ", ".join(f"{k} {v:,}" for k, v in meta["splits"].items())
     print(f"wrote {args.out}: {sizes} bytes ({meta['modality']})")
@@ -27,16 +98,19 @@ def cmd_prepare(args) -> int:
 
 def cmd_train(args, overrides: list[str]) -> int:
     from .config import load_config
-    from .train import train
+    from .train import Stopped, train
 
-    if args.resume:
-        if args.config:
-            raise UserError(
-                "train: --resume continues a run with its saved config; drop --config (overrides are allowed)"
-            )
-        train(None, run_dir=args.resume, resume=args.resume, overrides=overrides)
-    else:
-        train(load_config(args.config, overrides), run_dir=args.run_dir)
+    try:
+        if args.resume:
+            if args.config:
+                raise UserError(
+                    "train: --resume continues a run with its saved config; drop --config (overrides are allowed)"
+                )
+            train(None, run_dir=args.resume, resume=args.resume, overrides=overrides)
+        else:
+            train(load_config(args.config, overrides), run_dir=args.run_dir)
+    except Stopped as e:  # SIGTERM / SIGINT: train printed where it stopped and how to resume
+        return e.exit_status
     return 0
 
 
@@ -60,37 +134,48 @@ def cmd_eval(args) -> int:
 
 
 def cmd_sample(args, overrides: list[str]) -> int:
+    from .options import keywords
     from .sample import sample_command
 
-    paths = sample_command(
-        args.run,
-        num=args.num,
-        temperature=args.temperature,
-        top_k=args.top_k,
-        prefix_file=args.prefix,
-        out_dir=args.out,
-        length=args.length,
-        seed=args.seed,
-        device=args.device,
-        graphs=False if args.no_graphs else None,
-        compile=args.compile,
-        overrides=overrides,
-    )
+    renamed = {"prefix_file": args.prefix, "out_dir": args.out, "graphs": False if args.no_graphs else None}
+    paths = sample_command(**keywords(sample_command, args, **renamed, overrides=overrides))
     for p in paths:
         print(p)
+    return 0
+
+
+def cmd_export(args) -> int:
+    from .checkpoint import load_model
+
+    model, _ = load_model(args.run)
+    model.save_pretrained(args.out)
+    print(f"wrote {args.out}: config.json, model.safetensors, README.md (model card)")
     return 0
 
 
 def cmd_layout(args) -> int:
     from . import patterns
 
+    if args.pattern != "dense" and args.stride is None:
+        raise UserError(f"layout: --pattern {args.pattern} needs --stride (l; for local the window), e.g. --stride 128")
+    if args.pattern == "fixed" and args.c is None:
+        raise UserError("layout: --pattern fixed needs --c (summary cells per block), e.g. --c 32")
     try:
         pattern = patterns.from_name(args.pattern, args.stride, args.c, args.num_verts, args.part, args.integration)
     except ValueError as e:
         raise UserError(f"layout: {e}") from None
+    if not 1 <= args.n <= LAYOUT_MAX_N:
+        raise UserError(f"layout: --n {args.n} must be from 1 to {LAYOUT_MAX_N:,} (2**24)")
+    for option, value, low in (("--layer", args.layer, 0), ("--head", args.head, 0), ("--block", args.block, 1)):
+        if value is not None and value < low:
+            raise UserError(f"layout: {option} {value} must be at least {low}")
+    if args.png:
+        from PIL import Image
+
+        Image.init()
+        kinds = {ext for ext, kind in Image.registered_extensions().items() if kind in Image.SAVE}
+        check_output_file(args.png, "layout: --png", (".png", *sorted(kinds - {".png"})))
     pattern = pattern.for_layer(args.layer)
-    if args.n < 1:
-        raise UserError(f"layout: --n {args.n} must be positive")
     if args.n <= 64:
         print(pattern.ascii(args.n, head=args.head))
     pairs = pattern.num_pairs(args.n, head=args.head)
@@ -102,12 +187,15 @@ def cmd_layout(args) -> int:
     if args.png:
         img = pattern.picture(args.n, head=args.head, block=args.block)
         Path(args.png).parent.mkdir(parents=True, exist_ok=True)
-        img.save(args.png)
+        with atomic_output(args.png) as tmp:
+            img.save(tmp)
         print(f"wrote {args.png} ({img.width}x{img.height})")
     return 0
 
 
 def cmd_plot(args) -> int:
+    import math
+
     from .plot import plot_runs
 
     baselines = {}
@@ -117,7 +205,7 @@ def cmd_plot(args) -> int:
             baselines[label] = float(value)
         except ValueError:
             raise UserError(f"plot: --baseline {item!r} must look like LABEL=BITS, e.g. 'xz -9e=2.09'") from None
-        if not sep or not label:
+        if not sep or not label or not math.isfinite(baselines[label]):
             raise UserError(f"plot: --baseline {item!r} must look like LABEL=BITS, e.g. 'xz -9e=2.09'")
     print(plot_runs(args.runs, args.out, title=args.title, baselines=baselines, unit=args.unit))
     return 0
@@ -131,6 +219,7 @@ BENCHES = {
     "attention": "backends x patterns x n, fwd and fwd+bwd",
     "train": "training-step tokens/s, sparse vs dense",
     "sample": "sampling speed: cached vs uncached (CPU), decoding modes (CUDA)",
+    "tiles": "tile sweep of the Triton kernels per launch role (CUDA)",
 }
 
 
@@ -138,7 +227,7 @@ def cmd_bench(args) -> int:
     import importlib
 
     module = importlib.import_module(f".bench.{args.what}", __package__)
-    p = argparse.ArgumentParser(prog=f"sparse-transformer bench {args.what}", description=BENCHES[args.what])
+    p = Parser(prog=f"sparse-transformer bench {args.what}", description=BENCHES[args.what])
     module.add_arguments(p)
     return module.run(p.parse_args(args.rest)) or 0
 
@@ -166,7 +255,7 @@ def config_keys_help() -> str:
 def build_parser() -> argparse.ArgumentParser:
     from .config import preset_names
 
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog="sparse-transformer",
         description="Sparse Transformer: patterns, training, "
         "bits per byte (text, audio) or per dim (images), sampling, benchmarks",
@@ -214,6 +303,17 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--device", default="auto")
     sp.add_argument("--no-graphs", action="store_true", help="CUDA: run the decoding step eagerly, not as a CUDA graph")
     sp.add_argument("--compile", action="store_true", help="torch.compile the decoding step (long samples on CUDA)")
+
+    sp = sub.add_parser(
+        "export",
+        help="write a run's latest weights as an export to share (config.json + model.safetensors + model card)",
+        epilog="The folder loads with SparseTransformer.from_pretrained(OUT) and works with eval/sample --run OUT; "
+        "model.push_to_hub(REPO) uploads it.",
+    )
+    sp.add_argument(
+        "--run", required=True, help="a run directory (its latest checkpoint, else its export) or an export"
+    )
+    sp.add_argument("--out", required=True, help="the folder to write")
 
     sp = sub.add_parser("layout", help="print and draw an attention pattern")
     sp.add_argument("--pattern", required=True, choices=choices(ModelConfig, "pattern"))
@@ -266,12 +366,26 @@ def main(argv: list[str] | None = None) -> int:
         return {
             "prepare": cmd_prepare,
             "eval": cmd_eval,
+            "export": cmd_export,
             "layout": cmd_layout,
             "plot": cmd_plot,
             "bench": cmd_bench,
         }[args.command](args)
     except UserError as e:
         print("error: " + " ".join(str(e).split()), file=sys.stderr)  # one line, even when a library's message is not
+        return 2
+    except OSError as e:  # a path that cannot be written or read, a full disk: the user's to fix
+        print("error: " + " ".join(os_error_line(e).split()), file=sys.stderr)
+        return 2
+    except (MemoryError, RuntimeError) as e:
+        if not _out_of_memory(e):
+            raise
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        print(
+            f"error: out of memory ({first}); ask for less: a smaller model, batch (--train.batch_size), "
+            "--num or --length",
+            file=sys.stderr,
+        )
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

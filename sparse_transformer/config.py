@@ -20,8 +20,10 @@ and :func:`validate` only checks, it changes nothing.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import math
 import re
 import sys
 import typing
@@ -111,6 +113,8 @@ class TrainConfig:
     test_tokens: int = 0  # bytes of the test split scored at the end; 0 = all of it
     log_every: int = 20
     checkpoint_every: int = 1000
+    keep_checkpoints: int = 2  # the newest checkpoints kept in the run folder (older ones removed after a save)
+    max_bad_steps: int = 8  # stop (exit status 2) after this many skipped steps in a row (non-finite loss/grad)
     seed: int = 1337
     compile: bool = False
     parallel: Parallel = "ddp"
@@ -248,20 +252,38 @@ def set_value(cfg: Config, dotted: str, value) -> None:
     _derive(cfg)
 
 
+@contextlib.contextmanager
+def _origin(origin: str):
+    """Name the file in the UserErrors raised inside: ``config: ...`` becomes ``config FILE: ...``."""
+    try:
+        yield
+    except UserError as e:
+        raise UserError(re.sub(r"^config: ", f"config {origin}: ", str(e))) from None
+
+
 def _apply_table(cfg: Config, table: dict, origin: str) -> None:
     """Set every ``[section] key = value`` of a TOML or JSON table; a derived key (config.json
     records ``model.n_ctx``) is not set but must agree with what it is derived from."""
     derived = {}
+    if not isinstance(table, dict):
+        raise UserError(
+            f"config {origin}: holds a {type(table).__name__}, not sections such as [model] and [train]; fix the file"
+        )
     for section, values in table.items():
-        if section not in SECTIONS or not isinstance(values, dict):
+        if section not in SECTIONS:
             raise UserError(
                 f"config {origin}: unknown section [{section}]; use {', '.join('[' + s + ']' for s in SECTIONS)}"
+            )
+        if not isinstance(values, dict):
+            raise UserError(
+                f"config {origin}: {section} = {values!r} is not a section; write [{section}] and its keys below it"
             )
         for key, value in values.items():
             if f"{section}.{key}" in DERIVED:
                 derived[f"{section}.{key}"] = value
             else:
-                set_value(cfg, f"{section}.{key}", value)
+                with _origin(origin):
+                    set_value(cfg, f"{section}.{key}", value)
     if "model.n_ctx" in derived and derived["model.n_ctx"] != cfg.data.seq_len:
         raise UserError(
             f"config {origin}: model.n_ctx = {derived['model.n_ctx']!r} differs from data.seq_len = "
@@ -280,24 +302,119 @@ def _check_choices(cfg: Config) -> None:
                 )
 
 
+@dataclass(frozen=True)
+class Range:
+    """The values a numeric field allows: ``low <= v <= high`` (``<`` with ``low_open`` / ``high_open``;
+    None = unbounded) and ``fix``, the usual choice a message suggests."""
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+    fix: str = ""
+
+    def __contains__(self, v) -> bool:
+        if self.low is not None and (v <= self.low if self.low_open else v < self.low):
+            return False
+        return self.high is None or (v < self.high if self.high_open else v <= self.high)
+
+    def describe(self) -> str:
+        num = lambda x: "2**63 - 1" if x == 2**63 - 1 else f"{x:g}"
+        if self.low is not None and self.high is not None:
+            return (
+                f"in {'(' if self.low_open else '['}{num(self.low)}, {num(self.high)}{')' if self.high_open else ']'}"
+            )
+        if self.low is not None:
+            return f"{'>' if self.low_open else '>='} {num(self.low)}"
+        if self.high is not None:
+            return f"{'<' if self.high_open else '<='} {num(self.high)}"
+        return "any number"
+
+
+SEED_MAX = 2**63 - 1  # seeds go to torch.manual_seed and numpy's default_rng, which refuse negative ones
+INT_MAX = 2**63 - 1  # every int field fits int64 (torch and numpy take them)
+
+# The numeric fields' ranges, the one table validate() checks (Range.fix: the usual value). Every int
+# field also fits int64 and every float field is finite; cross-field rules are in validate() below.
+RANGES: dict[str, Range] = {
+    "model.vocab_size": Range(256, fix="256: every modality is bytes, so the model needs at least 256 tokens"),
+    "model.n_layer": Range(1),
+    "model.d_model": Range(1),
+    "model.n_head": Range(1),
+    "model.ff_mult": Range(0, low_open=True, fix="4 (the paper), or 2 for half-size"),
+    "model.qk_ratio": Range(0, low_open=True, fix="1.0 or 0.5"),
+    "model.dropout": Range(0, 1, high_open=True, fix="0 (none) or e.g. 0.1"),
+    "model.stride": Range(1),
+    "model.c": Range(1),
+    "model.num_verts": Range(1),
+    "model.ln_eps": Range(0, low_open=True, fix="1e-5"),
+    "data.seq_len": Range(1),
+    "data.sample_rate": Range(0, fix="0 (not recorded) or the data's rate in Hz"),
+    "train.batch_size": Range(1),
+    "train.grad_accum": Range(1),
+    "train.max_steps": Range(1),
+    "train.max_minutes": Range(0, fix="0 (off) or a positive budget in minutes"),
+    "train.lr": Range(0, low_open=True, fix="e.g. 3e-4 or 1e-3"),
+    "train.warmup_steps": Range(0),
+    "train.min_lr_ratio": Range(0, 1, fix="0 (decay to zero) or e.g. 0.1"),
+    "train.weight_decay": Range(0, fix="0 (none) or e.g. 0.01"),
+    "train.beta1": Range(0, 1, high_open=True, fix="0.9"),
+    "train.beta2": Range(0, 1, high_open=True, fix="0.95 or 0.999"),
+    "train.eps": Range(0, low_open=True, fix="1e-8"),
+    "train.grad_clip": Range(0, fix="0 (off) or e.g. 1.0"),
+    "train.eval_every": Range(0, fix="0 (only at the end) or a number of steps"),
+    "train.eval_batches": Range(0, fix="0 (the whole validation split) or a number of batches"),
+    "train.test_tokens": Range(0, fix="0 (the whole test split) or a number of bytes"),
+    "train.log_every": Range(1),
+    "train.checkpoint_every": Range(0, fix="0 (only at the end) or a number of steps"),
+    "train.seed": Range(0, SEED_MAX),
+    "train.peak_tflops": Range(0, fix="0 (known GPUs) or the accelerator's peak TFLOP/s"),
+    "train.keep_checkpoints": Range(1, fix="2 (the newest two)"),
+    "train.max_bad_steps": Range(1, fix="8"),
+    "sample.num": Range(1),
+    "sample.length": Range(0, fix="0 (the model's context) or a number of bytes"),
+    "sample.temperature": Range(0, fix="0 (greedy) or 1 (the model's distribution)"),
+    "sample.top_k": Range(0, fix="0 (no truncation) or e.g. 40"),
+    "sample.seed": Range(0, SEED_MAX),
+}
+
+
+def _check_ranges(cfg: Config) -> None:
+    """Every numeric field is finite, fits int64 (ints) and lies in its :data:`RANGES` entry."""
+    for section in SECTIONS:
+        obj = getattr(cfg, section)
+        for key, typ in _fields(obj).items():
+            where, value = f"{section}.{key}", getattr(obj, key)
+            if typ not in (int, float):
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise UserError(f"config: {where} = {value!r} is not a number; e.g. --{where} {_example(typ)}")
+            rng = RANGES.get(where, Range())
+            bound = "" if rng == Range() else f" {rng.describe()}"
+            if typ is int and not -INT_MAX <= value <= INT_MAX:
+                raise UserError(f"config: {where} = {value} is too large; use a value{bound} below 2**63")
+            if not math.isfinite(value):
+                raise UserError(f"config: {where} = {value} is not a finite number; use a finite value{bound}")
+            if value not in rng:
+                fix = rng.fix or f"e.g. {getattr(type(obj)(), key)} (the default)"
+                raise UserError(f"config: {where} = {value!r} must be {rng.describe()}; use {fix}")
+
+
 def validate(cfg: Config) -> Config:
-    """Check the schema's choices and the cross-field rules; returns ``cfg`` unchanged.
+    """Check the schema's choices, the numeric ranges (:data:`RANGES`) and the cross-field rules;
+    returns ``cfg`` unchanged.
 
     Raises:
         UserError: naming the first bad value and the fix.
     """
     _check_choices(cfg)
+    _check_ranges(cfg)
     m = cfg.model
     if m.n_ctx != cfg.data.seq_len:
         raise UserError(
             f"config: model.n_ctx = {m.n_ctx} differs from data.seq_len = {cfg.data.seq_len}; n_ctx is "
             "derived: change data.seq_len with set_value or --data.seq_len"
         )
-    if cfg.data.seq_len < 1:
-        raise UserError(f"config: data.seq_len = {cfg.data.seq_len} must be positive")
-    for key in ("n_layer", "d_model", "n_head"):
-        if getattr(m, key) < 1:
-            raise UserError(f"config: model.{key} = {getattr(m, key)} must be positive")
     if m.d_model % m.n_head:
         raise UserError(f"config: model.d_model = {m.d_model} is not divisible by model.n_head = {m.n_head}")
     d_qk = m.d_model * m.qk_ratio
@@ -305,22 +422,34 @@ def validate(cfg: Config) -> Config:
         raise UserError(
             f"config: model.qk_ratio = {m.qk_ratio} gives a query/key width {d_qk} not divisible by n_head = {m.n_head}; use 1.0 or 0.5"
         )
-    if m.position == "grid" and m.stride < 1:
+    if int(m.ff_mult * m.d_model) < 1:
         raise UserError(
-            f"config: model.stride = {m.stride} must be positive (it is also the width of the position grid)"
+            f"config: model.ff_mult = {m.ff_mult} gives a feed-forward width of 0 at d_model = {m.d_model}; use 4 or 2"
         )
+    d = cfg.data
+    if (d.shape or d.modality == "image") and (len(d.shape) != 3 or min(d.shape) < 1):
+        raise UserError(
+            f"config: data.shape = {d.shape} must be [height, width, channels] (e.g. 32,32,3) for images, else []"
+        )
+    if cfg.sample.length > d.seq_len:
+        raise UserError(
+            f"config: sample.length = {cfg.sample.length} is longer than the model's context data.seq_len = "
+            f"{d.seq_len}; use at most {d.seq_len} (0 = all of it)"
+        )
+    if d.modality == "audio" and d.sample_rate < 1:
+        raise UserError(f"config: data.sample_rate = {d.sample_rate}: audio data need their rate in Hz, e.g. 12000")
+    if (m.position == "image" or m.image_shape) and (len(m.image_shape) != 3 or min(m.image_shape) < 1):
+        raise UserError(f"config: model.image_shape = {m.image_shape} must be [height, width, channels], e.g. 32,32,3")
     if m.position == "image":
-        if len(m.image_shape) != 3 or min(m.image_shape) < 1:
-            raise UserError(
-                f"config: model.image_shape = {m.image_shape} must be [height, width, channels], e.g. 32,32,3"
-            )
         size = m.image_shape[0] * m.image_shape[1] * m.image_shape[2]
         if size != cfg.data.seq_len:
             raise UserError(
                 f"config: data.seq_len = {cfg.data.seq_len} must equal one image ({'x'.join(map(str, m.image_shape))} = {size})"
             )
-    if not 0.0 <= m.dropout < 1.0:
-        raise UserError(f"config: model.dropout = {m.dropout} must be in [0, 1)")
+    if m.backend == "sdpa" and m.pattern != "dense":
+        raise UserError(
+            f"config: model.backend = 'sdpa' computes only the dense pattern, not {m.pattern}; use auto or factorized"
+        )
     try:
         from . import patterns  # torch: imported when a config is checked, not to build the CLI
 
@@ -330,12 +459,6 @@ def validate(cfg: Config) -> Config:
     t = cfg.train
     if not is_device_name(t.device):
         raise UserError(f"config: train.device = {t.device!r}; use one of {', '.join(DEVICE_FORMS)}")
-    for key in ("batch_size", "grad_accum", "max_steps", "log_every"):
-        if getattr(t, key) < 1:
-            raise UserError(f"config: train.{key} = {getattr(t, key)} must be at least 1")
-    for key in ("max_minutes", "test_tokens", "peak_tflops"):
-        if getattr(t, key) < 0:
-            raise UserError(f"config: train.{key} = {getattr(t, key)} must be 0 (off) or positive")
     return cfg
 
 
@@ -369,6 +492,8 @@ def read_preset(name_or_path: str | Path) -> tuple[str, str]:
     bare = len(p.parts) == 1 or (len(p.parts) == 2 and p.parts[0] == "configs")
     if bare and stem in names:
         return (resources.files(__package__) / "configs" / f"{stem}.toml").read_text(), f"preset {stem}"
+    if p.is_dir():
+        raise UserError(f"config: {p} is a folder; pass a TOML file or one of the presets {', '.join(names)}")
     raise UserError(
         f"config: {name_or_path} is neither a TOML file nor a preset; pass a file or one of the "
         f"presets {', '.join(names)}"
@@ -435,8 +560,20 @@ def data_meta(cfg: Config) -> dict:
     return {"modality": "text", "shape": None, "sample_rate": None}
 
 
+def config_for_model(m: ModelConfig) -> Config:
+    """The whole Config of a model built from its ``ModelConfig`` alone (not from a run's Config): ``m``
+    itself as the model section, ``data.seq_len = m.n_ctx``, image data of ``m.image_shape`` for image
+    positions (else the modality stays unrecorded: text), defaults elsewhere. What
+    ``SparseTransformer.save_pretrained`` writes for such a model."""
+    data = DataConfig(seq_len=m.n_ctx)
+    if m.position == "image":
+        data.modality, data.shape = "image", list(m.image_shape)
+    return Config(model=m, data=data)
+
+
 def config_from_dict(d: dict) -> Config:
     """Rebuild a Config from ``Config.to_dict()`` output (e.g. a run's config.json)."""
     cfg = Config()
     _apply_table(cfg, d, "config.json")
-    return validate(cfg)
+    with _origin("config.json"):
+        return validate(cfg)

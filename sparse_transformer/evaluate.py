@@ -13,6 +13,7 @@ per-window or per-batch means: windows of unequal length would be weighted wrong
 from __future__ import annotations
 
 import math
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +24,8 @@ from tqdm import tqdm
 
 from .data.loader import eval_windows, open_split, read_meta
 from .model import cross_entropy
-from .runtime import resolve_device, resolve_dtype
+from .paths import check_run_dir
+from .runtime import fall_back_backend, resolve_device, resolve_dtype
 
 
 def unit_of(modality: str) -> str:
@@ -134,8 +136,14 @@ def evaluate(
 
     if max_tokens is not None and max_tokens < 1:
         raise UserError(f"eval: --max-tokens {max_tokens} must be positive; omit it to score the whole split")
+    check_run_dir(run, "eval: --run")
+    if data_dir is not None:
+        read_meta(data_dir)  # a bad --data is refused before the model is loaded
     dev = resolve_device(device, option="--device")
     model, cfg = load_model(run, dev)
+    note = fall_back_backend(model, cfg.model, dev)
+    if note:
+        print(note, file=sys.stderr)
     data_dir = Path(data_dir or cfg.data.dir or default_data_dir())
     meta = read_meta(data_dir)
     data = open_split(data_dir, split)

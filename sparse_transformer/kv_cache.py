@@ -22,6 +22,13 @@ rules (``Term.cache_slots``, ``cache_slot``, ``cache_keys`` in ``patterns.py``):
     strided                 every position       n                     l + n/l
     fixed                   compact              l + c·n/l + 1         l + c·n/l + 1
 
+The groups of a layer share two flat buffers (keys ``[rows, dk]``, values ``[rows, dv]``), each
+group's rows viewed as its own ``[B·Hg, slots, d]`` buffer. A step attends with all heads of a layer
+at once: every head reads the same number ``S`` of rows (the most any group reads; fewer are padded
+and masked), so a layer does one scatter of its new keys and values, one gather, one scores product,
+one softmax and one product with the values, in head order (no concatenation, no reordering).
+The row indices are computed once per step for all layers with the same groups (:class:`_Plan`).
+
 No buffer holds more than a dense cache. The position is an int64 device tensor: the slots a step
 writes and reads, and its masks, are computed from it on the device (once per step, shared by all
 layers of the same layout), so a step allocates no memory on the host, never syncs, and keeps every
@@ -40,7 +47,7 @@ import torch
 
 from .patterns import Pattern, Term
 
-__all__ = ["KVCache", "LayerKVCache", "key_dtype"]
+__all__ = ["KVCache", "KVStep", "LayerKVCache", "LayerStep", "key_dtype"]
 
 
 def key_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -84,6 +91,8 @@ class _Layout:
             self.slots = n
             sizes = [t.cache_keys(j[:1], n).numel() for t in terms]
         self.offsets = [sum(sizes[:k]) for k in range(len(terms))]
+        self.reads = self.slots if self.compact else sum(sizes)  # slots a query reads
+        self.writes = len(terms) if self.compact else 1  # slots a step writes
         # slot s of a read belongs to term segment[s] at index local[s] within it; the spare slot
         # gets a segment of its own with a count of 0 keys
         segment = torch.cat(
@@ -146,49 +155,16 @@ def _head_selector(heads: list[int], n_head: int, device) -> slice | torch.Tenso
 
 
 class _Group:
-    """The key and value buffers ``[B·Hg, slots, d]`` of the heads ``heads`` of one layer (batch and
-    head in one dimension: a step is then a few batched matrix products)."""
+    """The keys and values ``[B·Hg, slots, d]`` of the heads ``heads`` of one layer: views of the
+    layer's buffers, rows ``offset .. offset + B·Hg·slots - 1`` (batch and head in one dimension)."""
 
-    def __init__(
-        self,
-        layout: _Layout,
-        layout_id: int,
-        heads: list[int],
-        n_head: int,
-        batch: int,
-        dk: int,
-        dv: int,
-        device,
-        dtype,
-    ):
-        self.layout, self.layout_id = layout, layout_id
-        self.heads = _head_selector(heads, n_head, device)
-        self.k = torch.zeros(batch * len(heads), layout.slots, dk, device=device, dtype=key_dtype(dtype))
-        self.v = torch.zeros(batch * len(heads), layout.slots, dv, device=device, dtype=dtype)
-
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, index: StepIndex) -> torch.Tensor:
-        """``q, k [B, Hg, 1, dk]``, ``v [B, Hg, 1, dv]`` -> ``[B, Hg, 1, dv]``."""
-        B, Hg, _, dk = q.shape
-        q, k, v = q.reshape(B * Hg, 1, dk), k.reshape(B * Hg, 1, dk), v.reshape(B * Hg, 1, -1)
-        if k.dtype != self.k.dtype:  # fp16 models keep fp32 keys
-            q, k = q.to(self.k.dtype), k.to(self.k.dtype)
-        if v.dtype != self.v.dtype:
-            v = v.to(self.v.dtype)
-        T = index.write.shape[0]
-        if T > 1:  # one slot per term
-            k, v = k.expand(-1, T, -1), v.expand(-1, T, -1)
-        self.k.index_copy_(1, index.write, k)
-        self.v.index_copy_(1, index.write, v)
-        keys, values = self.k, self.v
-        if index.read is not None:
-            keys, values = keys.index_select(1, index.read), values.index_select(1, index.read)
-        # scores + bias (-inf where masked) in one product; softmax in fp32
-        p = torch.softmax(torch.baddbmm(index.bias, q, keys.transpose(1, 2), alpha=dk**-0.5).float(), dim=-1)
-        if self.layout.no_keys:
-            p = p.nan_to_num_(0.0)  # a query with no key: zero output
-        if p.dtype != values.dtype:
-            p = p.to(values.dtype)
-        return torch.bmm(p, values).view(B, Hg, 1, -1)
+    def __init__(self, layout: _Layout, layout_id: int, heads: list[int], n_head: int, k, v, offset: int, batch: int):
+        self.layout, self.layout_id, self.offset = layout, layout_id, offset
+        self.head_list = heads
+        self.heads = _head_selector(heads, n_head, k.device)
+        rows = batch * len(heads) * layout.slots
+        self.k = k[offset : offset + rows].view(batch * len(heads), layout.slots, k.shape[-1])
+        self.v = v[offset : offset + rows].view(batch * len(heads), layout.slots, v.shape[-1])
 
     def prefill(self, k: torch.Tensor, v: torch.Tensor) -> None:
         """``k [B, Hg, P, dk]``, ``v [B, Hg, P, dv]``: positions ``0 .. P-1``."""
@@ -201,25 +177,122 @@ class _Group:
         return self.k.numel() * self.k.element_size() + self.v.numel() * self.v.element_size()
 
 
-class LayerKVCache:
-    """The cache of one attention layer: one :class:`_Group` of buffers per group of heads with the
-    same terms (``pattern.head_groups``). Built by :class:`KVCache`."""
+@dataclass
+class LayerStep:
+    """Where all heads of one layer write and read at one step (device tensors, fixed shapes), rows
+    of the layer's flat buffers ``[rows, d]``.
 
-    def __init__(self, groups: list[_Group], inverse: torch.Tensor | None):
-        self.groups = groups
-        self.inverse = inverse  # puts the groups' heads, concatenated, back in head order
+    ``write [B·W]``: the row of each new key (``W`` writes per batch row: one per head and term of a
+    compact layout), in (batch, head, term) order; ``source [B·W]``: the row of ``k.view(B·H, dk)``
+    each write takes, or None when that is ``0 .. B·H - 1``; ``read [B·H·S]``: the rows query
+    ``(b, h)`` gathers (``S`` per head, in head order), or None when one compact group reads its
+    whole buffer; ``bias [B·H, 1, S]``: 0 for the keys the query attends to, -inf for the others
+    (padding of heads that read fewer than ``S`` slots included); ``rows [B·H·S]``: ``read``, or
+    the whole buffer's rows when ``read`` is None (for the fused kernel, which always gathers).
+    """
+
+    write: torch.Tensor
+    source: torch.Tensor | None
+    read: torch.Tensor | None
+    bias: torch.Tensor
+    rows: torch.Tensor
+
+
+class _Plan:
+    """How the head groups of a layer map onto its flat buffers; computes a :class:`LayerStep` from
+    the layouts' :class:`StepIndex` once per step for every layer with the same groups.
+
+    Group ``g`` owns rows ``offset_g + (b·Hg + i)·slots_g + slot`` (so its ``[B·Hg, slots, d]`` view
+    is the buffer of the per-group layout); every head reads ``S`` rows, the most any group reads,
+    and a group that reads fewer pads with its first slot, masked. Writes and reads are put in
+    (batch, head) order, so a layer's heads need one scatter, one gather and no reordering.
+    """
+
+    def __init__(self, groups: list[_Group], n_head: int, batch: int, device):
+        self.groups, self.batch = groups, batch
+        layouts = [g.layout for g in groups]
+        self.direct = len(groups) == 1 and layouts[0].compact
+        self.S = max(lay.reads for lay in layouts)
+        self.no_keys = any(lay.no_keys for lay in layouts)
+        self.bases, heads_of_row, writes = [], [], []
+        for g, lay in zip(groups, layouts):
+            Hg = len(g.head_list)
+            base = g.offset + torch.arange(batch * Hg) * lay.slots  # first row of (b, i)
+            self.bases.append(base.to(device))
+            b = torch.arange(batch).repeat_interleave(Hg)
+            h = torch.tensor(g.head_list).repeat(batch)
+            heads_of_row.append(b * n_head + h)  # the (b, h) of each [B·Hg] row, as b·H + h
+            writes.append((b * n_head + h).repeat_interleave(lay.writes))
+        row_order = torch.cat(heads_of_row)  # group-major (b, h) of each row
+        self.row_perm = None if torch.equal(row_order, torch.arange(batch * n_head)) else row_order.argsort().to(device)
+        src = torch.cat(writes)
+        order = torch.sort(src, stable=True)
+        self.write_perm = None if torch.equal(order.indices, torch.arange(src.numel())) else order.indices.to(device)
+        self.source = None if torch.equal(order.values, torch.arange(batch * n_head)) else order.values.to(device)
+        self.read_perm = None  # the rows of the [B·H·S] read in (b, h) order
+        if self.row_perm is not None:
+            self.read_perm = (self.row_perm[:, None] * self.S + torch.arange(self.S, device=device)).view(-1)
+        self.pad = [
+            torch.zeros(self.S - lay.reads, dtype=torch.long, device=device) if lay.reads < self.S else None
+            for lay in layouts
+        ]
+        self.whole = [torch.arange(lay.slots, device=device) if lay.compact else None for lay in layouts]
+        self.all_rows = None  # one compact group: it reads its whole buffer, rows in (b, h) order
+        if self.direct:
+            self.all_rows = (self.bases[0][:, None] + self.whole[0][None, :]).view(-1)
+
+    def _rows(self, parts: list[torch.Tensor], perm: torch.Tensor | None) -> torch.Tensor:
+        out = parts[0] if len(parts) == 1 else torch.cat(parts)
+        return out if perm is None else out.index_select(0, perm)
+
+    def step(self, index: list[StepIndex]) -> LayerStep:
+        """The rows of this step from the layouts' :class:`StepIndex` (``KVCache.step``)."""
+        writes, reads, biases = [], [], []
+        for g, base, pad, whole in zip(self.groups, self.bases, self.pad, self.whole):
+            ix = index[g.layout_id]
+            writes.append((base[:, None] + ix.write[None, :]).view(-1))
+            bias = ix.bias
+            if pad is not None:
+                bias = torch.cat([bias, bias.new_full(pad.shape, float("-inf"))])
+            biases.append(bias.expand(base.shape[0], -1))
+            if not self.direct:
+                read = whole if ix.read is None else ix.read
+                if pad is not None:
+                    read = torch.cat([read, pad])
+                reads.append((base[:, None] + read[None, :]).view(-1))
+        write = self._rows(writes, self.write_perm)
+        read = None if self.direct else self._rows(reads, self.read_perm)
+        bias = self._rows(biases, self.row_perm).unsqueeze(1)
+        return LayerStep(write, self.source, read, bias, self.all_rows if read is None else read)
+
+
+class LayerKVCache:
+    """The cache of one attention layer: flat key and value buffers ``[rows, dk]``, ``[rows, dv]``
+    holding one :class:`_Group` of rows per group of heads with the same terms
+    (``pattern.head_groups``). Built by :class:`KVCache`.
+
+    ``fused``: decode with the one-launch Triton kernel (:mod:`sparse_transformer.kv_kernel`) when
+    the layer writes one slot per head (every pattern but the merged fixed one)."""
+
+    def __init__(
+        self, k: torch.Tensor, v: torch.Tensor, groups: list[_Group], plan_id: int, plan: _Plan, fused: bool = False
+    ):
+        self.k, self.v, self.groups, self.plan_id, self.plan = k, v, groups, plan_id, plan
+        self.fused = fused and plan.source is None
 
     @property
     def nbytes(self) -> int:
-        return sum(g.nbytes for g in self.groups)
+        return self.k.numel() * self.k.element_size() + self.v.numel() * self.v.element_size()
 
     def _split(self, t: torch.Tensor, g: _Group) -> torch.Tensor:
         if g.heads is None:
             return t
         return t[:, g.heads] if isinstance(g.heads, slice) else t.index_select(1, g.heads)
 
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, step: list[StepIndex]) -> torch.Tensor:
-        """Store the key and value of the decoded position and attend to the keys the pattern allows.
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, step: KVStep) -> torch.Tensor:
+        """Store the key and value of the decoded position and attend to the keys the pattern allows,
+        all heads at once: one scatter, one gather (none for one compact group), one scores
+        product, one softmax (fp32), one product with the values.
 
         Args:
             q, k: ``[B, H, 1, dk]``; v: ``[B, H, 1, dv]``: the projections at the step's position.
@@ -227,15 +300,47 @@ class LayerKVCache:
         Returns:
             ``[B, H, 1, dv]`` in ``v.dtype``; a query with no allowed key gives zeros.
         """
-        outs = [g.attend(*(self._split(t, g) for t in (q, k, v)), step[g.layout_id]) for g in self.groups]
-        out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
-        return out if self.inverse is None else out.index_select(1, self.inverse)
+        index = step.layers[self.plan_id]
+        B, H, _, dk = q.shape
+        if self.fused:
+            from .kv_kernel import decode_attention
+
+            return decode_attention(q, k, v, self.k, self.v, index.write, index.rows, index.bias, dk**-0.5)
+        q, k, v = q.reshape(B * H, 1, dk), k.reshape(B * H, dk), v.reshape(B * H, -1)
+        if k.dtype != self.k.dtype:  # fp16 models keep fp32 keys
+            q, k = q.to(self.k.dtype), k.to(self.k.dtype)
+        if v.dtype != self.v.dtype:
+            v = v.to(self.v.dtype)
+        if index.source is not None:  # several terms' slots per head
+            k, v = k.index_select(0, index.source), v.index_select(0, index.source)
+        self.k.index_copy_(0, index.write, k)
+        self.v.index_copy_(0, index.write, v)
+        if index.read is None:
+            keys, values = self.groups[0].k, self.groups[0].v
+        else:
+            S = index.bias.shape[-1]
+            keys = self.k.index_select(0, index.read).view(B * H, S, dk)
+            values = self.v.index_select(0, index.read).view(B * H, S, -1)
+        # scores + bias (-inf where masked) in one product; softmax in fp32
+        p = torch.softmax(torch.baddbmm(index.bias, q, keys.transpose(1, 2), alpha=dk**-0.5), -1, dtype=torch.float32)
+        if self.plan.no_keys:
+            p = p.nan_to_num_(0.0)  # a query with no key: zero output
+        return torch.bmm(p.to(values.dtype), values).view(B, H, 1, -1)
 
     def prefill(self, k: torch.Tensor, v: torch.Tensor) -> None:
         """Store the keys ``[B, H, P, dk]`` and values ``[B, H, P, dv]`` of positions ``0 .. P-1``
         (a prefix computed in one parallel forward pass)."""
         for g in self.groups:
             g.prefill(self._split(k, g), self._split(v, g))
+
+
+@dataclass
+class KVStep:
+    """The indices of one decoding step: each layout's :class:`StepIndex` and each plan's
+    :class:`LayerStep` (layers with the same head groups share one)."""
+
+    layouts: list[StepIndex]
+    layers: list[LayerStep]
 
 
 class KVCache:
@@ -249,6 +354,9 @@ class KVCache:
         dk, dv: per-head query/key and value widths.
         device: where the buffers live (``"meta"`` allocates nothing, for sizing).
         dtype: the model's dtype (values; keys see :func:`key_dtype`).
+        fused: attend with the fused Triton kernel (:mod:`sparse_transformer.kv_kernel`; one launch
+            per layer). Off by default until it has been measured on a GPU; on CPU tensors it needs
+            Triton's interpreter (``TRITON_INTERPRET=1``, for tests). None means False.
     """
 
     def __init__(
@@ -261,23 +369,35 @@ class KVCache:
         dv: int,
         device=None,
         dtype=torch.float32,
+        fused: bool | None = None,
     ):
         self.batch, self.length = batch, length
+        fused = bool(fused)
         index_device = torch.device("cpu") if torch.device(device or "cpu").type == "meta" else device
         self.layouts: list[_Layout] = []
+        self.plans: list[_Plan] = []
         ids: dict[tuple[Term, ...], int] = {}
+        plan_ids: dict[tuple, int] = {}
         self.layers = []
         for pattern in patterns:
             groups = pattern.head_groups(n_head)
-            built = []
-            for terms, heads in groups:
+            for terms, _ in groups:
                 if terms not in ids:
                     ids[terms] = len(self.layouts)
                     self.layouts.append(_Layout(terms, length, index_device, key_dtype(dtype)))
-                built.append(_Group(self.layouts[ids[terms]], ids[terms], heads, n_head, batch, dk, dv, device, dtype))
-            order = [h for _, heads in groups for h in heads]
-            inverse = None if order == list(range(n_head)) else torch.tensor(order, device=device).argsort()
-            self.layers.append(LayerKVCache(built, inverse))
+            rows = batch * sum(len(heads) * self.layouts[ids[terms]].slots for terms, heads in groups)
+            k = torch.zeros(rows, dk, device=device, dtype=key_dtype(dtype))
+            v = torch.zeros(rows, dv, device=device, dtype=dtype)
+            built, offset = [], 0
+            for terms, heads in groups:
+                layout = self.layouts[ids[terms]]
+                built.append(_Group(layout, ids[terms], heads, n_head, k, v, offset, batch))
+                offset += batch * len(heads) * layout.slots
+            key = tuple((ids[terms], tuple(heads)) for terms, heads in groups)
+            if key not in plan_ids:
+                plan_ids[key] = len(self.plans)
+                self.plans.append(_Plan(built, n_head, batch, index_device))
+            self.layers.append(LayerKVCache(k, v, built, plan_ids[key], self.plans[plan_ids[key]], fused))
         # a dense KV cache in the same dtypes: every position of every head
         key_bytes = torch.empty(0, dtype=key_dtype(dtype)).element_size()
         value_bytes = torch.empty(0, dtype=dtype).element_size()
@@ -288,15 +408,15 @@ class KVCache:
         """Bytes allocated for keys and values, all layers."""
         return sum(layer.nbytes for layer in self.layers)
 
-    def step(self, pos: torch.Tensor) -> list[StepIndex]:
-        """The slots every layout writes and reads at position ``pos`` (``[1]`` int64, on the
-        cache's device; ``0 <= pos < length``, not checked, as that would sync)."""
-        return [layout.step(pos) for layout in self.layouts]
+    def step(self, pos: torch.Tensor) -> KVStep:
+        """The rows every layer writes and reads at position ``pos`` (``[1]`` int64, on the cache's
+        device; ``0 <= pos < length``, not checked, as that would sync)."""
+        index = [layout.step(pos) for layout in self.layouts]
+        return KVStep(index, [plan.step(index) for plan in self.plans])
 
     def zero_(self) -> KVCache:
         """Clear every buffer (a fresh cache, e.g. after a warm-up wrote into it)."""
         for layer in self.layers:
-            for g in layer.groups:
-                g.k.zero_()
-                g.v.zero_()
+            layer.k.zero_()
+            layer.v.zero_()
         return self

@@ -11,6 +11,12 @@ Sampling runs the same blocks with a sparse KV cache that holds only the keys th
 (prefill), ``decode_step`` computes one position from the cache (a fixed sequence of tensor
 operations, so it can be captured in a CUDA graph; see ``sample.py``).
 
+Saving and loading go through huggingface_hub's ``PyTorchModelHubMixin``, with the mixin's two hooks
+bound to the run export of ``checkpoint.py`` (one format, one writer, one reader):
+``model.save_pretrained(DIR)`` writes what ``train`` writes at the end of a run, ``config.json`` (the
+whole run config) + ``model.safetensors``, and a model card; ``SparseTransformer.from_pretrained(DIR)``
+reads any such folder, or a Hub repo holding one, without executing code.
+
 Readings of what the paper leaves open (docs/method.md lists them all):
 
 * init: N(0, std) with std = sqrt(0.125 / d_in) for attention and feed-forward matrices (reading
@@ -30,15 +36,37 @@ Readings of what the paper leaves open (docs/method.md lists them all):
 from __future__ import annotations
 
 import math
+import os
+from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from huggingface_hub import PyTorchModelHubMixin
 
 from . import patterns
 from .attention import sparse_attention
-from .config import ModelConfig
-from .kv_cache import KVCache, LayerKVCache, StepIndex
+from .config import Config, ModelConfig, config_for_model
+from .errors import UserError
+from .kv_cache import KVCache, KVStep, LayerKVCache
+
+# The model card save_pretrained writes as README.md beside the two files (huggingface_hub's template
+# syntax; card_data is the YAML metadata: library name, tags).
+MODEL_CARD = """---
+{{ card_data }}
+---
+
+A byte-level Sparse Transformer (Child et al. 2019, {{ paper_url }}) saved by the sparse-transformer
+package. `config.json` is the whole run config (model, data, training, sampling; the data's modality,
+image shape and sample rate included) and `model.safetensors` the fp32 weights.
+
+```python
+import sparse_transformer as st
+model = st.SparseTransformer.from_pretrained("THIS_FOLDER_OR_REPO")  # model.config: the run config
+```
+
+On a local copy: `sparse-transformer sample --run FOLDER`, `sparse-transformer eval --run FOLDER --data DATA`.
+"""
 
 
 def gelu(x: torch.Tensor) -> torch.Tensor:
@@ -82,9 +110,7 @@ class Attention(nn.Module):
         B, H, n, dh = y.shape
         return self.proj(y.transpose(1, 2).reshape(B, n, H * dh))
 
-    def forward(
-        self, x: torch.Tensor, cache: LayerKVCache | None = None, step: list[StepIndex] | None = None
-    ) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: LayerKVCache | None = None, step: KVStep | None = None) -> torch.Tensor:
         """``x [B, n, d]`` -> ``[B, n, d]``, the sparse attention of paper §4 and its projections.
 
         Without ``cache``: positions ``0 .. n-1`` (training, evaluation). With ``cache`` and no
@@ -128,9 +154,7 @@ class Block(nn.Module):
     def _ff_branch(self, x):
         return self.dropout(self.ff(self.ln_2(x)))
 
-    def forward(
-        self, x: torch.Tensor, cache: LayerKVCache | None = None, step: list[StepIndex] | None = None
-    ) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: LayerKVCache | None = None, step: KVStep | None = None) -> torch.Tensor:
         """``x [B, n, d]`` -> ``[B, n, d]``; ``cache`` and ``step`` as in :meth:`Attention.forward`.
         Activation checkpointing (paper §5.4) is applied from outside: ``parallel.checkpoint_blocks``."""
         x = x + self._attn_branch(x, cache, step)
@@ -157,13 +181,35 @@ class PositionEmbedding(nn.Module):
         return sum(table[(t // s) % size] for table, s, size in zip(self.tables, self.strides, self.sizes))
 
 
-class SparseTransformer(nn.Module):
+class SparseTransformer(
+    nn.Module,
+    PyTorchModelHubMixin,
+    library_name="sparse-transformer",
+    paper_url="https://arxiv.org/abs/1904.10509",
+    tags=["sparse-transformer", "byte-level"],
+    model_card_template=MODEL_CARD,
+):
     """``SparseTransformer(cfg)(x)``: ``x [B, n]`` bytes (int) -> logits ``[B, n, vocab]`` where
     ``logits[:, i]`` is the model's distribution of ``x[:, i]`` given ``x[:, :i]``. An empty batch
-    (``B = 0``) or sequence (``n = 0``) gives empty logits ``[B, n, vocab]``."""
+    (``B = 0``) or sequence (``n = 0``) gives empty logits ``[B, n, vocab]``.
 
-    def __init__(self, cfg: ModelConfig):
+    ``cfg`` is the model's ``ModelConfig`` (``model.cfg``) or a run's whole ``Config``; ``model.config``
+    is the whole Config either way (built by :func:`~sparse_transformer.config.config_for_model` from a
+    ModelConfig alone), and it is what :meth:`save_pretrained` writes as config.json.
+
+    Hub integration (huggingface_hub's ``PyTorchModelHubMixin``): ``save_pretrained(DIR)`` and
+    ``push_to_hub(REPO)`` write the export of a run (:meth:`_save_pretrained`), ``from_pretrained``
+    reads one (:meth:`from_pretrained`). The mixin's own config handling is not used: it would
+    serialize ``__init__``'s arguments, and decodes neither a nested dataclass such as Config nor
+    the string annotations of this module.
+    """
+
+    def __init__(self, cfg: ModelConfig | Config):
         super().__init__()
+        if isinstance(cfg, Config):
+            self.config, cfg = cfg, cfg.model
+        else:
+            self.config = config_for_model(cfg)
         self.cfg = cfg
         d = cfg.d_model
         self.tok_emb = nn.Embedding(cfg.vocab_size, d)  # W_e
@@ -197,6 +243,100 @@ class SparseTransformer(nn.Module):
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
+    # ---- export and import (huggingface_hub's PyTorchModelHubMixin) ------------------------------
+
+    def _save_pretrained(self, save_directory: Path) -> None:
+        """The mixin's hook under ``save_pretrained(DIR)`` and ``push_to_hub(REPO)``: the export that
+        ``train`` writes at the end of a run (:func:`~sparse_transformer.checkpoint.export`), with
+        ``self.config`` as config.json. The mixin then adds a model card (README.md) if the folder has none."""
+        from .checkpoint import export
+
+        export(self, self.config, save_directory)
+
+    @classmethod
+    def from_pretrained(
+        cls, pretrained_model_name_or_path: str | Path, *, map_location: str | torch.device = "cpu", **hub_kwargs
+    ) -> SparseTransformer:
+        """The model of an export, in eval mode on ``map_location``; ``model.config`` is its config.json.
+
+        Args:
+            pretrained_model_name_or_path: a folder holding config.json and model.safetensors, as
+                written by :meth:`save_pretrained`, by ``train`` (a run directory) or by
+                ``sparse-transformer export``; or the id of a Hub repo holding them (``owner/name``,
+                downloaded into huggingface_hub's cache).
+            map_location: the device to put the model on.
+            hub_kwargs: for a Hub repo, ``revision``, ``cache_dir``, ``force_download``,
+                ``local_files_only``, ``token`` (as in huggingface_hub).
+        Only model.safetensors is read for weights (never a pickle), so loading runs no code; a run
+        directory's checkpoint.pt is not read either (``sparse-transformer export`` writes its
+        latest weights as an export).
+
+        Raises:
+            UserError: one line naming the problem: the folder does not exist or lacks a file, a file
+                is truncated, corrupt or tampered with, the weights are of another architecture than
+                config.json describes, or a Hub repo cannot be fetched.
+        """
+        from .checkpoint import read_run_config
+
+        source = str(pretrained_model_name_or_path)
+        if os.path.isdir(source):
+            read_run_config(source)  # a missing or broken config.json: one line, before the mixin parses it
+            return super().from_pretrained(source, map_location=map_location, **hub_kwargs)
+        from huggingface_hub.errors import EntryNotFoundError
+        from huggingface_hub.utils import validate_repo_id
+
+        fix = (
+            "pass a folder holding config.json and model.safetensors, or the id of a Hub repo (owner/name) holding them"
+        )
+        try:
+            validate_repo_id(source)
+        except ValueError:
+            raise UserError(f"from_pretrained: {source} is not a folder; {fix}") from None
+        try:
+            return super().from_pretrained(source, map_location=map_location, **hub_kwargs)
+        except UserError:
+            raise
+        except (OSError, ValueError, EntryNotFoundError) as e:
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+            raise UserError(
+                f"from_pretrained: {source} is no folder here and could not be fetched from the Hub ({first}); {fix}"
+            ) from None
+
+    @classmethod
+    def _from_pretrained(
+        cls,
+        *,
+        model_id: str,
+        revision: str | None,
+        cache_dir: str | Path | None,
+        force_download: bool,
+        local_files_only: bool,
+        token: str | bool | None,
+        map_location: str | torch.device = "cpu",
+    ) -> SparseTransformer:
+        """The mixin's hook under ``from_pretrained``: the folder ``model_id`` (or the Hub repo's
+        config.json and model.safetensors, downloaded) read by
+        :func:`~sparse_transformer.checkpoint.load_export`, the reader of ``eval`` and ``sample`` too."""
+        from .checkpoint import CONFIG, WEIGHTS, load_export
+
+        folder, root = model_id, None
+        if not os.path.isdir(model_id):
+            from huggingface_hub import hf_hub_download
+
+            for name in (CONFIG, WEIGHTS):  # one snapshot folder holds both
+                path = hf_hub_download(
+                    repo_id=model_id,
+                    filename=name,
+                    revision=revision,
+                    cache_dir=cache_dir,
+                    force_download=force_download,
+                    local_files_only=local_files_only,
+                    token=token,
+                )
+            folder = os.path.dirname(path)
+            root = Path(folder).parent.parent  # the repo's cache: snapshots/<revision>/ link into its blobs/
+        return load_export(folder, map_location, root)[0]
+
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """``x [B, n]`` -> ``H_0 [B, n, d]``: position ``i`` sees token ``i-1`` (start at 0). ``B = 0``
         or ``n = 0`` gives an empty ``[B, n, d]``. Raises ValueError for ``n > n_ctx``."""
@@ -223,10 +363,12 @@ class SparseTransformer(nn.Module):
 
     # ---- incremental decoding (sampling) ------------------------------------------------------
 
-    def new_cache(self, batch: int, length: int | None = None, device=None) -> KVCache:
+    def new_cache(self, batch: int, length: int | None = None, device=None, fused: bool | None = None) -> KVCache:
         """A pre-allocated sparse KV cache for ``batch`` sequences of ``length`` positions (default
         ``n_ctx``), in the model's dtype (fp16 models keep fp32 keys), on ``device`` (default the
-        model's; ``"meta"`` allocates nothing, for sizing). Raises ValueError outside ``1..n_ctx``."""
+        model's; ``"meta"`` allocates nothing, for sizing). ``fused``: decode each layer's attention
+        with one Triton kernel (off by default; see :class:`~sparse_transformer.kv_cache.KVCache`).
+        Raises ValueError outside ``1..n_ctx``."""
         cfg = self.cfg
         length = cfg.n_ctx if length is None else length
         if not 0 < length <= cfg.n_ctx:
@@ -235,7 +377,7 @@ class SparseTransformer(nn.Module):
         w = self.head.weight
         device = w.device if device is None else device
         patterns = [b.attn.pattern for b in self.blocks]
-        return KVCache(patterns, cfg.n_head, batch, length, dk, dv, device, w.dtype)
+        return KVCache(patterns, cfg.n_head, batch, length, dk, dv, device, w.dtype, fused)
 
     def decode_step(self, token: torch.Tensor | None, pos: torch.Tensor | int, cache: KVCache) -> torch.Tensor:
         """Logits of position ``pos`` given the cached positions ``0 .. pos-1`` (one sampling step).

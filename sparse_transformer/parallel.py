@@ -160,6 +160,15 @@ def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
     return t.tolist()
 
 
+def all_reduce_max(values: torch.Tensor) -> list[float]:
+    """The largest value over all ranks of each entry of ``values`` (a 1-D float tensor on this process's
+    device), read to the host: one all-reduce and one host synchronization (none of the former without a
+    process group)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(values, op=dist.ReduceOp.MAX)
+    return values.tolist()
+
+
 def all_gather_object(obj) -> list:
     """``[obj of rank 0, obj of rank 1, ...]`` (``[obj]`` without a process group)."""
     if not (dist.is_available() and dist.is_initialized()):

@@ -9,9 +9,11 @@ the optimizer step. matplotlib is imported only here (``pip install matplotlib``
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 from .errors import UserError
+from .paths import atomic_output, check_output_file
 
 
 def read_curve(run: str | Path) -> dict:
@@ -70,7 +72,11 @@ def plot_runs(
         import matplotlib.pyplot as plt
     except ImportError:
         raise UserError("plot: matplotlib is not installed; pip install matplotlib") from None
-    curves = [read_curve(r) for r in runs]
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    kinds = {f".{ext}" for ext in FigureCanvasBase.get_supported_filetypes()}
+    out = check_output_file(out, "plot: --out", (".png", *sorted(kinds - {".png"})))
+    curves = [_checked_curve(r) for r in runs]
     if unit is None:
         units = {c["unit"] for c in curves}
         unit = units.pop() if len(units) == 1 and None not in units else "bits per dim"
@@ -90,8 +96,29 @@ def plot_runs(
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
+    try:
+        with atomic_output(out) as tmp:
+            fig.savefig(tmp, dpi=110)
+    finally:
+        plt.close(fig)
     return out
+
+
+def _checked_curve(run: str | Path) -> dict:
+    """:func:`read_curve`, with every record it used checked: numbers where numbers belong."""
+    try:
+        curve = read_curve(run)
+    except (AttributeError, KeyError, TypeError, UnicodeDecodeError) as e:  # a line that is not a record of train's
+        raise UserError(
+            f"plot: {Path(run) / 'metrics.jsonl'} holds a line that is not a training record ({type(e).__name__}: "
+            f"{e}); pass run folders written by sparse-transformer train"
+        ) from None
+    number = lambda x: isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+    values = [*curve["step"], *curve["train_s"], *curve["val"]] + ([] if curve["test"] is None else [curve["test"]])
+    if not all(number(x) for x in values) or not isinstance(curve["unit"], (str, type(None))):
+        raise UserError(
+            f"plot: {Path(run) / 'metrics.jsonl'} holds a record whose step, time, bits or unit is not a number "
+            "(or text); pass run folders written by sparse-transformer train"
+        )
+    return curve

@@ -27,7 +27,9 @@ from pathlib import Path
 from .errors import UserError
 
 LOCK = ".lock"
-TEMPORARY = re.compile(r"\..+\.tmp-[0-9]+")  # checkpoint._atomic_write's temporary names
+# The temporary names of checkpoint._atomic_write (.NAME.tmp-PID) and paths.atomic_output
+# (.STEM.tmp-PID.SUFFIX).
+TEMPORARY = re.compile(r"\..+\.tmp-[0-9]+(\.[A-Za-z0-9]+)?")
 
 
 def inside(run_dir: str | Path, path: str | Path, what: str = "checkpoint") -> Path:

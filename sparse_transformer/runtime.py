@@ -7,6 +7,8 @@ the benchmarks turn them into ``torch.device`` and ``torch.dtype`` here (docs/de
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from .config import DEVICE_FORMS, is_device_name
@@ -60,4 +62,64 @@ def resolve_device(
             raise UserError(f"device {name!r} requested but CUDA is not available; use {option} cpu")
         if name == "cuda":
             name = f"cuda:{local_rank}"
+        count = torch.cuda.device_count()
+        if int(name.partition(":")[2]) >= count:
+            raise UserError(
+                f"device {name!r} requested but this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}; "
+                f"use {option} cuda:0 (or launch fewer processes)"
+            )
     return torch.device(name)
+
+
+def _memory_bytes(device: torch.device) -> int | None:
+    """The memory of ``device``: a GPU's total memory, or this machine's RAM (None when unknown)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):  # not on this platform
+        return None
+
+
+def check_model(model_cfg, device: torch.device, fix: str = "use --model.backend auto", shards: int = 1) -> None:
+    """Refuse, before any work starts, a model that cannot train on ``device``: a ``model.backend``
+    that cannot run its pattern there (``triton`` or ``flex`` off CUDA, ``sdpa`` with a sparse
+    pattern; ``fix`` says what to do), or one whose weights, gradients and Adam moments (16 bytes
+    per parameter, split over ``shards`` processes under FSDP) alone exceed the device's memory.
+
+    Raises:
+        UserError: naming the problem and the fix.
+    """
+    from .attention import backend_problem
+    from .flops import matmul_params
+    from .model import model_pattern
+
+    problem = backend_problem(model_cfg.backend, model_pattern(model_cfg), device)
+    if problem is not None:
+        raise UserError(f"config: model.{problem}; {fix}")
+    params = matmul_params(model_cfg) + (model_cfg.vocab_size + model_cfg.n_ctx) * model_cfg.d_model
+    memory = _memory_bytes(device)
+    need = 16 * params / shards
+    if memory is not None and need > memory:
+        raise UserError(
+            f"config: the model has about {params:,} parameters, whose weights, gradients and optimizer state "
+            f"({need / 2**30:,.0f} GiB per process) exceed the {memory / 2**30:,.0f} GiB of {device}; use a smaller "
+            "--model.n_layer or --model.d_model"
+        )
+
+
+def fall_back_backend(model: torch.nn.Module, model_cfg, device: torch.device) -> str | None:
+    """For evaluation and sampling (the same numbers from any backend): when the run's ``model.backend``
+    cannot run on ``device`` (a run trained with ``triton`` on a GPU, scored on a CPU), switch the
+    model's attention to ``auto``. Returns a note saying so, or None when nothing changed."""
+    from .attention import backend_problem
+    from .model import model_pattern
+
+    problem = backend_problem(model_cfg.backend, model_pattern(model_cfg), device)
+    if problem is None:
+        return None
+    for module in model.modules():
+        if hasattr(module, "backend") and hasattr(module, "pattern"):
+            module.backend = "auto"
+    model_cfg.backend = "auto"
+    return f"note: the run's model.{problem}; using backend auto instead"

@@ -20,6 +20,7 @@ distribution, O(n) times slower; it is the baseline of ``sparse-transformer benc
 from __future__ import annotations
 
 import math
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -27,8 +28,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .config import Config, data_meta
+from .config import SEED_MAX, Config, data_meta
 from .errors import UserError
+from .paths import atomic_output, check_output_dir, check_run_dir
 
 __all__ = [
     "GREEDY_BELOW",
@@ -107,6 +109,8 @@ class Decoder:
         noise: ``[S, B, V]`` fp32 Exp(1) noise, row ``pos mod S`` used at ``pos`` (None: greedy).
         graphs: capture the step in a CUDA graph (CUDA only; ValueError elsewhere).
         compile: ``torch.compile`` the step first (inductor, whole graph).
+        fused: attend with the fused Triton decode kernel, one launch per layer (off by default;
+            see :meth:`~sparse_transformer.model.SparseTransformer.new_cache`).
 
     If compiling or capturing fails, the decoder warns and falls back to the plain step.
     """
@@ -120,12 +124,13 @@ class Decoder:
         noise: torch.Tensor | None = None,
         graphs: bool = False,
         compile: bool = False,
+        fused: bool | None = None,
     ):
         if graphs and tokens.device.type != "cuda":
             raise ValueError(f"CUDA graphs need a CUDA device; tokens are on {tokens.device} (use graphs=False)")
         self.model, self.tokens, self.noise = model, tokens, noise
         self.temperature, self.top_k = temperature, top_k
-        self.cache = model.new_cache(tokens.shape[0], tokens.shape[1])
+        self.cache = model.new_cache(tokens.shape[0], tokens.shape[1], fused=fused)
         self.pos = torch.zeros(1, dtype=torch.long, device=tokens.device)
         self.graph, self.graph_logits = None, None
         self.compiled = compile  # False again if compiling fails
@@ -335,18 +340,23 @@ def image_grid(images: np.ndarray):
     return Image.fromarray(grid[:, :, 0] if C == 1 else grid, mode="L" if C == 1 else "RGB")
 
 
-def _unlinked(path: Path) -> Path:
-    """``path``, with a symbolic link there removed: a sample replaces a link, never writes through it
-    (a run folder from elsewhere could hold one pointing at any file)."""
-    if path.is_symlink():
-        path.unlink()
-    return path
+def _first_free(out_dir: Path, stem: str, suffix: str) -> int:
+    """The index after every ``{stem}NNN{suffix}`` file already in ``out_dir`` (0 when there is none):
+    new samples are numbered from there, so that earlier ones are never overwritten."""
+    taken = [
+        int(p.name[len(stem) : -len(suffix)])
+        for p in out_dir.glob(f"{stem}*{suffix}")
+        if p.name[len(stem) : -len(suffix)].isdigit()
+    ]
+    return max(taken) + 1 if taken else 0
 
 
 def write_samples(samples: np.ndarray, meta: dict, out_dir: str | Path) -> list[Path]:
     """Write ``uint8 [num, length]`` samples as the data's modality: text -> ``sample_000.txt``, ...
     (raw bytes); image -> one ``samples.png`` grid (raster order, channel fastest); audio ->
-    ``sample_000.wav``, ... (mu-law decoded, ``meta["sample_rate"]``). Returns the written paths."""
+    ``sample_000.wav``, ... (mu-law decoded, ``meta["sample_rate"]``). Files already in ``out_dir``
+    are kept: new ones are numbered after them (``sample_003.txt``, ``samples_001.png``). Returns the
+    written paths."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     modality = meta.get("modality", "text")
@@ -357,23 +367,28 @@ def write_samples(samples: np.ndarray, meta: dict, out_dir: str | Path) -> list[
                 f"sample: an image sample needs length {H * W * C} ({H}x{W}x{C}), got {samples.shape[1]}; use --length 0"
             )
         path = out_dir / "samples.png"
-        image_grid(samples.reshape(-1, H, W, C)).save(_unlinked(path))
+        if path.exists():
+            path = out_dir / f"samples_{max(1, _first_free(out_dir, 'samples_', '.png')):03d}.png"
+        with atomic_output(path) as tmp:
+            image_grid(samples.reshape(-1, H, W, C)).save(tmp)
         return [path]
     paths = []
-    for n, s in enumerate(samples):
-        if modality == "audio":
-            from .data.mulaw import write_wav
+    suffix = ".wav" if modality == "audio" else ".txt"
+    first = _first_free(out_dir, "sample_", suffix)
+    for n, s in enumerate(samples, first):
+        path = out_dir / f"sample_{n:03d}{suffix}"
+        with atomic_output(path) as tmp:  # a full disk leaves no truncated sample behind
+            if modality == "audio":
+                from .data.mulaw import write_wav
 
-            path = out_dir / f"sample_{n:03d}.wav"
-            write_wav(_unlinked(path), s, meta["sample_rate"])
-        else:
-            path = out_dir / f"sample_{n:03d}.txt"
-            _unlinked(path).write_bytes(s.tobytes())
+                write_wav(tmp, s, meta["sample_rate"])
+            else:
+                tmp.write_bytes(s.tobytes())
         paths.append(path)
     return paths
 
 
-def _check_sample_args(num, temperature, top_k, length) -> None:
+def _check_sample_args(num, temperature, top_k, length, seed=None) -> None:
     """The command's own checks, before anything is loaded (UserError, one line each)."""
     if isinstance(num, bool) or not isinstance(num, int) or num < 1:
         raise UserError(f"sample: --num {num}; ask for at least 1 sample (an integer)")
@@ -388,6 +403,8 @@ def _check_sample_args(num, temperature, top_k, length) -> None:
         raise UserError(f"sample: --top-k {top_k} must be an integer >= 0 (0 = no truncation, 1 = greedy)")
     if isinstance(length, bool) or not isinstance(length, int) or length < 0:
         raise UserError(f"sample: --length {length} must be a positive integer (or 0 for the model's context)")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= SEED_MAX):
+        raise UserError(f"sample: --seed {seed} must be an integer from 0 to 2**63 - 1")
 
 
 def sample_command(
@@ -425,7 +442,7 @@ def sample_command(
     run = Path(run)
     given = {"num": num, "temperature": temperature, "top_k": top_k, "length": length, "seed": seed}
     given = {key: value for key, value in given.items() if value is not None}
-    checked = {"num": 1, "temperature": 1.0, "top_k": 0, "length": 0}
+    checked = {"num": 1, "temperature": 1.0, "top_k": 0, "length": 0, "seed": None}
     _check_sample_args(**{key: given.get(key, default) for key, default in checked.items()})
     bad = [a for a in overrides if a.startswith("--") and not a.startswith("--sample.")]
     if bad:
@@ -437,21 +454,28 @@ def sample_command(
             raise UserError(
                 f"sample: prefix file {prefix_path} does not exist or is not a file; pass a file of raw bytes"
             )
+    check_run_dir(run, "sample: --run")
+    if out_dir is not None:
+        check_output_dir(out_dir, "sample: --out")
 
     from .checkpoint import load_model
     from .config import apply_overrides
     from .runfolder import inside
-    from .runtime import resolve_device, resolve_dtype
+    from .runtime import fall_back_backend, resolve_device, resolve_dtype
 
     dev = resolve_device(device, option="--device")
     model, cfg = load_model(run, dev)
     if out_dir is None:  # inside the run folder, which may come from elsewhere: no link out of it
-        inside(run, Path(run) / "samples", "sample")
+        inside(run, run / "samples", "sample")
+        check_output_dir(run / "samples", "sample: the output folder (--out)")
     apply_overrides(cfg, list(overrides))  # --sample.KEY VALUE over the run's SampleConfig
     num, temperature, top_k, length, seed = (
         given.get(key, getattr(cfg.sample, key)) for key in ("num", "temperature", "top_k", "length", "seed")
     )
-    _check_sample_args(num, temperature, top_k, length)
+    _check_sample_args(num, temperature, top_k, length, seed)
+    note = fall_back_backend(model, cfg.model, dev)
+    if note:
+        print(note, file=sys.stderr)
     model = model.to(resolve_dtype(cfg.train.dtype, dev))  # the run's compute dtype (auto: bf16 on CUDA)
     meta = data_meta(cfg)  # modality, image shape, sample rate: recorded in config.json, else the data's meta.json
     length = length or cfg.sample.length or cfg.model.n_ctx

@@ -15,6 +15,21 @@ future of a run (weights, optimizer, grad scaler, step, torch/CUDA RNG, the nump
 draws batches, the partial log interval) is in the checkpoint, so an interrupted run resumed with
 ``--resume`` reproduces the uninterrupted one bit for bit (same device, same number of processes).
 
+Faults (docs/design.md §5):
+
+* SIGTERM or SIGINT during training ends the run at the next step boundary: every rank learns of
+  it in the step's all-reduce, so all stop at the same step; the checkpoint of that step is saved,
+  one line says so and how to resume, and :class:`Stopped` carries exit status 128 + the signal's
+  number (143 for SIGTERM, 130 for SIGINT): the run did not finish, but can be resumed exactly.
+  Later signals are ignored until then (torchrun passes a terminal's Ctrl-C on as SIGINT, then
+  SIGTERM); SIGKILL still ends it at once, and the previous checkpoint stays intact.
+* A step whose loss or gradient norm is not finite on some rank is skipped on every rank (no
+  weight or optimizer state changes; it still uses up its batch and its learning rate) and counted
+  in metrics (``skipped_steps``, ``skipped_steps_total``). ``train.max_bad_steps`` skipped steps in
+  a row end the run (UserError: exit status 2) naming the step and the last good checkpoint.
+* Weights that are not finite are never saved; the newest ``train.keep_checkpoints`` checkpoints
+  are kept, and ``--resume`` takes the newest one that loads.
+
 Under ``torchrun`` each rank draws its own batches (seed + rank); only rank 0 writes files.
 """
 
@@ -23,9 +38,13 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
+import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import NoReturn
 
 import numpy as np
 import torch
@@ -39,7 +58,8 @@ from .errors import UserError
 from .evaluate import bits_per_dim, unit_of
 from .flops import peak_tflops, train_flops_per_token
 from .model import SparseTransformer, cross_entropy
-from .runtime import resolve_dtype
+from .paths import check_output_dir
+from .runtime import check_model, resolve_dtype
 
 METRICS = "metrics.jsonl"
 
@@ -88,7 +108,8 @@ def train_step(
     t: TrainConfig,
     dtype: torch.dtype,
     lr: float,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    stop: Callable[[], int] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, bool, int]:
     """One optimizer update, as ``train`` and ``bench train`` run it (paper §5.6, §7; docs/method.md §8, §10).
 
     ``t.grad_accum`` micro-batches ``x = next_batch()`` (int ``[B, n]`` bytes on the model's
@@ -97,11 +118,21 @@ def train_step(
     then unscale, global-norm clipping at ``t.grad_clip`` (off when 0), the optimizer step at
     learning rate ``lr`` and ``zero_grad``.
 
+    The optimizer step is skipped on every rank when the loss or the gradient norm is not finite on
+    any rank: weights and optimizer state stay as they were. Under fp16 the grad scaler still
+    lowers its scale for an overflow, as when it skips a step itself (its overflows are a subset of
+    these: an infinite gradient makes the norm infinite). One all-reduce of two numbers decides this
+    and is the step's one host synchronization.
+
     Args:
         model: the module to train: plain, DDP-wrapped or FSDP2-sharded (from :func:`setup_training`).
+        stop: this process's request to end the run, read just before the all-reduce (the number of
+            a signal it received; 0 = none); the same all-reduce carries it, so that every rank
+            learns at the same step whether any rank asked to stop.
     Returns:
-        ``(loss, grad_norm)``: the step's mean loss in nats per byte and the gradient norm before
-        clipping, 0-d tensors left on the device (no host synchronization).
+        ``(loss, grad_norm, skipped, stop)``: the step's mean loss in nats per byte and the
+        gradient norm before clipping (0-d tensors on the device; the norm is the full one under
+        FSDP2), whether the update was skipped, and the largest ``stop`` of all ranks.
     """
     for group in optimizer.param_groups:
         group["lr"] = lr
@@ -116,10 +147,56 @@ def train_step(
         step_loss = loss.detach() if step_loss is None else step_loss + loss.detach()
     scaler.unscale_(optimizer)
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip if t.grad_clip > 0 else math.inf)
-    scaler.step(optimizer)
+    if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor
+        grad_norm = grad_norm.full_tensor()
+    finite = torch.isfinite(step_loss) & torch.isfinite(grad_norm)
+    asked = float(stop()) if stop is not None else 0.0
+    flags = torch.stack([(~finite).float(), torch.full((), asked, device=finite.device)])
+    bad, stop = parallel.all_reduce_max(flags)
+    if not bad:
+        scaler.step(optimizer)
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
-    return step_loss, grad_norm
+    return step_loss, grad_norm, bool(bad), int(stop)
+
+
+class Stopped(Exception):
+    """``train`` ended early because the process received SIGTERM or SIGINT; during training only
+    after saving the checkpoint of the step it stopped at. ``str(e)`` is the line ``train`` printed,
+    ``signum`` the signal, ``exit_status`` 128 + ``signum`` (as a shell reports a process that a
+    signal ended: the run did not finish, and can be resumed)."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.signum = signum
+        self.exit_status = 128 + signum
+
+
+class _StopSignals:
+    """SIGTERM and SIGINT handlers while ``train`` runs (main thread only; a signal the process
+    ignores stays ignored). With ``defer`` set (the training loop) the first signal is recorded in
+    ``signum`` for the loop to act on at the next step boundary; otherwise it raises
+    :class:`Stopped` at once, with the line ``message(signum)``. Later signals are ignored."""
+
+    def __init__(self, message: Callable[[int], str]):
+        self.signum, self.defer, self.message = 0, False, message
+        self._previous = {}
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for s in (signal.SIGTERM, signal.SIGINT):
+            if signal.getsignal(s) is not signal.SIG_IGN:
+                self._previous[s] = signal.signal(s, self._handle)
+
+    def _handle(self, signum: int, frame) -> None:
+        if self.signum:
+            return
+        self.signum = signum
+        if not self.defer:
+            raise Stopped(self.message(signum), signum)
+
+    def restore(self) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler if handler is not None else signal.SIG_DFL)
 
 
 def new_timing() -> dict:
@@ -153,13 +230,30 @@ def set_rng_state(state: dict, rng: np.random.Generator, device: torch.device) -
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
+def _new_run_folder(run_dir) -> Path | None:
+    """``run_dir`` of a new run, checked: a folder that can be written and holds no files of another
+    run or program that training would overwrite (config.json, metrics.jsonl). A run that already
+    saved a checkpoint is refused later, with the hint to resume it."""
+    if run_dir is None:
+        return None
+    run_dir = check_output_dir(run_dir, "train: --run-dir")
+    ours = [name for name in (checkpoint.CONFIG, METRICS) if (run_dir / name).exists()]
+    if ours and not (run_dir / checkpoint.CHECKPOINT).exists():
+        raise UserError(
+            f"train: {run_dir} already holds {' and '.join(ours)} but no checkpoint (a run stopped before its "
+            "first checkpoint, or files of something else) that a new run would overwrite; choose a new --run-dir "
+            "or remove them"
+        )
+    return run_dir
+
+
 def _resolve_config(cfg: Config | None, run_dir, resume, overrides) -> tuple[Config, Path | None]:
     if resume is None:
         if cfg is None:
             raise UserError("train: no config given; pass a Config (or --config FILE) or --resume DIR")
-        return validate(cfg), Path(run_dir) if run_dir is not None else None
+        return validate(cfg), _new_run_folder(run_dir)
     resume = Path(resume)
-    if not (resume / checkpoint.CHECKPOINT).is_file():
+    if not checkpoint.training_checkpoints(resume):
         raise UserError(
             f"train: {resume} has no {checkpoint.CHECKPOINT} to resume; pass a run directory written by "
             "sparse-transformer train"
@@ -274,6 +368,12 @@ def check_resume_state(state: dict, path: Path) -> None:
         for k in ("train_s", "eval_s", "compile_s", "warmup_end_s")
     ):
         raise bad("timing is not a table of seconds")
+    skips = state.get("skips", {})  # absent in checkpoints saved before steps could be skipped
+    if not isinstance(skips, dict) or not all(
+        k in ("total", "in_a_row", "since_log") and isinstance(v, int) and not isinstance(v, bool) and v >= 0
+        for k, v in skips.items()
+    ):
+        raise bad("skips is not a table of step counts")
     ranks = state.get("ranks")
     if not isinstance(ranks, list) or not ranks:
         raise bad("no per-process states")
@@ -361,28 +461,50 @@ def train(
             (``["--train.max_steps", "2000"]``) apply on top of its saved config, e.g. to extend it.
     Returns:
         dict with ``run_dir``, ``step``, ``params``, ``val_bits_per_dim`` (if evaluated),
-        ``test_bits_per_dim``, ``test_tokens``, ``elapsed_s`` and ``sample`` (text runs, if any).
+        ``test_bits_per_dim``, ``test_tokens``, ``elapsed_s``, ``skipped_steps`` (non-finite steps
+        skipped) and ``sample`` (text runs, if any).
+    Raises:
+        Stopped: SIGTERM or SIGINT ended the run (after saving a checkpoint, when it came during
+            training); the line saying so is printed (rank 0) before.
+        UserError: bad input, or ``train.max_bad_steps`` non-finite steps in a row, or weights that
+            are not finite at a checkpoint (the message names the last good checkpoint).
     """
     cfg, run_dir = _resolve_config(cfg, run_dir, resume, overrides)
     t = cfg.train
     d = parallel.init_distributed(t.device)
+    stopper = _StopSignals(
+        lambda signum: f"stopped by {_signal_name(signum)} before the first training step; no checkpoint was written"
+    )
     lock = None
     try:
         run_dir = run_dir or _new_run_dir(d)
         lock = hold_run_dir(run_dir, d)
-        return _train(cfg, run_dir, resume is not None, d)
+        return _train(cfg, run_dir, resume is not None, d, stopper)
+    except Stopped as e:
+        if d.main:
+            print(e, file=sys.stderr, flush=True)
+        raise
     finally:
+        stopper.restore()
         if lock is not None:
             lock.release()
         parallel.shutdown()
 
 
-def _train(cfg: Config, run_dir: Path | None, resuming: bool, d: parallel.Dist) -> dict:
+def _signal_name(signum: int) -> str:
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return f"signal {signum}"
+
+
+def _train(cfg: Config, run_dir: Path | None, resuming: bool, d: parallel.Dist, stopper: _StopSignals) -> dict:
     t, device = cfg.train, d.device
     set_threads(device)
     dtype = resolve_dtype(t.dtype, device)
+    check_model(cfg.model, device, shards=d.world if t.parallel == "fsdp" else 1)
     run_dir = run_dir or _new_run_dir(d)
-    if not resuming and (run_dir / checkpoint.CHECKPOINT).exists():
+    if not resuming and checkpoint.training_checkpoints(run_dir):
         raise UserError(
             f"train: {run_dir} already holds a run; continue it with --resume {run_dir} or choose a new --run-dir"
         )
@@ -405,22 +527,29 @@ def _train(cfg: Config, run_dir: Path | None, resuming: bool, d: parallel.Dist) 
     unit = unit_of(meta["modality"])
 
     torch.manual_seed(t.seed)  # the same initial weights on every rank (FSDP2 does not broadcast them)
-    model = SparseTransformer(cfg.model).to(device)
+    model = SparseTransformer(cfg).to(device)  # model.config is the run's config (save_pretrained writes it)
     torch.manual_seed(t.seed + d.rank)  # then a different dropout stream and batch order per rank
     rng = np.random.default_rng(t.seed + d.rank)
     ddp_model, optimizer, scaler = setup_training(model, cfg, d, dtype)
 
     step, elapsed0, loss_sum, loss_steps = 0, 0.0, 0.0, 0
     timing = new_timing()
+    # Skipped steps (non-finite loss or gradient norm): in all, in a row, and since the last log record.
+    skips = {"total": 0, "in_a_row": 0, "since_log": 0}
+    last_saved: tuple[int, Path] | None = None  # (step, path) of the newest checkpoint saved
     if resuming:
         state = checkpoint.load_training(run_dir, model, optimizer)
-        check_resume_state(state, run_dir / checkpoint.CHECKPOINT)
+        check_resume_state(state, Path(state["path"]))
+        for line in state["passed_over"]:
+            say(f"warning: passed over a checkpoint that does not load: {line}")
         step, elapsed0 = state["step"], state["elapsed_s"]
         if step > t.max_steps:
             raise UserError(
                 f"train: {run_dir} is at step {step}, past --train.max_steps {t.max_steps}; pass "
                 f"--train.max_steps {step} or more to continue it"
             )
+        skips.update(state.get("skips", {}))
+        last_saved = (step, Path(state["path"]))
         timing.update(
             {k: state["timing"][k] for k in ("train_s", "eval_s", "compile_s", "warmup_end_s")}
             if "timing" in state
@@ -443,7 +572,7 @@ def _train(cfg: Config, run_dir: Path | None, resuming: bool, d: parallel.Dist) 
                 rng.bit_generator.state = np.random.default_rng(seed).bit_generator.state
         except (RuntimeError, ValueError, TypeError, KeyError) as e:
             raise UserError(
-                f"checkpoint: {run_dir / checkpoint.CHECKPOINT} holds a grad scaler or random state that cannot "
+                f"checkpoint: {state['path']} holds a grad scaler or random state that cannot "
                 f"be restored ({e}); resume from a checkpoint written by sparse-transformer train"
             ) from None
         # The log interval the checkpoint cut: this process's share of every saved process's losses.
@@ -458,11 +587,14 @@ def _train(cfg: Config, run_dir: Path | None, resuming: bool, d: parallel.Dist) 
         checkpoint.save_config(run_dir, cfg)
         for name in runfolder.remove_temporary_files(run_dir):
             say(f"note: removed {run_dir / name}, left by an interrupted write")
-        checkpoint.remove_old_sharded(run_dir, state.get("sharded") if resuming else None)  # unfinished saves
+        checkpoint.remove_unfinished(run_dir, state.get("sharded") if resuming else None)  # shards of unfinished saves
         if resuming:
             for warning in runfolder.trim_log(run_dir / METRICS, step):
                 say(warning)
-            say(f"resumed {run_dir} at step {step} of {t.max_steps}")
+            say(
+                f"resumed {run_dir} at step {step} of {t.max_steps}"
+                + (f" from {state['path']}" if state["passed_over"] else "")
+            )
 
     loss_sum = torch.tensor(loss_sum, dtype=torch.float64, device=device)  # this log interval's summed losses
     logger = Logger(
@@ -496,15 +628,33 @@ def _train(cfg: Config, run_dir: Path | None, resuming: bool, d: parallel.Dist) 
         return rec
 
     def save_checkpoint() -> None:
+        nonlocal last_saved
         mine = {"rng": rng_state(rng, device), "loss_sum": loss_sum.item(), "loss_steps": loss_steps}
         state = {
             "step": step,
             "elapsed_s": elapsed0 + time.perf_counter() - t_start,
             "scaler": scaler.state_dict(),
             "timing": dict(timing),
+            "skips": dict(skips),
             "ranks": parallel.all_gather_object(mine),
         }
-        checkpoint.save_training(run_dir, model, optimizer, state)
+        try:
+            last_saved = (step, checkpoint.save_training(run_dir, model, optimizer, state, keep=t.keep_checkpoints))
+        except checkpoint.NotFinite:
+            fail("the weights are not finite, so they were not saved")
+
+    def fail(why: str) -> NoReturn:
+        """End a run whose numbers went bad at this step with one line naming the last good checkpoint."""
+        bar.close()
+        logger.close()
+        if last_saved is None:
+            where = "no checkpoint was saved before it; train again with a lower --train.lr"
+        else:
+            where = (
+                f"the last good checkpoint is {last_saved[1]} (step {last_saved[0]}); continue from it with a lower "
+                f"learning rate: sparse-transformer train --resume {run_dir} --train.lr {t.lr / 10:g}"
+            )
+        raise UserError(f"train: stopped at step {step}: {why}; {where}") from None
 
     def next_batch() -> torch.Tensor:
         return sample_batch(train_data, t.batch_size, cfg.data.seq_len, rng, record_len).to(device, non_blocking=True)
@@ -526,6 +676,7 @@ def _train(cfg: Config, run_dir: Path | None, resuming: bool, d: parallel.Dist) 
     steps_since_log = 0
     val = None
     model.train()
+    stopper.defer = True  # from here a signal ends the run at the next step boundary, with a checkpoint
     while step < t.max_steps and not (budget_s and timing["train_s"] >= budget_s):
         if budget_s and step >= t.warmup_steps and timing["warmup_end_s"] is None:
             timing["warmup_end_s"] = timing["train_s"]
@@ -534,7 +685,9 @@ def _train(cfg: Config, run_dir: Path | None, resuming: bool, d: parallel.Dist) 
             time_progress = (timing["train_s"] - timing["warmup_end_s"]) / max(1e-9, budget_s - timing["warmup_end_s"])
         lr = lr_at(step, t, time_progress)
         t_step = time.perf_counter()
-        step_loss, grad_norm = train_step(ddp_model, optimizer, scaler, next_batch, t, dtype, lr)
+        step_loss, grad_norm, skipped, stop = train_step(
+            ddp_model, optimizer, scaler, next_batch, t, dtype, lr, stop=lambda: stopper.signum
+        )
         if budget_s or timing["first_step_s"] is None:
             sync()  # a budget needs each step's true end; otherwise only the first two are waited for
         step_s = time.perf_counter() - t_step
@@ -555,21 +708,32 @@ def _train(cfg: Config, run_dir: Path | None, resuming: bool, d: parallel.Dist) 
             timing["train_s"] += step_s
         step += 1
         steps_since_log += 1
-        loss_sum += step_loss.double()  # stays on the device: no host sync per step
-        loss_steps += 1
+        if skipped:
+            skips["total"] += 1
+            skips["in_a_row"] += 1
+            skips["since_log"] += 1
+            if not scaler.is_enabled() or not math.isfinite(step_loss.item()):  # fp16 overflows are routine
+                say(f"step {step}: non-finite loss or gradient norm; step skipped ({skips['in_a_row']} in a row)")
+        else:
+            skips["in_a_row"] = 0
+            loss_sum += step_loss.double()  # stays on the device: read at log records
+            loss_steps += 1
         bar.update(1)
         done = step == t.max_steps or bool(budget_s and timing["train_s"] >= budget_s)
+        halt = skips["in_a_row"] >= t.max_bad_steps
 
-        if step % t.log_every == 0 or done:
+        if step % t.log_every == 0 or done or halt:
             total, count = parallel.all_reduce_sum([loss_sum.item(), loss_steps], device)
             now = time.perf_counter()
-            norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+            norm = grad_norm.item()
             rec = {
                 "step": step,
-                "loss": total / count,
-                "bits_per_dim": total / count / math.log(2),
+                "loss": total / count if count else None,  # None: every step since the last record was skipped
+                "bits_per_dim": total / count / math.log(2) if count else None,
                 "lr": lr,
-                "grad_norm": norm.item(),
+                "grad_norm": norm if math.isfinite(norm) else None,  # metrics.jsonl stays strict JSON
+                "skipped_steps": skips["since_log"],
+                "skipped_steps_total": skips["total"],
                 "tokens_per_s": tokens_per_step * steps_since_log / (now - t_log),
                 "elapsed_s": elapsed0 + now - t_start,
                 "train_s": timing["train_s"],
@@ -580,19 +744,40 @@ def _train(cfg: Config, run_dir: Path | None, resuming: bool, d: parallel.Dist) 
             if device.type == "cuda":
                 rec["memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
             logger.log(rec, "train")
-            bar.set_postfix(loss=f"{rec['loss']:.3f}", lr=f"{lr:.2e}")
+            bar.set_postfix(loss="-" if rec["loss"] is None else f"{rec['loss']:.3f}", lr=f"{lr:.2e}")
             loss_sum, loss_steps, steps_since_log = torch.zeros((), dtype=torch.float64, device=device), 0, 0
+            skips["since_log"] = 0
             t_log = time.perf_counter()
+        if halt:
+            fail(f"the last {skips['in_a_row']} steps had a non-finite loss or gradient norm (train.max_bad_steps)")
+        if stop:  # a signal on some rank: every rank saves this step's checkpoint and ends the run
+            save_checkpoint()
+            bar.close()
+            logger.close()
+            raise Stopped(
+                f"stopped by {_signal_name(stop)} at step {step}; checkpoint saved to {last_saved[1]}; "
+                f"resume with: sparse-transformer train --resume {run_dir}"
+                + (" (under torchrun)" if d.world > 1 else ""),
+                stop,
+            )
         if (t.eval_every > 0 and step % t.eval_every == 0) or done:
             t_eval = time.perf_counter()
             val = evaluate_val()
             timing["eval_s"] += time.perf_counter() - t_eval
             say(f"step {step}: val {unit} {val['val_bits_per_dim']:.4f} (training time {timing['train_s']:.0f} s)")
             t_log = time.perf_counter()
-        if (t.checkpoint_every > 0 and step % t.checkpoint_every == 0) or done:
+        # Not in the middle of skipped steps: the checkpoints kept are then ones from before the trouble.
+        if (t.checkpoint_every > 0 and step % t.checkpoint_every == 0 and not skips["in_a_row"]) or done:
             save_checkpoint()
             t_log = time.perf_counter()
     bar.close()
+    stopper.defer = False
+    stopper.message = lambda signum: (
+        f"stopped by {_signal_name(signum)} after the last step ({step}), whose checkpoint is saved; "
+        f"export and score it with: sparse-transformer train --resume {run_dir}"
+    )
+    if stopper.signum:  # came after the last step's all-reduce
+        raise Stopped(stopper.message(stopper.signum), stopper.signum)
     return _finish(
         cfg,
         run_dir,
@@ -608,6 +793,7 @@ def _train(cfg: Config, run_dir: Path | None, resuming: bool, d: parallel.Dist) 
         elapsed0 + time.perf_counter() - t_start,
         data_dir,
         timing,
+        skips["total"],
     )
 
 
@@ -626,6 +812,7 @@ def _finish(
     elapsed: float,
     data_dir: Path,
     timing: dict,
+    skipped_steps: int = 0,
 ) -> dict:
     """Export the weights, score the test split (its first ``train.test_tokens`` bytes if set), print
     bits per byte and a sample."""
@@ -660,6 +847,7 @@ def _finish(
         "unit": unit,
         "test_tokens": tokens,
         "elapsed_s": elapsed,
+        "skipped_steps": skipped_steps,
         **times,
     }
     if val is not None:
@@ -669,6 +857,8 @@ def _finish(
             f"test {unit}: {test_bpd:.3f} ({tokens:,} bytes); time: training {times['train_s']:.1f} s, "
             f"validation {times['eval_s']:.1f} s, compilation {times['compile_s']:.1f} s, test {times['test_s']:.1f} s"
         )
+        if skipped_steps:
+            print(f"note: {skipped_steps} of {step} steps were skipped (non-finite loss or gradient norm)")
         text = _sample_text(cfg, run_dir, model, device) if not parallel.is_sharded(model) else None
         if text is not None:
             summary["sample"] = text

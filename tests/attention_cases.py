@@ -7,20 +7,21 @@ from sparse_transformer import patterns as P
 L = 8  # stride used by the small test grid
 
 
-def pattern_grid():
-    """Every pattern, part and integration, at stride L (ids for pytest)."""
+def pattern_grid(l: int = L, c: int = 2):
+    """Every pattern, part and integration at stride ``l`` (fixed: ``c`` summary cells; the
+    interleaved one ``c + 1``), keyed by ids for pytest."""
     return {
         "dense": P.dense(),
-        "local": P.local(L),
-        "strided-both": P.strided(L),
-        "strided-local": P.strided(L, "local"),
-        "strided-stride": P.strided(L, "stride"),
-        "fixed-both": P.fixed(L, 2, num_verts=2),
-        "fixed-block": P.fixed(L, 2, part="block"),
-        "fixed-summary": P.fixed(L, 2, num_verts=2, part="summary"),
-        "multihead-strided": P.multihead(P.strided(L)),
-        "multihead-fixed": P.multihead(P.fixed(L, 2, num_verts=2)),
-        "interleaved-fixed-layer1": P.interleaved(P.fixed(L, 3)).for_layer(1),
+        "local": P.local(l),
+        "strided-both": P.strided(l),
+        "strided-local": P.strided(l, "local"),
+        "strided-stride": P.strided(l, "stride"),
+        "fixed-both": P.fixed(l, c, num_verts=2),
+        "fixed-block": P.fixed(l, c, part="block"),
+        "fixed-summary": P.fixed(l, c, num_verts=2, part="summary"),
+        "multihead-strided": P.multihead(P.strided(l)),
+        "multihead-fixed": P.multihead(P.fixed(l, c, num_verts=2)),
+        "interleaved-fixed-layer1": P.interleaved(P.fixed(l, c + 1)).for_layer(1),
     }
 
 

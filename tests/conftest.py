@@ -1,10 +1,16 @@
 """Shared test setup: `gpu` tests skip without CUDA, `distributed` tests without torch.distributed;
-the prepared text data the training, evaluation and torchrun tests share."""
+the prepared data (synthetic text, or folders written by hand) and the tiny runs' config overrides
+that the training, evaluation, sampling, benchmark and torchrun tests share; one thread for the
+decoding tests."""
+
+import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from sparse_transformer.data.format import FORMAT_VERSION
 from sparse_transformer.data.prepare import prepare
 
 
@@ -48,3 +54,57 @@ def text_data(tmp_path_factory):
         return made[kind, size]
 
     return make
+
+
+def write_prepared(root, splits: dict, modality: str, kind=None, record_len=None, shape=None, sample_rate=None):
+    """A prepared data folder written by hand: ``splits`` maps each split name to its bytes; the
+    meta.json is one that ``read_meta`` accepts (``kind`` defaults to the modality). Returns ``root``."""
+    root = Path(root)
+    root.mkdir(parents=True)
+    for split, data in splits.items():
+        (root / f"{split}.bin").write_bytes(data)
+    meta = {
+        "kind": kind or modality,
+        "modality": modality,
+        "record_len": record_len,
+        "shape": shape,
+        "sample_rate": sample_rate,
+        "splits": {split: len(data) for split, data in splits.items()},
+        "source": "test",
+        "format_version": FORMAT_VERSION,
+    }
+    (root / "meta.json").write_text(json.dumps(meta))
+    return root
+
+
+# The tiny CPU runs of the tests, as ``--section.key`` settings (``overrides`` turns them into CLI
+# arguments): a test takes one of these and states only what it changes.
+TINY_MODEL = {"model.n_layer": 2, "model.d_model": 32, "model.n_head": 2, "model.stride": 16, "model.c": 4}
+"""2 layers of width 32, 2 heads, fixed l = 16, c = 4."""
+TINY_RUN = {**TINY_MODEL, "data.seq_len": 64, "train.batch_size": 4, "train.device": "cpu", "train.progress": False}
+"""The tiny model trained on CPU, 4 windows of 64 bytes a step, no progress bar."""
+SMALLEST_MODEL = {"model.n_layer": 1, "model.d_model": 16, "model.n_head": 2, "model.stride": 8, "model.c": 2}
+"""1 layer of width 16, 2 heads, fixed l = 8, c = 2."""
+
+
+def overrides(*settings: dict) -> list[str]:
+    """``["--model.n_layer", "2", ...]`` from ``{"model.n_layer": 2, ...}`` dicts merged in order (a
+    later value wins); True/False are written ``true``/``false``, anything else (paths too) as ``str``."""
+    merged = {}
+    for s in settings:
+        merged |= s
+    return [arg for key, value in merged.items() for arg in (f"--{key}", _text(value))]
+
+
+def _text(value) -> str:
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
+@pytest.fixture
+def one_thread():
+    """Decoding is many tiny ops: extra threads only add contention (tests slow down 20x on a busy host).
+    A module opts in with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -5,14 +5,26 @@ import argparse
 import json
 
 import pytest
+import torch
+from conftest import SMALLEST_MODEL, overrides
 
 from sparse_transformer import patterns as P
 from sparse_transformer.bench import attention as bench_attention_mod
+from sparse_transformer.bench import sample as bench_sample_mod
 from sparse_transformer.bench import train as bench_train_mod
 from sparse_transformer.bench.attention import bench_attention, pattern_for, useful_pairs
 from sparse_transformer.bench.train import bench_train
 from sparse_transformer.config import Config
 from sparse_transformer.errors import UserError
+from sparse_transformer.options import comma_list
+
+
+def parse(module, options: str, *more: str) -> argparse.Namespace:
+    """``options`` (split at spaces) and then ``more`` (paths, kept whole) parsed as the options of
+    ``sparse-transformer bench WHAT`` (``module``: bench.WHAT)."""
+    parser = argparse.ArgumentParser()
+    module.add_arguments(parser)
+    return parser.parse_args([*options.split(), *more])
 
 
 def test_pattern_for_sizes_by_length():
@@ -45,28 +57,8 @@ def test_useful_pairs_counts_allowed_pairs():
 
 def test_bench_attention_cpu_jsonl_and_table(tmp_path, capsys):
     out = tmp_path / "attn.jsonl"
-    parser = argparse.ArgumentParser()
-    bench_attention_mod.add_arguments(parser)
-    args = parser.parse_args(
-        [
-            "--device",
-            "cpu",
-            "--backends",
-            "factorized,sdpa,flex",
-            "--patterns",
-            "strided:8,fixed:8:2",
-            "--n",
-            "64",
-            "--batch-tokens",
-            "128",
-            "--heads",
-            "2",
-            "--head-dim",
-            "8",
-            "--out",
-            str(out),
-        ]
-    )
+    options = "--device cpu --backends factorized,sdpa,flex --patterns strided:8,fixed:8:2 --n 64 --batch-tokens 128"
+    args = parse(bench_attention_mod, options + " --heads 2 --head-dim 8", "--out", str(out))
     assert bench_attention_mod.run(args) == 0
     records = [json.loads(line) for line in out.read_text().splitlines()]
     # dense sdpa (1 pattern) + factorized and flex on 2 patterns, each fwd and fwdbwd
@@ -115,18 +107,7 @@ def test_bench_train_cpu_sparse_vs_dense(tmp_path):
         warmup=1,
         sparse_backend="factorized",
         device="cpu",
-        overrides=[
-            "--model.n_layer",
-            "1",
-            "--model.d_model",
-            "32",
-            "--model.n_head",
-            "2",
-            "--model.stride",
-            "8",
-            "--model.c",
-            "2",
-        ],
+        overrides=overrides(SMALLEST_MODEL, {"model.d_model": 32}),
         target=1.0,
         case="tiny",
         out_jsonl=str(out),
@@ -144,27 +125,58 @@ def test_bench_train_cpu_sparse_vs_dense(tmp_path):
 
 
 def test_bench_train_cli_case_without_dense(capsys):
-    parser = argparse.ArgumentParser()
-    bench_train_mod.add_arguments(parser)
-    args = parser.parse_args(
-        [
-            "--case",
-            "audio1m",
-            "--n",
-            "256",
-            "--steps",
-            "1",
-            "--warmup",
-            "0",
-            "--device",
-            "cpu",
-            "--set",
-            "model.n_layer=1",
-            "--set",
-            "model.stride=16",
-        ]
-    )
+    options = "--case audio1m --n 256 --steps 1 --warmup 0 --device cpu --set model.n_layer=1 --set model.stride=16"
+    args = parse(bench_train_mod, options)
     assert bench_train_mod.run(args) == 0
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
     (rec,) = [json.loads(line) for line in lines]
     assert rec["case"] == "audio1m" and rec["n"] == 256 and rec["d_model"] == 128 and "dense not run" in rec["note"]
+
+
+def test_bench_tiles_cases_and_winners():
+    """``bench tiles`` needs a GPU to time anything; its case specs and its choice of winners are
+    checked here (winners: least time relative to the committed tile, summed over the cases that
+    launch the role)."""
+    from sparse_transformer.bench import tiles as bench_tiles_mod
+
+    assert bench_tiles_mod.parse_case("fixed:128:32@16K", 131072)[1:] == (P.fixed(128, 32), 16384, 8)
+    assert bench_tiles_mod.parse_case("strided@1M", 131072)[1:] == (P.strided(1024), 1 << 20, 1)
+    for bad in ("strided:128", "strided:128@lots", "banded@16K"):
+        with pytest.raises(UserError):
+            bench_tiles_mod.parse_case(bad, 131072)
+    a, b, c = (64, 64, 4, 3), (32, 64, 4, 3), (16, 64, 4, 3)
+    cands = {"fwd": [a, b, c], "dkdv": [b, a], "dq_summary": [a, b]}
+    results = {  # (variant, case) -> {role: ms}; variant 2 gives dkdv its candidate 2 % 2 = 0
+        (0, "x"): {"fwd": 1.0, "dkdv": 2.0},
+        (0, "y"): {"fwd": 10.0, "dkdv": 20.0},
+        (1, "x"): {"fwd": 0.5, "dkdv": 3.0},
+        (1, "y"): {"fwd": 12.0, "dkdv": 30.0},  # fwd: 0.5 + 1.2 = 1.7 < 2 (committed)
+        (2, "x"): {"fwd": 0.9},  # c: 0.9 + 0.85 = 1.75
+        (2, "y"): {"fwd": 8.5},
+    }
+    winners, scores = bench_tiles_mod.pick_winners(results, cands)
+    assert winners == {"fwd": b, "dkdv": b}  # dq_summary is launched by no case: no winner
+    assert scores["fwd"] == {str(a): 2.0, str(b): 1.7, str(c): 1.75}
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+def test_bench_tiles_without_cuda_is_one_clear_error(capsys):
+    from sparse_transformer.cli import main
+
+    assert main(["bench", "tiles", "--cases", "strided:8@64"]) == 2
+    assert "needs CUDA" in capsys.readouterr().err
+
+
+def test_bench_sample_cpu_passes_its_options_on(capsys):
+    """`bench sample` on CPU: the options reach bench_sample by name; cached and uncached draw the same tokens."""
+    options = "--length 24 --patterns strided, --num 2 --n-layer 1 --d-model 16 --n-head 2 --stride 4 --c 2 --threads 0"
+    assert bench_sample_mod.run(parse(bench_sample_mod, options)) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    (rec,) = [json.loads(line) for line in lines]
+    assert rec["pattern"] == "strided(stride=4, part='both')" and rec["length"] == 24 and rec["num"] == 2
+    assert (rec["n_layer"], rec["d_model"], rec["n_head"]) == (1, 16, 2) and rec["same_tokens"]
+    assert rec["no_cache_measured_steps"] == 24 and rec["cache_bytes"] == rec["dense_cache_bytes"]
+
+
+def test_comma_lists():
+    assert comma_list(" strided, fixed ,,") == ["strided", "fixed"] and comma_list(None) == comma_list("") == []

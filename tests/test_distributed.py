@@ -11,6 +11,7 @@ import sys
 import pytest
 import torch
 import torch.distributed as dist
+from conftest import TINY_RUN, overrides
 from safetensors.torch import load_file
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
@@ -26,30 +27,7 @@ pytestmark = [
     ),
 ]
 
-TINY = [
-    "--data.seq_len",
-    "64",
-    "--model.n_layer",
-    "2",
-    "--model.d_model",
-    "32",
-    "--model.n_head",
-    "2",
-    "--model.stride",
-    "16",
-    "--model.c",
-    "4",
-    "--train.batch_size",
-    "4",
-    "--train.log_every",
-    "1",
-    "--train.eval_batches",
-    "2",
-    "--train.device",
-    "cpu",
-    "--train.progress",
-    "false",
-]
+TINY = overrides(TINY_RUN, {"train.log_every": 1, "train.eval_batches": 2})
 
 
 @pytest.fixture(scope="module")
@@ -135,8 +113,9 @@ def test_fsdp2_run_resumes_in_one_process_and_then_on_two_ranks(data_dir, tmp_pa
 
     summary = train(None, None, resume=run, overrides=["--train.max_steps", "6"])
     assert summary["step"] == 6 and sorted(losses(run)) == list(range(1, 7))
-    assert "model" in checkpoint.load(run / "checkpoint.pt") and not list(run.glob("checkpoint-dcp-*"))
+    assert "model" in checkpoint.load(run / "checkpoint.pt")
+    assert [p.name for p in run.glob("checkpoint-dcp-*")] == ["checkpoint-dcp-4"]  # named by checkpoint-4.pt, kept
     torchrun("--resume", str(run), "--train.max_steps", "8", "--train.parallel", "ddp")
-    assert sorted(losses(run)) == list(range(1, 9))
+    assert sorted(losses(run)) == list(range(1, 9)) and not list(run.glob("checkpoint-dcp-*"))
     ranks = checkpoint.load(run / "checkpoint.pt")["ranks"]
     assert len(ranks) == 2 and ranks[0]["rng"]["numpy"] != ranks[1]["rng"]["numpy"]  # the new rank draws its own

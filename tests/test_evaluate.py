@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
+from conftest import TINY_RUN, overrides
 
 from sparse_transformer.config import load_config
 from sparse_transformer.evaluate import bits_per_dim, evaluate
@@ -69,33 +70,8 @@ def test_image_records_keep_windows_inside_images():
 
 
 def test_evaluate_a_run_matches_the_training_summary(tmp_path, text_data):
-    cfg = load_config(
-        None,
-        [
-            "--data.dir",
-            str(text_data("letters", 30000)),
-            "--data.seq_len",
-            "64",
-            "--model.n_layer",
-            "1",
-            "--model.d_model",
-            "32",
-            "--model.n_head",
-            "2",
-            "--model.stride",
-            "16",
-            "--model.c",
-            "4",
-            "--train.batch_size",
-            "4",
-            "--train.max_steps",
-            "5",
-            "--train.device",
-            "cpu",
-            "--train.progress",
-            "false",
-        ],
-    )
+    data = {"data.dir": text_data("letters", 30000)}
+    cfg = load_config(None, overrides(data, TINY_RUN, {"model.n_layer": 1, "train.max_steps": 5}))
     summary = train(cfg, tmp_path / "run")
     result = evaluate(tmp_path / "run", split="test", device="cpu")
     assert result["split"] == "test" and result["tokens"] == summary["test_tokens"] == 1500

@@ -6,25 +6,14 @@ arithmetic of every term is also checked on CPU through Flex's eager path.
 
 import pytest
 import torch
-from attention_cases import assert_matches_torch
+from attention_cases import assert_matches_torch, pattern_grid
 
 from sparse_transformer import patterns as P
 from sparse_transformer.attention import sparse_attention
 from sparse_transformer.attention.flex import flex_attention_sparse
 
-PATTERNS = [
-    P.dense(),
-    P.local(64),
-    P.strided(64),
-    P.strided(64, "local"),
-    P.strided(64, "stride"),
-    P.fixed(64, 16),
-    P.fixed(64, 16, part="block"),
-    P.fixed(64, 16, part="summary"),
-    P.fixed(64, 16, num_verts=2),
-    P.multihead(P.strided(64)),
-    P.multihead(P.fixed(64, 16, num_verts=2)),
-]
+# the grid at l = 64, c = 16, and fixed with one summary offset
+PATTERNS = [*pattern_grid(64, 16).values(), P.fixed(64, 16), P.fixed(64, 16, part="summary")]
 
 gpu = pytest.mark.gpu
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

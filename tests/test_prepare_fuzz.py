@@ -1,4 +1,4 @@
-"""Fuzzing ``sparse-transformer prepare`` (issue 10, item 11): every kind that reads a file is fed
+"""Fuzzing ``sparse-transformer prepare``: every kind that reads a file is fed
 truncated files, random bytes, wrong headers and magic numbers, empty files and a folder where a
 file is expected. Each must end in a one-line :class:`UserError` (the CLI prints it and exits 2) or,
 for input that is still valid data of the kind (raw text is any bytes), a complete prepare; never

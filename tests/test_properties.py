@@ -1,4 +1,4 @@
-"""Property tests with hypothesis (issue 10, item 11) over pattern parameters and lengths:
+"""Property tests with hypothesis over pattern parameters and lengths:
 
 * a pattern's mask is causal and is the disjoint union of its terms' key sets; its block layout,
   key counts (``keys_per_query``, ``num_pairs``, ``max_keys``) all agree with that mask;

@@ -61,9 +61,10 @@ def test_a_refused_command_leaves_every_file_as_it_was(data_dir, tmp_path):
         if moved.exists():
             moved.rename(run / name)
     assert snapshot(run) == before
-    state = checkpoint.load(run / "checkpoint.pt")
+    newest = checkpoint.training_checkpoints(run)[0]  # checkpoint-2.pt: what a resume reads
+    state = checkpoint.load(newest)
     state["ranks"][0]["rng"]["torch"] = torch.zeros(3, dtype=torch.uint8)  # tampered: found only when used
-    checkpoint.save(run, state)
+    checkpoint.save(run, state, newest.name)
     before = snapshot(run)
     with pytest.raises(UserError, match="random state that cannot be restored"):
         train(None, None, resume=run)
@@ -151,9 +152,10 @@ def test_trim_log_cuts_at_the_checkpoint_and_drops_a_line_cut_short(tmp_path):
 
 
 def test_leftover_temporary_files_are_removed(tmp_path):
-    for name in (".checkpoint.pt.tmp-123", ".config.json.tmp-9", "keep.tmp-1", ".checkpoint.pt.tmp-x", "metrics.jsonl"):
+    temporary = [".checkpoint-4.pt.tmp-77", ".checkpoint.pt.tmp-123", ".config.json.tmp-9", ".samples.tmp-5.png"]
+    for name in (*temporary, "keep.tmp-1", ".checkpoint.pt.tmp-x", "metrics.jsonl"):
         (tmp_path / name).write_text("x")
-    assert remove_temporary_files(tmp_path) == [".checkpoint.pt.tmp-123", ".config.json.tmp-9"]
+    assert remove_temporary_files(tmp_path) == temporary  # _atomic_write's and paths.atomic_output's names
     assert sorted(os.listdir(tmp_path)) == [".checkpoint.pt.tmp-x", "keep.tmp-1", "metrics.jsonl"]
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import json
 import math
 import sys
 import types
@@ -12,6 +11,7 @@ import wave
 import numpy as np
 import pytest
 import torch
+from conftest import write_prepared
 from PIL import Image
 
 from sparse_transformer.config import Config, DataConfig, ModelConfig, validate
@@ -38,13 +38,7 @@ PATTERNS = {
 }
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Decoding is many tiny ops: extra threads only add contention (tests slow down 20x on a busy host)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: decoding runs on one thread
 
 
 def tiny(n: int = N, data_dir: str = "", **model) -> tuple[SparseTransformer, Config]:
@@ -58,12 +52,19 @@ def tiny(n: int = N, data_dir: str = "", **model) -> tuple[SparseTransformer, Co
     return m.eval(), cfg
 
 
-@pytest.mark.parametrize("name", list(PATTERNS))
-def test_cached_decoding_matches_full_forward(name):
+@torch.no_grad()
+def full_forward(name):
+    """``tiny``'s model of ``PATTERNS[name]``, a random batch ``x`` of 2 x N tokens and the logits of
+    one forward pass over it."""
     model, _cfg = tiny(**PATTERNS[name])
     x = torch.randint(0, 256, (2, N))
+    return model, x, model(x)
+
+
+@pytest.mark.parametrize("name", list(PATTERNS))
+def test_cached_decoding_matches_full_forward(name):
+    model, x, full = full_forward(name)
     with torch.no_grad():
-        full = model(x)
         cache = model.new_cache(2)
         steps = [model.decode_step(x[:, i - 1] if i else None, i, cache) for i in range(N)]
     torch.testing.assert_close(torch.stack(steps, 1), full, atol=1e-4, rtol=1e-4)
@@ -129,10 +130,8 @@ def test_no_cache_is_larger_than_dense(name):
 @pytest.mark.parametrize("name", list(PATTERNS))
 def test_prefill_then_decoding_matches_full_forward(name):
     """A prefix fed in one forward pass fills the cache as decoding it position by position would."""
-    model, _cfg = tiny(**PATTERNS[name])
-    x = torch.randint(0, 256, (2, N))
+    model, x, full = full_forward(name)
     with torch.no_grad():
-        full = model(x)
         for P in (1, 4, 5, 11, N - 1):  # shorter and longer than the stride 5 (ring buffers wrap)
             cache = model.new_cache(2)
             pre = model(x[:, :P], cache)
@@ -181,7 +180,8 @@ def test_decoder_step_is_fixed_shape_and_advances_the_position():
             assert decoder.pos.item() == i
             shapes.add(tuple(decoder.step().shape))
             index = decoder.cache.step(decoder.pos)
-            shapes.add(tuple(t.shape for t in (index[0].write, index[0].bias)))
+            layer = index.layers[0]
+            shapes.add(tuple(t.shape for t in (index.layouts[0].write, index.layouts[0].bias, layer.write, layer.read)))
         assert len(shapes) == 2 and decoder.pos.item() == N
         assert torch.equal(tokens[:, :3], torch.tensor([[1, 2, 3]] * 2))
         with pytest.raises(ValueError, match="CUDA graphs"):
@@ -289,23 +289,10 @@ def test_generate_rejects_bad_lengths():
 
 def _data_dir(tmp_path, modality, shape=None, sample_rate=None, record_len=None):
     """A minimal prepared data folder that read_meta accepts."""
-    d = tmp_path / "data"
-    d.mkdir()
-    size = record_len or 100
-    for split in ("train", "val", "test"):
-        (d / f"{split}.bin").write_bytes(bytes(size))
-    meta = {
-        "kind": modality,
-        "modality": modality,
-        "record_len": record_len,
-        "shape": shape,
-        "sample_rate": sample_rate,
-        "splits": dict.fromkeys(("train", "val", "test"), size),
-        "source": "test",
-        "format_version": 1,
-    }
-    (d / "meta.json").write_text(json.dumps(meta))
-    return str(d)
+    splits = dict.fromkeys(("train", "val", "test"), bytes(record_len or 100))
+    return str(
+        write_prepared(tmp_path / "data", splits, modality, record_len=record_len, shape=shape, sample_rate=sample_rate)
+    )
 
 
 @pytest.fixture
@@ -467,3 +454,37 @@ def test_low_precision_decoding(dtype):
         assert {g.v.dtype for layer in cache.layers for g in layer.groups} == {dtype}
         steps = torch.stack([model.decode_step(x[:, i - 1], i, cache).float() for i in range(N)], 1)
     assert (steps - exact).abs().max() <= 2 * error
+
+
+@pytest.mark.parametrize("name, selects", [("strided-multihead", 2), ("fixed-multihead", 2), ("fixed-both", 4)])
+def test_all_head_groups_of_a_layer_attend_in_one_call(name, selects):
+    """A layer with several head groups dispatches the same attention ops as a layer with one: one
+    scatter per buffer, one gather, one scores product, one softmax, one product with the values
+    (fixed-both also selects its keys and values once more: two slots per head are written)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    model, _ = tiny(**PATTERNS[name])
+    cache = model.new_cache(2)
+    assert len(cache.layers[0].groups) >= 2
+    step = cache.step(torch.tensor([7]))
+    h = torch.zeros(2, 1, model.cfg.d_model)
+    with torch.no_grad(), Count() as count:
+        model.blocks[0](h, cache.layers[0], step)
+    for op, times in {
+        "index_copy_": 2,
+        "index_select": selects,
+        "baddbmm": 1,
+        "_softmax": 1,
+        "bmm": 1,
+        "cat": 0,
+    }.items():
+        assert count.ops.count(op) == times, (op, count.ops)

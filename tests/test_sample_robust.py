@@ -1,6 +1,6 @@
-"""Sampling under bad or extreme input (issue 10, item 7's sampling part): a temperature too small
-to divide by is greedy, never NaN; the command refuses a negative or non-finite temperature, a
-negative top-k or length and ``num < 1`` with one line, before the run is loaded."""
+"""Sampling under bad or extreme input: a temperature too small to divide by is greedy, never NaN;
+the command refuses a negative or non-finite temperature, a negative top-k or length and
+``num < 1`` with one line, before the run is loaded."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import types
 
 import pytest
 import torch
+from conftest import SMALLEST_MODEL, overrides
 from test_sample import PATTERNS, N, tiny
 
 from sparse_transformer.errors import UserError
@@ -19,12 +20,7 @@ from sparse_transformer.sample import GREEDY_BELOW, Decoder, generate, is_greedy
 TINY_TEMPERATURES = [1e-30, 1e-40, 1e-45, 1e-50, 1e-300, 5e-324, GREEDY_BELOW, GREEDY_BELOW / 2, 0.0, -0.0, -1.0]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: decoding runs on one thread
 
 
 def _logits(scale, dtype=torch.float32, seed=0):
@@ -175,13 +171,9 @@ def test_sample_takes_the_runs_sample_config_and_overrides(tmp_path, capsys):
     from sparse_transformer.config import load_config
     from sparse_transformer.train import train
 
-    cfg = load_config(
-        None,
-        ["--model.n_layer", "1", "--model.d_model", "16", "--model.n_head", "2", "--model.stride", "8",
-         "--model.c", "2", "--data.seq_len", "32", "--train.device", "cpu", "--train.max_steps", "2",
-         "--train.eval_batches", "1", "--train.test_tokens", "64", "--train.progress", "false",
-         "--sample.length", "12", "--sample.num", "3"],
-    )  # fmt: skip
+    steps = {"data.seq_len": 32, "train.device": "cpu", "train.max_steps": 2, "train.progress": False}
+    evals = {"train.eval_batches": 1, "train.test_tokens": 64}
+    cfg = load_config(None, overrides(SMALLEST_MODEL, steps, evals, {"sample.length": 12, "sample.num": 3}))
     run = tmp_path / "run"
     train(cfg, run)
     assert main(["sample", "--run", str(run), "--out", str(tmp_path / "a"), "--device", "cpu"]) == 0

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import SMALLEST_MODEL, overrides
 
 import sparse_transformer as st
 from sparse_transformer.config import load_config
@@ -52,34 +53,9 @@ def test_study_driver_runs_a_plan_and_packs_the_runs(tmp_path):
 
     text = tmp_path / "corpus.txt"
     text.write_bytes(b"the quick brown fox jumps over the lazy dog. " * 400)
-    tiny = [
-        "--model.n_layer",
-        "1",
-        "--model.d_model",
-        "16",
-        "--model.n_head",
-        "2",
-        "--model.stride",
-        "8",
-        "--model.c",
-        "2",
-        "--data.seq_len",
-        "32",
-        "--train.device",
-        "cpu",
-        "--train.batch_size",
-        "2",
-        "--train.max_steps",
-        "3",
-        "--train.eval_every",
-        "2",
-        "--train.eval_batches",
-        "1",
-        "--train.test_tokens",
-        "64",
-        "--sample.length",
-        "8",
-    ]
+    run = {"data.seq_len": 32, "train.device": "cpu", "train.batch_size": 2, "train.max_steps": 3}
+    evals = {"train.eval_every": 2, "train.eval_batches": 1, "train.test_tokens": 64, "sample.length": 8}
+    tiny = overrides(SMALLEST_MODEL, run, evals)
     runs = "".join(
         f'[[run]]\nname = "{name}"\ndata = "toy"\nqueue = "{name}"\nargs = {json.dumps(tiny + extra)}\n'
         f'samples = [["--num", "1", "--length", "8", "--device", "cpu"]]\n\n'

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import TINY_RUN, overrides
 from safetensors.torch import load_file
 
 from sparse_transformer import train as train_mod
@@ -26,44 +27,16 @@ def data_dir(text_data):
 
 
 def tiny(data_dir, *extra):
-    return load_config(
-        None,
-        [
-            "--data.dir",
-            str(data_dir),
-            "--data.seq_len",
-            "64",
-            "--model.n_layer",
-            "2",
-            "--model.d_model",
-            "32",
-            "--model.n_head",
-            "2",
-            "--model.stride",
-            "16",
-            "--model.c",
-            "4",
-            "--model.dropout",
-            "0.1",
-            "--train.batch_size",
-            "4",
-            "--train.device",
-            "cpu",
-            "--train.dtype",
-            "fp32",
-            "--train.warmup_steps",
-            "3",
-            "--train.log_every",
-            "1",
-            "--train.eval_every",
-            "4",
-            "--train.eval_batches",
-            "2",
-            "--train.progress",
-            "false",
-            *extra,
-        ],
-    )
+    settings = {
+        "data.dir": data_dir,
+        "model.dropout": 0.1,
+        "train.dtype": "fp32",
+        "train.warmup_steps": 3,
+        "train.log_every": 1,
+        "train.eval_every": 4,
+        "train.eval_batches": 2,
+    }
+    return load_config(None, [*overrides(TINY_RUN, settings), *extra])
 
 
 def losses(run_dir):
@@ -100,26 +73,9 @@ def test_interrupted_then_resumed_equals_straight(data_dir, tmp_path, monkeypatc
 
 def check_args(data_dir):
     """The 12-step run of the check-command tests (checkpoint at step 6), as CLI overrides."""
-    return [
-        "--data.dir",
-        str(data_dir),
-        "--model.n_layer",
-        "2",
-        "--model.d_model",
-        "64",
-        "--model.n_head",
-        "2",
-        "--data.seq_len",
-        "256",
-        "--train.batch_size",
-        "4",
-        "--train.max_steps",
-        "12",
-        "--train.checkpoint_every",
-        "6",
-        "--train.device",
-        "cpu",
-    ]
+    model = {"model.n_layer": 2, "model.d_model": 64, "model.n_head": 2}
+    run = {"data.seq_len": 256, "train.batch_size": 4, "train.max_steps": 12, "train.checkpoint_every": 6}
+    return overrides({"data.dir": data_dir}, model, run, {"train.device": "cpu"})
 
 
 def test_check_command_and_extend(data_dir, tmp_path, capsys):

@@ -7,78 +7,33 @@ import types
 
 import numpy as np
 import pytest
+from conftest import SMALLEST_MODEL, overrides, write_prepared
 
 from sparse_transformer.cli import main
 from sparse_transformer.config import load_config
-from sparse_transformer.data.prepare import prepare
+from sparse_transformer.data.format import SPLITS
 from sparse_transformer.errors import UserError
 from sparse_transformer.train import fit_to_data, train
 
 
 @pytest.fixture(scope="module")
-def text_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("text")
-    rng = np.random.default_rng(0)
-    (root / "corpus.txt").write_bytes(bytes(rng.integers(97, 123, 20000).astype(np.uint8)))
-    prepare("text", root / "corpus.txt", root / "data", progress=False)
-    return root / "data"
+def text_dir(text_data):
+    return text_data("letters", 20000)  # 20,000 random lowercase letters (conftest.py)
 
 
 def image_dir(root, shape=(4, 4, 3), n=(40, 4, 4)):
     """A prepared image folder written by hand: ``n`` images of ``shape`` per split."""
     record = shape[0] * shape[1] * shape[2]
     rng = np.random.default_rng(1)
-    root.mkdir(parents=True)
-    splits = {}
-    for split, count in zip(("train", "val", "test"), n):
-        (root / f"{split}.bin").write_bytes(rng.integers(0, 256, count * record).astype(np.uint8).tobytes())
-        splits[split] = count * record
-    meta = {
-        "kind": "mnist",
-        "modality": "image",
-        "record_len": record,
-        "shape": list(shape),
-        "sample_rate": None,
-        "splits": splits,
-        "source": "test",
-        "format_version": 1,
-    }
-    (root / "meta.json").write_text(json.dumps(meta))
-    return root
+    splits = {split: rng.integers(0, 256, count * record).astype(np.uint8).tobytes() for split, count in zip(SPLITS, n)}
+    return write_prepared(root, splits, "image", kind="mnist", record_len=record, shape=list(shape))
 
 
 def tiny(data_dir, *extra):
-    return [
-        "--data.dir",
-        str(data_dir),
-        "--model.n_layer",
-        "1",
-        "--model.d_model",
-        "16",
-        "--model.n_head",
-        "2",
-        "--model.stride",
-        "8",
-        "--model.c",
-        "2",
-        "--train.batch_size",
-        "2",
-        "--train.max_steps",
-        "3",
-        "--train.warmup_steps",
-        "1",
-        "--train.log_every",
-        "1",
-        "--train.eval_every",
-        "0",
-        "--train.eval_batches",
-        "1",
-        "--train.device",
-        "cpu",
-        "--train.dtype",
-        "fp32",
-        *extra,
-    ]
+    run = {"train.batch_size": 2, "train.max_steps": 3, "train.warmup_steps": 1, "train.log_every": 1}
+    evals = {"train.eval_every": 0, "train.eval_batches": 1}
+    cpu = {"train.device": "cpu", "train.dtype": "fp32"}
+    return [*overrides({"data.dir": data_dir}, SMALLEST_MODEL, run, evals, cpu), *extra]
 
 
 def records(run):

@@ -4,7 +4,8 @@ Backends (force one by name):
 
 * ``reference``  dense masked softmax in fp32 (the oracle; O(n^2) memory).
 * ``factorized`` pure PyTorch, any device, autograd, O(n·sqrt(n)) memory (``factorized.py``).
-* ``triton``     fused flash-style GPU kernels, O(n) memory (``triton/``); CUDA only.
+* ``triton``     fused flash-style GPU kernels, O(n) memory (``triton/``); CUDA, or CPU under
+                 Triton's interpreter (``TRITON_INTERPRET=1`` in the environment; slow, for debugging).
 * ``flex``       PyTorch FlexAttention composed from the same factorization (``flex.py``); CUDA only.
 * ``sdpa``       ``F.scaled_dot_product_attention(is_causal=True)``; the dense pattern only.
 * ``auto``       ``triton`` on CUDA, ``sdpa`` for the dense pattern, else ``factorized``.
@@ -13,6 +14,8 @@ Backends (force one by name):
 from __future__ import annotations
 
 import importlib
+import os
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -20,6 +23,9 @@ import torch.nn.functional as F
 from ..config import Backend, literal_values
 from ..patterns import NamedPattern, Pattern
 from .common import empty_attention, is_empty
+
+if TYPE_CHECKING:
+    from .triton.tiles import Tuning
 
 BACKENDS = literal_values(Backend)  # the schema's names (config.Backend)
 _GPU_ONLY = ("triton", "flex")
@@ -47,8 +53,24 @@ def _check_inputs(q, k, v, pattern, backend):
         raise ValueError(f"q, k, v must share a dtype; got {q.dtype}, {k.dtype}, {v.dtype}")
     if not (q.device == k.device == v.device):
         raise ValueError("q, k, v must be on the same device")
-    if backend in _GPU_ONLY and q.device.type != "cuda":
-        raise ValueError(f"backend {backend!r} needs CUDA tensors; use backend='factorized' on {q.device.type}")
+    if backend in _GPU_ONLY and q.device.type != "cuda" and not (backend == "triton" and _interpreter_requested()):
+        raise ValueError(needs_cuda(backend, q.device.type))
+
+
+def _interpreter_requested() -> bool:
+    """``TRITON_INTERPRET=1``: Triton's kernels run on its CPU interpreter (it reads the variable when
+    the kernels are first imported)."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def needs_cuda(backend: str, device_type: str) -> str:
+    """The error for a CUDA-only backend (``triton``, ``flex``) given tensors on ``device_type``."""
+    if backend == "triton":
+        return (
+            f"backend 'triton' needs CUDA tensors; set TRITON_INTERPRET=1 (before starting Python) to run its "
+            f"kernels on Triton's CPU interpreter for debugging (slow), or use backend='factorized' on {device_type}"
+        )
+    return f"backend {backend!r} needs CUDA tensors; use backend='factorized' on {device_type}"
 
 
 def _triton_available() -> bool:
@@ -57,6 +79,18 @@ def _triton_available() -> bool:
         return True
     except ImportError:
         return False
+
+
+def backend_problem(backend: str, pattern: Pattern, device: torch.device) -> str | None:
+    """Why ``backend`` cannot compute ``pattern`` on ``device`` (a phrase), or None when it can:
+    checked before a run starts, so that the first forward pass does not find out."""
+    if backend in _GPU_ONLY and device.type != "cuda":
+        return f"backend {backend!r} needs a CUDA device, not {device.type}"
+    if backend == "triton" and not _triton_available():
+        return "backend 'triton' needs the triton package, which is not installed"
+    if backend == "sdpa" and not (isinstance(pattern, NamedPattern) and pattern.name == "dense"):
+        return "backend 'sdpa' computes only the dense pattern"
+    return None
 
 
 def resolve_backend(backend: str, pattern: Pattern, device: torch.device) -> str:
@@ -86,6 +120,7 @@ def sparse_attention(
     pattern: Pattern,
     backend: str = "auto",
     scale: float | None = None,
+    tuning: Tuning | None = None,
 ) -> torch.Tensor:
     """Causal attention restricted to ``pattern``.
 
@@ -96,6 +131,8 @@ def sparse_attention(
             ``pattern.mask(n, head=h)``.
         backend: see the module docstring.
         scale: softmax scale, default ``dk ** -0.5``.
+        tuning: ``triton`` only: a per-call override of its tile choice
+            (:class:`sparse_transformer.attention.triton.Tuning`), for tuning sweeps and tests.
 
     Returns: ``[batch, heads, n, dv]`` in ``q.dtype``. Queries with no allowed key give zeros. A
         batch of 0, 0 heads or ``n = 0`` gives an empty ``[batch, heads, n, dv]`` result (as
@@ -104,11 +141,14 @@ def sparse_attention(
 
     Raises:
         ValueError: an unknown backend, a non-pattern, tensors that are not 4-d or do not match in
-            shape, dtype or device, a GPU-only backend on CPU tensors, ``sdpa`` with a sparse
-            pattern, or an unresolved Interleaved pattern.
+            shape, dtype or device, a GPU-only backend on CPU tensors (``triton`` runs on them with
+            ``TRITON_INTERPRET=1``), ``sdpa`` with a sparse pattern, ``tuning`` for a backend other
+            than ``triton``, or an unresolved Interleaved pattern.
     """
     _check_inputs(q, k, v, pattern, backend)
     name = resolve_backend(backend, pattern, q.device)
+    if tuning is not None and name != "triton":
+        raise ValueError(f"tuning sets the triton backend's tiles; this call runs backend {name!r}")
     if name == "reference":
         from .reference import reference_attention
 
@@ -125,7 +165,7 @@ def sparse_attention(
         return flex_attention_sparse(q, k, v, pattern, scale)
     from .triton import triton_attention
 
-    return triton_attention(q, k, v, pattern, scale)
+    return triton_attention(q, k, v, pattern, scale, tuning=tuning)
 
 
 __all__ = ["BACKENDS", "resolve_backend", "sparse_attention"]

@@ -54,6 +54,8 @@ from .. import patterns as P
 from ..attention import BACKENDS, sparse_attention
 from ..config import Precision, literal_values
 from ..errors import UserError
+from ..options import comma_list
+from ..paths import check_output_file
 from ..runtime import DTYPES, dtype_name, resolve_device
 
 DENSE_BACKENDS = ("sdpa_cudnn", "sdpa_flash", "sdpa")
@@ -77,7 +79,7 @@ DEFAULTS = {
     "cpu": {"backends": ("factorized", "sdpa"), "ns": (1024, 4096), "batch_tokens": 4096},
 }
 
-__all__ = ["add_arguments", "bench_attention", "format_table", "pattern_for", "run"]
+__all__ = ["add_arguments", "bench_attention", "format_table", "parse_int", "pattern_for", "run"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -97,7 +99,7 @@ def pattern_for(spec: str | P.Pattern, n: int) -> P.Pattern:
         return spec
     name, *args = spec.strip().split(":")
     try:
-        ints = [_parse_int(a) for a in args]
+        ints = [parse_int(a) for a in args]
     except ValueError:
         raise UserError(
             f"pattern {spec!r}: the values after ':' must be integers, e.g. strided:256 or fixed:128:32"
@@ -378,10 +380,18 @@ def bench_attention(
     Returns: the records (dicts; see the module docstring for the fields).
     """
     device = resolve_device(device, option="--device")
+    sizes = [("--n", n) for n in ns or ()] + [("--batch-tokens", batch_tokens), ("--heads", heads)]
+    for option, value in [*sizes, ("--head-dim", head_dim)]:
+        if value is not None and value < 1:
+            raise UserError(f"bench attention: {option} {value} must be at least 1")
+    if case_timeout_s is not None and not case_timeout_s > 0:
+        raise UserError(f"bench attention: --case-timeout {case_timeout_s} must be a positive number of seconds")
+    if out_jsonl:
+        check_output_file(out_jsonl, "bench attention: --out")
     defaults = DEFAULTS["cuda" if device.type == "cuda" else "cpu"]
     backends = tuple(backends or defaults["backends"])
     ns = tuple(ns or defaults["ns"])
-    batch_tokens = batch_tokens or defaults["batch_tokens"]
+    batch_tokens = batch_tokens if batch_tokens is not None else defaults["batch_tokens"]
     dtype = dtype_name(dtype or "auto", device)  # auto: bf16 on CUDA, fp32 on CPU
     max_n = dict(max_n or {})
     for b in backends:
@@ -457,15 +467,11 @@ def format_table(records: Sequence[dict]) -> str:
 # --------------------------------------------------------------------------------------------
 
 
-def _parse_int(text: str) -> int:
+def parse_int(text: str) -> int:
     """``65536``, ``65_536``, ``64K`` or ``1M`` (powers of two) -> int."""
     t = text.strip().replace("_", "").upper()
     mult = {"K": 2**10, "M": 2**20}.get(t[-1:], 1)
     return int(t[:-1] if mult > 1 else t) * mult
-
-
-def _split(text: str | None) -> list[str]:
-    return [s.strip() for s in (text or "").split(",") if s.strip()]
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -486,7 +492,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--n", default=None, help="comma-separated lengths, e.g. 4K,16K,64K (default CUDA: 4K..1M; CPU: 1K,4K)"
     )
     p.add_argument(
-        "--batch-tokens", type=_parse_int, default=None, help="B = batch_tokens // n (default CUDA 131072, CPU 4096)"
+        "--batch-tokens", type=parse_int, default=None, help="B = batch_tokens // n (default CUDA 131072, CPU 4096)"
     )
     p.add_argument("--heads", type=int, default=8)
     p.add_argument("--head-dim", type=int, default=64)
@@ -505,23 +511,23 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """Entry point of ``sparse-transformer bench attention``: JSON lines, then the table."""
     try:
-        ns = [_parse_int(s) for s in _split(args.n)] or None
+        ns = [parse_int(s) for s in comma_list(args.n)] or None
         max_n = {}
-        for item in _split(args.max_n):
+        for item in comma_list(args.max_n):
             backend, _, value = item.partition("=")
-            max_n[backend.strip()] = _parse_int(value)
+            max_n[backend.strip()] = parse_int(value)
     except ValueError:
         raise UserError("--n and --max-n take integers such as 65536, 64K or 1M (--max-n as BACKEND=N)") from None
     records = bench_attention(
-        backends=_split(args.backends) or None,
-        patterns=_split(args.patterns),
+        backends=comma_list(args.backends) or None,
+        patterns=comma_list(args.patterns),
         ns=ns,
         batch_tokens=args.batch_tokens,
         heads=args.heads,
         head_dim=args.head_dim,
         dtype=args.dtype,
         device=args.device,
-        modes=_split(args.modes),
+        modes=comma_list(args.modes),
         out_jsonl=args.out,
         max_n=max_n,
         case_timeout_s=args.case_timeout,

@@ -34,32 +34,27 @@ import time
 
 import torch
 
-from ..config import Config, DataConfig, ModelConfig, load_config
+from ..cli import at_least, device_arg
+from ..config import Config, DataConfig, ModelConfig, SampleConfig, load_config, validate
 from ..model import SparseTransformer
+from ..options import comma_list, keywords
+from ..runtime import DTYPES
 from ..sample import NOISE_STEPS, Decoder, generate
 
 
-def _model(
-    pattern: str, length: int, n_layer: int, d_model: int, n_head: int, stride: int, c: int, device
-) -> tuple[SparseTransformer, Config]:
-    cfg = Config(
-        model=ModelConfig(
-            n_layer=n_layer,
-            d_model=d_model,
-            n_head=n_head,
-            n_ctx=length,
-            pattern=pattern,
-            stride=stride,
-            c=c,
-            backend="factorized",
-        ),
-        data=DataConfig(seq_len=length),
-    )
+def _random_model(cfg: Config, device, dtype) -> SparseTransformer:
     torch.manual_seed(0)
     model = SparseTransformer(cfg.model)
     with torch.no_grad():  # W_out starts at zero (uniform logits); random weights make samples vary
-        model.head.weight.normal_(0.0, d_model**-0.5)
-    return model.to(device).eval(), cfg
+        model.head.weight.normal_(0.0, cfg.model.d_model**-0.5)
+    return model.to(device=device, dtype=dtype).eval()
+
+
+def _model(length: int, device, **model) -> tuple[SparseTransformer, Config]:
+    """A random fp32 model of ``length`` positions on the ``factorized`` backend; ``model``: the
+    other fields of its ModelConfig (pattern, sizes)."""
+    cfg = Config(model=ModelConfig(n_ctx=length, backend="factorized", **model), data=DataConfig(seq_len=length))
+    return _random_model(cfg, device, torch.float32), cfg
 
 
 def _sync(device) -> None:
@@ -111,13 +106,18 @@ def bench_sample(
         threads: CPU threads for both runs (0 = PyTorch's default). One decoded token is a few
             dozen tiny ops, which more threads only slow down (and badly on a busy machine).
     Returns: one dict per pattern (also printed as JSON lines, then a markdown table).
+    Raises: UserError for sizes a model cannot have (checked as a config is).
     """
+    for pattern in patterns:  # the one schema's checks, before anything is timed
+        sizes = ModelConfig(n_layer=n_layer, d_model=d_model, n_head=n_head, stride=stride or 1, c=c, pattern=pattern)
+        validate(Config(model=sizes, data=DataConfig(seq_len=length), sample=SampleConfig(num=num)))
     if threads:
         torch.set_num_threads(threads)
     stride = stride or max(1, round(length**0.5))
+    sizes = {"n_layer": n_layer, "d_model": d_model, "n_head": n_head, "stride": stride, "c": c}
     rows = []
     for pattern in patterns:
-        model, cfg = _model(pattern, length, n_layer, d_model, n_head, stride, c, device)
+        model, cfg = _model(length, device, pattern=pattern, **sizes)
         generate(model, cfg, num, min(length, 64), seed=0, device=device)  # warm-up
         _sync(device)
         t0 = time.perf_counter()
@@ -167,14 +167,6 @@ def bench_sample(
 HBM_BYTES_PER_S = 4.8e12  # an H200's memory bandwidth, for the weight-reading bound in the table
 
 
-def _random_model(cfg: Config, device, dtype) -> SparseTransformer:
-    torch.manual_seed(0)
-    model = SparseTransformer(cfg.model)
-    with torch.no_grad():  # W_out starts at zero (uniform logits); random weights make samples vary
-        model.head.weight.normal_(0.0, cfg.model.d_model**-0.5)
-    return model.to(device=device, dtype=dtype).eval()
-
-
 def _fitting_length(model, batch: int, length: int, device) -> int:
     """The longest of ``length``, ``length/2``, ... whose cache takes at most 80 % of free memory."""
     free = torch.cuda.mem_get_info(device)[0]
@@ -184,13 +176,15 @@ def _fitting_length(model, batch: int, length: int, device) -> int:
 
 
 @torch.inference_mode()
-def _time_mode(model, batch: int, length: int, mode: str, window: int, warmup: int, device) -> dict:
+def _time_mode(
+    model, batch: int, length: int, mode: str, window: int, warmup: int, device, fused: bool | None = None
+) -> dict:
     tokens = torch.zeros(batch, length, dtype=torch.long, device=device)
     noise = torch.empty(min(NOISE_STEPS, length), batch, model.head.out_features, device=device)
     noise.exponential_(1.0, generator=torch.Generator(device).manual_seed(0))
     _sync(device)
     t0 = time.perf_counter()
-    decoder = Decoder(model, tokens, 1.0, 0, noise, graphs=mode != "eager", compile=mode == "compile")
+    decoder = Decoder(model, tokens, 1.0, 0, noise, graphs=mode != "eager", compile=mode == "compile", fused=fused)
     _sync(device)
     setup = time.perf_counter() - t0
     window = min(window, length - 1)
@@ -206,6 +200,7 @@ def _time_mode(model, batch: int, length: int, mode: str, window: int, warmup: i
     seconds = time.perf_counter() - t0
     row = {
         "captured": decoder.graph is not None,
+        "fused_attention": all(layer.fused for layer in decoder.cache.layers),
         "compiled": decoder.compiled,
         "timed_steps": window,
         "ms_per_step": round(1e3 * seconds / window, 4),
@@ -235,6 +230,7 @@ def bench_sample_cuda(
     dtype: str = "bf16",
     device: str = "cuda",
     out_jsonl: str | None = None,
+    attention: str = "torch",
 ) -> list[dict]:
     """Time the decoding step of a preset model on CUDA (see the module docstring).
 
@@ -245,30 +241,34 @@ def bench_sample_cuda(
         window, warmup: timed and untimed steps per mode (the rest is extrapolated).
         dtype: ``bf16``, ``fp16`` or ``fp32`` weights.
         out_jsonl: also append the JSON lines to this file.
-    Returns: one dict per (batch, mode), also printed as JSON lines, then a markdown table.
-    Raises: ValueError for an unknown mode or dtype, or a length above the preset's context.
+        attention: ``torch`` (the step's attention as torch operations: scatter, gather, products,
+            softmax; the default) or ``fused`` (one Triton launch per layer, opt-in until measured on
+            a GPU), or both, comma-separated (each mode is then timed with each).
+    Returns: one dict per (batch, mode, attention), also printed as JSON lines, then a markdown table.
+    Raises: ValueError for an unknown mode, dtype or attention, or a length above the preset's context.
     """
-    from .train import preset_path
-
-    dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-    if dtype not in dtypes or not set(modes) <= {"eager", "graphs", "compile"}:
+    if dtype not in DTYPES or not set(modes) <= {"eager", "graphs", "compile"}:
         raise ValueError(f"dtype {dtype!r} / modes {modes}: choose bf16|fp16|fp32 and eager,graphs,compile")
-    cfg = load_config(preset_path(preset))
+    kinds = comma_list(attention)
+    if not kinds or not set(kinds) <= {"fused", "torch"}:
+        raise ValueError(f"attention {attention!r}: choose fused, torch or fused,torch")
+    cfg = load_config(preset)
     length = length or cfg.model.n_ctx
     if length > cfg.model.n_ctx:
         raise ValueError(f"length {length} exceeds the preset's context {cfg.model.n_ctx}")
     device = torch.device(device)
-    model = _random_model(cfg, device, dtypes[dtype])
+    model = _random_model(cfg, device, DTYPES[dtype])
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     rows = []
     for batch in batches:
         n = _fitting_length(model, batch, length, device)
-        for mode in modes:
+        for mode, kind in [(m, k) for m in modes for k in kinds]:
             row = {
                 "bench": "sample",
                 "preset": preset,
                 "pattern": model.blocks[0].attn.pattern.describe(),
-                "mode": mode,
+                "mode": mode if kind == "torch" else f"{mode} (fused attention)",
+                "attention": kind,
                 "batch": batch,
                 "length": n,
                 "dtype": dtype,
@@ -281,7 +281,7 @@ def bench_sample_cuda(
                 row["note"] = f"a {length:,}-token cache does not fit in free memory; run at {n:,}"
             torch.cuda.reset_peak_memory_stats(device)
             try:
-                row.update(_time_mode(model, batch, n, mode, window, warmup, device))
+                row.update(_time_mode(model, batch, n, mode, window, warmup, device, kind == "fused"))
             except torch.OutOfMemoryError as e:
                 row["error"] = f"out of memory: {str(e).splitlines()[0]}"[:300]
                 gc.collect()
@@ -307,7 +307,7 @@ def format_cuda_table(rows: list[dict]) -> str:
             lines.append(f"| {r['mode']} | {r['batch']} | {r['length']:,} | {r['error']} | | | | | |")
             continue
         est = " (extrapolated)" if r["extrapolated"] else ""
-        mode = r["mode"] + ("" if r["captured"] or r["mode"] == "eager" else " (capture failed)")
+        mode = r["mode"] + ("" if r["captured"] or r["mode"].startswith("eager") else " (capture failed)")
         lines.append(
             f"| {mode} | {r['batch']} | {r['length']:,} | {r['ms_per_step']:.3f} | {r['tokens_per_s']:,.0f} "
             f"| {r['sample_s']:,.1f} s{est} | {r['setup_s']:.0f} s | {r['cache_bytes'] / 2**30:.2f} GiB "
@@ -326,56 +326,48 @@ def format_cuda_table(rows: list[dict]) -> str:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
-        "--length", type=int, default=0, help="tokens to sample (0 = 4,096 on CPU, the preset's context on CUDA)"
+        "--length",
+        type=at_least(0),
+        default=0,
+        help="tokens to sample (0 = 4,096 on CPU, the preset's context on CUDA)",
     )
     p.add_argument("--patterns", default="strided,fixed", help="comma-separated: strided, fixed, local, dense")
-    p.add_argument("--num", type=int, default=1, help="samples drawn together (batch)")
-    p.add_argument("--n-layer", type=int, default=2)
-    p.add_argument("--d-model", type=int, default=64)
-    p.add_argument("--n-head", type=int, default=2)
-    p.add_argument("--stride", type=int, default=0, help="l (0 = sqrt(length))")
-    p.add_argument("--c", type=int, default=8, help="fixed: summary cells per block")
+    p.add_argument("--num", type=at_least(1), default=1, help="samples drawn together (batch)")
+    p.add_argument("--n-layer", type=at_least(1), default=2)
+    p.add_argument("--d-model", type=at_least(1), default=64)
+    p.add_argument("--n-head", type=at_least(1), default=2)
+    p.add_argument("--stride", type=at_least(0), default=0, help="l (0 = sqrt(length))")
+    p.add_argument("--c", type=at_least(1), default=8, help="fixed: summary cells per block")
     p.add_argument(
         "--no-cache-steps",
-        type=int,
+        type=at_least(0),
         default=0,
         help="time only the last K uncached steps and extrapolate (0 = measure all)",
     )
-    p.add_argument("--threads", type=int, default=1, help="CPU threads for both runs (0 = PyTorch's default)")
-    p.add_argument("--device", default="cpu", help="cpu: cache vs no cache; cuda: the decoding modes of a preset")
+    p.add_argument("--threads", type=at_least(0), default=1, help="CPU threads for both runs (0 = PyTorch's default)")
+    p.add_argument(
+        "--device", type=device_arg, default="cpu", help="cpu: cache vs no cache; cuda: the decoding modes of a preset"
+    )
     cuda = p.add_argument_group("CUDA")
     cuda.add_argument("--preset", default="audio", help="a name in configs/ or a TOML file")
     cuda.add_argument("--batches", default="1,8,64", help="comma-separated batch sizes")
     cuda.add_argument("--modes", default="eager,graphs,compile", help="comma-separated: eager, graphs, compile")
-    cuda.add_argument("--window", type=int, default=2048, help="timed steps per mode (the rest is extrapolated)")
+    cuda.add_argument(
+        "--window", type=at_least(1), default=2048, help="timed steps per mode (the rest is extrapolated)"
+    )
     cuda.add_argument("--dtype", default="bf16", choices=("bf16", "fp16", "fp32"))
     cuda.add_argument("--out", default=None, help="append the JSON lines to this file")
+    cuda.add_argument(
+        "--attention", default="torch", help="fused (one Triton kernel per layer), torch, or fused,torch (both)"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
     if torch.device(args.device).type == "cuda":
-        bench_sample_cuda(
-            preset=args.preset,
-            length=args.length,
-            batches=tuple(int(b) for b in args.batches.split(",") if b.strip()),
-            modes=tuple(m.strip() for m in args.modes.split(",") if m.strip()),
-            window=args.window,
-            dtype=args.dtype,
-            device=args.device,
-            out_jsonl=args.out,
-        )
+        batches = tuple(int(b) for b in comma_list(args.batches))
+        modes = tuple(comma_list(args.modes))
+        bench_sample_cuda(**keywords(bench_sample_cuda, args, batches=batches, modes=modes, out_jsonl=args.out))
         return 0
-    bench_sample(
-        length=args.length or 4096,
-        patterns=tuple(s.strip() for s in args.patterns.split(",") if s.strip()),
-        num=args.num,
-        n_layer=args.n_layer,
-        d_model=args.d_model,
-        n_head=args.n_head,
-        stride=args.stride,
-        c=args.c,
-        no_cache_steps=args.no_cache_steps,
-        threads=args.threads,
-        device=args.device,
-    )
+    patterns = tuple(comma_list(args.patterns))
+    bench_sample(**keywords(bench_sample, args, length=args.length or 4096, patterns=patterns))
     return 0

@@ -46,9 +46,12 @@ import torch
 
 from .. import parallel
 from ..attention import resolve_backend
+from ..cli import at_least
 from ..config import Config, TrainConfig, apply_overrides, choices, load_config, validate
 from ..errors import UserError
 from ..model import SparseTransformer, model_pattern
+from ..options import comma_list
+from ..paths import check_output_file
 from ..runtime import DTYPES, dtype_name, resolve_device
 from ..train import setup_training, train_step
 from .attention import pattern_label
@@ -204,6 +207,8 @@ def bench_train(
     """
     device = resolve_device(device, option="--device")
     dtype = dtype_name(dtype, device)
+    if out_jsonl:
+        check_output_file(out_jsonl, "bench train: --out")
     if isinstance(preset_or_cfg, Config):
         cfg = apply_overrides(copy.deepcopy(preset_or_cfg), list(overrides))
     else:
@@ -310,10 +315,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "default: all of them, unless --config is given",
     )
     p.add_argument("--config", default=None, help="a preset name or TOML file (instead of --case)")
-    p.add_argument("--n", type=int, default=None, help="sequence length (default: the case's or config's)")
-    p.add_argument("--batch", type=int, default=None, help="sequences per step (default: the case's or config's)")
-    p.add_argument("--steps", type=int, default=5, help="timed steps")
-    p.add_argument("--warmup", type=int, default=2, help="untimed steps first")
+    p.add_argument("--n", type=at_least(1), default=None, help="sequence length (default: the case's or config's)")
+    p.add_argument(
+        "--batch", type=at_least(1), default=None, help="sequences per step (default: the case's or config's)"
+    )
+    p.add_argument("--steps", type=at_least(1), default=5, help="timed steps")
+    p.add_argument("--warmup", type=at_least(0), default=2, help="untimed steps first")
     p.add_argument("--backend", default="auto", help="comma-separated attention backends of the sparse model")
     p.add_argument("--no-dense", action="store_true", help="skip the dense SDPA model")
     p.add_argument(
@@ -330,12 +337,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Entry point of ``sparse-transformer bench train``: JSON lines, then the table."""
-    backends = [b.strip() for b in args.backend.split(",") if b.strip()]
+    backends = comma_list(args.backend)
     overrides = [f"--{s}" for s in args.set]
     if args.config:
         jobs = [{"preset": args.config, "overrides": [], "target": None}]
     else:
-        names = [c.strip() for c in (args.case or ",".join(CASES)).split(",") if c.strip()]
+        names = comma_list(args.case or ",".join(CASES))
         unknown = [c for c in names if c not in CASES]
         if unknown:
             raise UserError(f"bench train: unknown case {unknown[0]!r}; choose from {', '.join(CASES)}")

@@ -18,7 +18,9 @@ import torch
 
 from ..errors import UserError
 from .format import FORMAT_VERSION, META_KEYS, SPLITS
-from .prepare import prepare
+from .prepare import KINDS, prepare
+
+MODALITIES = ("text", "image", "audio")
 
 # The embedded data set: a 6 MB slice of an English Wikipedia XML dump (see default/LICENSE.md).
 DEFAULT_SOURCE = Path(__file__).with_name("default") / "enwiki-sample.xml.bz2"
@@ -26,6 +28,39 @@ DEFAULT_SOURCE = Path(__file__).with_name("default") / "enwiki-sample.xml.bz2"
 
 def _prepare_hint(data_dir: Path, kind: str | None = None) -> str:
     return f"run `sparse-transformer prepare {kind or 'KIND'} --src PATH --out {data_dir}`"
+
+
+def _count(x, low: int = 0) -> bool:
+    """Whether ``x`` is an int (not a bool) of at least ``low``."""
+    return isinstance(x, int) and not isinstance(x, bool) and x >= low
+
+
+def _meta_problem(meta: dict) -> str | None:
+    """What is wrong with the fields of a meta.json (types, ranges, agreement), or None."""
+    if not isinstance(meta["kind"], str):
+        return f"kind = {meta['kind']!r} is not one of {', '.join(KINDS)}"
+    if meta["modality"] not in MODALITIES:
+        return f"modality = {meta['modality']!r} is not one of {', '.join(MODALITIES)}"
+    splits = meta["splits"]
+    if not isinstance(splits, dict) or not all(_count(splits.get(s)) for s in SPLITS):
+        return f"splits = {splits!r} is not a byte count for each of {', '.join(SPLITS)}"
+    record_len, shape, rate = meta["record_len"], meta["shape"], meta["sample_rate"]
+    if record_len is not None and not _count(record_len, 1):
+        return f"record_len = {record_len!r} is neither null nor a positive byte count"
+    if shape is not None and not (isinstance(shape, list) and len(shape) == 3 and all(_count(x, 1) for x in shape)):
+        return f"shape = {shape!r} is neither null nor [height, width, channels]"
+    if rate is not None and not _count(rate, 1):
+        return f"sample_rate = {rate!r} is neither null nor a positive rate in Hz"
+    if meta["modality"] == "image":
+        if shape is None or record_len != shape[0] * shape[1] * shape[2]:
+            return f"image data need a shape whose product is record_len (shape {shape!r}, record_len {record_len!r})"
+    elif record_len is not None or shape is not None:
+        return f"{meta['modality']} data have no record_len or shape (record_len {record_len!r}, shape {shape!r})"
+    if meta["modality"] == "audio" and rate is None:
+        return "audio data need a sample_rate"
+    if not isinstance(meta["source"], str):
+        return f"source = {meta['source']!r} is not text"
+    return None
 
 
 def read_meta(data_dir: str | Path) -> dict:
@@ -49,11 +84,14 @@ def read_meta(data_dir: str | Path) -> dict:
         raise UserError(f"data: {path} is unreadable ({e}); {_prepare_hint(data_dir)} again") from None
     if not isinstance(meta, dict) or any(k not in meta for k in META_KEYS):
         raise UserError(f"data: {path} lacks some of the keys {', '.join(META_KEYS)}; {_prepare_hint(data_dir)} again")
-    hint = _prepare_hint(data_dir, meta["kind"])
+    hint = _prepare_hint(data_dir, meta["kind"] if meta["kind"] in KINDS else None)
     if meta["format_version"] != FORMAT_VERSION:
         raise UserError(
-            f"data: {path} has format_version {meta['format_version']}, this version reads {FORMAT_VERSION}; {hint} again"
+            f"data: {path} has format_version {meta['format_version']!r}, this version reads {FORMAT_VERSION}; {hint} again"
         )
+    problem = _meta_problem(meta)
+    if problem:
+        raise UserError(f"data: {path} is damaged: {problem}; {hint} again")
     record_len = meta["record_len"]
     for split in SPLITS:
         bin_path = data_dir / f"{split}.bin"

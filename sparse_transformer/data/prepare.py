@@ -98,13 +98,21 @@ class _SplitWriter:
             p.unlink(missing_ok=True)
 
     def write(self, split: str, data) -> None:
-        self.files[split].write(
-            np.ascontiguousarray(data, dtype=np.uint8).data if isinstance(data, np.ndarray) else data
-        )
+        self._put(split, np.ascontiguousarray(data, dtype=np.uint8).data if isinstance(data, np.ndarray) else data)
+
+    def _put(self, split: str, data) -> None:
+        """Write to a split's temporary file; a write error (a full disk) is the output's, not the
+        source's, and says so (the callers turn read errors of the source into their own message)."""
+        try:
+            self.files[split].write(data)
+        except OSError as e:
+            raise UserError(
+                f"data: cannot write into {self.out} ({_reason(e)}); free some space or pass another --out"
+            ) from None
 
     def copy_stream(self, split: str, f, bar: tqdm | None = None) -> None:
         while chunk := f.read(CHUNK):
-            self.files[split].write(chunk)
+            self._put(split, chunk)
             if bar is not None:
                 bar.update(len(chunk))
 
@@ -581,6 +589,9 @@ def prepare(kind: str, src: str | Path | None, out: str | Path, *, rate: int = 1
     src = Path(src)
     if not src.exists():
         raise UserError(f"data: {src} does not exist; pass --src with {EXPECTS[kind]}")
+    written = [out / f"{s}.bin" for s in SPLITS] + [out / "meta.json"]
+    if src.is_file() and any(p.exists() and p.samefile(src) for p in written):
+        raise UserError(f"data: --src {src} is a file that prepare writes in --out {out}; prepare into another folder")
     with _SplitWriter(out) as w:
         info = _PREPARERS[kind](src=src, w=w, rate=rate, progress=progress)
         sizes = w.sizes()

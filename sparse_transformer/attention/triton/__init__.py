@@ -7,18 +7,26 @@ term reads a gathered compact K/V of the summary cells. A head's terms share one
 (one launch) or, for strided ``both`` whose two terms need different query orders, two launches
 where the second continues the first's softmax state. Memory is O(n) beyond q, k, v, out: an fp32
 log-sum-exp per query (and delta in the backward).
+
+On CPU tensors the kernels run on Triton's interpreter when ``TRITON_INTERPRET=1`` was set before
+this package was first imported (slow; for debugging and the CPU tests).
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 
 from ...patterns import Pattern
 from ...runtime import DTYPES
+from .. import needs_cuda
 from ..common import empty_attention, is_empty
+from . import ops
 from .ops import attention_fwd, encode
+from .tiles import Tile, Tuning, tile_config
 
-__all__ = ["triton_attention"]
+__all__ = ["Tile", "Tuning", "tile_config", "triton_attention"]
 
 
 def triton_attention(
@@ -27,25 +35,28 @@ def triton_attention(
     v: torch.Tensor,
     pattern: Pattern,
     scale: float | None = None,
-    deterministic: bool = False,
+    tuning: Tuning | None = None,
 ) -> torch.Tensor:
     """Causal attention restricted to ``pattern`` with fused Triton kernels (forward and backward).
 
     Args:
         q, k: ``[B, H, n, dk]``; v: ``[B, H, n, dv]``; fp16, bf16 or fp32, one dtype; any strides
             with a contiguous last dimension (others are copied). Head dims other than powers of
-            two are padded inside the kernel.
+            two are padded inside the kernel. CUDA tensors, or CPU tensors under Triton's
+            interpreter (``TRITON_INTERPRET=1`` set before the first import of this package).
         pattern: a per-layer pattern (an ``Interleaved`` one must be resolved with ``.for_layer``).
         scale: softmax scale, default ``dk ** -0.5``.
-        deterministic: the backward is atomic-free and bitwise reproducible in either mode; the
-            flag is accepted so callers can state the requirement.
+        tuning: a per-call override of the tile choice (:class:`Tuning`), for tuning sweeps and
+            tests; ``None`` takes :func:`tile_config`'s tables. The backward of this call uses it too.
 
     Returns: ``[B, H, n, dv]`` in ``q.dtype``. Queries with no allowed key give zeros (and zero
     gradients). With no query (``B``, ``H`` or ``n`` is 0) the result is an empty ``[B, H, n, dv]``
-    tensor with empty gradients, and no kernel is launched.
+    tensor with empty gradients, and no kernel is launched. The backward is atomic-free: its
+    gradients are bitwise reproducible.
 
     Raises:
-        ValueError: another dtype, mismatched shapes, or an unresolved Interleaved pattern.
+        ValueError: another dtype, mismatched shapes, CPU tensors without the interpreter, a
+            ``tuning`` that is not a :class:`Tuning`, or an unresolved Interleaved pattern.
     """
     if q.dtype not in DTYPES.values():
         raise ValueError(f"triton attention takes float16, bfloat16 or float32 inputs, got {q.dtype}")
@@ -54,10 +65,27 @@ def triton_attention(
             f"expected q, k [B, H, n, dk] and v [B, H, n, dv] of one dtype; got {tuple(q.shape)}, "
             f"{tuple(k.shape)}, {tuple(v.shape)}"
         )
+    if tuning is not None and not isinstance(tuning, Tuning):
+        raise ValueError(
+            f"tuning must be a sparse_transformer.attention.triton.Tuning or None, got {type(tuning).__name__}"
+        )
     if is_empty(q):
         return empty_attention(q, k, v, pattern)
     spec = encode(pattern, q.shape[1])  # raises for Interleaved: call .for_layer(layer) first
+    if q.device.type != "cuda" and not ops.INTERPRET:
+        raise ValueError(_not_interpreted(q.device.type))
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
-    out, _ = attention_fwd(q, k, v, spec, scale, bool(deterministic))
+    out, _ = attention_fwd(q, k, v, spec, scale, tuning.encode() if tuning else [])
     return out
+
+
+def _not_interpreted(device_type: str) -> str:
+    """The error for tensors off CUDA when the kernels were compiled (not interpreted)."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        return needs_cuda("triton", device_type)
+    return (
+        "backend 'triton' got CPU tensors, but its kernels were compiled for CUDA: TRITON_INTERPRET=1 must be set "
+        "before sparse_transformer.attention.triton is first imported (e.g. in the shell) to run them on Triton's "
+        f"CPU interpreter; or use backend='factorized' on {device_type}"
+    )

@@ -6,21 +6,15 @@ Every pass of the attention is one launch of one of three kernels over a *virtua
 * ``attn_bwd_dq`` one program per query tile: dQ (and, on the first pass, delta = rowsum(dO·O)).
 * ``attn_bwd_dkdv`` one program per key tile of one term: dK and dV.
 
-The backward runs in one of two modes (ops.py picks):
-
-* deterministic (atomic-free, bitwise reproducible): ``attn_bwd_dq`` passes, then ``attn_bwd_dkdv``
-  launches. dQ needs S = QKᵀ and dP = dO·Vᵀ again, so the backward does 7 tile matmuls per pair.
-* fused (``DQ_MODE == 1``, non-deterministic, opt-in: ops.FUSED_DQ): ``attn_bwd_delta`` writes delta,
-  then each ``attn_bwd_dkdv`` program also forms its key tile's share of dQ, dS·K, and adds it with
-  fp32 atomics into a zeroed fp32 buffer (5 matmuls per pair, and no second walk over the tiles).
-  The order of the atomic adds varies from run to run, so dQ may differ in the last bits.
-
-Both modes use one more schedule where it is exact without atomics (``DQ_MODE == 2``, "owned"): a
-transposed pass whose residue classes are no longer than one key tile. Then one ``attn_bwd_dkdv``
-program holds every key of its class, so it is the only program that ever adds to the dQ rows of
-that class for this term: it forms dS·K and adds it with a plain read-add-write, and the term needs
-no dQ pass (5 matmuls per pair instead of 7, one walk over q, dO, lse and delta instead of two).
-Strided at n <= l·128 (e.g. l = 128 at n = 16K) runs its stride term this way.
+The backward is atomic-free and bitwise reproducible: ``attn_bwd_dq`` passes, then
+``attn_bwd_dkdv`` launches. dQ needs S = QKᵀ and dP = dO·Vᵀ again, so a term's backward does 7 tile
+matmuls per pair, except where one more schedule is exact without atomics (``OWNED``): a transposed
+pass whose residue classes are no longer than one key tile. Then one ``attn_bwd_dkdv`` program holds
+every key of its class, so it is the only program that ever adds to the dQ rows of that class for
+this term: it forms dS·K and adds it with a plain read-add-write, and the term needs no dQ pass (5
+matmuls per pair instead of 7, one walk over q, dO, lse and delta instead of two). Strided at
+n <= l·128 (e.g. l = 128 at n = 16K) runs its stride term this way; a head group whose every pass is
+owned gets delta from ``attn_bwd_delta``.
 
 The virtual sequence is either the natural order (``STEP == 1``: row ``t`` is position ``t``) or one
 residue class of the transposed order (``STEP == l``: row ``t`` of class ``r`` is position
@@ -167,6 +161,26 @@ def _load_rows(ptr, pos, row_ok, offs_d, d, stride_n, ROW_MASK: tl.constexpr, EV
             return tl.load(ptrs, mask=offs_d[None, :] < d, other=0.0)
 
 
+@triton.jit
+def _key_tile(k_ptr, skn, k0, key_end, base, offs_dk, dk,
+              STEP: tl.constexpr, IS_SUMMARY: tl.constexpr, SUM_C: tl.constexpr, SUM_L: tl.constexpr,
+              SUM_LO: tl.constexpr, MASK: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_DK: tl.constexpr):
+    """Key tile ``[k0, k0 + BLOCK_N)`` of a query tile's walk (forward and dQ): the keys' indices in
+    the term's coordinates, their sequence positions, which of them exist (``< key_end``) and K
+    (absent keys read 0). Inlined: both walks compile to what they did with these lines in place."""
+    kidx = k0 + tl.arange(0, BLOCK_N)
+    kpos = _key_pos(kidx, base, STEP, IS_SUMMARY, SUM_C, SUM_L, SUM_LO)
+    k_ok = kidx < key_end
+    k = _load_rows(k_ptr, kpos, k_ok, offs_dk, dk, skn, MASK, EVEN_DK)
+    return kidx, kpos, k_ok, k
+
+
+@triton.jit
+def _in_rows_range(kidx, row_lo, row_hi):
+    """[query rows, keys]: whether each key of the tile is inside its row's ``[row_lo, row_hi]``."""
+    return (kidx[None, :] >= row_lo[:, None]) & (kidx[None, :] <= row_hi[:, None])
+
+
 # ---------------------------------------------------------------------------------------------
 # Forward
 # ---------------------------------------------------------------------------------------------
@@ -180,14 +194,11 @@ def _fwd_tiles(acc, l_i, m_i, q, k_ptr, v_ptr, skn, svn, row_lo, row_hi, k_start
                EVEN_DK: tl.constexpr, EVEN_DV: tl.constexpr, DOT_PREC: tl.constexpr):
     """Online softmax over key tiles ``k_start, k_start + BLOCK_N, ... < k_stop``."""
     for k0 in range(k_start, k_stop, BLOCK_N):
-        kidx = k0 + tl.arange(0, BLOCK_N)
-        kpos = _key_pos(kidx, base, STEP, IS_SUMMARY, SUM_C, SUM_L, SUM_LO)
-        k_ok = kidx < key_end
-        k = _load_rows(k_ptr, kpos, k_ok, offs_dk, dk, skn, MASK, EVEN_DK)
+        kidx, kpos, k_ok, k = _key_tile(k_ptr, skn, k0, key_end, base, offs_dk, dk,
+                                        STEP, IS_SUMMARY, SUM_C, SUM_L, SUM_LO, MASK, BLOCK_N, EVEN_DK)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
         if MASK:
-            ok = (kidx[None, :] >= row_lo[:, None]) & (kidx[None, :] <= row_hi[:, None])
-            s = tl.where(ok, s, float("-inf"))
+            s = tl.where(_in_rows_range(kidx, row_lo, row_hi), s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         # a row with no key yet keeps m = -inf; subtract 0 instead so exp2 gives 0, not NaN
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -290,9 +301,9 @@ def attn_fwd(
 
 @triton.jit
 def attn_bwd_delta(O, DO, DELTA, rows, dv: tl.constexpr, BLOCK: tl.constexpr, DV_PAD: tl.constexpr):
-    """delta = rowsum(dO·O) in fp32 for ``rows`` rows of the contiguous [B·H·n, dv] O and dO. Only
-    the fused backward needs it as its own launch: there no query-tile pass runs before the
-    key-tile programs, which read delta for every query row they visit."""
+    """delta = rowsum(dO·O) in fp32 for ``rows`` rows of the contiguous [B·H·n, dv] O and dO. Only a
+    head group whose every pass is owned needs it as its own launch: there no dQ pass writes delta
+    before the key-tile programs, which read it for every query row they visit."""
     r = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     offs = tl.arange(0, DV_PAD)
     mask = (r[:, None] < rows) & (offs[None, :] < dv)
@@ -308,17 +319,15 @@ def _dq_tiles(dq, q, do, lse, delta, k_ptr, v_ptr, skn, svn, row_lo, row_hi, k_s
               STEP: tl.constexpr, IS_SUMMARY: tl.constexpr, SUM_C: tl.constexpr, SUM_L: tl.constexpr,
               SUM_LO: tl.constexpr, MASK: tl.constexpr, BLOCK_N: tl.constexpr,
               EVEN_DK: tl.constexpr, EVEN_DV: tl.constexpr, DOT_PREC: tl.constexpr):
+    """dQ (unscaled) of one query tile over key tiles ``k_start, k_start + BLOCK_N, ... < k_stop``."""
     for k0 in range(k_start, k_stop, BLOCK_N):
-        kidx = k0 + tl.arange(0, BLOCK_N)
-        kpos = _key_pos(kidx, base, STEP, IS_SUMMARY, SUM_C, SUM_L, SUM_LO)
-        k_ok = kidx < key_end
-        k = _load_rows(k_ptr, kpos, k_ok, offs_dk, dk, skn, MASK, EVEN_DK)
+        kidx, kpos, k_ok, k = _key_tile(k_ptr, skn, k0, key_end, base, offs_dk, dk,
+                                        STEP, IS_SUMMARY, SUM_C, SUM_L, SUM_LO, MASK, BLOCK_N, EVEN_DK)
         v = _load_rows(v_ptr, kpos, k_ok, offs_dv, dv, svn, MASK, EVEN_DV)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
         p = tl.math.exp2(s - lse[:, None])
         if MASK:
-            ok = (kidx[None, :] >= row_lo[:, None]) & (kidx[None, :] <= row_hi[:, None])
-            p = tl.where(ok, p, 0.0)
+            p = tl.where(_in_rows_range(kidx, row_lo, row_hi), p, 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
         ds = p * (dp - delta[:, None])
         dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PREC)
@@ -414,11 +423,11 @@ def _dkdv_tiles(dk_acc, dv_acc, k, v, q_ptr, do_ptr, dq_ptr, sqn, son, LSE_ROW, 
                 STEP: tl.constexpr, IS_SUMMARY: tl.constexpr, WINDOW: tl.constexpr, BLOCK: tl.constexpr,
                 OFFSET: tl.constexpr, SUM_C: tl.constexpr, SUM_L: tl.constexpr, SUM_LO: tl.constexpr,
                 SUM_EARLIER: tl.constexpr, MASK: tl.constexpr, BLOCK_M: tl.constexpr,
-                EVEN_DK: tl.constexpr, EVEN_DV: tl.constexpr, DQ_MODE: tl.constexpr, DOT_PREC: tl.constexpr):
+                EVEN_DK: tl.constexpr, EVEN_DV: tl.constexpr, OWNED: tl.constexpr, DOT_PREC: tl.constexpr):
     """Accumulate dK, dV of one key tile over query tiles ``q_start, ... < q_stop``. Works on the
-    transposed score tile [keys, queries] so dK and dV come out of plain dots. With ``DQ_MODE`` 1 or 2
-    each query tile also receives this key tile's dQ share dSᵀ·K into ``dq_ptr``: fp32 atomics (1),
-    or a plain read-add-write when this program is the only one that touches those rows (2)."""
+    transposed score tile [keys, queries] so dK and dV come out of plain dots. With ``OWNED`` (this
+    program is the only one that touches those dQ rows) each query tile also receives this key
+    tile's dQ share dSᵀ·K into ``dq_ptr`` with a plain read-add-write."""
     for m0 in range(q_start, q_stop, BLOCK_M):
         rows = m0 + tl.arange(0, BLOCK_M)
         row_ok = rows < length
@@ -443,19 +452,14 @@ def _dkdv_tiles(dk_acc, dv_acc, k, v, q_ptr, do_ptr, dq_ptr, sqn, son, LSE_ROW, 
         dpt = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
         dst = (pt * (dpt - delta[None, :])).to(q.dtype)
         dk_acc = tl.dot(dst, q, dk_acc, input_precision=DOT_PREC)
-        if DQ_MODE > 0:
-            # the fifth matmul: dQ[rows] += scale·dS·K
+        if OWNED:
+            # the fifth matmul: dQ[rows] += scale·dS·K; each query tile is visited once per launch,
+            # by this program alone
             dq = tl.dot(tl.trans(dst), k, input_precision=DOT_PREC) * sm_scale
             dq_ptrs = dq_ptr + pos[:, None] * dk + offs_dk[None, :]
             dq_mask = row_ok[:, None] & (offs_dk[None, :] < dk)
-            if DQ_MODE == 1:
-                # "relaxed": only the sum matters, no ordering with other memory (the default
-                # acq_rel would fence every add)
-                tl.atomic_add(dq_ptrs, dq, mask=dq_mask, sem="relaxed")
-            else:
-                # owned rows: each query tile is visited once per launch, by this program alone
-                dq += tl.load(dq_ptrs, mask=dq_mask, other=0.0).to(tl.float32)
-                tl.store(dq_ptrs, dq.to(dq_ptr.dtype.element_ty), mask=dq_mask)
+            dq += tl.load(dq_ptrs, mask=dq_mask, other=0.0).to(tl.float32)
+            tl.store(dq_ptrs, dq.to(dq_ptr.dtype.element_ty), mask=dq_mask)
     return dk_acc, dv_acc
 
 
@@ -466,7 +470,7 @@ def attn_bwd_dkdv(
     n, n_heads, head0, head_step, heads_in_group, tiles_per_class, qk_scale, sm_scale, dk: tl.constexpr, dv: tl.constexpr,
     STEP: tl.constexpr, IS_SUMMARY: tl.constexpr, WINDOW: tl.constexpr, BLOCK: tl.constexpr,
     OFFSET: tl.constexpr, SUM_C: tl.constexpr, SUM_L: tl.constexpr, SUM_LO: tl.constexpr,
-    SUM_EARLIER: tl.constexpr, ACCUMULATE: tl.constexpr, DQ_MODE: tl.constexpr, SPLIT: tl.constexpr,
+    SUM_EARLIER: tl.constexpr, ACCUMULATE: tl.constexpr, OWNED: tl.constexpr, SPLIT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DK_PAD: tl.constexpr, DV_PAD: tl.constexpr,
     DOT_PREC: tl.constexpr,
 ):
@@ -474,9 +478,8 @@ def attn_bwd_dkdv(
     for a range term, compact summary index for a summary term); each key belongs to exactly one
     program of a launch, so ``ACCUMULATE`` (read-add-write over an earlier term's launch) needs no
     atomics. DO shares O's strides ``so*``; DK and DV are contiguous. DQ is contiguous [B, H, n, dk]:
-    with ``DQ_MODE == 1`` a zeroed fp32 buffer that the programs add their dQ shares into (any
-    order); with ``DQ_MODE == 2`` (one key tile holds the whole residue class) dQ as the earlier
-    passes left it, each program adding its class's share; with 0 it is not touched."""
+    with ``OWNED`` (one key tile holds the whole residue class) dQ as the earlier passes left it,
+    each program adding its class's share; otherwise it is not touched."""
     pid_bh = tl.program_id(1)
     b = (pid_bh // heads_in_group).to(tl.int64)
     h = (head0 + (pid_bh % heads_in_group) * head_step).to(tl.int64)
@@ -516,17 +519,17 @@ def attn_bwd_dkdv(
     dk_acc, dv_acc = _dkdv_tiles(dk_acc, dv_acc, k, v, q_ptr, do_ptr, dq_ptr, sqn, son, LSE + stat_off,
                                  DELTA + stat_off, kidx, start, f_lo, length, base, qk_scale, sm_scale,
                                  offs_dk, offs_dv, dk, dv, STEP, IS_SUMMARY, WINDOW, BLOCK, OFFSET, SUM_C,
-                                 SUM_L, SUM_LO, SUM_EARLIER, True, BLOCK_M, EVEN_DK, EVEN_DV, DQ_MODE,
+                                 SUM_L, SUM_LO, SUM_EARLIER, True, BLOCK_M, EVEN_DK, EVEN_DV, OWNED,
                                  DOT_PREC)
     dk_acc, dv_acc = _dkdv_tiles(dk_acc, dv_acc, k, v, q_ptr, do_ptr, dq_ptr, sqn, son, LSE + stat_off,
                                  DELTA + stat_off, kidx, f_lo, f_hi, length, base, qk_scale, sm_scale,
                                  offs_dk, offs_dv, dk, dv, STEP, IS_SUMMARY, WINDOW, BLOCK, OFFSET, SUM_C,
-                                 SUM_L, SUM_LO, SUM_EARLIER, False, BLOCK_M, EVEN_DK, EVEN_DV, DQ_MODE,
+                                 SUM_L, SUM_LO, SUM_EARLIER, False, BLOCK_M, EVEN_DK, EVEN_DV, OWNED,
                                  DOT_PREC)
     dk_acc, dv_acc = _dkdv_tiles(dk_acc, dv_acc, k, v, q_ptr, do_ptr, dq_ptr, sqn, son, LSE + stat_off,
                                  DELTA + stat_off, kidx, f_hi, end, length, base, qk_scale, sm_scale,
                                  offs_dk, offs_dv, dk, dv, STEP, IS_SUMMARY, WINDOW, BLOCK, OFFSET, SUM_C,
-                                 SUM_L, SUM_LO, SUM_EARLIER, True, BLOCK_M, EVEN_DK, EVEN_DV, DQ_MODE,
+                                 SUM_L, SUM_LO, SUM_EARLIER, True, BLOCK_M, EVEN_DK, EVEN_DV, OWNED,
                                  DOT_PREC)
 
     dk_acc = dk_acc * sm_scale

@@ -1,4 +1,4 @@
-"""Launchers for the Triton kernels, the torch custom ops that wrap them, and their autograd.
+"""Launch plans for the Triton kernels, the torch custom ops that run them, and their autograd.
 
 A pattern is not a tensor, so it reaches the custom op as a flat tuple of ints (:func:`encode`):
 its head groups, each an arithmetic progression of heads sharing one term list. Each group runs as
@@ -11,32 +11,38 @@ the plan reads them off the pattern's terms):
   pass's output and lse, so the two query orders of strided ``both`` merge exactly with no merge
   kernel.
 
-Backward, two modes (kernels.py says what each kernel does):
+The backward (kernels.py says what each kernel does) runs the dQ passes first (the first one also
+writes delta = rowsum(dO·O)), then one dK/dV launch per term, each adding onto the previous one. No
+atomics: it is bitwise reproducible. A transposed pass whose residue classes fit one key tile has no
+dQ pass: its dK/dV launch adds dQ too (kernels.py, "owned"), since one program holds all the keys
+its queries read.
 
-* ``deterministic=True``: the dQ passes first (the first one also writes delta = rowsum(dO·O)), then
-  one dK/dV launch per term, each adding onto the previous one. No atomics: bitwise reproducible.
-  A transposed pass whose residue classes fit one key tile has no dQ pass: its dK/dV launch adds
-  dQ too (kernels.py, "owned"), since one program holds all the keys its queries read.
-* ``deterministic=False`` with :data:`FUSED_DQ` on (off: measured no faster, see there): one delta launch, then the
-  same dK/dV launches with dQ fused in (fp32 atomic adds into a zeroed buffer, cast at the end).
-  Two fewer matmuls per (query, key) tile pair and no query-side walk; dQ's last bits vary between
-  runs. With it off (the default) ``deterministic=False`` runs the atomic-free backward too.
+:func:`forward_plan` and :func:`backward_plan` list every launch of a call (kernel, tile role, grid,
+constexprs) as a pure function of the spec, the shapes, the dtype and an optional
+:class:`~.tiles.Tuning`; the launchers only run them. Tiles come from :func:`~.tiles.tile_config`.
 """
 
 from __future__ import annotations
 
+import functools
 import math
-import os
+from collections.abc import Mapping
 from dataclasses import dataclass
+from types import MappingProxyType
 
 import torch
 import triton
+from triton.runtime.jit import JITFunction
 
 from ...patterns import Band, Block, Pattern, Stride, Summary, Term, ceil_div
 from . import kernels
+from .tiles import Tile, Tuning, padded_dim, short_run_tiles, tile_config
 
 _BAND, _BLOCK, _STRIDE, _SUMMARY = 0, 1, 2, 3
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # kernels run on Triton's CPU interpreter
+# Whether the kernels run on Triton's CPU interpreter: TRITON_INTERPRET=1 was set when kernels.py was
+# first imported (triton.jit reads it then), so they were built as interpreted functions, which take
+# CPU tensors.
+INTERPRET = not isinstance(kernels.attn_fwd, JITFunction)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -195,75 +201,36 @@ def decode(spec: list[int]) -> list[_Group]:
 
 
 # ---------------------------------------------------------------------------------------------
-# Block sizes
+# Launch plans: every launch of a forward or backward with its role and tile (pure, cached)
 # ---------------------------------------------------------------------------------------------
 
-# (BLOCK_M, BLOCK_N, num_warps, num_stages) per launch role and padded head dim; BLOCK_M counts
-# queries and BLOCK_N keys in every kernel. Roles: "fwd", "dq", "dkdv" for natural-order passes of
-# a band or block term, "fwd_summary" and "dq_summary" for natural passes that hold a summary term
-# (with or without a block), "*_stride" for the transposed passes, "dkdv_summary" for the summary
-# keys, "dkdv_owned" for a transposed pass whose residue classes fit one key tile (its BLOCK_N is the
-# longest class it takes; the tile is the class length rounded up to a power of two), "dkdv_fused"
-# for the opt-in atomic-dQ backward.
-# Head dim 64 (bf16): two runs of scripts/gpu_tune.py on an H200 (2026-11-28; strided l=128 and fixed
-# l=128 c=32 at n=16K B=8, strided l=256 at 64K B=2, strided l=1024 at 1M; 8 heads), each launch
-# timed on its own. The short band and stride passes walk one masked loop (SHORT_RUN_TILES) and want
-# narrow tiles there (dQ 64x32, stride dK/dV 16x64; the band dK/dV went from 0.63 to 0.43 ms at 16K
-# against the first sweep's 32x128); the summary passes keep 64x64 (fwd, dQ: larger tiles were 2-50 %
-# slower) and dK/dV 32x64 (3.36 -> 2.99 ms). fwd+bwd, do_bench medians, against the one tile set per
-# kernel used before (owned stride backward in both): strided 16K 2.14 -> 1.73 ms, fixed 16K 6.85 ->
-# 6.49, strided 64K 2.71 -> 2.38, strided 1M 45.8 -> 46.6 (one or two calls per median at 1M: within
-# its spread). 16/32 reuse the 64 entries;
-# 128 keeps the larger-warp tiles that passed the GPU tests. "dkdv_fused" keeps the key tile 128: its
-# atomics per matmul flop fall as 1 / BLOCK_N (as FlashAttention 2's atomic dQ).
-_D128_FWD, _D128_DQ, _D128_DKDV = (128, 64, 8, 3), (128, 64, 8, 2), (64, 128, 8, 2)
-
-
-def _by_dim(d64, d128):
-    return {16: d64, 32: d64, 64: d64, 128: d128}
-
-
-CONFIGS = {
-    "fwd": _by_dim((64, 64, 4, 3), _D128_FWD),
-    "fwd_summary": _by_dim((64, 64, 4, 3), _D128_FWD),
-    "fwd_stride": _by_dim((64, 64, 4, 3), _D128_FWD),
-    "dq": _by_dim((64, 32, 4, 3), _D128_DQ),
-    "dq_summary": _by_dim((64, 64, 4, 3), _D128_DQ),
-    "dq_stride": _by_dim((64, 32, 4, 3), _D128_DQ),
-    "dkdv": _by_dim((64, 64, 4, 3), _D128_DKDV),
-    "dkdv_stride": _by_dim((16, 64, 4, 3), _D128_DKDV),
-    "dkdv_summary": _by_dim((32, 64, 4, 3), _D128_DKDV),
-    # the dQ tile [BLOCK_M, d] fp32 joins the dK/dV accumulators: d 128 takes classes up to 64 keys
-    "dkdv_owned": _by_dim((32, 128, 4, 3), (32, 64, 8, 2)),
-    "dkdv_fused": _by_dim((32, 128, 4, 3), _D128_DKDV),
-}
-# fp32 tiles are twice the bytes: halve them and pipeline two deep so K/V stages fit shared memory.
-_FP32_CONFIG = {"fwd": (64, 32, 4, 2), "dq": (64, 32, 4, 2), "dkdv": (32, 64, 4, 2), "dkdv_owned": (32, 64, 4, 2),
-                "dkdv_fused": (32, 64, 4, 2)}
-# The fused-dQ backward (non-deterministic mode only) passed the GPU tests on an H200 (2026-11-28) but
-# did not pay: at n = 16K (bf16, d 64, B 8, H 8) it ran strided l=128 fwd+bwd in 2.30 ms and fixed
-# l=128 c=32 in 7.78 ms against 2.21 / 7.04 ms for the atomic-free backward; its best tiles gained
-# 6 % / 3 % (within run-to-run spread) and at n = 1M it was slower (50.0 vs 46.5 ms). So it stays
-# off: both modes run the atomic-free backward. Tests and scripts/gpu_triton_check.py switch it on.
-FUSED_DQ = False
 _DELTA_ROWS = 64  # rows per program of the delta kernel
-# The CPU interpreter's cost is per program and per op: mid-size tiles keep tests quick while still
-# giving several tiles (and every masked/unmasked run) at test sizes. Its owned classes are at most
-# 32 long, so test lengths reach both the owned and the two-pass schedule of the stride term.
-_INTERPRET_CONFIG = (32, 32, 1, 1)
 
 
-def _config(role: str, d_pad: int, dtype: torch.dtype):
-    if INTERPRET:
-        return _INTERPRET_CONFIG
-    if dtype == torch.float32:
-        return _FP32_CONFIG[role] if role in _FP32_CONFIG else _FP32_CONFIG[role.split("_")[0]]
-    table = CONFIGS[role]
-    return table[d_pad] if d_pad in table else table[max(k for k in table if k <= d_pad)]
+@dataclass(frozen=True)
+class Launch:
+    """One kernel launch of a plan: ``getattr(kernels, kernel)[grid](tensors..., n, H, *args, scales...,
+    **meta)``. ``role`` is the tile role it was given (``tiles.ROLES``; ``"delta"`` for the delta kernel,
+    which has no tile), ``args`` the head group's ``(head0, head_step, heads_in_group, tiles_per_class)``
+    and ``meta`` the constexprs with ``num_warps`` and ``num_stages``."""
+
+    kernel: str
+    role: str
+    grid: tuple[int, ...]
+    args: tuple[int, ...]
+    meta: Mapping[str, object]
 
 
-def _pad(d: int) -> int:
-    return max(16, triton.next_power_of_2(d))
+@dataclass(frozen=True)
+class BackwardPlan:
+    """The backward's launches in order, and which outputs must start from zeros: dK and dV when a
+    group of summary terms only leaves non-summary keys to no launch, dQ when a group whose every pass
+    is owned has no dQ pass (nothing writes the dQ rows its classes never read, the first ``offset``
+    rows of each class)."""
+
+    launches: tuple[Launch, ...]
+    zero_dkdv: bool
+    zero_dq: bool
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -277,19 +244,26 @@ def _pass_args(p: _Pass):
             "SUM_L": p.sum_l, "SUM_LO": p.sum_lo, "SUM_EARLIER": p.sum_earlier}
 
 
-# A range term whose rows read at most this many tiles runs as one masked loop (kernels._segments).
-# H200 (gpu_tune.py, tiles as CONFIGS): strided l=128 16K fwd+bwd 2.06 ms always split, 1.74 at 4,
-# 1.73 at 8; strided l=256 64K 2.53 / 2.53 / 2.38; fixed and strided 1M within 1-3 %.
-SHORT_RUN_TILES = 8
+def _meta(tile: Tile, block_n: int | None = None, **constexprs) -> Mapping[str, object]:
+    return MappingProxyType({**constexprs, "BLOCK_M": tile.block_m, "BLOCK_N": block_n or tile.block_n,
+                             "num_warps": tile.num_warps, "num_stages": tile.num_stages})
 
 
-def _split(p: _Pass, n: int, block_m: int, block_n: int) -> bool:
+def _role(kernel: str, step: int, summary: bool) -> str:
+    """The tile role of a launch of ``kernel`` ("fwd", "dq" or "dkdv") over a pass of virtual step
+    ``step``: transposed (``step > 1``), holding a summary term (``summary``; for dK/dV: the summary
+    keys' launch), or a natural-order range term. The owned dK/dV launch is "dkdv_owned"."""
+    return kernel + ("_stride" if step > 1 else "_summary" if summary else "")
+
+
+def _split(p: _Pass, n: int, block_m: int, block_n: int, short_run: int) -> bool:
     """Whether the range term of pass ``p`` walks its tiles as masked head, full middle, masked tail
     (long ranges) rather than one masked loop: the keys one query tile reads (or, in dK/dV, the
-    queries one key tile meets, the same span; the term's ``key_span``) against ``SHORT_RUN_TILES``
-    tiles. A pass without a range term reads as spanning ``n`` (its launch has no range walk)."""
+    queries one key tile meets, the same span; the term's ``key_span``) against ``short_run`` tiles
+    (``tiles.short_run_tiles``). A pass without a range term reads as spanning ``n`` (its launch has
+    no range walk)."""
     span = p.range_term.key_span(n, block_m) if p.range_term else n
-    return span > SHORT_RUN_TILES * block_n
+    return span > short_run * block_n
 
 
 def _query_grid(p: _Pass, n: int, block_m: int, bh: int):
@@ -300,124 +274,137 @@ def _query_grid(p: _Pass, n: int, block_m: int, bh: int):
     return (p.step * per_class, bh), per_class
 
 
+def _owned_tile(p: _Pass, n: int, max_class: int) -> int:
+    """The key tile that holds a whole residue class of transposed pass ``p``, or 0 when its classes
+    are longer than ``max_class`` (the ``dkdv_owned`` tile's BLOCK_N; then the pass runs as a dQ pass
+    plus a dK/dV launch)."""
+    if p.step == 1:
+        return 0
+    length = p.length(n)
+    return max(16, triton.next_power_of_2(length)) if length <= max_class else 0
+
+
+def forward_plan(spec, B: int, H: int, n: int, dk: int, dv: int, dtype: torch.dtype,
+                 tuning: Tuning | None = None) -> tuple[Launch, ...]:
+    """The forward's launches (``attn_fwd``, one per pass of every head group) for an :func:`encode`
+    spec, inputs ``[B, H, n, dk]`` / ``[B, H, n, dv]`` of ``dtype`` and an optional tile override."""
+    return _forward_plan(tuple(spec), B, H, n, dk, dv, dtype, tuning)
+
+
+@functools.lru_cache(maxsize=256)
+def _forward_plan(spec, B, H, n, dk, dv, dtype, tuning):
+    dkp, dvp = padded_dim(dk), padded_dim(dv)
+    short_run = short_run_tiles(tuning)
+    launches = []
+    for g in decode(spec):
+        for i, p in enumerate(g.passes):
+            role = _role("fwd", p.step, p.sum_c > 0)
+            t = tile_config(role, max(dkp, dvp), dtype, interpreter=INTERPRET, tuning=tuning)
+            grid, per_class = _query_grid(p, n, t.block_m, B * g.count)
+            meta = _meta(t, HAS_RANGE=p.has_range, INIT_FROM_OUT=i > 0, SPLIT=_split(p, n, t.block_m, t.block_n, short_run),
+                         DK_PAD=dkp, DV_PAD=dvp, DOT_PREC=_dot_precision(dtype), **_pass_args(p))
+            launches.append(Launch("attn_fwd", role, grid, (g.head0, g.head_step, g.count, per_class), meta))
+    return tuple(launches)
+
+
+def backward_plan(spec, B: int, H: int, n: int, dk: int, dv: int, dtype: torch.dtype,
+                  tuning: Tuning | None = None) -> BackwardPlan:
+    """The backward's launches (arguments as :func:`forward_plan`): a delta launch where a group has
+    no dQ pass, the dQ passes (the first of a group writes delta), then one dK/dV launch per term,
+    each adding onto the previous one (owned transposed passes add their dQ there too)."""
+    return _backward_plan(tuple(spec), B, H, n, dk, dv, dtype, tuning)
+
+
+@functools.lru_cache(maxsize=256)
+def _backward_plan(spec, B, H, n, dk, dv, dtype, tuning):
+    groups = decode(spec)
+    dkp, dvp = padded_dim(dk), padded_dim(dv)
+    d_pad = max(dkp, dvp)
+    tile = lambda role: tile_config(role, d_pad, dtype, interpreter=INTERPRET, tuning=tuning)
+    short_run = short_run_tiles(tuning)
+    max_class = tile("dkdv_owned").block_n
+    owned = {(gi, pi): _owned_tile(p, n, max_class) for gi, g in enumerate(groups) for pi, p in enumerate(g.passes)}
+    # a group made only of summary terms leaves non-summary keys untouched: start from zeros
+    zero_dkdv = any(not any(p.has_range for p in g.passes) for g in groups)
+    no_dq_pass = any(all(owned[gi, pi] for pi in range(len(g.passes))) for gi, g in enumerate(groups))
+    common = {"DK_PAD": dkp, "DV_PAD": dvp, "DOT_PREC": _dot_precision(dtype)}
+    launches = []
+    if no_dq_pass:
+        # delta for every row first (the key-tile programs read it for any query)
+        launches.append(Launch("attn_bwd_delta", "delta", (ceil_div(B * H * n, _DELTA_ROWS),), (),
+                               MappingProxyType({"BLOCK": _DELTA_ROWS, "DV_PAD": dvp})))
+    for gi, g in enumerate(groups):
+        first = True
+        for pi, p in enumerate(g.passes):
+            if owned[gi, pi]:
+                continue
+            role = _role("dq", p.step, p.sum_c > 0)
+            t = tile(role)
+            grid, per_class = _query_grid(p, n, t.block_m, B * g.count)
+            meta = _meta(t, HAS_RANGE=p.has_range, FIRST=first, SPLIT=_split(p, n, t.block_m, t.block_n, short_run),
+                         **common, **_pass_args(p))
+            launches.append(Launch("attn_bwd_dq", role, grid, (g.head0, g.head_step, g.count, per_class), meta))
+            first = False
+    for gi, g in enumerate(groups):
+        first = not zero_dkdv
+        for pi, p in enumerate(g.passes):
+            for is_summary in [False] * p.has_range + [True] * (p.sum_c > 0):
+                own = owned[gi, pi] if not is_summary else 0
+                role = "dkdv_owned" if own else _role("dkdv", p.step, is_summary)
+                t = tile(role)
+                bn = own or t.block_n
+                if is_summary:
+                    keys = p.summary.count_below(n)  # every real compact key
+                    if keys == 0:
+                        continue
+                    grid, per_class = (ceil_div(keys, bn), B * g.count), 1
+                else:
+                    grid, per_class = _query_grid(p, n, bn, B * g.count)
+                meta = _meta(t, bn, IS_SUMMARY=is_summary, ACCUMULATE=not first, OWNED=bool(own),
+                             SPLIT=is_summary or _split(p, n, bn, t.block_m, short_run), **common, **_pass_args(p))
+                launches.append(Launch("attn_bwd_dkdv", role, grid, (g.head0, g.head_step, g.count, per_class), meta))
+                first = False
+    return BackwardPlan(tuple(launches), zero_dkdv, no_dq_pass)
+
+
 # ---------------------------------------------------------------------------------------------
 # Forward / backward launchers
 # ---------------------------------------------------------------------------------------------
 
 
-def _forward(q, k, v, spec, scale):
+def _forward(q, k, v, spec, scale, tuning):
     B, H, n, dk = q.shape
     dv = v.shape[-1]
     out = torch.empty(B, H, n, dv, device=q.device, dtype=q.dtype)
     lse = torch.empty(B, H, n, device=q.device, dtype=torch.float32)
-    dkp, dvp = _pad(dk), _pad(dv)
-    for g in decode(spec):
-        for i, p in enumerate(g.passes):
-            bm, bn, warps, stages = _config(role("fwd", p.step, p.sum_c > 0), max(dkp, dvp), q.dtype)
-            grid, per_class = _query_grid(p, n, bm, B * g.count)
-            kernels.attn_fwd[grid](
-                q, k, v, out, lse, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
-                n, H, g.head0, g.head_step, g.count, per_class, scale * math.log2(math.e), dk, dv,
-                HAS_RANGE=p.has_range, INIT_FROM_OUT=i > 0, SPLIT=_split(p, n, bm, bn), BLOCK_M=bm, BLOCK_N=bn,
-                DK_PAD=dkp, DV_PAD=dvp,
-                DOT_PREC=_dot_precision(q.dtype), num_warps=warps, num_stages=stages, **_pass_args(p))
+    strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3])
+    qk_scale = scale * math.log2(math.e)
+    for launch in _forward_plan(tuple(spec), B, H, n, dk, dv, q.dtype, tuning):
+        kernels.attn_fwd[launch.grid](q, k, v, out, lse, *strides, n, H, *launch.args, qk_scale, dk, dv, **launch.meta)
     return out, lse
 
 
-def role(kernel: str, step: int, summary: bool) -> str:
-    """The CONFIGS entry of a launch of ``kernel`` ("fwd", "dq" or "dkdv") over a pass of virtual
-    step ``step``: transposed (``step > 1``), holding a summary term (``summary``; for dK/dV: the
-    summary keys' launch), or a natural-order range term. The owned and fused dK/dV launches have
-    their own entries."""
-    return kernel + ("_stride" if step > 1 else "_summary" if summary else "")
-
-
-def _owned_tile(p: _Pass, n: int, d_pad: int, dtype: torch.dtype) -> int:
-    """The key tile that holds a whole residue class of transposed pass ``p``, or 0 when its classes
-    are longer than ``dkdv_owned`` takes (then the pass runs as a dQ pass plus a dK/dV launch)."""
-    if p.step == 1:
-        return 0
-    length = p.length(n)
-    return max(16, triton.next_power_of_2(length)) if length <= _config("dkdv_owned", d_pad, dtype)[1] else 0
-
-
-def _backward(do, q, k, v, out, lse, spec, scale, deterministic=True):
+def _backward(do, q, k, v, out, lse, spec, scale, tuning):
     B, H, n, dk = q.shape
     dv = v.shape[-1]
     do = do.contiguous()  # shares out's (contiguous) strides in the kernels
-    fused = FUSED_DQ and not deterministic
-    groups = decode(spec)
-    dkp, dvp = _pad(dk), _pad(dv)
-    d_pad = max(dkp, dvp)
-    owned = {(gi, pi): _owned_tile(p, n, d_pad, q.dtype)
-             for gi, g in enumerate(groups) for pi, p in enumerate(g.passes)}
-    # a group made only of summary terms leaves non-summary keys untouched: start from zeros
-    needs_zero = any(not any(p.has_range for p in g.passes) for g in groups)
-    alloc = torch.zeros if needs_zero else torch.empty
+    plan = _backward_plan(tuple(spec), B, H, n, dk, dv, q.dtype, tuning)
+    alloc = torch.zeros if plan.zero_dkdv else torch.empty
     dkk = alloc(B, H, n, dk, device=q.device, dtype=k.dtype)
     dvv = alloc(B, H, n, dv, device=q.device, dtype=v.dtype)
+    dq = (torch.zeros if plan.zero_dq else torch.empty)(B, H, n, dk, device=q.device, dtype=q.dtype)
     delta = torch.empty(B, H, n, device=q.device, dtype=torch.float32)
-    prec = _dot_precision(q.dtype)
     qk_scale = scale * math.log2(math.e)
     strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3])
-    # a group whose every pass is owned has no dQ pass: nothing writes delta or the dQ rows its
-    # classes never read (the first ``offset`` rows of each class), so both come from here
-    no_dq_pass = not fused and any(all(owned[gi, pi] for pi in range(len(g.passes))) for gi, g in enumerate(groups))
-
-    if fused or no_dq_pass:
-        # delta for every row first (the key-tile programs read it for any query)
-        kernels.attn_bwd_delta[(ceil_div(B * H * n, _DELTA_ROWS),)](
-            out.contiguous(), do, delta, B * H * n, dv, BLOCK=_DELTA_ROWS, DV_PAD=dvp)
-    if fused:  # dQ is summed in fp32 whatever the input dtype, since many programs add into each row
-        dq = torch.zeros(B, H, n, dk, device=q.device, dtype=torch.float32)
-    else:
-        dq = (torch.zeros if no_dq_pass else torch.empty)(B, H, n, dk, device=q.device, dtype=q.dtype)
-        for gi, g in enumerate(groups):
-            first = True
-            for pi, p in enumerate(g.passes):
-                if owned[gi, pi]:
-                    continue
-                bm, bn, warps, stages = _config(role("dq", p.step, p.sum_c > 0), d_pad, q.dtype)
-                grid, per_class = _query_grid(p, n, bm, B * g.count)
-                kernels.attn_bwd_dq[grid](
-                    q, k, v, out, do, dq, lse, delta, *strides,
-                    n, H, g.head0, g.head_step, g.count, per_class, qk_scale, scale, dk, dv,
-                    HAS_RANGE=p.has_range, FIRST=first, SPLIT=_split(p, n, bm, bn), BLOCK_M=bm, BLOCK_N=bn,
-                    DK_PAD=dkp, DV_PAD=dvp,
-                    DOT_PREC=prec, num_warps=warps, num_stages=stages, **_pass_args(p))
-                first = False
-
-    for gi, g in enumerate(groups):
-        first = not needs_zero
-        for pi, p in enumerate(g.passes):
-            launches = []
-            if p.has_range:
-                launches.append((False, p))
-            if p.sum_c:
-                launches.append((True, p))
-            for is_summary, pp in launches:
-                own = owned[gi, pi] if not is_summary else 0
-                name = "dkdv_owned" if own else "dkdv_fused" if fused else role("dkdv", pp.step, is_summary)
-                bm, bn, warps, stages = _config(name, d_pad, q.dtype)
-                if own:
-                    bn = own
-                if is_summary:
-                    keys = pp.summary.count_below(n)  # every real compact key
-                    grid, per_class = (ceil_div(keys, bn), B * g.count), 1
-                    if keys == 0:
-                        continue
-                else:
-                    grid, per_class = _query_grid(pp, n, bn, B * g.count)
-                kernels.attn_bwd_dkdv[grid](
-                    q, k, v, do, dkk, dvv, dq, lse, delta, *strides,
-                    n, H, g.head0, g.head_step, g.count, per_class, qk_scale, scale, dk, dv,
-                    IS_SUMMARY=is_summary, ACCUMULATE=not first, DQ_MODE=2 if own else 1 if fused else 0,
-                    SPLIT=is_summary or _split(pp, n, bn, bm),
-                    BLOCK_M=bm, BLOCK_N=bn, DK_PAD=dkp, DV_PAD=dvp, DOT_PREC=prec, num_warps=warps,
-                    num_stages=stages, **_pass_args(pp))
-                first = False
-    if fused and dq.dtype != q.dtype:
-        dq = dq.to(q.dtype)
+    for launch in plan.launches:
+        if launch.kernel == "attn_bwd_delta":
+            kernels.attn_bwd_delta[launch.grid](out.contiguous(), do, delta, B * H * n, dv, **launch.meta)
+        elif launch.kernel == "attn_bwd_dq":
+            kernels.attn_bwd_dq[launch.grid](q, k, v, out, do, dq, lse, delta, *strides, n, H, *launch.args, qk_scale,
+                                             scale, dk, dv, **launch.meta)
+        else:
+            kernels.attn_bwd_dkdv[launch.grid](q, k, v, do, dkk, dvv, dq, lse, delta, *strides, n, H, *launch.args,
+                                               qk_scale, scale, dk, dv, **launch.meta)
     return dq, dkk, dvv
 
 
@@ -428,13 +415,14 @@ def _backward(do, q, k, v, out, lse, spec, scale, deterministic=True):
 
 @torch.library.custom_op("sparse_transformer::triton_attention_fwd", mutates_args=())
 def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: list[int], scale: float,
-                  deterministic: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(out [B, H, n, dv], lse [B, H, n] fp32, log2 units)``; ``deterministic`` is for backward."""
-    return _forward(q, k, v, spec, scale)
+                  tuning: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(out [B, H, n, dv], lse [B, H, n] fp32, log2 units)``. ``tuning``: a :meth:`Tuning.encode`
+    list, ``[]`` for the tile tables; the backward of this call uses it too."""
+    return _forward(q, k, v, spec, scale, Tuning.decode(tuning))
 
 
 @attention_fwd.register_fake
-def _(q, k, v, spec, scale, deterministic):
+def _(q, k, v, spec, scale, tuning):
     B, H, n, _ = q.shape
     return q.new_empty(B, H, n, v.shape[-1]), q.new_empty(B, H, n, dtype=torch.float32)
 
@@ -442,26 +430,26 @@ def _(q, k, v, spec, scale, deterministic):
 @torch.library.custom_op("sparse_transformer::triton_attention_bwd", mutates_args=())
 def attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
                   lse: torch.Tensor, spec: list[int], scale: float,
-                  deterministic: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _backward(do, q, k, v, out, lse, spec, scale, deterministic)
+                  tuning: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _backward(do, q, k, v, out, lse, spec, scale, Tuning.decode(tuning))
 
 
 @attention_bwd.register_fake
-def _(do, q, k, v, out, lse, spec, scale, deterministic):
+def _(do, q, k, v, out, lse, spec, scale, tuning):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, spec, scale, deterministic = inputs
+    q, k, v, spec, scale, tuning = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse)
-    ctx.spec, ctx.scale, ctx.deterministic = spec, scale, deterministic
+    ctx.spec, ctx.scale, ctx.tuning = spec, scale, tuning
     ctx.mark_non_differentiable(lse)
 
 
 def _attention_backward(ctx, grad_out, grad_lse):
     q, k, v, out, lse = ctx.saved_tensors
-    dq, dk, dv = attention_bwd(grad_out, q, k, v, out, lse, ctx.spec, ctx.scale, ctx.deterministic)
+    dq, dk, dv = attention_bwd(grad_out, q, k, v, out, lse, ctx.spec, ctx.scale, ctx.tuning)
     return dq, dk, dv, None, None, None
 
 

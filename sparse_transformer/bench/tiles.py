@@ -1,0 +1,330 @@
+"""``sparse-transformer bench tiles``: a tile sweep of the Triton kernels, per launch role (CUDA).
+
+Every launch of a forward + backward is timed on its own: torch.profiler's CUDA kernel durations,
+in launch order, read against the call's launch plan (``ops.forward_plan`` / ``ops.backward_plan``
+give each launch its tile role, :data:`~sparse_transformer.attention.triton.tiles.ROLES`). Variant
+``i`` gives every role its ``i``-th candidate at once (candidate 0 is the committed tile), passed as
+a per-call :class:`~sparse_transformer.attention.triton.Tuning`, so one fwd+bwd per variant and case
+measures all roles together. A role's winner is the candidate with the least time summed over the
+cases that launch it, each case's time divided by its committed time (so the 1M case does not
+outvote 16K). The winners then run together under each short-run threshold (when a range term
+walks its tiles as one masked loop), timed fwd+bwd with ``do_bench`` against the committed tiles,
+and the best of them is checked against the fp32 ``reference`` backend at a small ``n``.
+
+Writes JSON lines (``--out``), prints a table and, last, the winning tiles as a ``tuned`` record: to
+adopt them, copy them into ``tiles.TILES`` (and ``SHORT_RUN_TILES``) and run the gpu tests.
+Nothing here changes the library's tables.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import time
+from collections.abc import Callable, Sequence
+
+import torch
+
+from .. import patterns as P
+from ..errors import UserError
+from ..options import comma_list
+from .attention import parse_int, pattern_for, pattern_label
+
+__all__ = ["CANDIDATES", "add_arguments", "bench_tiles", "parse_case", "pick_winners", "run"]
+
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) to try per role, after the committed tile (head dim 64,
+# bf16; other head dims try the same: a tile that does not fit is recorded as an error).
+CANDIDATES: dict[str, list[tuple[int, int, int, int]]] = {
+    "fwd": [(64, 32, 4, 3), (128, 32, 4, 3), (32, 32, 2, 3), (128, 64, 8, 3)],
+    "fwd_summary": [(64, 32, 4, 3), (128, 64, 8, 3), (128, 32, 4, 3)],
+    "fwd_stride": [(64, 32, 4, 3), (128, 32, 4, 3), (32, 32, 2, 3), (128, 64, 8, 3)],
+    "dq": [(64, 64, 4, 3), (32, 64, 4, 3), (32, 32, 2, 3), (128, 32, 8, 3)],
+    "dq_summary": [(64, 32, 4, 3), (128, 64, 8, 2), (32, 64, 4, 3)],
+    "dq_stride": [(64, 64, 4, 3), (32, 32, 2, 3), (32, 64, 4, 3), (128, 32, 8, 3)],
+    "dkdv": [(32, 64, 4, 3), (32, 128, 4, 3), (32, 32, 2, 3), (64, 128, 8, 2)],
+    "dkdv_stride": [(16, 128, 4, 3), (32, 64, 4, 3), (32, 128, 4, 3), (16, 32, 2, 3)],
+    "dkdv_summary": [(64, 64, 4, 3), (64, 128, 8, 2), (32, 128, 4, 3), (16, 64, 4, 3)],
+    "dkdv_owned": [(16, 128, 4, 3), (32, 128, 4, 2), (16, 128, 4, 2), (32, 128, 8, 2)],
+}
+SHORT_RUNS = (0, 4, 8, 16)  # short-run thresholds tried with the winners (0: every range walk splits)
+DEFAULT_CASES = ("strided:128@16K", "fixed:128:32@16K", "strided:256@64K", "strided:1024@1M")
+KERNELS = ("attn_fwd", "attn_bwd_dq", "attn_bwd_dkdv", "attn_bwd_delta")
+
+
+def parse_case(spec: str, batch_tokens: int) -> tuple[str, P.Pattern, int, int]:
+    """``PATTERN@N`` (a :func:`~.attention.pattern_for` spec at length N, e.g. ``fixed:128:32@16K``)
+    -> ``(label, pattern, n, batch)`` with ``batch = max(1, batch_tokens // n)``."""
+    pattern_spec, sep, n_text = spec.partition("@")
+    if not sep:
+        raise UserError(f"bench tiles: case {spec!r} must look like PATTERN@N, e.g. strided:128@16K")
+    try:
+        n = parse_int(n_text)
+    except ValueError:
+        raise UserError(f"bench tiles: case {spec!r}: N must be an integer such as 16384, 16K or 1M") from None
+    pattern = pattern_for(pattern_spec, n)
+    return f"{pattern_label(pattern)} n={n:,}", pattern, n, max(1, batch_tokens // n)
+
+
+def candidates(role: str, committed: tuple[int, int, int, int]) -> list[tuple[int, int, int, int]]:
+    """The committed tile first, then the role's other candidates."""
+    return [committed] + [c for c in CANDIDATES[role] if c != committed]
+
+
+def pick_winners(
+    results: dict[tuple[int, str], dict[str, float]], cands: dict[str, list[tuple[int, int, int, int]]]
+) -> tuple[dict[str, tuple[int, int, int, int]], dict[str, dict[str, float]]]:
+    """The winning tile per role from ``results[variant, case] = {role: ms}`` (variant ``i`` gave
+    every role its ``i``-th candidate, modulo the role's count; variant 0 is committed): the least
+    sum over cases of ms / committed ms, among candidates measured on every case that launches the
+    role. Returns ``(winners, scores)`` with ``scores[role][str(tile)]`` the sums."""
+    cases = sorted({case for _, case in results})
+    n_variants = 1 + max((i for i, _ in results), default=0)
+    winners, scores = {}, {}
+    for role, options in cands.items():
+        score = {}
+        for i in range(min(n_variants, len(options))):
+            for case in cases:
+                ms, ref = results.get((i, case), {}).get(role), results.get((0, case), {}).get(role)
+                if ms is not None and ref:
+                    score.setdefault(i, []).append(ms / ref)
+        if not score:
+            continue
+        most = max(len(v) for v in score.values())
+        full = [i for i in score if len(score[i]) == most]
+        win = min(full, key=lambda i: sum(score[i]))
+        winners[role] = options[win]
+        scores[role] = {str(options[i]): round(sum(score[i]), 3) for i in full}
+    return winners, scores
+
+
+class _Case:
+    """One case's inputs and its fwd+bwd through the triton backend with a given Tuning."""
+
+    def __init__(self, label, pattern, n, batch, heads, head_dim, dtype):
+        self.label, self.pattern, self.n, self.batch, self.heads, self.head_dim = (
+            label,
+            pattern,
+            n,
+            batch,
+            heads,
+            head_dim,
+        )
+        self.dtype = dtype
+        mk = lambda: torch.randn(batch, heads, n, head_dim, device="cuda", dtype=dtype, requires_grad=True)
+        self.q, self.k, self.v = mk(), mk(), mk()
+        self.grad = torch.randn_like(self.v)
+
+    def fwdbwd(self, tuning):
+        from ..attention.triton import triton_attention
+
+        out = triton_attention(self.q, self.k, self.v, self.pattern, tuning=tuning)
+        return torch.autograd.grad(out, (self.q, self.k, self.v), self.grad)
+
+    def roles(self, tuning) -> list[str]:
+        """The tile role of every launch of one fwd+bwd, in launch order."""
+        from ..attention.triton import ops
+
+        args = (ops.encode(self.pattern, self.heads), self.batch, self.heads, self.n, self.head_dim, self.head_dim)
+        fwd = ops.forward_plan(*args, self.dtype, tuning)
+        bwd = ops.backward_plan(*args, self.dtype, tuning)
+        return [launch.role for launch in (*fwd, *bwd.launches)]
+
+
+def _kernel_ms(fn: Callable[[], object], iters: int) -> list[list[float]]:
+    """Durations (ms) of the Triton attention kernels of ``iters`` calls of ``fn``, in launch order,
+    from torch.profiler's CUDA activity."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(iters):
+            fn()
+        torch.cuda.synchronize()
+    events = [e for e in prof.events() if e.device_type == DeviceType.CUDA and e.name.split("(")[0] in KERNELS]
+    events.sort(key=lambda e: e.time_range.start)
+    return [e.time_range.elapsed_us() / 1e3 for e in events]
+
+
+def per_role(case: _Case, tuning, iters: int) -> dict[str, float]:
+    """Median over ``iters`` fwd+bwd calls of each role's summed kernel time (ms), and ``total``."""
+    case.fwdbwd(tuning)  # compile
+    torch.cuda.synchronize()
+    roles = case.roles(tuning)
+    times = _kernel_ms(lambda: case.fwdbwd(tuning), iters)
+    if len(times) != iters * len(roles):
+        raise RuntimeError(f"profiled {len(times)} attention kernels for {iters} calls of {len(roles)} launches")
+    runs = []
+    for it in range(iters):
+        row: dict[str, float] = {}
+        for role, ms in zip(roles, times[it * len(roles) : (it + 1) * len(roles)]):
+            row[role] = row.get(role, 0.0) + ms
+        row["total"] = sum(times[it * len(roles) : (it + 1) * len(roles)])
+        runs.append(row)
+    return {role: statistics.median(r[role] for r in runs) for role in runs[0]}
+
+
+def _do_bench_ms(case: _Case, tuning) -> float:
+    from triton.testing import do_bench
+
+    return do_bench(lambda: case.fwdbwd(tuning), warmup=10, rep=50, return_mode="median")
+
+
+def check(case: _Case, tuning, n_max: int = 8192) -> dict[str, float]:
+    """max |triton - reference| / max |reference| of the output and each gradient, with ``tuning``,
+    on a copy of the case at ``min(n, n_max)`` (batch 1, 2 heads; the reference is O(n^2))."""
+    from ..attention import sparse_attention
+
+    small = _Case(case.label, case.pattern, min(case.n, n_max), 1, 2, case.head_dim, case.dtype)
+    out = sparse_attention(small.q, small.k, small.v, small.pattern, backend="triton", tuning=tuning)
+    got = torch.autograd.grad(out, (small.q, small.k, small.v), small.grad)
+    qf, kf, vf = (t.detach().float().requires_grad_(True) for t in (small.q, small.k, small.v))
+    ref = sparse_attention(qf, kf, vf, small.pattern, backend="reference")
+    ref_grads = torch.autograd.grad(ref, (qf, kf, vf), small.grad.float())
+    return {
+        name: ((a.float() - r).abs().max() / r.abs().max().clamp_min(1e-6)).item()
+        for name, a, r in zip(("out", "dq", "dk", "dv"), (out, *got), (ref, *ref_grads))
+    }
+
+
+def bench_tiles(
+    cases: Sequence[str] = DEFAULT_CASES,
+    batch_tokens: int = 131072,
+    heads: int = 8,
+    head_dim: int = 64,
+    dtype: str = "bf16",
+    iters: int = 10,
+    budget_s: float = 240.0,
+    out_jsonl: str | None = None,
+) -> dict:
+    """Run the sweep (module docstring); returns ``{"tiles": {role: tile}, "short_run_tiles": k,
+    "rows": [...]}`` with the committed and tuned fwd+bwd times per case."""
+    import triton
+
+    from ..attention.triton import Tuning, tile_config, tiles
+    from ..runtime import DTYPES
+
+    if not torch.cuda.is_available():
+        raise UserError("bench tiles times the Triton kernels on a GPU; it needs CUDA")
+    t0 = time.time()
+    torch_dtype = DTYPES[dtype]
+
+    def rec(**kw):
+        kw["t"] = round(time.time() - t0, 1)
+        print(json.dumps(kw), flush=True)
+        if out_jsonl:
+            with open(out_jsonl, "a") as f:
+                f.write(json.dumps(kw) + "\n")
+
+    rec(
+        kind="env",
+        card=torch.cuda.get_device_name(),
+        torch=torch.__version__,
+        triton=triton.__version__,
+        head_dim=head_dim,
+        dtype=dtype,
+        heads=heads,
+    )
+    data = [_Case(*parse_case(c, batch_tokens), heads, head_dim, torch_dtype) for c in cases]
+    committed = {role: tile_config(role, head_dim, torch_dtype).as_tuple() for role in CANDIDATES}
+    cands = {role: candidates(role, committed[role]) for role in CANDIDATES}
+    base = {}
+    for c in data:
+        base[c.label] = _do_bench_ms(c, None)
+        rec(kind="committed", case=c.label, fwdbwd_ms=base[c.label])
+    results: dict[tuple[int, str], dict[str, float]] = {}
+    for i in range(max(len(v) for v in cands.values())):
+        tuning = Tuning({role: options[i % len(options)] for role, options in cands.items()})
+        for c in data:
+            if time.time() - t0 > budget_s:
+                rec(kind="variant", variant=i, case=c.label, skipped="budget")
+                continue
+            try:
+                results[i, c.label] = per_role(c, tuning, iters)
+                rec(kind="variant", variant=i, case=c.label, ms=results[i, c.label])
+            except Exception as e:  # noqa: BLE001 - a tile that does not fit (shared memory, registers) is a result
+                rec(
+                    kind="variant",
+                    variant=i,
+                    case=c.label,
+                    error=str(e).strip().splitlines()[0][:300] if str(e) else type(e).__name__,
+                )
+    winners, scores = pick_winners(results, cands)
+    for role, tile in winners.items():
+        rec(kind="role", role=role, winner=tile, committed=committed[role], scores=scores[role])
+    best = {**committed, **winners}
+    timed = {}
+    for short in SHORT_RUNS:
+        tuning = Tuning(best, short_run_tiles=short)
+        for c in data:
+            try:
+                timed[short, c.label] = _do_bench_ms(c, tuning)
+            except Exception as e:  # noqa: BLE001 - keep the other measurements
+                timed[short, c.label] = math.inf
+                rec(kind="tuned", short_run_tiles=short, case=c.label, error=str(e)[:300])
+                continue
+            rec(
+                kind="tuned",
+                short_run_tiles=short,
+                case=c.label,
+                fwdbwd_ms=timed[short, c.label],
+                committed_fwdbwd_ms=base[c.label],
+            )
+    short = min(SHORT_RUNS, key=lambda s: sum(timed[s, c.label] / base[c.label] for c in data))
+    tuning = Tuning(best, short_run_tiles=short)
+    for c in data:
+        errors = check(c, tuning)
+        rec(
+            kind="check",
+            case=c.label,
+            ok=max(errors.values()) < (1e-4 if dtype == "fp32" else 2e-2),
+            **{f"rel_err_{k}": v for k, v in errors.items()},
+        )
+    rows = [
+        {"case": c.label, "batch": c.batch, "committed_ms": base[c.label], "tuned_ms": timed[short, c.label]}
+        for c in data
+    ]
+    result = {"tiles": {r: list(t) for r, t in best.items()}, "short_run_tiles": short, "rows": rows}
+    rec(kind="result", tiles=result["tiles"], short_run_tiles=short, committed_short_run_tiles=tiles.SHORT_RUN_TILES)
+    return result
+
+
+def format_table(result: dict) -> str:
+    lines = ["| case | B | committed fwd+bwd ms | tuned fwd+bwd ms | speed-up |", "|---|---|---|---|---|"]
+    for r in result["rows"]:
+        lines.append(
+            f"| {r['case']} | {r['batch']} | {r['committed_ms']:.3f} | {r['tuned_ms']:.3f} | "
+            f"{r['committed_ms'] / r['tuned_ms']:.3f}x |"
+        )
+    lines.append(f"tuned: {json.dumps({'tiles': result['tiles'], 'short_run_tiles': result['short_run_tiles']})}")
+    return "\n".join(lines)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """Options of ``sparse-transformer bench tiles``."""
+    p.add_argument(
+        "--cases",
+        default=",".join(DEFAULT_CASES),
+        help="comma-separated PATTERN@N, PATTERN as for bench attention (strided[:l], fixed[:l[:c]], local[:w], dense)",
+    )
+    p.add_argument("--batch-tokens", type=parse_int, default=131072, help="B = batch_tokens // n (default 131072)")
+    p.add_argument("--heads", type=int, default=8)
+    p.add_argument("--head-dim", type=int, default=64)
+    p.add_argument("--dtype", default="bf16", choices=("bf16", "fp16", "fp32"))
+    p.add_argument("--iters", type=int, default=10, help="profiled fwd+bwd calls per variant and case")
+    p.add_argument("--budget", type=float, default=240.0, help="seconds for the variants (the final timings follow)")
+    p.add_argument("--out", default=None, help="append JSON lines to this file")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Entry point of ``sparse-transformer bench tiles``: JSON lines, then the table."""
+    cases = comma_list(args.cases)
+    for c in cases:
+        parse_case(c, args.batch_tokens)  # refuse a bad case before any GPU work
+    result = bench_tiles(
+        cases, args.batch_tokens, args.heads, args.head_dim, args.dtype, args.iters, args.budget, args.out
+    )
+    print()
+    print(format_table(result))
+    return 0
