@@ -93,6 +93,7 @@ def _atomic_write(path: Path, write) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
+        tmp.unlink(missing_ok=True)  # a leftover, or a link: never written through
         with open(tmp, "wb") as f:
             write(f)
             f.flush()
@@ -305,12 +306,17 @@ def _remove_shard_folders(run_dir: Path, kept, keep_name: str | None = None) -> 
     removed itself, never what it points to."""
     for folder in run_dir.glob("checkpoint-dcp-*"):
         m = SHARDED.fullmatch(folder.name)
-        if folder.name == keep_name or (m and kept(int(m.group(1)))):
-            continue
-        if folder.is_symlink() or not folder.is_dir():
-            folder.unlink(missing_ok=True)
-        else:
-            shutil.rmtree(folder, ignore_errors=True)
+        if folder.name != keep_name and not (m and kept(int(m.group(1)))):
+            _delete(folder)
+
+
+def _delete(path: Path) -> None:
+    """Remove a file, a folder with what it holds, or a symbolic link (the link only, never what it
+    points to: a run folder from elsewhere may hold one)."""
+    if path.is_symlink() or not path.is_dir():
+        path.unlink(missing_ok=True)
+    else:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def load_training(run_dir: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
@@ -438,12 +444,18 @@ def save_sharded(run_dir: str | Path, step: int, model: nn.Module, optimizer: to
     """Save FSDP2 model and optimizer shards into ``run_dir/checkpoint-dcp-<step>`` (all ranks call this).
 
     The folder becomes the checkpoint only when rank 0 then saves checkpoint.pt naming it, so a crash
-    while writing shards leaves the previous checkpoint in place. Returns the folder name.
+    while writing shards leaves the previous checkpoint in place. Whatever is at the folder's name
+    already (the shards of an abandoned continuation, or a link, which DCP would write through) is
+    removed first. Returns the folder name.
     """
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
     name = f"checkpoint-dcp-{step}"
+    folder = Path(run_dir) / name
+    if parallel.is_main() and (folder.is_symlink() or folder.exists()):
+        _delete(folder)
+    parallel.barrier()
     model_state, optim_state = get_state_dict(model, optimizer)
     dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=str(Path(run_dir) / name))
     return name
@@ -740,7 +752,7 @@ def read_run_config(run_dir: str | Path, root: str | Path | None = None) -> Conf
     except (json.JSONDecodeError, UnicodeDecodeError, OSError) as e:
         raise UserError(f"checkpoint: {path} is not valid JSON ({e}); restore it from the run or train again") from None
     if not isinstance(table, dict):
-        raise UserError(f"checkpoint: {path} is not a config (a JSON object of sections); restore it from the run")
+        raise UserError(f"checkpoint: {path} holds no config (a JSON object of sections); restore it from the run")
     try:
         return config_from_dict(table)
     except UserError as e:

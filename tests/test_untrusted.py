@@ -237,6 +237,67 @@ def test_links_inside_the_folder_are_fine(world):
     checkpoint.load_model(run)
 
 
+def test_numbered_checkpoints_that_lead_out_are_passed_over(world):
+    """keep_checkpoints: a resume tries checkpoint-N.pt newest first; one that leads out of the folder
+    (or names a shard folder elsewhere) is never read: it is passed over, and named."""
+    run, outside = world["run"], world["outside"]
+    (run / "checkpoint.pt").rename(run / "checkpoint-1.pt")
+    os.link(run / "checkpoint-1.pt", run / "checkpoint.pt")
+    torch.save(RunsCode(world["marker"]), outside / "checkpoint-3.pt")
+    (run / "checkpoint-3.pt").symlink_to(outside / "checkpoint-3.pt")
+    malicious_dcp(outside / "checkpoint-dcp-2", world["marker"])
+    checkpoint.save(run, {**training_state(2), "sharded": "../outside/checkpoint-dcp-2"}, "checkpoint-2.pt")
+    assert [p.name for p in checkpoint.training_checkpoints(run)] == [
+        "checkpoint-3.pt",
+        "checkpoint-2.pt",
+        "checkpoint-1.pt",
+    ]
+    model = SparseTransformer(world["cfg"].model)
+    state = checkpoint.load_training(run, model, make_optimizer(model, world["cfg"].train, torch.device("cpu")))
+    assert state["step"] == 1 and state["path"].endswith("checkpoint-1.pt")
+    assert "leads out of the run folder" in state["passed_over"][0] and "checkpoint-3.pt" in state["passed_over"][0]
+    assert "names the shard folder" in state["passed_over"][1] and "checkpoint-2.pt" in state["passed_over"][1]
+    assert not world["marker"].exists()
+
+
+def test_removing_old_checkpoints_never_follows_a_link(world):
+    """Rotation (keep_checkpoints) and the cleanup of unfinished saves delete links, not what they point to;
+    a shard folder about to be written is never a link out of the folder."""
+    run, outside = world["run"], world["outside"]
+    for name in ("checkpoint-dcp-1", "checkpoint-dcp-7", "checkpoint-dcp-9"):
+        (outside / name).mkdir()
+        (outside / name / "precious").write_text("keep me")
+    (run / "checkpoint-5.pt").symlink_to(outside / "checkpoint-5.pt")
+    (run / "checkpoint-dcp-1").symlink_to(outside / "checkpoint-dcp-1")
+    (run / "checkpoint-dcp-9").symlink_to(outside / "checkpoint-dcp-9")
+    checkpoint.remove_unfinished(run)  # no checkpoint-9.pt: an unfinished save
+    assert not (run / "checkpoint-dcp-9").is_symlink()
+    checkpoint._remove_old(run, 4, keep=1)  # checkpoint-5.pt is of a later step: it goes, as its link
+    assert not (run / "checkpoint-5.pt").is_symlink() and not (run / "checkpoint-dcp-1").is_symlink()
+    (run / "checkpoint-dcp-7").symlink_to(outside / "checkpoint-dcp-7")
+    model, opt = trained(world["cfg"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # DCP in one process
+        checkpoint.save_sharded(run, 7, model, opt)
+    assert (run / "checkpoint-dcp-7").is_dir() and not (run / "checkpoint-dcp-7").is_symlink()
+    for name in ("checkpoint-dcp-1", "checkpoint-dcp-7", "checkpoint-dcp-9"):
+        assert sorted(os.listdir(outside / name)) == ["precious"]
+
+
+def test_an_export_may_lead_only_into_the_root_it_is_given(world, tmp_path):
+    """from_pretrained of a Hub download: the snapshot's files link into the repo's blobs/ (the root)."""
+    repo = tmp_path / "models--someone--model"
+    snapshot, blobs = repo / "snapshots" / "abc", repo / "blobs"
+    snapshot.mkdir(parents=True)
+    checkpoint.export(world["model"], world["cfg"], blobs)
+    for name in ("config.json", "model.safetensors"):
+        (snapshot / name).symlink_to(Path("../..") / "blobs" / name)
+    with pytest.raises(UserError, match="leads out of the run folder"):
+        checkpoint.load_export(snapshot)
+    loaded, _ = checkpoint.load_export(snapshot, root=repo)
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), world["model"].state_dict().values()))
+
+
 WEIGHTS_TAMPERING = [  # refused by eval and sample as by a resume
     (lambda s: [s["model"]], "does not hold a state dict"),
     (lambda s: {k: v for k, v in s.items() if k != "model"}, "holds no weights"),
@@ -291,7 +352,7 @@ def test_malformed_training_state_is_refused(change, match):
 def test_config_json_must_be_a_config(world):
     run = world["run"]
     for text, match in [
-        ("[1, 2]", "not a config"),
+        ("[1, 2]", "holds no config"),
         ("{", "not valid JSON"),
         ('{"model": {"d_model": "x"}}', "d_model"),
     ]:
