@@ -11,6 +11,7 @@ import time
 
 import pytest
 import torch
+from conftest import FAULT_RUN, overrides
 from safetensors.torch import load_file
 
 from sparse_transformer import checkpoint
@@ -28,43 +29,9 @@ def tiny_args(data_dir, *extra):
     """A tiny CPU run with a constant learning rate after warm-up (``min_lr_ratio`` 1), so that the
     schedule does not depend on ``max_steps``: a run stopped at any step can be resumed to a shorter
     end and compared with an uninterrupted run of that length."""
+    constant = {"train.warmup_steps": 2, "train.min_lr_ratio": 1}
     return [
-        "--data.dir",
-        str(data_dir),
-        "--data.seq_len",
-        "64",
-        "--model.n_layer",
-        "2",
-        "--model.d_model",
-        "32",
-        "--model.n_head",
-        "2",
-        "--model.stride",
-        "16",
-        "--model.c",
-        "4",
-        "--model.dropout",
-        "0.1",
-        "--train.batch_size",
-        "4",
-        "--train.device",
-        "cpu",
-        "--train.dtype",
-        "fp32",
-        "--train.warmup_steps",
-        "2",
-        "--train.min_lr_ratio",
-        "1",
-        "--train.log_every",
-        "1",
-        "--train.eval_every",
-        "0",
-        "--train.eval_batches",
-        "1",
-        "--train.test_tokens",
-        "256",
-        "--train.progress",
-        "false",
+        *overrides({"data.dir": data_dir}, FAULT_RUN, {"model.dropout": 0.1, "train.dtype": "fp32"}, constant),
         *extra,
     ]
 
