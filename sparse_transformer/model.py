@@ -367,7 +367,7 @@ class SparseTransformer(
         """A pre-allocated sparse KV cache for ``batch`` sequences of ``length`` positions (default
         ``n_ctx``), in the model's dtype (fp16 models keep fp32 keys), on ``device`` (default the
         model's; ``"meta"`` allocates nothing, for sizing). ``fused``: decode each layer's attention
-        with one Triton kernel (off by default; see :class:`~sparse_transformer.kv_cache.KVCache`).
+        with one Triton kernel (None: on CUDA; see :class:`~sparse_transformer.kv_cache.KVCache`).
         Raises ValueError outside ``1..n_ctx``."""
         cfg = self.cfg
         length = cfg.n_ctx if length is None else length

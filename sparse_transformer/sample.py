@@ -109,7 +109,7 @@ class Decoder:
         noise: ``[S, B, V]`` fp32 Exp(1) noise, row ``pos mod S`` used at ``pos`` (None: greedy).
         graphs: capture the step in a CUDA graph (CUDA only; ValueError elsewhere).
         compile: ``torch.compile`` the step first (inductor, whole graph).
-        fused: attend with the fused Triton decode kernel, one launch per layer (off by default;
+        fused: attend with the fused Triton decode kernel, one launch per layer (None: on CUDA;
             see :meth:`~sparse_transformer.model.SparseTransformer.new_cache`).
 
     If compiling or capturing fails, the decoder warns and falls back to the plain step.

@@ -177,7 +177,15 @@ def _fitting_length(model, batch: int, length: int, device) -> int:
 
 @torch.inference_mode()
 def _time_mode(
-    model, batch: int, length: int, mode: str, window: int, warmup: int, device, fused: bool | None = None
+    model,
+    batch: int,
+    length: int,
+    mode: str,
+    window: int,
+    warmup: int,
+    device,
+    fused: bool | None = None,
+    profile: int = 0,
 ) -> dict:
     tokens = torch.zeros(batch, length, dtype=torch.long, device=device)
     noise = torch.empty(min(NOISE_STEPS, length), batch, model.head.out_features, device=device)
@@ -212,12 +220,41 @@ def _time_mode(
         "dense_cache_bytes": decoder.cache.dense_nbytes,
         "peak_mib": round(torch.cuda.max_memory_allocated(device) / 2**20),
     }
+    if profile:
+        decoder.pos.fill_(length - min(profile, window + warmup))  # positions inside the sample
+        row["profile"] = _profile_steps(decoder, min(profile, window + warmup))
     del decoder, tokens, noise
     if mode == "compile":
         torch._dynamo.reset()  # drop the compiled step (and the buffers its guards refer to)
     gc.collect()
     torch.cuda.empty_cache()
     return row
+
+
+def _profile_steps(decoder: Decoder, steps: int, top: int = 8) -> dict:
+    """The GPU kernels of ``steps`` decoding steps (torch.profiler / CUPTI, kernels replayed from a
+    CUDA graph included): kernels per step, their summed time per step (the GPU's busy time; the
+    rest of a step is launch and dependency latency) and the ``top`` kernels by time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            decoder.step()
+        torch.cuda.synchronize()
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    by_name: dict[str, list[float]] = {}
+    for e in kernels:
+        by_name.setdefault(e.name, []).append(e.device_time)
+    ranked = sorted(by_name.items(), key=lambda kv: -sum(kv[1]))
+    return {
+        "steps": steps,
+        "kernels_per_step": round(len(kernels) / steps, 1),
+        "kernel_us_per_step": round(sum(e.device_time for e in kernels) / steps, 1),
+        "top": [
+            {"kernel": name[:90], "per_step": round(len(t) / steps, 1), "us_per_step": round(sum(t) / steps, 1)}
+            for name, t in ranked[:top]
+        ],
+    }
 
 
 def bench_sample_cuda(
@@ -230,7 +267,8 @@ def bench_sample_cuda(
     dtype: str = "bf16",
     device: str = "cuda",
     out_jsonl: str | None = None,
-    attention: str = "torch",
+    attention: str = "fused",
+    profile: int = 0,
 ) -> list[dict]:
     """Time the decoding step of a preset model on CUDA (see the module docstring).
 
@@ -242,8 +280,9 @@ def bench_sample_cuda(
         dtype: ``bf16``, ``fp16`` or ``fp32`` weights.
         out_jsonl: also append the JSON lines to this file.
         attention: ``torch`` (the step's attention as torch operations: scatter, gather, products,
-            softmax; the default) or ``fused`` (one Triton launch per layer, opt-in until measured on
-            a GPU), or both, comma-separated (each mode is then timed with each).
+            softmax) or ``fused`` (one Triton launch per layer, the default on CUDA), or both, comma-separated (each mode is then timed with each).
+        profile: after timing, profile this many steps (0 = none): kernels per step, their summed
+            GPU time per step and the costliest kernels, in each row's ``profile``.
     Returns: one dict per (batch, mode, attention), also printed as JSON lines, then a markdown table.
     Raises: ValueError for an unknown mode, dtype or attention, or a length above the preset's context.
     """
@@ -281,7 +320,7 @@ def bench_sample_cuda(
                 row["note"] = f"a {length:,}-token cache does not fit in free memory; run at {n:,}"
             torch.cuda.reset_peak_memory_stats(device)
             try:
-                row.update(_time_mode(model, batch, n, mode, window, warmup, device, kind == "fused"))
+                row.update(_time_mode(model, batch, n, mode, window, warmup, device, kind == "fused", profile))
             except torch.OutOfMemoryError as e:
                 row["error"] = f"out of memory: {str(e).splitlines()[0]}"[:300]
                 gc.collect()
@@ -358,7 +397,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     cuda.add_argument("--dtype", default="bf16", choices=("bf16", "fp16", "fp32"))
     cuda.add_argument("--out", default=None, help="append the JSON lines to this file")
     cuda.add_argument(
-        "--attention", default="torch", help="fused (one Triton kernel per layer), torch, or fused,torch (both)"
+        "--profile",
+        type=at_least(0),
+        default=0,
+        help="after timing, profile this many steps: kernels per step, GPU time, the costliest kernels",
+    )
+    cuda.add_argument(
+        "--attention", default="fused", help="fused (one Triton kernel per layer), torch, or fused,torch (both)"
     )
 
 
