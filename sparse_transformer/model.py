@@ -319,7 +319,7 @@ class SparseTransformer(
         :func:`~sparse_transformer.checkpoint.load_export`, the reader of ``eval`` and ``sample`` too."""
         from .checkpoint import CONFIG, WEIGHTS, load_export
 
-        folder = model_id
+        folder, root = model_id, None
         if not os.path.isdir(model_id):
             from huggingface_hub import hf_hub_download
 
@@ -334,7 +334,8 @@ class SparseTransformer(
                     token=token,
                 )
             folder = os.path.dirname(path)
-        return load_export(folder, map_location)[0]
+            root = Path(folder).parent.parent  # the repo's cache: snapshots/<revision>/ link into its blobs/
+        return load_export(folder, map_location, root)[0]
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """``x [B, n]`` -> ``H_0 [B, n, d]``: position ``i`` sees token ``i-1`` (start at 0). ``B = 0``

@@ -31,12 +31,16 @@ def read_curve(run: str | Path) -> dict:
     if not path.is_file():
         raise UserError(f"plot: {run} has no metrics.jsonl; pass run folders written by sparse-transformer train")
     curve = {"name": Path(run).resolve().name, "step": [], "train_s": [], "val": [], "test": None, "unit": None}
-    for n, line in enumerate(path.read_text().splitlines(), 1):
+    text = path.read_text(errors="replace")
+    lines = text.splitlines()
+    for n, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
             rec = json.loads(line)
         except json.JSONDecodeError:
+            if n == len(lines) and not text.endswith("\n"):
+                continue  # a record being written (the run is training) or cut by a kill: not one yet
             raise UserError(f"plot: {path} line {n} is not JSON; remove the damaged line") from None
         curve["unit"] = rec.get("unit", curve["unit"])
         if "val_bits_per_dim" in rec:

@@ -460,11 +460,13 @@ def sample_command(
 
     from .checkpoint import load_model
     from .config import apply_overrides
+    from .runfolder import inside
     from .runtime import fall_back_backend, resolve_device, resolve_dtype
 
     dev = resolve_device(device, option="--device")
     model, cfg = load_model(run, dev)
-    if out_dir is None:
+    if out_dir is None:  # inside the run folder, which may come from elsewhere: no link out of it
+        inside(run, run / "samples", "sample")
         check_output_dir(run / "samples", "sample: the output folder (--out)")
     apply_overrides(cfg, list(overrides))  # --sample.KEY VALUE over the run's SampleConfig
     num, temperature, top_k, length, seed = (

@@ -51,7 +51,7 @@ import torch
 import torch.nn as nn
 from tqdm import tqdm
 
-from . import checkpoint, parallel
+from . import checkpoint, parallel, runfolder
 from .config import Config, TrainConfig, apply_overrides, data_meta, validate
 from .data.loader import default_data_dir, open_split, read_meta, sample_batch
 from .errors import UserError
@@ -321,12 +321,74 @@ def _new_run_dir(d: parallel.Dist) -> Path:
     return Path("runs") / stamp
 
 
-def _truncate_metrics(path: Path, step: int) -> None:
-    """Drop log lines after ``step`` (written after the checkpoint by an interrupted run)."""
-    if not path.is_file():
-        return
-    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= step]
-    path.write_text("".join(line + "\n" for line in keep))
+def hold_run_dir(run_dir: Path, d: parallel.Dist) -> runfolder.RunLock | None:
+    """Rank 0 takes the run folder's lock (:class:`~sparse_transformer.runfolder.RunLock`) for the
+    whole run; when it cannot, every rank raises the same UserError (one writer per run folder)."""
+    lock, error = None, None
+    if d.main:
+        try:
+            lock = runfolder.RunLock(run_dir).acquire()
+        except UserError as e:
+            error = str(e)
+        except OSError as e:  # e.g. a file system without locks: the other ranks must hear of it too
+            error = f"train: cannot lock the run folder {run_dir} ({e}); choose another --run-dir"
+    error = parallel.all_gather_object(error)[0]
+    if error is not None:
+        raise UserError(error)
+    return lock
+
+
+def _number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def check_resume_state(state: dict, path: Path) -> None:
+    """Check the training state of a checkpoint (what :func:`~sparse_transformer.checkpoint.load_training`
+    returns) before it is used: the fields, their types and ranges.
+
+    Raises:
+        UserError: naming the first field that is missing or wrong (a tampered or foreign checkpoint).
+    """
+
+    def bad(what: str) -> UserError:
+        return UserError(
+            f"checkpoint: {path} is malformed ({what}); resume from a checkpoint written by sparse-transformer train"
+        )
+
+    step = state.get("step")
+    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+        raise bad(f"step = {step!r} is not a step count")
+    if not _number(state.get("elapsed_s")):
+        raise bad("no elapsed_s")
+    if not isinstance(state.get("scaler"), dict):
+        raise bad("no grad scaler state")
+    timing = state.get("timing", {})
+    if not isinstance(timing, dict) or not all(
+        _number(timing.get(k)) or (k == "warmup_end_s" and timing.get(k) is None)
+        for k in ("train_s", "eval_s", "compile_s", "warmup_end_s")
+    ):
+        raise bad("timing is not a table of seconds")
+    skips = state.get("skips", {})  # absent in checkpoints saved before steps could be skipped
+    if not isinstance(skips, dict) or not all(
+        k in ("total", "in_a_row", "since_log") and isinstance(v, int) and not isinstance(v, bool) and v >= 0
+        for k, v in skips.items()
+    ):
+        raise bad("skips is not a table of step counts")
+    ranks = state.get("ranks")
+    if not isinstance(ranks, list) or not ranks:
+        raise bad("no per-process states")
+    for r, mine in enumerate(ranks):
+        rng = mine.get("rng") if isinstance(mine, dict) else None
+        if not (
+            isinstance(rng, dict)
+            and isinstance(rng.get("torch"), torch.Tensor)
+            and rng["torch"].dtype == torch.uint8
+            and isinstance(rng.get("numpy"), dict)
+            and _number(mine.get("loss_sum"))
+            and isinstance(mine.get("loss_steps"), int)
+            and mine["loss_steps"] >= 0
+        ):
+            raise bad(f"the state of process {r} is incomplete")
 
 
 def import_wandb():
@@ -413,7 +475,10 @@ def train(
     stopper = _StopSignals(
         lambda signum: f"stopped by {_signal_name(signum)} before the first training step; no checkpoint was written"
     )
+    lock = None
     try:
+        run_dir = run_dir or _new_run_dir(d)
+        lock = hold_run_dir(run_dir, d)
         return _train(cfg, run_dir, resume is not None, d, stopper)
     except Stopped as e:
         if d.main:
@@ -421,6 +486,8 @@ def train(
         raise
     finally:
         stopper.restore()
+        if lock is not None:
+            lock.release()
         parallel.shutdown()
 
 
@@ -443,7 +510,8 @@ def _train(cfg: Config, run_dir: Path | None, resuming: bool, d: parallel.Dist, 
         )
     say = tqdm.write if d.main else (lambda *_: None)
 
-    # Everything that can refuse the run is checked before anything is written.
+    # Everything that can refuse the run is checked before anything is written (the run folder and
+    # its lock aside, which train() removes again when this refuses).
     data_dir = Path(cfg.data.dir).resolve() if cfg.data.dir else default_data_dir()
     meta = read_meta(data_dir)
     if cfg.data.dir:
@@ -451,13 +519,11 @@ def _train(cfg: Config, run_dir: Path | None, resuming: bool, d: parallel.Dist, 
     notes = fit_to_data(cfg, meta)
     if t.wandb and d.main:
         import_wandb()
-    if d.main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        checkpoint.save_config(run_dir, cfg)
     for note in notes:
         say(note)
     record_len = meta["record_len"] or None
     train_data, val_data = open_split(data_dir, "train"), open_split(data_dir, "val")
+    open_split(data_dir, "test")  # scored at the end: a missing or damaged test split is refused now
     unit = unit_of(meta["modality"])
 
     torch.manual_seed(t.seed)  # the same initial weights on every rank (FSDP2 does not broadcast them)
@@ -473,10 +539,15 @@ def _train(cfg: Config, run_dir: Path | None, resuming: bool, d: parallel.Dist, 
     last_saved: tuple[int, Path] | None = None  # (step, path) of the newest checkpoint saved
     if resuming:
         state = checkpoint.load_training(run_dir, model, optimizer)
+        check_resume_state(state, Path(state["path"]))
         for line in state["passed_over"]:
             say(f"warning: passed over a checkpoint that does not load: {line}")
-        scaler.load_state_dict(state["scaler"])
         step, elapsed0 = state["step"], state["elapsed_s"]
+        if step > t.max_steps:
+            raise UserError(
+                f"train: {run_dir} is at step {step}, past --train.max_steps {t.max_steps}; pass "
+                f"--train.max_steps {step} or more to continue it"
+            )
         skips.update(state.get("skips", {}))
         last_saved = (step, Path(state["path"]))
         timing.update(
@@ -490,11 +561,36 @@ def _train(cfg: Config, run_dir: Path | None, resuming: bool, d: parallel.Dist, 
                 f"note: resuming {len(ranks)}-process state with {d.world} processes; the batch order will differ "
                 "from an uninterrupted run"
             )
-        mine = ranks[d.rank % len(ranks)]
-        set_rng_state(mine["rng"], rng, device)
-        loss_sum, loss_steps = mine["loss_sum"], mine["loss_steps"]
-        if d.main:
-            _truncate_metrics(run_dir / METRICS, step)
+        try:
+            if state["scaler"]:  # empty: saved without loss scaling (not fp16); a new scale starts then
+                scaler.load_state_dict(state["scaler"])
+            if d.rank < len(ranks):
+                set_rng_state(ranks[d.rank]["rng"], rng, device)
+            else:  # a process the run did not have: streams of its own, from the seed, rank and step
+                seed = int(np.random.SeedSequence([t.seed, d.rank, step]).generate_state(1)[0])
+                torch.manual_seed(seed)
+                rng.bit_generator.state = np.random.default_rng(seed).bit_generator.state
+        except (RuntimeError, ValueError, TypeError, KeyError) as e:
+            raise UserError(
+                f"checkpoint: {state['path']} holds a grad scaler or random state that cannot "
+                f"be restored ({e}); resume from a checkpoint written by sparse-transformer train"
+            ) from None
+        # The log interval the checkpoint cut: this process's share of every saved process's losses.
+        loss_sum = sum(r["loss_sum"] for r in ranks[d.rank :: d.world])
+        loss_steps = sum(r["loss_steps"] for r in ranks[d.rank :: d.world])
+
+    for name in (METRICS, "sample.txt"):  # written in place: a link out of the folder would write elsewhere
+        runfolder.inside(run_dir, run_dir / name, "train")
+
+    # Nothing has been written so far: everything that can refuse the run has been checked.
+    if d.main:
+        checkpoint.save_config(run_dir, cfg)
+        for name in runfolder.remove_temporary_files(run_dir):
+            say(f"note: removed {run_dir / name}, left by an interrupted write")
+        checkpoint.remove_unfinished(run_dir, state.get("sharded") if resuming else None)  # shards of unfinished saves
+        if resuming:
+            for warning in runfolder.trim_log(run_dir / METRICS, step):
+                say(warning)
             say(
                 f"resumed {run_dir} at step {step} of {t.max_steps}"
                 + (f" from {state['path']}" if state["passed_over"] else "")

@@ -83,6 +83,8 @@ TINY_MODEL = {"model.n_layer": 2, "model.d_model": 32, "model.n_head": 2, "model
 """2 layers of width 32, 2 heads, fixed l = 16, c = 4."""
 TINY_RUN = {**TINY_MODEL, "data.seq_len": 64, "train.batch_size": 4, "train.device": "cpu", "train.progress": False}
 """The tiny model trained on CPU, 4 windows of 64 bytes a step, no progress bar."""
+FAULT_RUN = {**TINY_RUN, "train.log_every": 1, "train.eval_every": 0, "train.eval_batches": 1, "train.test_tokens": 256}
+"""TINY_RUN as the fault tests watch it: every step logged, no evaluation during training, 256 test bytes at the end."""
 SMALLEST_MODEL = {"model.n_layer": 1, "model.d_model": 16, "model.n_head": 2, "model.stride": 8, "model.c": 2}
 """1 layer of width 16, 2 heads, fixed l = 8, c = 2."""
 

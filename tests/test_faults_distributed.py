@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch.distributed as dist
+from conftest import FAULT_RUN, overrides
 
 from sparse_transformer import checkpoint
 
@@ -29,39 +30,7 @@ def data_dir(text_data):
 
 
 def tiny(data_dir, *extra):
-    return [
-        "--data.dir",
-        str(data_dir),
-        "--data.seq_len",
-        "64",
-        "--model.n_layer",
-        "2",
-        "--model.d_model",
-        "32",
-        "--model.n_head",
-        "2",
-        "--model.stride",
-        "16",
-        "--model.c",
-        "4",
-        "--train.batch_size",
-        "4",
-        "--train.log_every",
-        "1",
-        "--train.eval_every",
-        "0",
-        "--train.eval_batches",
-        "1",
-        "--train.test_tokens",
-        "256",
-        "--train.checkpoint_every",
-        "0",
-        "--train.device",
-        "cpu",
-        "--train.progress",
-        "false",
-        *extra,
-    ]
+    return [*overrides({"data.dir": data_dir}, FAULT_RUN, {"train.checkpoint_every": 0}), *extra]
 
 
 def torchrun(faults, *args):

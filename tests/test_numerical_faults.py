@@ -8,6 +8,7 @@ import os
 
 import pytest
 import torch
+from conftest import FAULT_RUN, overrides
 from safetensors.torch import load_file
 
 from sparse_transformer import checkpoint, parallel
@@ -25,41 +26,7 @@ def data_dir(text_data):
 
 
 def tiny_args(data_dir, *extra):
-    return [
-        "--data.dir",
-        str(data_dir),
-        "--data.seq_len",
-        "64",
-        "--model.n_layer",
-        "2",
-        "--model.d_model",
-        "32",
-        "--model.n_head",
-        "2",
-        "--model.stride",
-        "16",
-        "--model.c",
-        "4",
-        "--train.batch_size",
-        "4",
-        "--train.device",
-        "cpu",
-        "--train.dtype",
-        "fp32",
-        "--train.warmup_steps",
-        "2",
-        "--train.log_every",
-        "1",
-        "--train.eval_every",
-        "0",
-        "--train.eval_batches",
-        "1",
-        "--train.test_tokens",
-        "256",
-        "--train.progress",
-        "false",
-        *extra,
-    ]
+    return [*overrides({"data.dir": data_dir}, FAULT_RUN, {"train.dtype": "fp32", "train.warmup_steps": 2}), *extra]
 
 
 def records(run):

@@ -11,6 +11,7 @@ import time
 
 import pytest
 import torch
+from conftest import FAULT_RUN, overrides
 from safetensors.torch import load_file
 
 from sparse_transformer import checkpoint
@@ -28,43 +29,9 @@ def tiny_args(data_dir, *extra):
     """A tiny CPU run with a constant learning rate after warm-up (``min_lr_ratio`` 1), so that the
     schedule does not depend on ``max_steps``: a run stopped at any step can be resumed to a shorter
     end and compared with an uninterrupted run of that length."""
+    constant = {"train.warmup_steps": 2, "train.min_lr_ratio": 1}
     return [
-        "--data.dir",
-        str(data_dir),
-        "--data.seq_len",
-        "64",
-        "--model.n_layer",
-        "2",
-        "--model.d_model",
-        "32",
-        "--model.n_head",
-        "2",
-        "--model.stride",
-        "16",
-        "--model.c",
-        "4",
-        "--model.dropout",
-        "0.1",
-        "--train.batch_size",
-        "4",
-        "--train.device",
-        "cpu",
-        "--train.dtype",
-        "fp32",
-        "--train.warmup_steps",
-        "2",
-        "--train.min_lr_ratio",
-        "1",
-        "--train.log_every",
-        "1",
-        "--train.eval_every",
-        "0",
-        "--train.eval_batches",
-        "1",
-        "--train.test_tokens",
-        "256",
-        "--train.progress",
-        "false",
+        *overrides({"data.dir": data_dir}, FAULT_RUN, {"model.dropout": 0.1, "train.dtype": "fp32"}, constant),
         *extra,
     ]
 
@@ -94,19 +61,35 @@ def wait_for_step(run, step, proc, timeout=120.0):
     pytest.fail(f"no step {step} in {run / 'metrics.jsonl'} after {timeout} s")
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
-def test_signal_saves_a_checkpoint_and_resume_is_exact(data_dir, tmp_path, sig):
-    run = tmp_path / "run"
-    cmd = [sys.executable, "-m", "sparse_transformer", "train", "--run-dir", str(run)]
+SIGNALS = {"SIGTERM": signal.SIGTERM, "SIGINT": signal.SIGINT}
+
+
+@pytest.fixture(scope="module")
+def signalled(data_dir, tmp_path_factory):
+    """One training process per signal, started together (their start-up, a fresh interpreter
+    importing torch, overlaps), each sent its signal once it has logged step 3:
+    ``{signal: (folder, run folder, exit status)}``, stdout and stderr in the folder's ``out`` and ``err``."""
     args = tiny_args(data_dir, "--train.checkpoint_every", "0")  # checkpoints only at the end (or a stop)
-    with open(tmp_path / "out", "w") as out, open(tmp_path / "err", "w") as err:
-        proc = subprocess.Popen([*cmd, *args, "--train.max_steps", "100000"], stdout=out, stderr=err)
-        try:
-            wait_for_step(run, 3, proc)
+    procs = {}
+    try:
+        for sig in SIGNALS.values():
+            folder = tmp_path_factory.mktemp(signal.Signals(sig).name)
+            cmd = [sys.executable, "-m", "sparse_transformer", "train", "--run-dir", str(folder / "run")]
+            with open(folder / "out", "w") as out, open(folder / "err", "w") as err:
+                proc = subprocess.Popen([*cmd, *args, "--train.max_steps", "100000"], stdout=out, stderr=err)
+            procs[sig] = folder, proc
+        for sig, (folder, proc) in procs.items():
+            wait_for_step(folder / "run", 3, proc)
             proc.send_signal(sig)
-            code = proc.wait(timeout=120)
-        finally:
+        return {sig: (folder, folder / "run", proc.wait(timeout=120)) for sig, (folder, proc) in procs.items()}
+    finally:
+        for _, proc in procs.values():
             proc.kill()
+
+
+@pytest.mark.parametrize("sig", list(SIGNALS.values()), ids=list(SIGNALS))
+def test_signal_saves_a_checkpoint_and_resume_is_exact(data_dir, signalled, sig):
+    tmp_path, run, code = signalled[sig]
     stderr = (tmp_path / "err").read_text()
     assert code == 128 + sig, stderr
     name = signal.Signals(sig).name

@@ -181,6 +181,63 @@ def _in_rows_range(kidx, row_lo, row_hi):
     return (kidx[None, :] >= row_lo[:, None]) & (kidx[None, :] <= row_hi[:, None])
 
 
+@triton.jit
+def _program_head(head0, head_step, heads_in_group):
+    """(batch, head) of this program: grid axis 1 walks the heads of one group in every batch
+    (int64, for the pointer offsets)."""
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // heads_in_group).to(tl.int64)
+    h = (head0 + (pid_bh % heads_in_group) * head_step).to(tl.int64)
+    return b, h
+
+
+@triton.jit
+def _query_program(n, head0, head_step, heads_in_group, tiles_per_class, STEP: tl.constexpr,
+                   BLOCK_M: tl.constexpr):
+    """A query-tile program (forward and dQ): its batch and head, the virtual sequence's first
+    position and length, and the tile's first row (``>= length``: nothing to do)."""
+    b, h = _program_head(head0, head_step, heads_in_group)
+    base, length, m0 = _virtual_rows(tl.program_id(0), n, tiles_per_class, STEP, BLOCK_M)
+    return b, h, base, length, m0
+
+
+@triton.jit
+def _query_rows(m0, length, base, STEP: tl.constexpr, BLOCK_M: tl.constexpr):
+    """The tile's rows, which of them exist, their sequence positions and the last row that exists."""
+    rows = m0 + tl.arange(0, BLOCK_M)
+    row_ok = rows < length
+    pos = base + rows * STEP
+    m_last = tl.minimum(m0 + BLOCK_M, length) - 1
+    return rows, row_ok, pos, m_last
+
+
+@triton.jit
+def _range_keys(rows, m0, m_last, length, WINDOW: tl.constexpr, BLOCK: tl.constexpr, OFFSET: tl.constexpr,
+                BLOCK_N: tl.constexpr, SPLIT: tl.constexpr):
+    """A query tile's range term: each row's keys ``[lo, hi]``, and the key tiles as masked head
+    ``[start, f_lo)``, full tiles ``[f_lo, f_hi)`` and masked tail ``[f_hi, end)``."""
+    lo = _key_lo(rows, False, WINDOW, BLOCK)
+    hi = _key_hi(rows, False, OFFSET, 0, 1, 0, False)
+    start, f_lo, f_hi, end = _segments(
+        _key_lo(m0, False, WINDOW, BLOCK), _key_lo(m_last, False, WINDOW, BLOCK),
+        _key_hi(m0, False, OFFSET, 0, 1, 0, False), _key_hi(m_last, False, OFFSET, 0, 1, 0, False),
+        length, BLOCK_N, SPLIT)
+    return lo, hi, start, f_lo, f_hi, end
+
+
+@triton.jit
+def _summary_keys(rows, m0, m_last, n, SUM_C: tl.constexpr, SUM_L: tl.constexpr, SUM_LO: tl.constexpr,
+                  SUM_EARLIER: tl.constexpr, BLOCK_N: tl.constexpr):
+    """A query tile's summary term: each row's compact keys ``[lo, hi]``, and the key tiles as full
+    tiles ``[f_lo, f_hi)`` and masked tail ``[f_hi, end)`` (every row starts at key 0: no head)."""
+    lo = _key_lo(rows, True, 0, 0)
+    hi = _key_hi(rows, True, 0, SUM_C, SUM_L, SUM_LO, SUM_EARLIER)
+    _start, f_lo, f_hi, end = _segments(
+        0, 0, _key_hi(m0, True, 0, SUM_C, SUM_L, SUM_LO, SUM_EARLIER),
+        _key_hi(m_last, True, 0, SUM_C, SUM_L, SUM_LO, SUM_EARLIER), n, BLOCK_N, True)
+    return lo, hi, f_lo, f_hi, end
+
+
 # ---------------------------------------------------------------------------------------------
 # Forward
 # ---------------------------------------------------------------------------------------------
@@ -225,10 +282,7 @@ def attn_fwd(
     """One query tile of one pass. With ``INIT_FROM_OUT`` the online softmax starts from an earlier
     pass's normalized output and lse (m = lse, l = 1, acc = o): the exact merge of two passes whose
     query orders differ, with no separate merge kernel."""
-    pid_bh = tl.program_id(1)
-    b = (pid_bh // heads_in_group).to(tl.int64)
-    h = (head0 + (pid_bh % heads_in_group) * head_step).to(tl.int64)
-    base, length, m0 = _virtual_rows(tl.program_id(0), n, tiles_per_class, STEP, BLOCK_M)
+    b, h, base, length, m0 = _query_program(n, head0, head_step, heads_in_group, tiles_per_class, STEP, BLOCK_M)
     if m0 >= length:
         return
     EVEN_DK: tl.constexpr = DK_PAD == dk
@@ -239,10 +293,7 @@ def attn_fwd(
     o_ptr = O + b * sob + h * soh
     lse_ptr = LSE + (b * n_heads + h) * n
 
-    rows = m0 + tl.arange(0, BLOCK_M)
-    row_ok = rows < length
-    pos = base + rows * STEP
-    m_last = tl.minimum(m0 + BLOCK_M, length) - 1
+    rows, row_ok, pos, m_last = _query_rows(m0, length, base, STEP, BLOCK_M)
     offs_dk = tl.arange(0, DK_PAD)
     offs_dv = tl.arange(0, DV_PAD)
     q = _load_rows(q_ptr, pos, row_ok, offs_dk, dk, sqn, True, EVEN_DK)
@@ -258,12 +309,7 @@ def attn_fwd(
         acc = tl.zeros([BLOCK_M, DV_PAD], tl.float32)
 
     if HAS_RANGE:
-        lo = _key_lo(rows, False, WINDOW, BLOCK)
-        hi = _key_hi(rows, False, OFFSET, 0, 1, 0, False)
-        start, f_lo, f_hi, end = _segments(
-            _key_lo(m0, False, WINDOW, BLOCK), _key_lo(m_last, False, WINDOW, BLOCK),
-            _key_hi(m0, False, OFFSET, 0, 1, 0, False), _key_hi(m_last, False, OFFSET, 0, 1, 0, False),
-            length, BLOCK_N, SPLIT)
+        lo, hi, start, f_lo, f_hi, end = _range_keys(rows, m0, m_last, length, WINDOW, BLOCK, OFFSET, BLOCK_N, SPLIT)
         acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_ptr, v_ptr, skn, svn, lo, hi, start, f_lo, end,
                                    base, qk_scale, offs_dk, offs_dv, dk, dv, STEP, False, 1, 1, 0,
                                    True, BLOCK_N, EVEN_DK, EVEN_DV, DOT_PREC)
@@ -274,11 +320,7 @@ def attn_fwd(
                                    base, qk_scale, offs_dk, offs_dv, dk, dv, STEP, False, 1, 1, 0,
                                    True, BLOCK_N, EVEN_DK, EVEN_DV, DOT_PREC)
     if SUM_C > 0:
-        lo = _key_lo(rows, True, 0, 0)
-        hi = _key_hi(rows, True, 0, SUM_C, SUM_L, SUM_LO, SUM_EARLIER)
-        start, f_lo, f_hi, end = _segments(
-            0, 0, _key_hi(m0, True, 0, SUM_C, SUM_L, SUM_LO, SUM_EARLIER),
-            _key_hi(m_last, True, 0, SUM_C, SUM_L, SUM_LO, SUM_EARLIER), n, BLOCK_N, True)
+        lo, hi, f_lo, f_hi, end = _summary_keys(rows, m0, m_last, n, SUM_C, SUM_L, SUM_LO, SUM_EARLIER, BLOCK_N)
         acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_ptr, v_ptr, skn, svn, lo, hi, f_lo, f_hi, end,
                                    base, qk_scale, offs_dk, offs_dv, dk, dv, STEP, True, SUM_C, SUM_L,
                                    SUM_LO, False, BLOCK_N, EVEN_DK, EVEN_DV, DOT_PREC)
@@ -348,10 +390,7 @@ def attn_bwd_dq(
     """dQ of one query tile over the key tiles of this pass's terms. The first pass of a head
     (``FIRST``) computes and stores delta and writes dQ; later passes read delta and add to dQ.
     O, dO and dQ share q/o strides ``so*`` (dO and dQ are made contiguous like O)."""
-    pid_bh = tl.program_id(1)
-    b = (pid_bh // heads_in_group).to(tl.int64)
-    h = (head0 + (pid_bh % heads_in_group) * head_step).to(tl.int64)
-    base, length, m0 = _virtual_rows(tl.program_id(0), n, tiles_per_class, STEP, BLOCK_M)
+    b, h, base, length, m0 = _query_program(n, head0, head_step, heads_in_group, tiles_per_class, STEP, BLOCK_M)
     if m0 >= length:
         return
     EVEN_DK: tl.constexpr = DK_PAD == dk
@@ -362,10 +401,7 @@ def attn_bwd_dq(
     dq_off = (b * n_heads + h) * n * dk  # DQ is contiguous [B, H, n, dk]
     stat_ptr = (b * n_heads + h) * n
 
-    rows = m0 + tl.arange(0, BLOCK_M)
-    row_ok = rows < length
-    pos = base + rows * STEP
-    m_last = tl.minimum(m0 + BLOCK_M, length) - 1
+    rows, row_ok, pos, m_last = _query_rows(m0, length, base, STEP, BLOCK_M)
     offs_dk = tl.arange(0, DK_PAD)
     offs_dv = tl.arange(0, DV_PAD)
     q = _load_rows(Q + b * sqb + h * sqh, pos, row_ok, offs_dk, dk, sqn, True, EVEN_DK)
@@ -381,12 +417,7 @@ def attn_bwd_dq(
     dq = tl.zeros([BLOCK_M, DK_PAD], tl.float32)
 
     if HAS_RANGE:
-        lo = _key_lo(rows, False, WINDOW, BLOCK)
-        hi = _key_hi(rows, False, OFFSET, 0, 1, 0, False)
-        start, f_lo, f_hi, end = _segments(
-            _key_lo(m0, False, WINDOW, BLOCK), _key_lo(m_last, False, WINDOW, BLOCK),
-            _key_hi(m0, False, OFFSET, 0, 1, 0, False), _key_hi(m_last, False, OFFSET, 0, 1, 0, False),
-            length, BLOCK_N, SPLIT)
+        lo, hi, start, f_lo, f_hi, end = _range_keys(rows, m0, m_last, length, WINDOW, BLOCK, OFFSET, BLOCK_N, SPLIT)
         dq = _dq_tiles(dq, q, do, lse, delta, k_ptr, v_ptr, skn, svn, lo, hi, start, f_lo, end, base,
                        qk_scale, offs_dk, offs_dv, dk, dv, STEP, False, 1, 1, 0, True, BLOCK_N,
                        EVEN_DK, EVEN_DV, DOT_PREC)
@@ -397,11 +428,7 @@ def attn_bwd_dq(
                        qk_scale, offs_dk, offs_dv, dk, dv, STEP, False, 1, 1, 0, True, BLOCK_N,
                        EVEN_DK, EVEN_DV, DOT_PREC)
     if SUM_C > 0:
-        lo = _key_lo(rows, True, 0, 0)
-        hi = _key_hi(rows, True, 0, SUM_C, SUM_L, SUM_LO, SUM_EARLIER)
-        start, f_lo, f_hi, end = _segments(
-            0, 0, _key_hi(m0, True, 0, SUM_C, SUM_L, SUM_LO, SUM_EARLIER),
-            _key_hi(m_last, True, 0, SUM_C, SUM_L, SUM_LO, SUM_EARLIER), n, BLOCK_N, True)
+        lo, hi, f_lo, f_hi, end = _summary_keys(rows, m0, m_last, n, SUM_C, SUM_L, SUM_LO, SUM_EARLIER, BLOCK_N)
         dq = _dq_tiles(dq, q, do, lse, delta, k_ptr, v_ptr, skn, svn, lo, hi, f_lo, f_hi, end, base,
                        qk_scale, offs_dk, offs_dv, dk, dv, STEP, True, SUM_C, SUM_L, SUM_LO, False,
                        BLOCK_N, EVEN_DK, EVEN_DV, DOT_PREC)
@@ -480,9 +507,7 @@ def attn_bwd_dkdv(
     atomics. DO shares O's strides ``so*``; DK and DV are contiguous. DQ is contiguous [B, H, n, dk]:
     with ``OWNED`` (one key tile holds the whole residue class) dQ as the earlier passes left it,
     each program adding its class's share; otherwise it is not touched."""
-    pid_bh = tl.program_id(1)
-    b = (pid_bh // heads_in_group).to(tl.int64)
-    h = (head0 + (pid_bh % heads_in_group) * head_step).to(tl.int64)
+    b, h = _program_head(head0, head_step, heads_in_group)
     if IS_SUMMARY:
         base = tl.program_id(0) * 0
         length = n + base
