@@ -386,3 +386,24 @@ def test_eval_of_a_crafted_folder_exits_2_with_one_line_and_runs_nothing(world):
     assert r.returncode == 2 and r.stderr.startswith("error: checkpoint: refused"), r.stderr
     assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
     assert not world["marker"].exists()
+
+
+def test_a_pickle_payload_is_refused_without_torchs_warning_and_random_bytes_are_corrupt(world):
+    """torch warns about the pickle protocol of a file it then refuses: the refusal stays one line."""
+    path = world["run"] / "checkpoint.pt"
+    path.write_bytes(pickle.dumps({"model": RunsCode(world["marker"])}, protocol=4))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with pytest.raises(UserError, match="could run code"):
+            checkpoint.load(path)
+    assert not caught and not world["marker"].exists()
+    path.write_bytes(os.urandom(5000))
+    with pytest.raises(UserError, match="is corrupt"):
+        checkpoint.load(path)
+
+
+def test_a_checkpoint_that_links_to_itself_is_refused(world):
+    run = world["run"]
+    (run / "checkpoint.pt").unlink()
+    (run / "checkpoint.pt").symlink_to("checkpoint.pt")
+    refused(world, run, "leads back to itself")
