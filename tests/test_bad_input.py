@@ -187,6 +187,7 @@ CASES = [
     ("resume newest checkpoint a folder", ["train", "--resume", "{ws}/run"], "checkpoint-2.pt is a folder where a checkpoint file belongs", folder("run/checkpoint-2.pt")),
     ("eval meta.json nested too deep", ["eval", "--run", "{ws}/run", "--data", "{ws}/data"], "meta.json is unreadable", lambda ws, d: (meta()(ws, d), write("data/meta.json", NESTED)(ws, d))),
     ("plot record nested too deep", ["plot", "{ws}/r1", "--out", "{ws}/o.png"], "line 1 is not JSON", write("r1/metrics.jsonl", NESTED + "\n")),
+    ("export over the run itself", ["export", "--run", "{ws}/run", "--out", "{ws}/run/."], "is the folder being exported (--run); choose another folder", None),
     ("sample prefix as long as the sample", ["sample", "--run", "{ws}/run", "--prefix", "{ws}/p.bin", "--length", "8"], "8 bytes, all of the sample length 8, which leaves nothing to sample", write("p.bin", b"a" * 8)),
     ("eval config.json batch 0", ["eval", "--run", "{ws}/run"], "config config.json: train.batch_size = 0", config_json(train={"batch_size": 0})),
     # sample
