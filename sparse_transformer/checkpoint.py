@@ -135,8 +135,10 @@ def load(path: str | Path, map_location="cpu") -> dict:
                 f"checkpoint: refused to load {path}: it holds Python objects that could run code, "
                 "not only tensors; use a checkpoint written by sparse-transformer"
             ) from None
+        found = re.search(r"Unsupported [^\n.]*", str(e))  # torch's first line is about its own default
         raise UserError(
-            f"checkpoint: {path} is corrupt ({_first_line(e)}); resume from an intact run or train again"
+            f"checkpoint: {path} is corrupt or not a checkpoint ({found[0] if found else _first_line(e)}); "
+            "resume from an intact run or train again"
         ) from None
     except Exception as e:  # noqa: BLE001 - weights_only runs no code; any failure of a damaged file is "corrupt"
         raise UserError(
@@ -602,8 +604,10 @@ def read_sharded_metadata(run_dir: str | Path, folder: Path):
             "code); use a checkpoint written by sparse-transformer train"
         ) from None
     except Exception as e:  # noqa: BLE001 - nothing can run here; any failure of a damaged file is "corrupt"
+        found = re.search(r"Unsupported [^\n.]*", str(e))  # torch's first line is about its own default
         raise UserError(
-            f"checkpoint: {path} is corrupt ({_first_line(e)}); resume from an intact run or train again"
+            f"checkpoint: {path} is corrupt or not a checkpoint ({found[0] if found else _first_line(e)}); "
+            "resume from an intact run or train again"
         ) from None
 
     def bad(why: str) -> UserError:
