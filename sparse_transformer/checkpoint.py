@@ -121,18 +121,24 @@ def load(path: str | Path, map_location="cpu") -> dict:
     Raises UserError when the file is missing, truncated, corrupt, or holds arbitrary Python objects.
     """
     path = Path(path)
+    if path.is_dir():
+        raise UserError(f"checkpoint: {path} is a folder, not a checkpoint file; move it out of the run folder")
     if not path.is_file():
         raise UserError(f"checkpoint: {path} does not exist; train first (sparse-transformer train --run-dir DIR)")
     try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
+        with warnings.catch_warnings():  # torch warns about the pickle protocol of a file it then refuses
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
-        if "weights only" in str(e).lower() or "weights_only" in str(e).lower():
+        if "unsupported global" in str(e).lower():
             raise UserError(
                 f"checkpoint: refused to load {path}: it holds Python objects that could run code, "
                 "not only tensors; use a checkpoint written by sparse-transformer"
             ) from None
+        found = re.search(r"Unsupported [^\n.]*", str(e))  # torch's first line is about its own default
         raise UserError(
-            f"checkpoint: {path} is corrupt ({_first_line(e)}); resume from an intact run or train again"
+            f"checkpoint: {path} is corrupt or not a checkpoint ({found[0] if found else _first_line(e)}); "
+            "resume from an intact run or train again"
         ) from None
     except Exception as e:  # noqa: BLE001 - weights_only runs no code; any failure of a damaged file is "corrupt"
         raise UserError(
@@ -342,6 +348,11 @@ def load_training(run_dir: str | Path, model: nn.Module, optimizer: torch.optim.
     candidates = training_checkpoints(run_dir) or [run_dir / CHECKPOINT]
     passed_over = []
     for path in candidates:  # the newest whose file (and shard folder) reads; its errors are final
+        if path.is_dir() and not path.is_symlink():  # it would block saving this step again: refuse now
+            raise UserError(
+                f"checkpoint: {path} is a folder where a checkpoint file belongs; move it out of {run_dir}, "
+                "then resume again"
+            )
         try:
             state = load(inside(run_dir, path))
             if "sharded" in state:
@@ -593,8 +604,10 @@ def read_sharded_metadata(run_dir: str | Path, folder: Path):
             "code); use a checkpoint written by sparse-transformer train"
         ) from None
     except Exception as e:  # noqa: BLE001 - nothing can run here; any failure of a damaged file is "corrupt"
+        found = re.search(r"Unsupported [^\n.]*", str(e))  # torch's first line is about its own default
         raise UserError(
-            f"checkpoint: {path} is corrupt ({_first_line(e)}); resume from an intact run or train again"
+            f"checkpoint: {path} is corrupt or not a checkpoint ({found[0] if found else _first_line(e)}); "
+            "resume from an intact run or train again"
         ) from None
 
     def bad(why: str) -> UserError:
@@ -742,6 +755,8 @@ def read_run_config(run_dir: str | Path, root: str | Path | None = None) -> Conf
     Raises UserError when it is missing, leads out of ``root``, is not JSON, or not a config
     (unknown sections or keys, values of the wrong type or out of range, cross-field rules broken)."""
     path = Path(run_dir) / CONFIG
+    if path.is_dir():
+        raise UserError(f"checkpoint: {path} is a folder, not a file; restore the run's config.json")
     if not path.is_file():
         raise UserError(
             f"checkpoint: {path} is missing; pass a run directory written by sparse-transformer train or an export"
@@ -749,8 +764,10 @@ def read_run_config(run_dir: str | Path, root: str | Path | None = None) -> Conf
     inside(run_dir if root is None else root, path)
     try:
         table = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError, OSError) as e:
-        raise UserError(f"checkpoint: {path} is not valid JSON ({e}); restore it from the run or train again") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, OSError, RecursionError) as e:
+        raise UserError(
+            f"checkpoint: {path} is not valid JSON ({_first_line(e)}); restore it from the run or train again"
+        ) from None
     if not isinstance(table, dict):
         raise UserError(f"checkpoint: {path} holds no config (a JSON object of sections); restore it from the run")
     try:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import errno
 import json
+import os
 import re
 import sys
 from pathlib import Path
@@ -147,6 +148,8 @@ def cmd_sample(args, overrides: list[str]) -> int:
 def cmd_export(args) -> int:
     from .checkpoint import load_model
 
+    if os.path.realpath(args.out) == os.path.realpath(args.run):  # it would rewrite the run's own config.json
+        raise UserError(f"export: --out {args.out} is the folder being exported (--run); choose another folder")
     model, _ = load_model(args.run)
     model.save_pretrained(args.out)
     print(f"wrote {args.out}: config.json, model.safetensors, README.md (model card)")

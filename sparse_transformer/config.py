@@ -486,7 +486,7 @@ def read_preset(name_or_path: str | Path) -> tuple[str, str]:
     p = Path(name_or_path)
     if p.is_file():
         try:
-            return p.read_text(), str(p)
+            return p.read_text(encoding="utf-8-sig"), str(p)  # a BOM (Windows editors) is not TOML: dropped
         except (OSError, UnicodeDecodeError) as e:
             raise UserError(f"config: cannot read {p} ({e}); pass a readable TOML file") from None
     names = preset_names()

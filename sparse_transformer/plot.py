@@ -38,7 +38,7 @@ def read_curve(run: str | Path) -> dict:
             continue
         try:
             rec = json.loads(line)
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, RecursionError):
             if n == len(lines) and not text.endswith("\n"):
                 continue  # a record being written (the run is training) or cut by a kill: not one yet
             raise UserError(f"plot: {path} line {n} is not JSON; remove the damaged line") from None

@@ -40,7 +40,12 @@ def inside(run_dir: str | Path, path: str | Path, what: str = "checkpoint") -> P
     Raises:
         UserError: ``path`` resolves outside ``run_dir`` (``what`` names the command in the message).
     """
-    root, real = Path(run_dir).resolve(), Path(path).resolve()
+    try:
+        root, real = Path(run_dir).resolve(), Path(path).resolve()
+    except (RuntimeError, OSError):  # a symbolic link that leads to itself (Python 3.11: RuntimeError)
+        raise UserError(
+            f"{what}: refused {path}: it is a symbolic link that leads back to itself; remove the link"
+        ) from None
     if real != root and root not in real.parents:
         raise UserError(
             f"{what}: refused {path}: it leads out of the run folder {run_dir} (to {real}); a run folder "
@@ -165,7 +170,7 @@ def trim_log(path: str | Path, step: int) -> list[str]:
     for number, line in enumerate(lines, 1):
         try:
             record = json.loads(line)
-        except (json.JSONDecodeError, UnicodeDecodeError):
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
             notes.append(f"warning: {path} line {number} is not a JSON record; left as it is")
             record = None
         if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] > step:

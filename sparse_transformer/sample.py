@@ -490,11 +490,14 @@ def sample_command(
         )
     prefix = None
     if prefix_path is not None:
-        prefix = torch.frombuffer(bytearray(prefix_path.read_bytes()), dtype=torch.uint8)
-        if len(prefix) > length:
+        data = prefix_path.read_bytes()
+        if len(data) >= length:
+            more = "more than" if len(data) > length else "all of"
             raise UserError(
-                f"sample: the prefix has {len(prefix)} bytes, more than the sample length {length}; shorten it"
+                f"sample: the prefix has {len(data)} bytes, {more} the sample length {length}, which leaves "
+                "nothing to sample; shorten it"
             )
+        prefix = torch.frombuffer(bytearray(data), dtype=torch.uint8) if data else None  # empty: no prefix
 
     t0 = time.perf_counter()
     samples = generate(

@@ -75,6 +75,29 @@ def write(name: str, content: str | bytes):
     return setup
 
 
+def folder(name: str):
+    """Setup: the file ``name`` replaced by a folder of that name."""
+
+    def setup(ws: Path, data: Path) -> None:
+        (ws / name).unlink()
+        (ws / name).mkdir()
+
+    return setup
+
+
+def link_loop(name: str):
+    """Setup: the file ``name`` replaced by a symbolic link to itself."""
+
+    def setup(ws: Path, data: Path) -> None:
+        (ws / name).unlink()
+        (ws / name).symlink_to((ws / name).name)
+
+    return setup
+
+
+NESTED = "[" * 100_000 + "]" * 100_000  # valid JSON that Python's parser cannot read (RecursionError)
+
+
 def metrics(*records):
     return write("r1/metrics.jsonl", "".join(json.dumps(r) + "\n" for r in records))
 
@@ -157,6 +180,15 @@ CASES = [
     ("eval run is a file", ["eval", "--run", "{ws}/afile"], "--run {ws}/afile is a file; pass the run's folder", None),
     ("sample run is a file", ["sample", "--run", "{ws}/afile"], "--run {ws}/afile is a file; pass the run's folder", None),
     ("eval config.json a list", ["eval", "--run", "{ws}/run"], "config.json holds no config (a JSON object of sections)", write("run/config.json", "[1]")),
+    ("eval config.json nested too deep", ["eval", "--run", "{ws}/run"], "config.json is not valid JSON (maximum recursion", write("run/config.json", NESTED)),
+    ("eval config.json a folder", ["eval", "--run", "{ws}/run"], "config.json is a folder, not a file", folder("run/config.json")),
+    ("eval checkpoint a link loop", ["eval", "--run", "{ws}/run"], "checkpoint.pt: it is a symbolic link that leads back to itself", link_loop("run/checkpoint.pt")),
+    ("resume checkpoints link loops", ["train", "--resume", "{ws}/run"], "leads back to itself; remove the link", lambda ws, d: [link_loop(f"run/{n}")(ws, d) for n in ("checkpoint.pt", "checkpoint-2.pt")]),
+    ("resume newest checkpoint a folder", ["train", "--resume", "{ws}/run"], "checkpoint-2.pt is a folder where a checkpoint file belongs", folder("run/checkpoint-2.pt")),
+    ("eval meta.json nested too deep", ["eval", "--run", "{ws}/run", "--data", "{ws}/data"], "meta.json is unreadable", lambda ws, d: (meta()(ws, d), write("data/meta.json", NESTED)(ws, d))),
+    ("plot record nested too deep", ["plot", "{ws}/r1", "--out", "{ws}/o.png"], "line 1 is not JSON", write("r1/metrics.jsonl", NESTED + "\n")),
+    ("export over the run itself", ["export", "--run", "{ws}/run", "--out", "{ws}/run/."], "is the folder being exported (--run); choose another folder", None),
+    ("sample prefix as long as the sample", ["sample", "--run", "{ws}/run", "--prefix", "{ws}/p.bin", "--length", "8"], "8 bytes, all of the sample length 8, which leaves nothing to sample", write("p.bin", b"a" * 8)),
     ("eval config.json batch 0", ["eval", "--run", "{ws}/run"], "config config.json: train.batch_size = 0", config_json(train={"batch_size": 0})),
     # sample
     ("sample seed negative", ["sample", "--run", "{ws}/run", "--seed", "-1"], "--seed -1 must be an integer from 0", None),
@@ -362,6 +394,14 @@ def test_sampling_again_keeps_the_earlier_samples(trained, tmp_path, capsys):
     for _ in range(2):
         assert main(["sample", "--run", str(ws / "run"), "--out", str(out), "--num", "2", "--length", "8"]) == 0
     assert sorted(p.name for p in out.iterdir()) == [f"sample_00{i}.txt" for i in range(4)]
+
+
+def test_an_empty_prefix_file_samples_without_a_prefix(trained, tmp_path, capsys):
+    ws = _workspace(tmp_path, trained)
+    (ws / "empty").write_bytes(b"")
+    argv = ["sample", "--run", str(ws / "run"), "--prefix", str(ws / "empty"), "--length", "8", "--out", str(ws / "s")]
+    assert main(argv) == 0
+    assert len((ws / "s" / "sample_000.txt").read_bytes()) == 8
 
 
 def test_tiny_temperature_is_greedy_from_the_command_line(trained, tmp_path, capsys):

@@ -180,3 +180,19 @@ def test_bench_sample_cpu_passes_its_options_on(capsys):
 
 def test_comma_lists():
     assert comma_list(" strided, fixed ,,") == ["strided", "fixed"] and comma_list(None) == comma_list("") == []
+
+
+def test_bench_sample_cpu_fixed_with_the_default_stride(capsys):
+    """--stride 0 means l = sqrt(length): the c <= l check must see that l, not 1 (it refused every default run)."""
+    options = "--length 64 --patterns fixed --num 1 --n-layer 1 --d-model 16 --n-head 2 --c 8 --no-cache-steps 4"
+    assert bench_sample_mod.run(parse(bench_sample_mod, options)) == 0
+    (rec,) = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    assert rec["pattern"].startswith("fixed(stride=8, c=8")
+
+
+def test_bench_train_set_must_be_section_key_value(capsys):
+    from sparse_transformer.cli import main
+
+    assert main(["bench", "train", "--config", "enwik8", "--set", "nonsense"]) == 2
+    err = capsys.readouterr().err
+    assert "--set 'nonsense' must look like SECTION.KEY=VALUE" in err and len(err.strip().splitlines()) == 1

@@ -135,3 +135,9 @@ def test_presets_by_name_from_any_directory(tmp_path, monkeypatch):
     own = tmp_path / "enwik8.toml"
     own.write_text("[model]\nn_layer = 5\n")
     assert load_config("enwik8.toml").model.n_layer == 5  # an existing file wins over the preset of that name
+
+
+def test_a_toml_file_that_starts_with_a_byte_order_mark_loads(tmp_path):
+    """Windows editors write a UTF-8 BOM; tomllib calls it an invalid statement at line 1."""
+    (tmp_path / "c.toml").write_bytes("\ufeff[train]\nlr = 0.001\n".encode())
+    assert load_config(tmp_path / "c.toml").train.lr == 0.001

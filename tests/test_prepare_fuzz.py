@@ -14,6 +14,7 @@ import bz2
 import gzip
 import io
 import lzma
+import os
 import pickle
 import signal
 import struct
@@ -211,6 +212,25 @@ def test_folder_where_a_file_is_expected(tmp_path, case):
     # a folder of tracks skips a subfolder named like a track (two tracks remain); everywhere else a
     # folder in place of a file is refused
     assert _outcome(kind, src, tmp_path / "out") == ("ok" if case == "audio-folder" else "refused")
+
+
+def test_a_fifo_as_source_is_refused_not_waited_on(tmp_path):
+    """A named pipe with no writer: reading it would wait forever (text) or list it as a folder (audio)."""
+    os.mkfifo(tmp_path / "fifo")
+
+    def hang(signum, frame):  # not an OSError (as TimeoutError is), which prepare would turn into a refusal
+        raise AssertionError("prepare waited on the FIFO")
+
+    old = signal.signal(signal.SIGALRM, hang)
+    try:
+        for kind in ("text", "enwik8", "cifar10", "imagenet64", "mnist", "fashion-mnist", "audio"):
+            signal.alarm(5)
+            with pytest.raises(UserError, match="is neither a file nor a folder"):
+                prepare(kind, tmp_path / "fifo", tmp_path / "out", progress=False)
+            signal.alarm(0)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
 
 
 def test_empty_folder_and_missing_source(tmp_path):

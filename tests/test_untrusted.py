@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import os
 import pickle
+import random
 import shutil
 import subprocess
 import sys
@@ -386,3 +387,28 @@ def test_eval_of_a_crafted_folder_exits_2_with_one_line_and_runs_nothing(world):
     assert r.returncode == 2 and r.stderr.startswith("error: checkpoint: refused"), r.stderr
     assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
     assert not world["marker"].exists()
+
+
+def test_a_pickle_payload_is_refused_without_torchs_warning_and_random_bytes_are_corrupt(world):
+    """torch warns about the pickle protocol of a file it then refuses: the refusal stays one line."""
+    path = world["run"] / "checkpoint.pt"
+    path.write_bytes(pickle.dumps({"model": RunsCode(world["marker"])}, protocol=4))  # a bare pickle, not torch's zip
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with pytest.raises(UserError, match=r"is corrupt or not a checkpoint \(Unsupported operand 149\)"):
+            checkpoint.load(path)
+    assert not caught and not world["marker"].exists()
+    torch.save({"model": RunsCode(world["marker"])}, path)
+    with pytest.raises(UserError, match="could run code"):
+        checkpoint.load(path)
+    path.write_bytes(random.Random(0).randbytes(5000))
+    with pytest.raises(UserError, match="is corrupt or not a checkpoint"):
+        checkpoint.load(path)
+    assert not world["marker"].exists()
+
+
+def test_a_checkpoint_that_links_to_itself_is_refused(world):
+    run = world["run"]
+    (run / "checkpoint.pt").unlink()
+    (run / "checkpoint.pt").symlink_to("checkpoint.pt")
+    refused(world, run, "leads back to itself")

@@ -108,12 +108,12 @@ def bench_sample(
     Returns: one dict per pattern (also printed as JSON lines, then a markdown table).
     Raises: UserError for sizes a model cannot have (checked as a config is).
     """
+    stride = stride or max(1, round(length**0.5))  # before the checks: c <= stride is one of them
     for pattern in patterns:  # the one schema's checks, before anything is timed
-        sizes = ModelConfig(n_layer=n_layer, d_model=d_model, n_head=n_head, stride=stride or 1, c=c, pattern=pattern)
+        sizes = ModelConfig(n_layer=n_layer, d_model=d_model, n_head=n_head, stride=stride, c=c, pattern=pattern)
         validate(Config(model=sizes, data=DataConfig(seq_len=length), sample=SampleConfig(num=num)))
     if threads:
         torch.set_num_threads(threads)
-    stride = stride or max(1, round(length**0.5))
     sizes = {"n_layer": n_layer, "d_model": d_model, "n_head": n_head, "stride": stride, "c": c}
     rows = []
     for pattern in patterns:

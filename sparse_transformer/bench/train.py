@@ -338,6 +338,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """Entry point of ``sparse-transformer bench train``: JSON lines, then the table."""
     backends = comma_list(args.backend)
+    for item in args.set:
+        key, _, value = item.partition("=")
+        if "." not in key or not value or key.startswith("-"):
+            raise UserError(f"bench train: --set {item!r} must look like SECTION.KEY=VALUE, e.g. --set model.n_layer=2")
     overrides = [f"--{s}" for s in args.set]
     if args.config:
         jobs = [{"preset": args.config, "overrides": [], "target": None}]

@@ -589,6 +589,10 @@ def prepare(kind: str, src: str | Path | None, out: str | Path, *, rate: int = 1
     src = Path(src)
     if not src.exists():
         raise UserError(f"data: {src} does not exist; pass --src with {EXPECTS[kind]}")
+    if not (src.is_file() or src.is_dir()):  # a FIFO would wait for a writer forever, a device never ends
+        raise UserError(
+            f"data: {src} is neither a file nor a folder (a FIFO, socket or device); pass --src with {EXPECTS[kind]}"
+        )
     written = [out / f"{s}.bin" for s in SPLITS] + [out / "meta.json"]
     if src.is_file() and any(p.exists() and p.samefile(src) for p in written):
         raise UserError(f"data: --src {src} is a file that prepare writes in --out {out}; prepare into another folder")
