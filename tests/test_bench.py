@@ -190,6 +190,15 @@ def test_bench_sample_cpu_fixed_with_the_default_stride(capsys):
     assert rec["pattern"].startswith("fixed(stride=8, c=8")
 
 
+def test_bench_sample_preset_is_refused_on_cpu(capsys):
+    """--preset picks the CUDA benchmark's model: on CPU it was ignored (a typo ran the whole default)."""
+    from sparse_transformer.cli import main
+
+    assert main(["bench", "sample", "--preset", "nonsense"]) == 2
+    err = capsys.readouterr().err
+    assert "--preset 'nonsense' applies to --device cuda" in err and len(err.strip().splitlines()) == 1
+
+
 def test_bench_train_set_must_be_section_key_value(capsys):
     from sparse_transformer.cli import main
 

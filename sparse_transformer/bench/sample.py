@@ -36,6 +36,7 @@ import torch
 
 from ..cli import at_least, device_arg
 from ..config import Config, DataConfig, ModelConfig, SampleConfig, load_config, validate
+from ..errors import UserError
 from ..model import SparseTransformer
 from ..options import comma_list, keywords
 from ..runtime import DTYPES
@@ -388,7 +389,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--device", type=device_arg, default="cpu", help="cpu: cache vs no cache; cuda: the decoding modes of a preset"
     )
     cuda = p.add_argument_group("CUDA")
-    cuda.add_argument("--preset", default="audio", help="a name in configs/ or a TOML file")
+    cuda.add_argument("--preset", default=None, help="a name in configs/ or a TOML file (default audio)")
     cuda.add_argument("--batches", default="1,8,64", help="comma-separated batch sizes")
     cuda.add_argument("--modes", default="eager,graphs,compile", help="comma-separated: eager, graphs, compile")
     cuda.add_argument(
@@ -411,8 +412,16 @@ def run(args: argparse.Namespace) -> int:
     if torch.device(args.device).type == "cuda":
         batches = tuple(int(b) for b in comma_list(args.batches))
         modes = tuple(comma_list(args.modes))
-        bench_sample_cuda(**keywords(bench_sample_cuda, args, batches=batches, modes=modes, out_jsonl=args.out))
+        preset = args.preset or "audio"
+        bench_sample_cuda(
+            **keywords(bench_sample_cuda, args, preset=preset, batches=batches, modes=modes, out_jsonl=args.out)
+        )
         return 0
+    if args.preset is not None:
+        raise UserError(
+            f"--preset {args.preset!r} applies to --device cuda; on CPU give the model with --patterns, "
+            "--n-layer, --d-model, --n-head"
+        )
     patterns = tuple(comma_list(args.patterns))
     bench_sample(**keywords(bench_sample, args, length=args.length or 4096, patterns=patterns))
     return 0
