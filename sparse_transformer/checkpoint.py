@@ -67,7 +67,7 @@ import torch.nn as nn
 
 from . import parallel
 from .config import Config, config_from_dict
-from .errors import UserError
+from .errors import BAD_JSON, UserError
 from .model import SparseTransformer
 from .runfolder import inside
 
@@ -764,7 +764,7 @@ def read_run_config(run_dir: str | Path, root: str | Path | None = None) -> Conf
     inside(run_dir if root is None else root, path)
     try:
         table = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError, OSError, RecursionError) as e:
+    except (*BAD_JSON, OSError) as e:
         raise UserError(
             f"checkpoint: {path} is not valid JSON ({_first_line(e)}); restore it from the run or train again"
         ) from None

@@ -4,6 +4,12 @@ The command line catches :class:`UserError` and prints its message as one line t
 status 2 and no traceback. The message names the problem and the fix.
 """
 
+import json
+
+# What json.loads raises on text that is not JSON: bad syntax, bytes that are not UTF-8, and nesting
+# deeper than the parser's recursion limit (a crafted file).
+BAD_JSON = (json.JSONDecodeError, UnicodeDecodeError, RecursionError)
+
 
 class UserError(ValueError):
     """Bad input from the user: one line that names the problem and how to fix it."""

@@ -12,7 +12,7 @@ import json
 import math
 from pathlib import Path
 
-from .errors import UserError
+from .errors import BAD_JSON, UserError
 from .paths import atomic_output, check_output_file
 
 
@@ -38,7 +38,7 @@ def read_curve(run: str | Path) -> dict:
             continue
         try:
             rec = json.loads(line)
-        except (json.JSONDecodeError, RecursionError):
+        except BAD_JSON:
             if n == len(lines) and not text.endswith("\n"):
                 continue  # a record being written (the run is training) or cut by a kill: not one yet
             raise UserError(f"plot: {path} line {n} is not JSON; remove the damaged line") from None

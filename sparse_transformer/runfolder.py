@@ -24,7 +24,7 @@ import os
 import re
 from pathlib import Path
 
-from .errors import UserError
+from .errors import BAD_JSON, UserError
 
 LOCK = ".lock"
 # The temporary names of checkpoint._atomic_write (.NAME.tmp-PID) and paths.atomic_output
@@ -170,7 +170,7 @@ def trim_log(path: str | Path, step: int) -> list[str]:
     for number, line in enumerate(lines, 1):
         try:
             record = json.loads(line)
-        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
+        except BAD_JSON:
             notes.append(f"warning: {path} line {number} is not a JSON record; left as it is")
             record = None
         if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] > step:

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..errors import UserError
+from ..errors import BAD_JSON, UserError
 from .format import FORMAT_VERSION, META_KEYS, SPLITS
 from .prepare import KINDS, prepare
 
@@ -80,7 +80,7 @@ def read_meta(data_dir: str | Path) -> dict:
         raise UserError(f"data: {path} is missing; {_prepare_hint(data_dir)} first")
     try:
         meta = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+    except (*BAD_JSON, OSError) as e:
         raise UserError(f"data: {path} is unreadable ({e}); {_prepare_hint(data_dir)} again") from None
     if not isinstance(meta, dict) or any(k not in meta for k in META_KEYS):
         raise UserError(f"data: {path} lacks some of the keys {', '.join(META_KEYS)}; {_prepare_hint(data_dir)} again")
