@@ -271,7 +271,7 @@ class LayerKVCache:
     holding one :class:`_Group` of rows per group of heads with the same terms
     (``pattern.head_groups``). Built by :class:`KVCache`.
 
-    ``fused``: decode with the one-launch Triton kernel (:mod:`sparse_transformer.kv_kernel`) when
+    ``fused``: decode with the one-launch Triton kernel (:mod:`sparse_transformer.decode_kernels`) when
     the layer writes one slot per head (every pattern but the merged fixed one)."""
 
     def __init__(
@@ -303,7 +303,7 @@ class LayerKVCache:
         index = step.layers[self.plan_id]
         B, H, _, dk = q.shape
         if self.fused:
-            from .kv_kernel import decode_attention
+            from .decode_kernels import decode_attention
 
             return decode_attention(q, k, v, self.k, self.v, index.write, index.rows, index.bias, dk**-0.5)
         q, k, v = q.reshape(B * H, 1, dk), k.reshape(B * H, dk), v.reshape(B * H, -1)
@@ -337,10 +337,12 @@ class LayerKVCache:
 @dataclass
 class KVStep:
     """The indices of one decoding step: each layout's :class:`StepIndex` and each plan's
-    :class:`LayerStep` (layers with the same head groups share one)."""
+    :class:`LayerStep` (layers with the same head groups share one); ``fused_linear``: the blocks run
+    their projections as fused Triton kernels (:class:`KVCache`)."""
 
     layouts: list[StepIndex]
     layers: list[LayerStep]
+    fused_linear: bool = False
 
 
 class KVCache:
@@ -354,10 +356,14 @@ class KVCache:
         dk, dv: per-head query/key and value widths.
         device: where the buffers live (``"meta"`` allocates nothing, for sizing).
         dtype: the model's dtype (values; keys see :func:`key_dtype`).
-        fused: attend with the fused Triton kernel (:mod:`sparse_transformer.kv_kernel`; one launch
+        fused: attend with the fused Triton kernel (:mod:`sparse_transformer.decode_kernels`; one launch
             per layer). None (the default) means on for CUDA buffers, where it is 1.2-7.7x faster
             than the torch step (docs/benchmarks.md), and off elsewhere; on CPU tensors it needs
             Triton's interpreter (``TRITON_INTERPRET=1``, for tests).
+        fused_linear: decoding steps on this cache run each block's four projections with their
+            LayerNorm, GeLU and residual add as one Triton kernel each
+            (:func:`~sparse_transformer.decode_kernels.decode_linear`: five launches per block with
+            the fused attention). Off by default until measured on a GPU against the torch step.
     """
 
     def __init__(
@@ -371,8 +377,9 @@ class KVCache:
         device=None,
         dtype=torch.float32,
         fused: bool | None = None,
+        fused_linear: bool = False,
     ):
-        self.batch, self.length = batch, length
+        self.batch, self.length, self.fused_linear = batch, length, bool(fused_linear)
         fused = torch.device(device or "cpu").type == "cuda" if fused is None else bool(fused)
         index_device = torch.device("cpu") if torch.device(device or "cpu").type == "meta" else device
         self.layouts: list[_Layout] = []
@@ -413,7 +420,7 @@ class KVCache:
         """The rows every layer writes and reads at position ``pos`` (``[1]`` int64, on the cache's
         device; ``0 <= pos < length``, not checked, as that would sync)."""
         index = [layout.step(pos) for layout in self.layouts]
-        return KVStep(index, [plan.step(index) for plan in self.plans])
+        return KVStep(index, [plan.step(index) for plan in self.plans], self.fused_linear)
 
     def zero_(self) -> KVCache:
         """Clear every buffer (a fresh cache, e.g. after a warm-up wrote into it)."""

@@ -86,8 +86,52 @@ def model_pattern(cfg: ModelConfig):
     return patterns.from_name(cfg.pattern, cfg.stride, cfg.c, cfg.num_verts, cfg.part, cfg.integration)
 
 
+def project(
+    linear: nn.Linear,
+    x: torch.Tensor,
+    norm: nn.LayerNorm | None = None,
+    act=None,
+    residual: torch.Tensor | None = None,
+    dropout: nn.Dropout | None = None,
+    fused: bool = False,
+) -> torch.Tensor:
+    """``residual + dropout(act(linear(norm(x))))``, each part optional: one of a block's four
+    projections with the operations around it (paper Eqs. 12-14 and §5.2), the one code path of
+    training, evaluation, prefill and decoding.
+
+    Args:
+        linear: the projection, ``[..., K]`` -> ``[..., N]``; x: ``[..., K]``; residual: ``[..., N]``.
+        norm: a pre-LayerNorm over ``K``; act: :func:`gelu` or None; dropout: applied before the add.
+        fused: one Triton launch (:func:`~sparse_transformer.decode_kernels.decode_linear`) instead of
+            the torch operations, for a decoding step (a few rows; the caller passes it only where
+            dropout is inactive). The two agree to the dtype's rounding.
+    Returns: ``[..., N]`` in ``x.dtype``.
+    """
+    if fused:
+        from .decode_kernels import decode_linear
+
+        lead, N = x.shape[:-1], linear.out_features
+        y = decode_linear(
+            x.reshape(-1, x.shape[-1]),
+            linear.weight,
+            linear.bias,
+            None if norm is None else norm.weight,
+            None if norm is None else norm.bias,
+            1e-5 if norm is None else norm.eps,
+            act is not None,
+            None if residual is None else residual.reshape(-1, N),
+        )
+        return y.view(*lead, N)
+    y = linear(x if norm is None else norm(x))
+    if act is not None:
+        y = act(y)
+    if dropout is not None:
+        y = dropout(y)
+    return y if residual is None else residual + y
+
+
 class Attention(nn.Module):
-    """Projections, heads and the sparse attention of one layer."""
+    """The projections and the sparse attention of one layer (paper §4): W_qkv, the heads, W_p."""
 
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
@@ -99,42 +143,48 @@ class Attention(nn.Module):
         self.pattern = model_pattern(cfg).for_layer(layer)
         self.backend = cfg.backend
 
-    def split_heads(self, x: torch.Tensor):
-        """``[B, n, d]`` -> q, k ``[B, H, n, d_qk/H]`` and v ``[B, H, n, d/H]``."""
-        B, n, _ = x.shape
-        q, k, v = self.qkv(x).split([self.d_qk, self.d_qk, self.d_model], dim=-1)
+    def split_heads(self, qkv: torch.Tensor):
+        """The ``qkv`` projection ``[B, n, 2·d_qk + d]`` -> q, k ``[B, H, n, d_qk/H]`` and v ``[B, H, n, d/H]``."""
+        B, n, _ = qkv.shape
+        q, k, v = qkv.split([self.d_qk, self.d_qk, self.d_model], dim=-1)
         H = self.n_head  # head dims spelled out: a view with -1 is ambiguous for B = 0 or n = 0
         return [t.view(B, n, H, t.shape[-1] // H).transpose(1, 2) for t in (q, k, v)]
 
-    def merge_heads(self, y: torch.Tensor) -> torch.Tensor:
-        B, H, n, dh = y.shape
-        return self.proj(y.transpose(1, 2).reshape(B, n, H * dh))
-
-    def forward(self, x: torch.Tensor, cache: LayerKVCache | None = None, step: KVStep | None = None) -> torch.Tensor:
-        """``x [B, n, d]`` -> ``[B, n, d]``, the sparse attention of paper §4 and its projections.
+    def forward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        cache: LayerKVCache | None = None,
+        step: KVStep | None = None,
+    ) -> torch.Tensor:
+        """The heads of :meth:`split_heads` -> ``[B, n, d]``, the sparse attention of paper §4 with the
+        heads merged (W_p is applied by the block).
 
         Without ``cache``: positions ``0 .. n-1`` (training, evaluation). With ``cache`` and no
         ``step``: the same, and the keys and values of those positions are stored in ``cache``
         (prefill). With both: ``n = 1``, the position of ``step`` (:meth:`KVCache.step`), attending
         to the cached keys of earlier positions (decoding).
         """
-        q, k, v = self.split_heads(x)
         if step is not None:
-            return self.merge_heads(cache.attend(q, k, v, step))
-        if cache is not None:
-            cache.prefill(k, v)
-        return self.merge_heads(sparse_attention(q, k, v, self.pattern, backend=self.backend))
+            y = cache.attend(q, k, v, step)
+        else:
+            if cache is not None:
+                cache.prefill(k, v)
+            y = sparse_attention(q, k, v, self.pattern, backend=self.backend)
+        B, H, n, dh = y.shape
+        return y.transpose(1, 2).reshape(B, n, H * dh)
 
 
 class FeedForward(nn.Module):
+    """W_1 and W_2 of the feed-forward branch, ``W_2 gelu(W_1 x)`` (paper Eq. 14); the block applies
+    them with :func:`project`."""
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         hidden = int(cfg.ff_mult * cfg.d_model)
         self.fc = nn.Linear(cfg.d_model, hidden, bias=cfg.bias)  # W_1
         self.proj = nn.Linear(hidden, cfg.d_model, bias=cfg.bias)  # W_2
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj(gelu(self.fc(x)))
 
 
 class Block(nn.Module):
@@ -148,17 +198,17 @@ class Block(nn.Module):
         self.ff = FeedForward(cfg)
         self.dropout = nn.Dropout(cfg.dropout)
 
-    def _attn_branch(self, x, cache=None, step=None):
-        return self.dropout(self.attn(self.ln_1(x), cache, step))
-
-    def _ff_branch(self, x):
-        return self.dropout(self.ff(self.ln_2(x)))
-
     def forward(self, x: torch.Tensor, cache: LayerKVCache | None = None, step: KVStep | None = None) -> torch.Tensor:
-        """``x [B, n, d]`` -> ``[B, n, d]``; ``cache`` and ``step`` as in :meth:`Attention.forward`.
-        Activation checkpointing (paper §5.4) is applied from outside: ``parallel.checkpoint_blocks``."""
-        x = x + self._attn_branch(x, cache, step)
-        return x + self._ff_branch(x)
+        """``x [B, n, d]`` -> ``[B, n, d]``: ``x + a``, then ``+ b``; ``cache`` and ``step`` as in
+        :meth:`Attention.forward`. A decoding step on a cache made with ``fused_linear`` runs each
+        projection with its norm, GeLU and residual as one kernel (:func:`project`). Activation
+        checkpointing (paper §5.4) is applied from outside: ``parallel.checkpoint_blocks``."""
+        fused = step is not None and step.fused_linear and not (self.training and self.dropout.p > 0)
+        attn, ff = self.attn, self.ff
+        q, k, v = attn.split_heads(project(attn.qkv, x, self.ln_1, fused=fused))
+        x = project(attn.proj, attn(q, k, v, cache, step), residual=x, dropout=self.dropout, fused=fused)
+        h = project(ff.fc, x, self.ln_2, act=gelu, fused=fused)
+        return project(ff.proj, h, residual=x, dropout=self.dropout, fused=fused)
 
 
 class PositionEmbedding(nn.Module):
@@ -363,11 +413,14 @@ class SparseTransformer(
 
     # ---- incremental decoding (sampling) ------------------------------------------------------
 
-    def new_cache(self, batch: int, length: int | None = None, device=None, fused: bool | None = None) -> KVCache:
+    def new_cache(
+        self, batch: int, length: int | None = None, device=None, fused: bool | None = None, fused_linear: bool = False
+    ) -> KVCache:
         """A pre-allocated sparse KV cache for ``batch`` sequences of ``length`` positions (default
         ``n_ctx``), in the model's dtype (fp16 models keep fp32 keys), on ``device`` (default the
         model's; ``"meta"`` allocates nothing, for sizing). ``fused``: decode each layer's attention
-        with one Triton kernel (None: on CUDA; see :class:`~sparse_transformer.kv_cache.KVCache`).
+        with one Triton kernel (None: on CUDA); ``fused_linear``: each projection with its norm,
+        GeLU and residual too (see :class:`~sparse_transformer.kv_cache.KVCache`).
         Raises ValueError outside ``1..n_ctx``."""
         cfg = self.cfg
         length = cfg.n_ctx if length is None else length
@@ -377,7 +430,7 @@ class SparseTransformer(
         w = self.head.weight
         device = w.device if device is None else device
         patterns = [b.attn.pattern for b in self.blocks]
-        return KVCache(patterns, cfg.n_head, batch, length, dk, dv, device, w.dtype, fused)
+        return KVCache(patterns, cfg.n_head, batch, length, dk, dv, device, w.dtype, fused, fused_linear)
 
     def decode_step(self, token: torch.Tensor | None, pos: torch.Tensor | int, cache: KVCache) -> torch.Tensor:
         """Logits of position ``pos`` given the cached positions ``0 .. pos-1`` (one sampling step).

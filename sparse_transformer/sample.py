@@ -111,6 +111,8 @@ class Decoder:
         compile: ``torch.compile`` the step first (inductor, whole graph).
         fused: attend with the fused Triton decode kernel, one launch per layer (None: on CUDA;
             see :meth:`~sparse_transformer.model.SparseTransformer.new_cache`).
+        fused_linear: run each block's projections with their norm, GeLU and residual as fused
+            Triton kernels too (see :meth:`~sparse_transformer.model.SparseTransformer.new_cache`).
 
     If compiling or capturing fails, the decoder warns and falls back to the plain step.
     """
@@ -125,12 +127,13 @@ class Decoder:
         graphs: bool = False,
         compile: bool = False,
         fused: bool | None = None,
+        fused_linear: bool = False,
     ):
         if graphs and tokens.device.type != "cuda":
             raise ValueError(f"CUDA graphs need a CUDA device; tokens are on {tokens.device} (use graphs=False)")
         self.model, self.tokens, self.noise = model, tokens, noise
         self.temperature, self.top_k = temperature, top_k
-        self.cache = model.new_cache(tokens.shape[0], tokens.shape[1], fused=fused)
+        self.cache = model.new_cache(tokens.shape[0], tokens.shape[1], fused=fused, fused_linear=fused_linear)
         self.pos = torch.zeros(1, dtype=torch.long, device=tokens.device)
         self.graph, self.graph_logits = None, None
         self.compiled = compile  # False again if compiling fails

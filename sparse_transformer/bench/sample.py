@@ -187,13 +187,24 @@ def _time_mode(
     device,
     fused: bool | None = None,
     profile: int = 0,
+    fused_linear: bool = False,
 ) -> dict:
     tokens = torch.zeros(batch, length, dtype=torch.long, device=device)
     noise = torch.empty(min(NOISE_STEPS, length), batch, model.head.out_features, device=device)
     noise.exponential_(1.0, generator=torch.Generator(device).manual_seed(0))
     _sync(device)
     t0 = time.perf_counter()
-    decoder = Decoder(model, tokens, 1.0, 0, noise, graphs=mode != "eager", compile=mode == "compile", fused=fused)
+    decoder = Decoder(
+        model,
+        tokens,
+        1.0,
+        0,
+        noise,
+        graphs=mode != "eager",
+        compile=mode == "compile",
+        fused=fused,
+        fused_linear=fused_linear,
+    )
     _sync(device)
     setup = time.perf_counter() - t0
     window = min(window, length - 1)
@@ -210,6 +221,7 @@ def _time_mode(
     row = {
         "captured": decoder.graph is not None,
         "fused_attention": all(layer.fused for layer in decoder.cache.layers),
+        "fused_linear": decoder.cache.fused_linear,
         "compiled": decoder.compiled,
         "timed_steps": window,
         "ms_per_step": round(1e3 * seconds / window, 4),
@@ -270,6 +282,7 @@ def bench_sample_cuda(
     out_jsonl: str | None = None,
     attention: str = "fused",
     profile: int = 0,
+    linear: str = "torch",
 ) -> list[dict]:
     """Time the decoding step of a preset model on CUDA (see the module docstring).
 
@@ -282,16 +295,22 @@ def bench_sample_cuda(
         out_jsonl: also append the JSON lines to this file.
         attention: ``torch`` (the step's attention as torch operations: scatter, gather, products,
             softmax) or ``fused`` (one Triton launch per layer, the default on CUDA), or both, comma-separated (each mode is then timed with each).
+        linear: ``torch`` (the blocks' projections, norms, GeLU and residual adds as torch
+            operations, fused by ``torch.compile`` in the compile mode) or ``fused`` (one Triton launch
+            per projection with its norm, GeLU and residual), or both, comma-separated.
         profile: after timing, profile this many steps (0 = none): kernels per step, their summed
             GPU time per step and the costliest kernels, in each row's ``profile``.
-    Returns: one dict per (batch, mode, attention), also printed as JSON lines, then a markdown table.
-    Raises: ValueError for an unknown mode, dtype or attention, or a length above the preset's context.
+    Returns: one dict per (batch, mode, attention, linear), also printed as JSON lines, then a markdown table.
+    Raises: ValueError for an unknown mode, dtype, attention or linear, or a length above the preset's context.
     """
     if dtype not in DTYPES or not set(modes) <= {"eager", "graphs", "compile"}:
         raise ValueError(f"dtype {dtype!r} / modes {modes}: choose bf16|fp16|fp32 and eager,graphs,compile")
     kinds = comma_list(attention)
     if not kinds or not set(kinds) <= {"fused", "torch"}:
         raise ValueError(f"attention {attention!r}: choose fused, torch or fused,torch")
+    linears = comma_list(linear)
+    if not linears or not set(linears) <= {"fused", "torch"}:
+        raise ValueError(f"linear {linear!r}: choose torch, fused or torch,fused")
     cfg = load_config(preset)
     length = length or cfg.model.n_ctx
     if length > cfg.model.n_ctx:
@@ -302,13 +321,15 @@ def bench_sample_cuda(
     rows = []
     for batch in batches:
         n = _fitting_length(model, batch, length, device)
-        for mode, kind in [(m, k) for m in modes for k in kinds]:
+        for mode, kind, lin in [(m, k, li) for m in modes for k in kinds for li in linears]:
+            fused = [f"fused {part}" for part, on in (("attention", kind == "fused"), ("linear", lin == "fused")) if on]
             row = {
                 "bench": "sample",
                 "preset": preset,
                 "pattern": model.blocks[0].attn.pattern.describe(),
-                "mode": mode if kind == "torch" else f"{mode} (fused attention)",
+                "mode": f"{mode} ({', '.join(fused)})" if fused else mode,
                 "attention": kind,
+                "linear": lin,
                 "batch": batch,
                 "length": n,
                 "dtype": dtype,
@@ -321,7 +342,9 @@ def bench_sample_cuda(
                 row["note"] = f"a {length:,}-token cache does not fit in free memory; run at {n:,}"
             torch.cuda.reset_peak_memory_stats(device)
             try:
-                row.update(_time_mode(model, batch, n, mode, window, warmup, device, kind == "fused", profile))
+                row.update(
+                    _time_mode(model, batch, n, mode, window, warmup, device, kind == "fused", profile, lin == "fused")
+                )
             except torch.OutOfMemoryError as e:
                 row["error"] = f"out of memory: {str(e).splitlines()[0]}"[:300]
                 gc.collect()
@@ -405,6 +428,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     cuda.add_argument(
         "--attention", default="fused", help="fused (one Triton kernel per layer), torch, or fused,torch (both)"
+    )
+    cuda.add_argument(
+        "--linear",
+        default="torch",
+        help="torch (projections, norms, GeLU, residuals as torch operations), fused (one Triton kernel "
+        "per projection with its norm, GeLU and residual), or torch,fused (both)",
     )
 
 

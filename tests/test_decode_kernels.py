@@ -1,4 +1,5 @@
-"""The fused decode-attention kernel (``kv_kernel.py``) against the torch step and the full forward.
+"""The fused decoding kernels (``decode_kernels.py``: attention, and the linear layers with their norm,
+GeLU and residual) against the torch step and the full forward.
 
 Without CUDA the kernel runs under Triton's CPU interpreter (TRITON_INTERPRET=1, set here before
 Triton is imported), at small sizes: it is slow there. ``@pytest.mark.gpu`` tests run it compiled,
@@ -18,6 +19,7 @@ triton = pytest.importorskip("triton")
 
 from test_sample import PATTERNS, _decode_all, tiny
 
+from sparse_transformer.model import gelu, project
 from sparse_transformer.sample import Decoder
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # the interpreter's numpy scalars
@@ -27,8 +29,8 @@ interpreter = pytest.mark.skipif(
 n = 12
 
 
-def _decode(model, x, fused):
-    cache = model.new_cache(x.shape[0], fused=fused)
+def _decode(model, x, fused, fused_linear=False):
+    cache = model.new_cache(x.shape[0], fused=fused, fused_linear=fused_linear)
     assert all(layer.fused == fused for layer in cache.layers)
     return torch.stack([model.decode_step(x[:, i - 1] if i else None, i, cache) for i in range(x.shape[1])], 1)
 
@@ -65,7 +67,7 @@ def test_kernel_writes_then_attends():
     """The new key and value are used from registers where the query reads their row (no barrier
     orders the write before the reads); every output and buffer row equals torch's write-then-attend,
     and a query with no key gets zeros."""
-    from sparse_transformer.kv_kernel import decode_attention
+    from sparse_transformer.decode_kernels import decode_attention
 
     args, (want, k2, v2) = _kernel_case("cpu")
     out = decode_attention(*args)
@@ -77,7 +79,7 @@ def test_kernel_writes_then_attends():
 @pytest.mark.gpu
 def test_cuda_kernel_writes_then_attends():
     """The batch-1 shape of the audio preset (16 queries of 512 rows) in bf16, compiled: the same."""
-    from sparse_transformer.kv_kernel import decode_attention
+    from sparse_transformer.decode_kernels import decode_attention
 
     args, (want, k2, v2) = _kernel_case("cuda", torch.bfloat16, 1, 16, 512, 32, 32)
     out = decode_attention(*args)
@@ -178,3 +180,115 @@ def test_cuda_compiled_fused_step_writes_the_cache_in_place():
         torch.cuda.synchronize()
         k = decoder.cache.layers[0].k
         assert torch.cuda.max_memory_allocated() - before < k.numel() * k.element_size()
+
+
+def _linear_case(M, K, N, device="cpu", dtype=torch.float32, bias=True):
+    """A LayerNorm and a Linear with random (not default) parameters, inputs and a residual."""
+    g = torch.Generator().manual_seed(M * 1000 + K)
+    norm, linear = torch.nn.LayerNorm(K), torch.nn.Linear(K, N, bias=bias)
+    with torch.no_grad():
+        for p in (*norm.parameters(), *linear.parameters()):
+            p.copy_(torch.randn(p.shape, generator=g) * (0.1 if p is linear.weight else 1.0))
+    x = 3.0 + 2.0 * torch.randn(M, 1, K, generator=g)  # a mean far from 0: the two-pass variance matters
+    r = torch.randn(M, 1, N, generator=g)
+    return [m.to(device, dtype) for m in (norm, linear)] + [t.to(device, dtype) for t in (x, r)]
+
+
+@interpreter
+@pytest.mark.parametrize("M", [0, 1, 3])  # 1: the broadcast product; 3: tl.dot on 16 x 16 tiles
+@pytest.mark.parametrize(
+    ("use_norm", "act", "residual", "bias"),
+    [(True, False, False, False), (True, True, False, True), (False, False, True, True), (False, False, False, False)],
+)
+def test_linear_kernel_matches_torch(M, use_norm, act, residual, bias):
+    """``project(..., fused=True)`` against its torch path, fp32: K = 600 spans several K blocks and
+    is no power of two, N = 40 is no multiple of the output tile."""
+    norm, linear, x, r = _linear_case(M, 600, 40, bias=bias)
+    kw = {"norm": norm if use_norm else None, "act": gelu if act else None, "residual": r if residual else None}
+    with torch.no_grad():
+        want = project(linear, x, **kw)
+        got = project(linear, x, **kw, fused=True)
+    assert got.shape == want.shape == (M, 1, 40) and got.dtype == want.dtype
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5)
+
+
+@interpreter
+@pytest.mark.parametrize("name", ["strided-multihead", "fixed-both"])
+def test_fused_linear_step_matches_full_forward_and_greedy_samples(name):
+    """A whole step of fused kernels (fixed-both: the torch attention step with fused linears), with
+    biases, batch 2, fp32: the logits of the full forward pass, and the same greedy bytes."""
+    model, _ = tiny(n=n, **PATTERNS[name], bias=True)
+    with torch.no_grad():
+        for b in model.blocks:
+            for m in (b.attn.qkv, b.attn.proj, b.ff.fc, b.ff.proj):
+                m.bias.normal_()
+    x = torch.randint(0, 256, (2, n))
+    with torch.no_grad():
+        full = model(x)
+        fused = _decode(model, x, name != "fixed-both", fused_linear=True)
+        torch.testing.assert_close(fused, full, atol=1e-4, rtol=1e-4)
+        tokens = [torch.zeros(1, n, dtype=torch.long) for _ in range(2)]
+        for t, fl in zip(tokens, (False, True)):
+            decoder = Decoder(model, t, temperature=0.0, fused=False, fused_linear=fl)
+            for _ in range(n):
+                decoder.step()
+    assert torch.equal(tokens[0], tokens[1])
+
+
+@interpreter
+def test_fused_linear_step_traces_under_torch_compile():
+    model, _ = tiny(n=n, **PATTERNS["strided-multihead"])
+    x = torch.randint(0, 256, (1, n))
+    with torch.no_grad():
+        cache = model.new_cache(1, fused=True, fused_linear=True)
+        step = torch.compile(
+            lambda t, p: model.decode_step(t, p, cache), backend="aot_eager", fullgraph=True, dynamic=False
+        )
+        compiled = torch.stack([step(x[:, i - 1], torch.tensor([i])) for i in range(n)], 1)
+        torch.testing.assert_close(compiled, _decode(model, x, True, True), atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("M", [1, 8, 64])
+def test_cuda_linear_kernel_matches_torch(M):
+    """bf16, the audio preset's widths (d 512, hidden 2,048): each of a block's four projections
+    against fp32 torch, no further than the bf16 torch path is."""
+    for K, N, use_norm, act, residual in [(512, 1536, True, False, False), (512, 512, False, False, True),
+                                          (512, 2048, True, True, False), (2048, 512, False, False, True)]:  # fmt: skip
+        norm, linear, x, r = _linear_case(M, K, N, "cuda")
+        kw = {"norm": norm if use_norm else None, "act": gelu if act else None, "residual": r if residual else None}
+        lo = [m.to(torch.bfloat16) for m in (norm, linear)] + [t.to(torch.bfloat16) for t in (x, r)]
+        kw16 = {"norm": lo[0] if use_norm else None, "act": kw["act"], "residual": lo[3] if residual else None}
+        with torch.no_grad():
+            exact = project(linear, x, **kw)
+            error = (project(lo[1], lo[2], **kw16).float() - exact).abs().max()
+            got = project(lo[1], lo[2], **kw16, fused=True)
+        assert got.dtype == torch.bfloat16
+        assert (got.float() - exact).abs().max() <= 1.5 * error + 1e-3, (K, N)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("graphs", [False, True])
+def test_cuda_fused_linear_step_matches_full_forward(graphs):
+    """bf16, captured or not: a step of fused attention and fused linears is no further from the
+    fp32 full forward pass than the torch step plus the bf16 forward's own error."""
+    length = 64
+    model32, _ = tiny(n=length, **PATTERNS["strided-multihead"] | {"stride": 8})
+    model32 = model32.cuda()
+    model = copy.deepcopy(model32).to(torch.bfloat16)
+    x = torch.randint(0, 256, (3, length), device="cuda")
+    with torch.no_grad():
+        exact = model32(x)
+        error = (model(x).float() - exact).abs().max()
+        plain = _decode(model, x, True).float()
+        if graphs:
+            tokens = torch.zeros(2, length, dtype=torch.long, device="cuda")
+            decoder = Decoder(model, tokens, temperature=0.0, graphs=True, fused_linear=True)
+            assert decoder.graph is not None
+            logits = torch.stack([decoder.step().float().clone() for _ in range(length)], 1)
+            fused, exact = logits, model32(tokens)
+        else:
+            fused = _decode(model, x, True, True).float()
+    assert (fused - exact).abs().max() <= 2 * error + 1e-3
+    if not graphs:
+        assert (fused - plain).abs().max() <= 2 * error + 1e-3
