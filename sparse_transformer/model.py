@@ -457,7 +457,7 @@ class SparseTransformer(
         step = cache.step(pos)
         for block, layer_cache in zip(self.blocks, cache.layers):
             h = block(h, layer_cache, step)
-        return self.head(self.ln_f(h))[:, 0]
+        return project(self.head, h, self.ln_f, fused=step.fused_linear)[:, 0]
 
     def loss(self, x: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
         """Cross-entropy in nats of every byte of ``x [B, n]`` (``reduction`` as in F.cross_entropy)."""
