@@ -222,8 +222,9 @@ def _time_mode(
         "peak_mib": round(torch.cuda.max_memory_allocated(device) / 2**20),
     }
     if profile:
-        decoder.pos.fill_(length - min(profile, window + warmup))  # positions inside the sample
-        row["profile"] = _profile_steps(decoder, min(profile, window + warmup))
+        steps = min(profile, window + warmup)
+        decoder.pos.fill_(length - steps)  # positions inside the sample
+        row["profile"] = _profile_steps(decoder, steps)
     del decoder, tokens, noise
     if mode == "compile":
         torch._dynamo.reset()  # drop the compiled step (and the buffers its guards refer to)
@@ -281,7 +282,8 @@ def bench_sample_cuda(
         dtype: ``bf16``, ``fp16`` or ``fp32`` weights.
         out_jsonl: also append the JSON lines to this file.
         attention: ``torch`` (the step's attention as torch operations: scatter, gather, products,
-            softmax) or ``fused`` (one Triton launch per layer, the default on CUDA), or both, comma-separated (each mode is then timed with each).
+            softmax) or ``fused`` (one Triton launch per layer, the default on CUDA), or both,
+            comma-separated (each mode is then timed with each).
         profile: after timing, profile this many steps (0 = none): kernels per step, their summed
             GPU time per step and the costliest kernels, in each row's ``profile``.
     Returns: one dict per (batch, mode, attention), also printed as JSON lines, then a markdown table.
