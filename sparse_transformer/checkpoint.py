@@ -69,6 +69,7 @@ from . import parallel
 from .config import Config, config_from_dict
 from .errors import BAD_JSON, UserError
 from .model import SparseTransformer
+from .paths import atomic_output
 from .runfolder import inside
 
 CHECKPOINT = "checkpoint.pt"
@@ -77,31 +78,12 @@ WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
 
 
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:  # e.g. Windows: folders cannot be opened; the rename is still atomic
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _atomic_write(path: Path, write) -> Path:
-    """Call ``write(file)`` on a temporary file next to ``path``, fsync it, then rename it to ``path``."""
+    """Call ``write(file)`` on a temporary file next to ``path``, then fsync it and rename it to
+    ``path`` (:func:`~sparse_transformer.paths.atomic_output`); the folder is created when missing."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        tmp.unlink(missing_ok=True)  # a leftover, or a link: never written through
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    _fsync_dir(path.parent)
+    with atomic_output(path, fsync=True) as tmp, open(tmp, "wb") as f:
+        write(f)
     return path
 
 
@@ -271,20 +253,11 @@ def save_training(
 def _link_latest(path: Path) -> None:
     """Make ``checkpoint.pt`` next to ``path`` the same file as ``path``, atomically (a hard link
     renamed over it; a copy where the file system has no hard links)."""
-    latest = path.with_name(CHECKPOINT)
-    tmp = path.with_name(f".{CHECKPOINT}.tmp-{os.getpid()}")
-    tmp.unlink(missing_ok=True)
-    try:
-        os.link(path, tmp)
-    except OSError:
-        shutil.copyfile(path, tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-    try:
-        os.replace(tmp, latest)
-    finally:
-        tmp.unlink(missing_ok=True)
-    _fsync_dir(path.parent)
+    with atomic_output(path.with_name(CHECKPOINT), fsync=True) as tmp:
+        try:
+            os.link(path, tmp)
+        except OSError:
+            shutil.copyfile(path, tmp)
 
 
 def _remove_old(run_dir: Path, step: int, keep: int) -> None:

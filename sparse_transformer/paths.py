@@ -5,6 +5,9 @@ other way round), must not lie below a file, and must be in a folder this proces
 (read-only file systems included). Each check raises :class:`~sparse_transformer.errors.UserError`
 with one line naming the option, the path and the fix; a full disk is found only when writing (the
 command line turns that OSError into one line too).
+
+:func:`atomic_output` is how every file the package writes whole (checkpoints, configs, exported
+weights, samples, plots, prepared data's meta.json) gets its name only once it is complete.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import os
 from pathlib import Path
 
 from .errors import UserError
+from .runfolder import temporary_name
 
 
 def _writable_parent(path: Path, option: str, shown: Path | None = None) -> None:
@@ -76,20 +80,42 @@ def check_output_file(path: str | Path, option: str, suffixes: tuple[str, ...] =
     return path
 
 
+def _fsync_dir(folder: Path) -> None:
+    """Make a rename in ``folder`` durable (where folders cannot be opened, e.g. on Windows, the
+    rename is still atomic and this does nothing)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 @contextlib.contextmanager
-def atomic_output(path: str | Path):
-    """Write a file all at once: yields a temporary path beside ``path`` (same suffix, so that
-    writers that choose the format by it still can) and renames it to ``path`` when the block ends
-    without error. On any error the temporary file is removed and whatever was at ``path`` stays
-    as it was; an OSError (a full disk) is raised again naming ``path``. The rename replaces a
-    symbolic link at ``path`` (or a leftover at the temporary name) instead of writing through it."""
+def atomic_output(path: str | Path, fsync: bool = False):
+    """Write a file all at once: yields a temporary path beside ``path``
+    (:func:`~sparse_transformer.runfolder.temporary_name`: same suffix, so that writers that choose
+    the format by it still can) and renames it to ``path`` when the block ends without error. With
+    ``fsync``, the file is flushed to disk before the rename and the folder after it, so that the
+    new file survives a power cut (checkpoints, configs and exported weights ask for this).
+
+    On any error the temporary file is removed and whatever was at ``path`` stays as it was; an
+    OSError (a full disk) is raised again naming ``path``. The rename replaces a symbolic link at
+    ``path`` (or a leftover at the temporary name) instead of writing through it."""
     path = Path(path)
-    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
+    tmp = temporary_name(path)
     try:
         tmp.unlink(missing_ok=True)
         yield tmp
+        if fsync:
+            with open(tmp, "rb") as f:  # fsync flushes the file, whichever descriptor asks
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     except OSError as e:
         raise OSError(e.errno, e.strerror or str(e), str(path)) from None
     finally:
         tmp.unlink(missing_ok=True)
+    if fsync:
+        _fsync_dir(path.parent)

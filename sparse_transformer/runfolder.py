@@ -11,8 +11,9 @@
   records written after the checkpoint it resumes from, and a last line cut short by a kill, are cut
   off the end by truncating the file at the start of the first such line (the lines before it are
   never rewritten).
-* :func:`remove_temporary_files`: the ``.NAME.tmp-PID`` files that atomic writes leave when killed
-  before their rename, removed when ``train`` starts (it holds the lock, so no write is in flight).
+* :func:`remove_temporary_files`: the ``.STEM.tmp-PID.SUFFIX`` files (:func:`temporary_name`) that
+  atomic writes leave when killed before their rename, removed when ``train`` starts (it holds the
+  lock, so no write is in flight).
 
 Imports nothing of the package but :mod:`~sparse_transformer.errors`.
 """
@@ -27,9 +28,18 @@ from pathlib import Path
 from .errors import BAD_JSON, UserError
 
 LOCK = ".lock"
-# The temporary names of checkpoint._atomic_write (.NAME.tmp-PID) and paths.atomic_output
-# (.STEM.tmp-PID.SUFFIX).
+# The names of temporary_name (.STEM.tmp-PID.SUFFIX), and .NAME.tmp-PID: what checkpoints of
+# earlier versions were written under, still removed when found.
 TEMPORARY = re.compile(r"\..+\.tmp-[0-9]+(\.[A-Za-z0-9]+)?")
+
+
+def temporary_name(path: str | Path) -> Path:
+    """The name an atomic write (:func:`~sparse_transformer.paths.atomic_output`) gives its file
+    before the rename: ``.STEM.tmp-PID.SUFFIX`` beside ``path``: hidden, one per process, and with
+    ``path``'s suffix, so that writers that choose the format by it still can. :data:`TEMPORARY`
+    matches it, so :func:`remove_temporary_files` finds what a killed write left."""
+    path = Path(path)
+    return path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
 
 
 def inside(run_dir: str | Path, path: str | Path, what: str = "checkpoint") -> Path:
@@ -135,8 +145,8 @@ class RunLock:
 
 
 def remove_temporary_files(run_dir: str | Path) -> list[str]:
-    """Delete the leftover ``.NAME.tmp-PID`` files of interrupted atomic writes in ``run_dir`` (call
-    with the lock held). Returns their names."""
+    """Delete the leftover temporary files (:func:`temporary_name`) of interrupted atomic writes in
+    ``run_dir`` (call with the lock held). Returns their names."""
     removed = []
     for path in sorted(Path(run_dir).iterdir()):
         if TEMPORARY.fullmatch(path.name) and (path.is_file() or path.is_symlink()):

@@ -9,6 +9,7 @@ import re
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,7 +17,7 @@ from test_train import check_args, losses, tiny
 
 from sparse_transformer import checkpoint
 from sparse_transformer.errors import UserError
-from sparse_transformer.runfolder import LOCK, RunLock, remove_temporary_files, trim_log
+from sparse_transformer.runfolder import LOCK, TEMPORARY, RunLock, remove_temporary_files, temporary_name, trim_log
 from sparse_transformer.train import train
 
 
@@ -157,6 +158,14 @@ def test_leftover_temporary_files_are_removed(tmp_path):
         (tmp_path / name).write_text("x")
     assert remove_temporary_files(tmp_path) == temporary  # _atomic_write's and paths.atomic_output's names
     assert sorted(os.listdir(tmp_path)) == [".checkpoint.pt.tmp-x", "keep.tmp-1", "metrics.jsonl"]
+
+
+def test_temporary_names_are_recognized(tmp_path):
+    """Every name an atomic write uses is one that remove_temporary_files removes."""
+    for name in ("checkpoint.pt", "checkpoint-12.pt", "config.json", "model.safetensors", "samples.png", "LOG"):
+        tmp = temporary_name(tmp_path / name)
+        assert tmp.parent == tmp_path and tmp.name.startswith(".") and tmp.name.endswith(Path(name).suffix)
+        assert TEMPORARY.fullmatch(tmp.name), tmp.name
 
 
 def test_resume_after_a_kill_mid_write(data_dir, tmp_path, capsys):

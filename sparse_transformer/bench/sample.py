@@ -234,8 +234,9 @@ def _time_mode(
         "peak_mib": round(torch.cuda.max_memory_allocated(device) / 2**20),
     }
     if profile:
-        decoder.pos.fill_(length - min(profile, window + warmup))  # positions inside the sample
-        row["profile"] = _profile_steps(decoder, min(profile, window + warmup))
+        steps = min(profile, window + warmup)
+        decoder.pos.fill_(length - steps)  # positions inside the sample
+        row["profile"] = _profile_steps(decoder, steps)
     del decoder, tokens, noise
     if mode == "compile":
         torch._dynamo.reset()  # drop the compiled step (and the buffers its guards refer to)
@@ -294,14 +295,17 @@ def bench_sample_cuda(
         dtype: ``bf16``, ``fp16`` or ``fp32`` weights.
         out_jsonl: also append the JSON lines to this file.
         attention: ``torch`` (the step's attention as torch operations: scatter, gather, products,
-            softmax) or ``fused`` (one Triton launch per layer, the default on CUDA), or both, comma-separated (each mode is then timed with each).
+            softmax) or ``fused`` (one Triton launch per layer, the default on CUDA), or both,
+            comma-separated (each mode is then timed with each).
         linear: ``torch`` (the blocks' projections, norms, GeLU and residual adds as torch
             operations, fused by ``torch.compile`` in the compile mode) or ``fused`` (one Triton launch
             per projection with its norm, GeLU and residual), or both, comma-separated.
         profile: after timing, profile this many steps (0 = none): kernels per step, their summed
             GPU time per step and the costliest kernels, in each row's ``profile``.
-    Returns: one dict per (batch, mode, attention, linear), also printed as JSON lines, then a markdown table.
-    Raises: ValueError for an unknown mode, dtype, attention or linear, or a length above the preset's context.
+    Returns: one dict per (batch, mode, attention, linear), also printed as JSON lines, then a
+        markdown table.
+    Raises: ValueError for an unknown mode, dtype, attention or linear, or a length above the
+        preset's context.
     """
     if dtype not in DTYPES or not set(modes) <= {"eager", "graphs", "compile"}:
         raise ValueError(f"dtype {dtype!r} / modes {modes}: choose bf16|fp16|fp32 and eager,graphs,compile")

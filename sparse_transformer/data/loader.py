@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from ..errors import BAD_JSON, UserError
+from ..runfolder import temporary_name
 from .format import FORMAT_VERSION, META_KEYS, SPLITS
 from .prepare import KINDS, prepare
 
@@ -203,7 +204,7 @@ def default_data_dir() -> Path:
     target = _cache_root() / "enwiki-sample"
     if _is_valid(target):
         return target
-    tmp = target.with_name(f"{target.name}.tmp-{os.getpid()}")
+    tmp = temporary_name(target)
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         prepare("text", DEFAULT_SOURCE, tmp, progress=False)

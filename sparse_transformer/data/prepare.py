@@ -41,6 +41,8 @@ import numpy as np
 from tqdm import tqdm
 
 from ..errors import UserError
+from ..paths import atomic_output
+from ..runfolder import temporary_name
 from .format import FORMAT_VERSION, META_KEYS, SPLITS
 from .mulaw import mulaw_encode
 
@@ -84,7 +86,7 @@ class _SplitWriter:
 
     def __init__(self, out: Path):
         self.out = out
-        self.tmp = {s: out / f".{s}.bin.tmp-{os.getpid()}" for s in SPLITS}
+        self.tmp = {s: temporary_name(out / f"{s}.bin") for s in SPLITS}
 
     def __enter__(self):
         # open for the writer's lifetime (closed in __exit__): splits are appended to and moved between
@@ -137,9 +139,8 @@ class _SplitWriter:
         meta_path.unlink(missing_ok=True)  # never let an old meta.json describe new .bin files
         for s, p in self.tmp.items():
             os.replace(p, self.out / f"{s}.bin")
-        tmp_meta = self.out / f".meta.json.tmp-{os.getpid()}"
-        tmp_meta.write_text(json.dumps(meta, indent=2) + "\n")
-        os.replace(tmp_meta, meta_path)
+        with atomic_output(meta_path) as tmp:
+            tmp.write_text(json.dumps(meta, indent=2) + "\n")
 
 
 def _split_90_5_5(w: _SplitWriter) -> tuple[int, int, int]:
@@ -531,7 +532,7 @@ def _download(url: str, out: Path, progress: bool) -> Path:
     dest = out / url.rsplit("/", 1)[1]
     if dest.is_file():
         return dest
-    tmp = out / f".{dest.name}.part-{os.getpid()}"
+    tmp = temporary_name(dest)  # not atomic_output: an error here is the download's and says so
     try:
         with urllib.request.urlopen(url, timeout=60) as r, open(tmp, "wb") as f:
             total = int(r.headers.get("Content-Length") or 0) or None
