@@ -213,39 +213,26 @@ def test_linear_kernel_matches_torch(M, use_norm, act, residual, bias):
 
 
 @interpreter
-@pytest.mark.parametrize("name", ["strided-multihead", "fixed-both"])
-def test_fused_linear_step_matches_full_forward_and_greedy_samples(name):
-    """A whole step of fused kernels (fixed-both: the torch attention step with fused linears), with
-    biases, batch 2, fp32: the logits of the full forward pass, and the same greedy bytes."""
-    model, _ = tiny(n=n, **PATTERNS[name], bias=True)
+def test_fused_linear_step_matches_full_forward_and_traces_under_torch_compile():
+    """A whole step of fused kernels (attention, the projections with their norms, GeLU and
+    residuals, the head), with biases, batch 2, fp32: the logits of the full forward pass; traced by
+    torch.compile (the kernels are opaque custom ops), the same logits. 8 positions, 3 of them
+    compiled: the interpreter is slow (with the stride of 5, positions 5-7 read keys of both terms)."""
+    model, _ = tiny(n=n, **PATTERNS["strided-multihead"], bias=True)
     with torch.no_grad():
         for b in model.blocks:
             for m in (b.attn.qkv, b.attn.proj, b.ff.fc, b.ff.proj):
                 m.bias.normal_()
-    x = torch.randint(0, 256, (2, n))
+    x = torch.randint(0, 256, (2, 8))
     with torch.no_grad():
-        full = model(x)
-        fused = _decode(model, x, name != "fixed-both", fused_linear=True)
-        torch.testing.assert_close(fused, full, atol=1e-4, rtol=1e-4)
-        tokens = [torch.zeros(1, n, dtype=torch.long) for _ in range(2)]
-        for t, fl in zip(tokens, (False, True)):
-            decoder = Decoder(model, t, temperature=0.0, fused=False, fused_linear=fl)
-            for _ in range(n):
-                decoder.step()
-    assert torch.equal(tokens[0], tokens[1])
-
-
-@interpreter
-def test_fused_linear_step_traces_under_torch_compile():
-    model, _ = tiny(n=n, **PATTERNS["strided-multihead"])
-    x = torch.randint(0, 256, (1, n))
-    with torch.no_grad():
-        cache = model.new_cache(1, fused=True, fused_linear=True)
+        fused = _decode(model, x, True, fused_linear=True)
+        torch.testing.assert_close(fused, model(x), atol=1e-4, rtol=1e-4)
+        cache = model.new_cache(2, fused=True, fused_linear=True)
         step = torch.compile(
             lambda t, p: model.decode_step(t, p, cache), backend="aot_eager", fullgraph=True, dynamic=False
         )
-        compiled = torch.stack([step(x[:, i - 1], torch.tensor([i])) for i in range(n)], 1)
-        torch.testing.assert_close(compiled, _decode(model, x, True, True), atol=1e-6, rtol=1e-6)
+        compiled = torch.stack([step(x[:, i - 1], torch.tensor([i])) for i in range(3)], 1)
+    torch.testing.assert_close(compiled, fused[:, :3], atol=1e-6, rtol=1e-6)
 
 
 @pytest.mark.gpu
