@@ -53,9 +53,31 @@ def init_distributed(device: str) -> Dist:
     return Dist(rank=dist.get_rank(), world=dist.get_world_size(), device=dev)
 
 
-def shutdown() -> None:
-    """Leave the process group (no-op without one)."""
-    if dist.is_initialized():
+def shutdown(finished: bool = False) -> None:
+    """Leave the process group (no-op without one); with ``finished``, first wait for every rank.
+
+    ``finished`` is for the end of a run that completed on every rank (all ranks call this at the
+    same point): the ranks meet at a barrier before the group is destroyed, so that no rank tears
+    down while another is still in a collective, and so that gloo's worker threads get the GIL they
+    need to release the earlier collectives' tensors (a tensor that has a Python object decrefs it)
+    while this process waits, rather than once it exits. ``destroy_process_group`` does not stop
+    those threads while anything still references the group (DTensor's sharding caches keep FSDP2's
+    device mesh, and with it the group, until the process ends); a thread that gets the GIL only
+    once the interpreter is finalizing is ended by CPython with ``pthread_exit`` inside a
+    ``noexcept`` C++ destructor, and the process aborts with "terminate called without an active
+    exception" (SIGABRT). The barrier waits without holding the GIL and its own work holds no
+    Python tensor. It narrows that race and cannot close it: a worker thread that is not scheduled
+    during the whole barrier can still release its work late.
+
+    Leave ``finished`` False on an error path: a rank that failed alone would leave the others
+    waiting at the barrier. The group is destroyed even if the barrier raises (a rank that died).
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    try:
+        if finished:
+            dist.barrier()
+    finally:
         dist.destroy_process_group()
 
 

@@ -475,11 +475,13 @@ def train(
     stopper = _StopSignals(
         lambda signum: f"stopped by {_signal_name(signum)} before the first training step; no checkpoint was written"
     )
-    lock = None
+    lock, finished = None, False
     try:
         run_dir = run_dir or _new_run_dir(d)
         lock = hold_run_dir(run_dir, d)
-        return _train(cfg, run_dir, resume is not None, d, stopper)
+        summary = _train(cfg, run_dir, resume is not None, d, stopper)
+        finished = True  # on every rank: all of them meet at a barrier before leaving the group
+        return summary
     except Stopped as e:
         if d.main:
             print(e, file=sys.stderr, flush=True)
@@ -488,7 +490,7 @@ def train(
         stopper.restore()
         if lock is not None:
             lock.release()
-        parallel.shutdown()
+        parallel.shutdown(finished=finished)
 
 
 def _signal_name(signum: int) -> str:

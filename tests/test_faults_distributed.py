@@ -12,7 +12,7 @@ import pytest
 import torch.distributed as dist
 from conftest import FAULT_RUN, overrides
 
-from sparse_transformer import checkpoint
+from sparse_transformer import checkpoint, parallel
 
 pytestmark = [
     pytest.mark.distributed,
@@ -31,6 +31,28 @@ def data_dir(text_data):
 
 def tiny(data_dir, *extra):
     return [*overrides({"data.dir": data_dir}, FAULT_RUN, {"train.checkpoint_every": 0}), *extra]
+
+
+def test_shutdown_of_a_finished_run_meets_at_a_barrier_then_leaves(monkeypatch):
+    """parallel.shutdown(finished=True): a barrier, then destroy_process_group (gloo's worker threads
+    release the last collectives' tensors, which takes the GIL, while this process waits there, not
+    during interpreter finalization); without ``finished`` no barrier; the group is left even when
+    the barrier fails (a peer that died)."""
+    calls = []
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "barrier", lambda: calls.append("barrier"))
+    monkeypatch.setattr(dist, "destroy_process_group", lambda: calls.append("destroy"))
+    parallel.shutdown(finished=True)
+    parallel.shutdown()
+    assert calls == ["barrier", "destroy", "destroy"]
+
+    def dead_peer():
+        raise RuntimeError("Connection closed by peer")
+
+    monkeypatch.setattr(dist, "barrier", dead_peer)
+    with pytest.raises(RuntimeError, match="closed by peer"):
+        parallel.shutdown(finished=True)
+    assert calls == ["barrier", "destroy", "destroy", "destroy"]
 
 
 def torchrun(faults, *args):

@@ -122,6 +122,17 @@ def test_resume_with_another_architecture_is_a_user_error(data_dir, tmp_path):
         train(None, None, resume=tmp_path / "nothing-here")
 
 
+def test_only_a_finished_run_waits_for_every_rank_before_leaving_the_group(data_dir, tmp_path, monkeypatch):
+    """train() asks parallel.shutdown for its barrier (every rank at the same point) only after a run
+    that finished; after an error it leaves at once (a rank that failed alone would hang the others)."""
+    asked = []
+    monkeypatch.setattr(train_mod.parallel, "shutdown", lambda finished=False: asked.append(finished))
+    train(tiny(data_dir, "--train.max_steps", "2"), tmp_path / "run")
+    with pytest.raises(UserError, match="another architecture"):
+        train(None, None, resume=tmp_path / "run", overrides=["--model.d_model", "64", "--train.max_steps", "4"])
+    assert asked == [True, False]
+
+
 def test_lr_schedule_warmup_then_cosine():
     t = load_config(
         None,
