@@ -1,6 +1,6 @@
 """``python -m sparse_transformer ...`` (also what torchrun launches)."""
 
-from .cli import main
+from .cli import console
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    console()

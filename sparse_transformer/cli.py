@@ -393,3 +393,25 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+
+
+def console(argv: list[str] | None = None) -> None:
+    """The ``sparse-transformer`` command and ``python -m sparse_transformer``: :func:`main`, then exit
+    with its status.
+
+    A torchrun worker (``WORLD_SIZE`` > 1) leaves with ``os._exit`` once its output is flushed,
+    without the interpreter's finalization: gloo's worker threads can outlive
+    ``destroy_process_group`` (see :func:`~sparse_transformer.parallel.shutdown`), and one that asks
+    for the GIL while the interpreter finalizes aborts the process (SIGABRT, "terminate called
+    without an active exception") after a run that succeeded. By then ``train`` has closed every
+    file it wrote (checkpoints, exports, metrics, TensorBoard, W&B) and left the process group.
+    """
+    code = main(argv)
+    if int(os.environ.get("WORLD_SIZE", "1") or "1") > 1:
+        import logging
+
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)

@@ -66,8 +66,9 @@ def shutdown(finished: bool = False) -> None:
     once the interpreter is finalizing is ended by CPython with ``pthread_exit`` inside a
     ``noexcept`` C++ destructor, and the process aborts with "terminate called without an active
     exception" (SIGABRT). The barrier waits without holding the GIL and its own work holds no
-    Python tensor. It narrows that race and cannot close it: a worker thread that is not scheduled
-    during the whole barrier can still release its work late.
+    Python tensor. It narrows that race and cannot close it (a worker thread that is not scheduled
+    during the whole barrier can still release its work late): the command closes it by leaving a
+    torchrun worker without finalizing the interpreter (:func:`~sparse_transformer.cli.console`).
 
     Leave ``finished`` False on an error path: a rank that failed alone would leave the others
     waiting at the barrier. The group is destroyed even if the barrier raises (a rank that died).

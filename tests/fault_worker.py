@@ -18,7 +18,7 @@ import torch
 
 from sparse_transformer import checkpoint
 from sparse_transformer import train as train_mod
-from sparse_transformer.cli import main
+from sparse_transformer.cli import console
 
 rank = int(os.environ["RANK"])
 faults = {k: int(v) for k, v in (f.split(":") for f in os.environ.get("FAULTS", "").split(",") if f)}
@@ -52,4 +52,4 @@ def save_training(run_dir, model, optimizer, state, keep=1):
 
 checkpoint.save_training = save_training
 torch.set_num_threads(1)
-sys.exit(main(sys.argv[1:]))
+console(sys.argv[1:])  # as the command does: a torchrun worker leaves with os._exit
