@@ -246,7 +246,14 @@ def decode_linear(
     Returns:
         ``[M, N]`` in ``x.dtype``. Statistics, products and epilogue run in fp32; the normalized input
         is rounded to ``weight.dtype`` before the product (as ``linear(layer_norm(x))`` rounds it).
+    Raises:
+        ValueError: only one of ``norm_weight`` and ``norm_bias`` (a LayerNorm without its affine
+            parameters: pass ones and zeros).
     """
+    if (norm_weight is None) != (norm_bias is None):
+        raise ValueError(
+            "decode_linear: give norm_weight and norm_bias together (ones and zeros for a plain LayerNorm)"
+        )
     M, K = x.shape
     N = weight.shape[0]
     out = torch.empty(M, N, device=x.device, dtype=x.dtype)

@@ -104,10 +104,11 @@ def project(
         norm: a pre-LayerNorm over ``K``; act: :func:`gelu` or None; dropout: applied before the add.
         fused: one Triton launch (:func:`~sparse_transformer.decode_kernels.decode_linear`) instead of
             the torch operations, for a decoding step (a few rows; the caller passes it only where
-            dropout is inactive). The two agree to the dtype's rounding.
+            dropout is inactive). The two agree to the dtype's rounding. A LayerNorm without its
+            affine parameters or another activation than :func:`gelu` takes the torch operations.
     Returns: ``[..., N]`` in ``x.dtype``.
     """
-    if fused:
+    if fused and act in (None, gelu) and (norm is None or (norm.weight is not None and norm.bias is not None)):
         from .decode_kernels import decode_linear
 
         lead, N = x.shape[:-1], linear.out_features
