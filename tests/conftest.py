@@ -1,14 +1,9 @@
 """Shared test setup: `gpu` tests skip without CUDA, `distributed` tests without torch.distributed;
 the prepared data (synthetic text, or folders written by hand) and the tiny runs' config overrides
 that the training, evaluation, sampling, benchmark and torchrun tests share; one thread for the
-decoding tests; the README's default run started in the background when its test is selected."""
+decoding tests."""
 
 import json
-import os
-import shutil
-import subprocess
-import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -27,60 +22,6 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(no_gpu)
         if "distributed" in item.keywords and not torch.distributed.is_available():
             item.add_marker(no_dist)
-
-
-# The README's main job (`sparse-transformer train`, no arguments), run by
-# tests/test_train.py::test_default_run_reaches_its_target: about 10 minutes on 2 slow shared cores, half
-# of the suite. When it is selected with other tests it starts as soon as collection ends, in a
-# subprocess with one thread, and the rest of the suite runs beside it with one thread (torch and any
-# process it starts: OMP_NUM_THREADS=1), so that the two share the cores instead of fighting over them.
-DEFAULT_RUN_TEST = "tests/test_train.py::test_default_run_reaches_its_target"
-_default_run: dict = {}
-
-
-def start_default_run(threads: str | None = None) -> dict:
-    """Start the default run in a fresh folder (its own data cache: data preparation included);
-    returns ``{"proc": Popen, "dir": Path}`` (the run folder is ``dir / "run"``)."""
-    folder = Path(tempfile.mkdtemp(prefix="default-run-"))
-    root = str(Path(__file__).resolve().parents[1])
-    env = dict(
-        os.environ,
-        XDG_CACHE_HOME=str(folder / "cache"),
-        PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])),
-    )
-    if threads:
-        env["OMP_NUM_THREADS"] = threads
-    cmd = [sys.executable, "-m", "sparse_transformer", "train", "--run-dir", str(folder / "run")]
-    # output into files, not pipes: nobody reads a pipe before the test, and a full one would stall the run
-    with open(folder / "stdout.txt", "w") as out, open(folder / "stderr.txt", "w") as err:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=err, env=env, cwd=folder)
-    return {"proc": proc, "dir": folder}
-
-
-def pytest_collection_finish(session):
-    if len(session.items) > 1 and any(item.nodeid == DEFAULT_RUN_TEST for item in session.items):
-        _default_run.update(start_default_run(threads="1"))
-        os.environ["OMP_NUM_THREADS"] = "1"
-        torch.set_num_threads(1)
-
-
-def pytest_sessionfinish(session, exitstatus):
-    if _default_run:
-        if _default_run["proc"].poll() is None:  # the suite stopped before the test (-x, Ctrl-C)
-            _default_run["proc"].kill()
-            _default_run["proc"].wait()
-        shutil.rmtree(_default_run["dir"], ignore_errors=True)
-
-
-@pytest.fixture
-def default_run():
-    """The default run: the one started after collection, or (the test alone) one started now with
-    the process's own threads. Yields ``(stdout, stderr, returncode)`` once it has ended."""
-    run = _default_run or start_default_run()
-    returncode = run["proc"].wait()
-    yield (run["dir"] / "stdout.txt").read_text(), (run["dir"] / "stderr.txt").read_text(), returncode
-    if run is not _default_run:
-        shutil.rmtree(run["dir"], ignore_errors=True)
 
 
 def _letters(size: int) -> bytes:
