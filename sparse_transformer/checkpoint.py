@@ -117,11 +117,7 @@ def load(path: str | Path, map_location="cpu") -> dict:
                 f"checkpoint: refused to load {path}: it holds Python objects that could run code, "
                 "not only tensors; use a checkpoint written by sparse-transformer"
             ) from None
-        found = re.search(r"Unsupported [^\n.]*", str(e))  # torch's first line is about its own default
-        raise UserError(
-            f"checkpoint: {path} is corrupt or not a checkpoint ({found[0] if found else _first_line(e)}); "
-            "resume from an intact run or train again"
-        ) from None
+        raise _not_a_checkpoint(path, e) from None
     except Exception as e:  # noqa: BLE001 - weights_only runs no code; any failure of a damaged file is "corrupt"
         raise UserError(
             f"checkpoint: {path} is corrupt or truncated ({_first_line(e)}); resume from an intact run or train again"
@@ -136,6 +132,17 @@ def load(path: str | Path, map_location="cpu") -> dict:
 def _first_line(e: BaseException) -> str:
     text = str(e).strip().splitlines()
     return text[0][:200] if text else type(e).__name__
+
+
+def _not_a_checkpoint(path: Path, e: BaseException) -> UserError:
+    """The one line for a file that does not unpickle as a checkpoint: torch's reason (its
+    "Unsupported ..." part: the first line of its message is about its own default), else the
+    error's first line."""
+    found = re.search(r"Unsupported [^\n.]*", str(e))
+    return UserError(
+        f"checkpoint: {path} is corrupt or not a checkpoint ({found[0] if found else _first_line(e)}); "
+        "resume from an intact run or train again"
+    )
 
 
 def check_compatible(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
@@ -577,11 +584,7 @@ def read_sharded_metadata(run_dir: str | Path, folder: Path):
             "code); use a checkpoint written by sparse-transformer train"
         ) from None
     except Exception as e:  # noqa: BLE001 - nothing can run here; any failure of a damaged file is "corrupt"
-        found = re.search(r"Unsupported [^\n.]*", str(e))  # torch's first line is about its own default
-        raise UserError(
-            f"checkpoint: {path} is corrupt or not a checkpoint ({found[0] if found else _first_line(e)}); "
-            "resume from an intact run or train again"
-        ) from None
+        raise _not_a_checkpoint(path, e) from None
 
     def bad(why: str) -> UserError:
         return UserError(f"checkpoint: {path} is corrupt or tampered ({why}); resume from an intact run or train again")
