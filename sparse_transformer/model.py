@@ -415,13 +415,18 @@ class SparseTransformer(
     # ---- incremental decoding (sampling) ------------------------------------------------------
 
     def new_cache(
-        self, batch: int, length: int | None = None, device=None, fused: bool | None = None, fused_linear: bool = False
+        self,
+        batch: int,
+        length: int | None = None,
+        device=None,
+        fused: bool | None = None,
+        fused_linear: bool | None = None,
     ) -> KVCache:
         """A pre-allocated sparse KV cache for ``batch`` sequences of ``length`` positions (default
         ``n_ctx``), in the model's dtype (fp16 models keep fp32 keys), on ``device`` (default the
         model's; ``"meta"`` allocates nothing, for sizing). ``fused``: decode each layer's attention
         with one Triton kernel (None: on CUDA); ``fused_linear``: each projection with its norm,
-        GeLU and residual too (see :class:`~sparse_transformer.kv_cache.KVCache`).
+        GeLU and residual too (None: on CUDA) (see :class:`~sparse_transformer.kv_cache.KVCache`).
         Raises ValueError outside ``1..n_ctx``."""
         cfg = self.cfg
         length = cfg.n_ctx if length is None else length

@@ -112,7 +112,7 @@ class Decoder:
         fused: attend with the fused Triton decode kernel, one launch per layer (None: on CUDA;
             see :meth:`~sparse_transformer.model.SparseTransformer.new_cache`).
         fused_linear: run each block's projections with their norm, GeLU and residual as fused
-            Triton kernels too (see :meth:`~sparse_transformer.model.SparseTransformer.new_cache`).
+            Triton kernels too (None: on CUDA; see :meth:`~sparse_transformer.model.SparseTransformer.new_cache`).
 
     If compiling or capturing fails, the decoder warns and falls back to the plain step.
     """
@@ -127,7 +127,7 @@ class Decoder:
         graphs: bool = False,
         compile: bool = False,
         fused: bool | None = None,
-        fused_linear: bool = False,
+        fused_linear: bool | None = None,
     ):
         if graphs and tokens.device.type != "cuda":
             raise ValueError(f"CUDA graphs need a CUDA device; tokens are on {tokens.device} (use graphs=False)")

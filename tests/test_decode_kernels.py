@@ -244,7 +244,7 @@ def test_cuda_linear_kernel_matches_torch(M):
                                           (512, 2048, True, True, False), (2048, 512, False, False, True)]:  # fmt: skip
         norm, linear, x, r = _linear_case(M, K, N, "cuda")
         kw = {"norm": norm if use_norm else None, "act": gelu if act else None, "residual": r if residual else None}
-        lo = [m.to(torch.bfloat16) for m in (norm, linear)] + [t.to(torch.bfloat16) for t in (x, r)]
+        lo = [copy.deepcopy(m).to(torch.bfloat16) for m in (norm, linear)] + [t.to(torch.bfloat16) for t in (x, r)]
         kw16 = {"norm": lo[0] if use_norm else None, "act": kw["act"], "residual": lo[3] if residual else None}
         with torch.no_grad():
             exact = project(linear, x, **kw)

@@ -283,7 +283,7 @@ def bench_sample_cuda(
     out_jsonl: str | None = None,
     attention: str = "fused",
     profile: int = 0,
-    linear: str = "torch",
+    linear: str = "fused",
 ) -> list[dict]:
     """Time the decoding step of a preset model on CUDA (see the module docstring).
 
@@ -435,7 +435,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     cuda.add_argument(
         "--linear",
-        default="torch",
+        default="fused",
         help="torch (projections, norms, GeLU, residuals as torch operations), fused (one Triton kernel "
         "per projection with its norm, GeLU and residual), or torch,fused (both)",
     )
