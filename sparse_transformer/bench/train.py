@@ -4,7 +4,7 @@ A training step here is the one ``sparse-transformer train`` runs (:func:`~spars
 on what :func:`~sparse_transformer.train.setup_training` builds): forward and loss under bf16
 autocast (CUDA; fp32 on CPU unless asked), backward through the grad scaler (fp16), gradient
 clipping, fused AdamW (CUDA) with weight decay on matrices only, activation checkpointing of every
-block (``model.checkpoint = True``). Inputs are random bytes; the learning rate is ``train.lr``.
+block (``model.checkpoint = True``; ``--set model.checkpoint=false`` keeps the activations instead). Inputs are random bytes; the learning rate is ``train.lr``.
 The same configuration is run twice in the same process: with its sparse pattern (backend
 ``auto`` = Triton on CUDA, or the one asked for) and with dense causal attention through
 ``F.scaled_dot_product_attention`` (``model.pattern = dense``, ``model.backend = sdpa``; on CUDA
@@ -209,12 +209,14 @@ def bench_train(
     dtype = dtype_name(dtype, device)
     if out_jsonl:
         check_output_file(out_jsonl, "bench train: --out")
+    # every block recomputed in the backward unless an override says otherwise (--set model.checkpoint=false)
+    overrides = ["--model.checkpoint=true", *overrides]
     if isinstance(preset_or_cfg, Config):
-        cfg = apply_overrides(copy.deepcopy(preset_or_cfg), list(overrides))
+        cfg = apply_overrides(copy.deepcopy(preset_or_cfg), overrides)
     else:
-        cfg = load_config(str(preset_or_cfg), list(overrides))
+        cfg = load_config(str(preset_or_cfg), overrides)
     sizes = ([f"--data.seq_len={n}"] if n else []) + ([f"--train.batch_size={batch}"] if batch else [])
-    cfg = validate(apply_overrides(cfg, sizes + ["--model.checkpoint=true"]))
+    cfg = validate(apply_overrides(cfg, sizes))
     backends = [sparse_backend] if isinstance(sparse_backend, str) else list(sparse_backend)
 
     runs = []
