@@ -152,12 +152,24 @@ def _(q, k, v, k_buf, v_buf, write, read, bias, scale):
 
 
 @triton.jit
+def _tile_product(x, w, DOT: tl.constexpr, IEEE: tl.constexpr):
+    """``x [BLOCK_M, BLOCK_K] @ w[BLOCK_N, BLOCK_K]^T`` in fp32: ``tl.dot`` (``ieee`` for fp32 weights), or
+    a broadcast product and a sum for a row or two (no padding of the rows to 16)."""
+    if DOT:
+        if IEEE:
+            return tl.dot(x, tl.trans(w), input_precision="ieee")
+        return tl.dot(x, tl.trans(w))
+    return tl.sum(x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
+
+
+@triton.jit
 def _decode_linear_kernel(
     X, W, BIAS, G, BETA, R, OUT,
     M, N, K, eps,
     sx, sw, sr, so,
     HAS_BIAS: tl.constexpr, NORM: tl.constexpr, GELU: tl.constexpr, RESIDUAL: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT: tl.constexpr, IEEE: tl.constexpr,
+    ONE_BLOCK: tl.constexpr,
 ):  # fmt: skip
     rm = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -165,40 +177,47 @@ def _decode_linear_kernel(
     mn = rn < N
     x_rows = X + rm[:, None].to(tl.int64) * sx
     w_rows = W + rn[:, None].to(tl.int64) * sw
-    if NORM:  # LayerNorm statistics of the input rows in fp32, two passes (mean, then centred squares)
-        mean = tl.zeros((BLOCK_M,), tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            rk = k0 + tl.arange(0, BLOCK_K)
-            x = tl.load(x_rows + rk[None, :], mask=mm[:, None] & (rk < K)[None, :], other=0.0)
-            mean += tl.sum(x.to(tl.float32), axis=1)
-        mean = mean / K
-        var = tl.zeros((BLOCK_M,), tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            rk = k0 + tl.arange(0, BLOCK_K)
-            mk = (rk < K)[None, :]
-            x = tl.load(x_rows + rk[None, :], mask=mm[:, None] & mk, other=0.0)
-            xc = tl.where(mk, x.to(tl.float32) - mean[:, None], 0.0)
-            var += tl.sum(xc * xc, axis=1)
-        rstd = 1.0 / tl.sqrt(var / K + eps)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        rk = k0 + tl.arange(0, BLOCK_K)
+    if ONE_BLOCK:  # K <= BLOCK_K: the input rows are read once and normalized in registers
+        rk = tl.arange(0, BLOCK_K)
         mk = rk < K
+        w = tl.load(w_rows + rk[None, :], mask=mn[:, None] & mk[None, :], other=0.0)
         x = tl.load(x_rows + rk[None, :], mask=mm[:, None] & mk[None, :], other=0.0).to(tl.float32)
-        if NORM:
+        if NORM:  # LayerNorm statistics in fp32: the mean, then the centred squares
+            mean = tl.sum(x, axis=1) / K
+            xc = tl.where(mk[None, :], x - mean[:, None], 0.0)
+            rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, axis=1) / K + eps)
             g = tl.load(G + rk, mask=mk, other=0.0).to(tl.float32)
             beta = tl.load(BETA + rk, mask=mk, other=0.0).to(tl.float32)
-            x = (x - mean[:, None]) * rstd[:, None] * g[None, :] + beta[None, :]
-        w = tl.load(w_rows + rk[None, :], mask=mn[:, None] & mk[None, :], other=0.0)
+            x = xc * rstd[:, None] * g[None, :] + beta[None, :]
         # the normalized input is rounded to the weights' dtype, as the torch path's LayerNorm output is
-        x = x.to(w.dtype)
-        if DOT:
-            if IEEE:
-                acc += tl.dot(x, tl.trans(w), input_precision="ieee")
-            else:
-                acc += tl.dot(x, tl.trans(w))
-        else:  # a row or two: a broadcast product and a sum (no padding of the rows to 16)
-            acc += tl.sum(x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
+        acc = _tile_product(x.to(w.dtype), w, DOT, IEEE)
+    else:
+        if NORM:  # statistics over blocks of K in fp32, two passes (mean, then centred squares)
+            mean = tl.zeros((BLOCK_M,), tl.float32)
+            for k0 in range(0, K, BLOCK_K):
+                rk = k0 + tl.arange(0, BLOCK_K)
+                x = tl.load(x_rows + rk[None, :], mask=mm[:, None] & (rk < K)[None, :], other=0.0)
+                mean += tl.sum(x.to(tl.float32), axis=1)
+            mean = mean / K
+            var = tl.zeros((BLOCK_M,), tl.float32)
+            for k0 in range(0, K, BLOCK_K):
+                rk = k0 + tl.arange(0, BLOCK_K)
+                mk = (rk < K)[None, :]
+                x = tl.load(x_rows + rk[None, :], mask=mm[:, None] & mk, other=0.0)
+                xc = tl.where(mk, x.to(tl.float32) - mean[:, None], 0.0)
+                var += tl.sum(xc * xc, axis=1)
+            rstd = 1.0 / tl.sqrt(var / K + eps)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            rk = k0 + tl.arange(0, BLOCK_K)
+            mk = rk < K
+            x = tl.load(x_rows + rk[None, :], mask=mm[:, None] & mk[None, :], other=0.0).to(tl.float32)
+            if NORM:
+                g = tl.load(G + rk, mask=mk, other=0.0).to(tl.float32)
+                beta = tl.load(BETA + rk, mask=mk, other=0.0).to(tl.float32)
+                x = (x - mean[:, None]) * rstd[:, None] * g[None, :] + beta[None, :]
+            w = tl.load(w_rows + rk[None, :], mask=mn[:, None] & mk[None, :], other=0.0)
+            acc += _tile_product(x.to(w.dtype), w, DOT, IEEE)
     if HAS_BIAS:
         acc += tl.load(BIAS + rn, mask=mn, other=0.0).to(tl.float32)[None, :]
     if GELU:  # the paper's approximation x·sigmoid(1.702x)
@@ -284,7 +303,7 @@ def decode_linear(
         weight if norm_weight is None else norm_weight, weight if norm_bias is None else norm_bias,
         r, out, M, N, K, eps, x.stride(0), weight.stride(0), r.stride(0), out.stride(0),
         HAS_BIAS=bias is not None, NORM=norm_weight is not None, GELU=gelu, RESIDUAL=residual is not None,
-        IEEE=weight.dtype == torch.float32, **tile,
+        IEEE=weight.dtype == torch.float32, ONE_BLOCK=K <= tile["BLOCK_K"], **tile,
     )  # fmt: skip
     return out
 

@@ -196,14 +196,16 @@ def _linear_case(M, K, N, device="cpu", dtype=torch.float32, bias=True):
 
 @interpreter
 @pytest.mark.parametrize("M", [0, 1, 3])  # 1: the broadcast product; 3: tl.dot on 16 x 16 tiles
+@pytest.mark.parametrize("K", [300, 1500])  # the input rows in one block (read once), or several
 @pytest.mark.parametrize(
     ("use_norm", "act", "residual", "bias"),
     [(True, False, False, False), (True, True, False, True), (False, False, True, True), (False, False, False, False)],
 )
-def test_linear_kernel_matches_torch(M, use_norm, act, residual, bias):
-    """``project(..., fused=True)`` against its torch path, fp32: K = 600 spans several K blocks and
-    is no power of two, N = 40 is no multiple of the output tile."""
-    norm, linear, x, r = _linear_case(M, 600, 40, bias=bias)
+def test_linear_kernel_matches_torch(M, K, use_norm, act, residual, bias):
+    """``project(..., fused=True)`` against its torch path, fp32: K = 300 fits one K block (the rows
+    normalized in registers), K = 1,500 spans several (two passes of statistics); neither is a power
+    of two, and N = 40 is no multiple of the output tile."""
+    norm, linear, x, r = _linear_case(M, K, 40, bias=bias)
     kw = {"norm": norm if use_norm else None, "act": gelu if act else None, "residual": r if residual else None}
     with torch.no_grad():
         want = project(linear, x, **kw)
