@@ -67,7 +67,7 @@ import torch.nn as nn
 
 from . import parallel
 from .config import Config, config_from_dict
-from .errors import BAD_JSON, UserError
+from .errors import BAD_JSON, UserError, first_line
 from .model import SparseTransformer
 from .paths import atomic_output
 from .runfolder import inside
@@ -120,7 +120,7 @@ def load(path: str | Path, map_location="cpu") -> dict:
         raise _not_a_checkpoint(path, e) from None
     except Exception as e:  # noqa: BLE001 - weights_only runs no code; any failure of a damaged file is "corrupt"
         raise UserError(
-            f"checkpoint: {path} is corrupt or truncated ({_first_line(e)}); resume from an intact run or train again"
+            f"checkpoint: {path} is corrupt or truncated ({first_line(e)}); resume from an intact run or train again"
         ) from None
     if not isinstance(state, dict):
         raise UserError(
@@ -129,18 +129,13 @@ def load(path: str | Path, map_location="cpu") -> dict:
     return state
 
 
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return text[0][:200] if text else type(e).__name__
-
-
 def _not_a_checkpoint(path: Path, e: BaseException) -> UserError:
     """The one line for a file that does not unpickle as a checkpoint: torch's reason (its
     "Unsupported ..." part: the first line of its message is about its own default), else the
     error's first line."""
     found = re.search(r"Unsupported [^\n.]*", str(e))
     return UserError(
-        f"checkpoint: {path} is corrupt or not a checkpoint ({found[0] if found else _first_line(e)}); "
+        f"checkpoint: {path} is corrupt or not a checkpoint ({found[0] if found else first_line(e)}); "
         "resume from an intact run or train again"
     )
 
@@ -686,7 +681,7 @@ def _dcp_load(request: dict, folder: Path, metadata) -> None:
         if isinstance(e, UserError):
             raise UserError(str(e)) from None
         raise UserError(
-            f"checkpoint: cannot load {folder} into this model ({_first_line(e)}); it is corrupt or from another "
+            f"checkpoint: cannot load {folder} into this model ({first_line(e)}); it is corrupt or from another "
             f"architecture: {fix}"
         ) from None
 
@@ -742,7 +737,7 @@ def read_run_config(run_dir: str | Path, root: str | Path | None = None) -> Conf
         table = json.loads(path.read_text())
     except (*BAD_JSON, OSError) as e:
         raise UserError(
-            f"checkpoint: {path} is not valid JSON ({_first_line(e)}); restore it from the run or train again"
+            f"checkpoint: {path} is not valid JSON ({first_line(e)}); restore it from the run or train again"
         ) from None
     if not isinstance(table, dict):
         raise UserError(f"checkpoint: {path} holds no config (a JSON object of sections); restore it from the run")
@@ -819,4 +814,4 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
     try:
         return load_file(str(path))
     except (SafetensorError, OSError, ValueError) as e:
-        raise UserError(f"checkpoint: {path} is corrupt ({_first_line(e)}); export it again or train again") from None
+        raise UserError(f"checkpoint: {path} is corrupt ({first_line(e)}); export it again or train again") from None

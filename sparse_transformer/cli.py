@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 from .config import ModelConfig, choices
-from .errors import UserError
+from .errors import UserError, first_line
 from .paths import atomic_output, check_output_file
 
 LAYOUT_MAX_N = 2**24  # layout computes per-query key counts of length n
@@ -383,7 +383,7 @@ def main(argv: list[str] | None = None) -> int:
     except (MemoryError, RuntimeError) as e:
         if not _out_of_memory(e):
             raise
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        first = first_line(e)
         print(
             f"error: out of memory ({first}); ask for less: a smaller model, batch (--train.batch_size), "
             "--num or --length",

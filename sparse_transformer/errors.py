@@ -13,3 +13,10 @@ BAD_JSON = (json.JSONDecodeError, UnicodeDecodeError, RecursionError)
 
 class UserError(ValueError):
     """Bad input from the user: one line that names the problem and how to fix it."""
+
+
+def first_line(e: BaseException, limit: int = 200) -> str:
+    """The first line of ``str(e)`` cut to ``limit`` characters, or the exception's type name when
+    it has no text: the cause quoted inside a one-line :class:`UserError` message."""
+    text = str(e).strip().splitlines()
+    return text[0][:limit] if text else type(e).__name__

@@ -47,7 +47,7 @@ from huggingface_hub import PyTorchModelHubMixin
 from . import patterns
 from .attention import sparse_attention
 from .config import Config, ModelConfig, config_for_model
-from .errors import UserError
+from .errors import UserError, first_line
 from .kv_cache import KVCache, KVStep, LayerKVCache
 
 # The model card save_pretrained writes as README.md beside the two files (huggingface_hub's template
@@ -348,7 +348,7 @@ class SparseTransformer(
         except UserError:
             raise
         except (OSError, ValueError, EntryNotFoundError) as e:
-            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+            first = first_line(e)
             raise UserError(
                 f"from_pretrained: {source} is no folder here and could not be fetched from the Hub ({first}); {fix}"
             ) from None
