@@ -133,3 +133,36 @@ def test_prepare_kinds_of_the_parser_are_the_data_packages():
     from sparse_transformer.data.prepare import KINDS
 
     assert PREPARE_KINDS == KINDS
+
+
+@pytest.mark.parametrize(
+    ("error", "cause"),
+    [
+        (RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB\nGPU 0 has a total capacity of 139 GiB"),
+         "CUDA out of memory. Tried to allocate 2.00 GiB"),
+        (MemoryError(), "MemoryError"),
+    ],
+)  # fmt: skip
+def test_out_of_memory_is_one_line_with_status_2(monkeypatch, capsys, tmp_path, error, cause):
+    """A failed allocation anywhere in a command: exit status 2 and one line that quotes the first
+    line of the cause (else its type name) and says what to ask for less of."""
+    import sparse_transformer.cli as cli
+
+    def fail(args):
+        raise error
+
+    monkeypatch.setattr(cli, "cmd_eval", fail)
+    assert main(["eval", "--run", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"error: out of memory ({cause}); ask for less")
+
+
+def test_a_runtime_error_that_is_no_allocation_failure_propagates(monkeypatch, tmp_path):
+    import sparse_transformer.cli as cli
+
+    def fail(args):
+        raise RuntimeError("shape mismatch")
+
+    monkeypatch.setattr(cli, "cmd_eval", fail)
+    with pytest.raises(RuntimeError, match="shape mismatch"):
+        main(["eval", "--run", str(tmp_path)])
