@@ -297,7 +297,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sp.add_argument("--run", required=True)
     sp.add_argument("--num", type=int, default=None, help="samples, drawn together in one batch (run's sample.num)")
-    sp.add_argument("--length", type=int, default=None, help="tokens per sample (0 = the model's context)")
+    sp.add_argument(
+        "--length", type=int, default=None, help="bytes per sample, a --prefix included (0 = the model's context)"
+    )
     sp.add_argument("--temperature", type=float, default=None, help="(run's sample.temperature)")
     sp.add_argument("--top-k", type=int, default=None, help="(run's sample.top_k; 0 = no truncation)")
     sp.add_argument("--prefix", default=None, help="a file whose bytes begin every sample (completions)")

@@ -20,7 +20,7 @@ rules (``Term.cache_slots``, ``cache_slot``, ``cache_keys`` in ``patterns.py``):
     dense                   compact (ring of n)  n                     n (masked to i + 1)
     local(w)                compact              w                     w
     strided                 every position       n                     l + n/l
-    fixed                   compact              l + c·n/l + 1         l + c·n/l + 1
+    fixed                   compact              l + c·⌈n/l⌉ + 1       l + c·⌈n/l⌉ + 1
 
 The groups of a layer share two flat buffers (keys ``[rows, dk]``, values ``[rows, dv]``), each
 group's rows viewed as its own ``[B·Hg, slots, d]`` buffer. A step attends with all heads of a layer
@@ -357,14 +357,15 @@ class KVCache:
         device: where the buffers live (``"meta"`` allocates nothing, for sizing).
         dtype: the model's dtype (values; keys see :func:`key_dtype`).
         fused: attend with the fused Triton kernel (:mod:`sparse_transformer.decode_kernels`; one launch
-            per layer). None (the default) means on for CUDA buffers, where it is 1.2-7.7x faster
-            than the torch step (docs/benchmarks.md), and off elsewhere; on CPU tensors it needs
+            per layer). None (the default) means on for CUDA buffers, where the step is 1.3-8.4x
+            faster than with the attention as torch operations (docs/benchmarks.md), and off elsewhere; on CPU tensors it needs
             Triton's interpreter (``TRITON_INTERPRET=1``, for tests).
         fused_linear: decoding steps on this cache run each block's four projections with their
             LayerNorm, GeLU and residual add as one Triton kernel each
             (:func:`~sparse_transformer.decode_kernels.decode_linear`: five launches per block with
             the fused attention). None (the default) means on for CUDA buffers, where the step of the
-            ``audio`` preset is 1.3x faster with it (docs/benchmarks.md), and off elsewhere.
+            ``audio`` preset is 1.5x (compiled) to 1.9x (plain CUDA graph) faster with it at batch 1
+            (docs/benchmarks.md), and off elsewhere.
     """
 
     def __init__(

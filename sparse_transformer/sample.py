@@ -265,8 +265,9 @@ def generate(
         prefix: ``[P]`` or ``[num, P]`` bytes that fix the first ``P`` positions (completions, e.g.
             the top half of an image); fed in one forward pass (prefill), kept in the output.
         device: the device the model is on (default: found from its parameters).
-        use_cache: decode with the sparse KV cache (True; on CPU with one intra-op thread) or a full
-            forward pass per step (False).
+        use_cache: decode with the sparse KV cache (True, the default; on CPU the decoding then runs
+            with one intra-op thread, faster for its small operations) or with a full forward pass
+            per step (False).
         seed: seed of the sampling generator; None draws from the global RNG.
         graphs: replay the decoding step as a CUDA graph (None: on CUDA; True elsewhere raises
             ValueError); a failed capture warns and decodes eagerly.
@@ -425,11 +426,13 @@ def sample_command(
     overrides: list[str] | tuple[str, ...] = (),
 ) -> list[Path]:
     """``sparse-transformer sample``: load the model of run directory ``run``, draw ``num`` samples of
-    ``length`` bytes in one batch (0 = the model's context) and write them to ``out_dir`` (default ``run/samples``) as text, one PNG grid or WAV files,
-    following the data's ``meta.json`` (the embedded default data set is text). ``prefix_file``: its
+    ``length`` bytes in one batch (0 = the model's context; a prefix counts in it) and write them to
+    ``out_dir`` (default ``run/samples``) as text, one PNG grid or WAV files, following the data's
+    ``meta.json`` (the embedded default data set is text); the samples are not printed. ``prefix_file``: its
     raw bytes condition the first positions (for images: the first rows in raster order), fed in one
     forward pass. ``graphs``, ``compile``: see :func:`generate`. The weights are cast to the run's
-    ``train.dtype`` (``auto``: bf16 on CUDA, fp32 on CPU). Prints tokens/s. A temperature of 0, or
+    ``train.dtype`` (``auto``: bf16 on CUDA, fp32 on CPU). Prints the drawn tokens per second (prefix bytes
+    not counted); the command line then prints the written paths. A temperature of 0, or
     one too small to divide by (below :data:`GREEDY_BELOW`), samples greedily.
 
     ``num``, ``temperature``, ``top_k``, ``length`` and ``seed`` left as None take the run's
@@ -522,8 +525,11 @@ def sample_command(
     paths = write_samples(samples.to(torch.uint8).cpu().numpy(), meta, out_dir or run / "samples")
     kv = model.new_cache(num, length, device="meta")  # sizes only
     memory = f", peak {torch.cuda.max_memory_allocated(dev) / 2**20:.0f} MiB" if dev.type == "cuda" else ""
+    given_bytes = 0 if prefix is None else prefix.numel()
+    drawn = f" ({length - given_bytes} drawn after a prefix of {given_bytes})" if given_bytes else ""
     print(
-        f"sampled {num} x {length} bytes in {seconds:.1f} s: {num * length / seconds:,.0f} tokens/s on {dev}, "
+        f"sampled {num} x {length} bytes{drawn} in {seconds:.1f} s: "
+        f"{num * (length - given_bytes) / seconds:,.0f} tokens/s on {dev}, "
         f"{str(model.head.weight.dtype).removeprefix('torch.')} "
         f"(KV cache {kv.nbytes / 2**20:.2f} MiB, dense would be {kv.dense_nbytes / 2**20:.2f} MiB{memory})"
     )
