@@ -358,8 +358,8 @@ class KVCache:
         dtype: the model's dtype (values; keys see :func:`key_dtype`).
         fused: attend with the fused Triton kernel (:mod:`sparse_transformer.decode_kernels`; one launch
             per layer). None (the default) means on for CUDA buffers, where the step is 1.3-8.4x
-            faster than with the attention as torch operations (docs/benchmarks.md), and off elsewhere; on CPU tensors it needs
-            Triton's interpreter (``TRITON_INTERPRET=1``, for tests).
+            faster than with the attention as torch operations (docs/benchmarks.md), and off
+            elsewhere; on CPU tensors it needs Triton's interpreter (``TRITON_INTERPRET=1``, for tests).
         fused_linear: decoding steps on this cache run each block's four projections with their
             LayerNorm, GeLU and residual add as one Triton kernel each
             (:func:`~sparse_transformer.decode_kernels.decode_linear`: five launches per block with

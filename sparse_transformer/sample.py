@@ -112,7 +112,8 @@ class Decoder:
         fused: attend with the fused Triton decode kernel, one launch per layer (None: on CUDA;
             see :meth:`~sparse_transformer.model.SparseTransformer.new_cache`).
         fused_linear: run each block's projections with their norm, GeLU and residual as fused
-            Triton kernels too (None: on CUDA; see :meth:`~sparse_transformer.model.SparseTransformer.new_cache`).
+            Triton kernels too (None: on CUDA; see
+            :meth:`~sparse_transformer.model.SparseTransformer.new_cache`).
 
     If compiling or capturing fails, the decoder warns and falls back to the plain step.
     """
@@ -428,12 +429,13 @@ def sample_command(
     """``sparse-transformer sample``: load the model of run directory ``run``, draw ``num`` samples of
     ``length`` bytes in one batch (0 = the model's context; a prefix counts in it) and write them to
     ``out_dir`` (default ``run/samples``) as text, one PNG grid or WAV files, following the data's
-    ``meta.json`` (the embedded default data set is text); the samples are not printed. ``prefix_file``: its
-    raw bytes condition the first positions (for images: the first rows in raster order), fed in one
-    forward pass. ``graphs``, ``compile``: see :func:`generate`. The weights are cast to the run's
-    ``train.dtype`` (``auto``: bf16 on CUDA, fp32 on CPU). Prints the drawn tokens per second (prefix bytes
-    not counted); the command line then prints the written paths. A temperature of 0, or
-    one too small to divide by (below :data:`GREEDY_BELOW`), samples greedily.
+    ``meta.json`` (the embedded default data set is text); the samples are not printed.
+    ``prefix_file``: its raw bytes condition the first positions (for images: the first rows in
+    raster order), fed in one forward pass. ``graphs``, ``compile``: see :func:`generate`. The
+    weights are cast to the run's ``train.dtype`` (``auto``: bf16 on CUDA, fp32 on CPU). Prints the
+    drawn tokens per second (prefix bytes not counted); the command line then prints the written
+    paths. A temperature of 0, or one too small to divide by (below :data:`GREEDY_BELOW`), samples
+    greedily.
 
     ``num``, ``temperature``, ``top_k``, ``length`` and ``seed`` left as None take the run's
     ``SampleConfig`` (config.json's ``sample`` section), after ``overrides`` (``["--sample.top_k",
