@@ -211,10 +211,14 @@ def _prepare_text(kind: str, src: Path, w: _SplitWriter, progress: bool, **_) ->
                     raise UserError(
                         f"data: {src} has no member named enwik8; pass the official enwik8.zip or the raw enwik8 file"
                     )
-                with (
-                    z.open("enwik8") as f,
-                    _bar(progress, total=z.getinfo("enwik8").file_size, unit="B", desc="enwik8") as bar,
-                ):
+                try:
+                    member = z.open("enwik8")
+                except (NotImplementedError, RuntimeError) as e:  # zipfile: a compression method it lacks, encryption
+                    raise UserError(
+                        f"data: {src}'s member enwik8 cannot be extracted ({_reason(e)}); pass the official "
+                        "enwik8.zip (deflate) or the raw enwik8 file"
+                    ) from None
+                with member as f, _bar(progress, total=z.getinfo("enwik8").file_size, unit="B", desc="enwik8") as bar:
                     w.copy_stream("train", f, bar)
             codec = "zip"
         else:
