@@ -228,7 +228,7 @@ def _decode_linear_kernel(
     tl.store(OUT + rm[:, None].to(tl.int64) * so + rn[None, :], acc.to(OUT.dtype.element_ty), mask=out_mask)
 
 
-def _linear_tile(M: int, K: int) -> dict:
+def _linear_tile(M: int, K: int, interpreted: bool = False) -> dict:
     """Tiles and warps of :func:`decode_linear` for ``M`` rows of width ``K``.
 
     One or two rows: a broadcast product over 2 output features per program, one warp, the row's
@@ -238,12 +238,14 @@ def _linear_tile(M: int, K: int) -> dict:
     features, 4 warps and blocks of 512, and 3.1-5.8 us for cuBLAS's GEMV alone (LayerNorm, GeLU
     and residual not counted). 3-16 rows: ``tl.dot`` on 16 x 16 tiles (the smallest tensor-core
     tile) over blocks of 512; more: 16 x 64 tiles over blocks of 256 (fewer re-reads of the weights).
+    ``interpreted`` (CPU tensors: Triton's interpreter, whose cost is per program): 16 features per
+    program for a row or two.
     """
     if M <= 2:
         block_m = triton.next_power_of_2(M)
         return {
             "BLOCK_M": block_m,
-            "BLOCK_N": 2,
+            "BLOCK_N": 16 if interpreted else 2,
             "BLOCK_K": min(1024 // block_m, triton.next_power_of_2(K)),
             "DOT": False,
             "num_warps": 1,
@@ -295,7 +297,7 @@ def decode_linear(
     out = torch.empty(M, N, device=x.device, dtype=x.dtype)
     if M == 0 or N == 0:
         return out
-    tile = _linear_tile(M, K)
+    tile = _linear_tile(M, K, interpreted=x.device.type == "cpu")
     r = out if residual is None else residual
     grid = (triton.cdiv(N, tile["BLOCK_N"]), triton.cdiv(M, tile["BLOCK_M"]))
     _decode_linear_kernel[grid](
