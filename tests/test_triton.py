@@ -261,6 +261,10 @@ def test_tuning_overrides_its_roles_only_and_round_trips():
     assert swapped == tuning and hash(swapped) == hash(tuning)
     assert Tuning.decode([]) is None and Tuning.decode(Tuning().encode()) == Tuning()
     assert tiles.short_run_tiles(tuning) == 0 and tiles.short_run_tiles(None) == tiles.SHORT_RUN_TILES
+    for choice in (True, False):
+        assert Tuning.decode(Tuning(owned_band=choice).encode()) == Tuning(owned_band=choice)
+        assert tiles.owned_band(Tuning(owned_band=choice)) is choice
+    assert tiles.owned_band(None) is tiles.OWNED_BAND and tiles.owned_band(tuning) is tiles.OWNED_BAND
 
 
 @pytest.mark.parametrize(
@@ -272,6 +276,7 @@ def test_tuning_overrides_its_roles_only_and_round_trips():
         (lambda: Tuning({"fwd": (64, 64, 3, 3)}), "num_warps"),
         (lambda: Tuning({"fwd": (64, 64, 4, 0)}), "num_stages"),
         (lambda: Tuning(short_run_tiles=-1), "short_run_tiles"),
+        (lambda: Tuning(owned_band=1), "owned_band"),
     ],
 )
 def test_bad_tuning_is_one_clear_value_error(make, message):
@@ -286,19 +291,28 @@ def _plan(pattern, n, dtype=torch.bfloat16, d=64, tuning=None, B=2, H=4):
 
 def test_plans_give_every_launch_its_role_and_tile():
     """Strided at n = 16K, l = 128 (compiled tiles unless the interpreter is on): a band pass and a
-    transposed stride pass forward; backward, the band's dQ pass, its dK/dV launch and the owned
-    stride launch (classes of 128 keys fit one key tile), with no delta launch."""
+    transposed stride pass forward; backward, a delta launch, the owned band's two launches (even
+    and odd chunks of 128 keys) and the owned stride launch (classes of 128 keys fit one key tile),
+    with no dQ pass; without the owned band, the band's dQ pass and its dK/dV launch."""
     fwd, bwd = _plan(P.strided(128), 16384)
     assert [(x.kernel, x.role) for x in fwd] == [("attn_fwd", "fwd"), ("attn_fwd", "fwd_stride")]
+    _, two_pass = _plan(P.strided(128), 16384, tuning=Tuning(owned_band=False))
+    band = [x for x in bwd.launches if x.role == "dkdv_band"]
+    assert [x.meta["PARITY"] for x in band] == [0, 1] and all(x.meta["OWNED"] for x in band)
+    chunk_keys = band[0].meta["CHUNK"] * band[0].meta["BLOCK_N"]
+    assert chunk_keys >= 128 and chunk_keys % band[0].meta["BLOCK_M"] == 0
+    assert [x.grid[0] for x in band] == [16384 // chunk_keys // 2] * 2
     if ops.INTERPRET:  # the interpreter's tile holds classes of at most 32 keys
-        assert [x.role for x in bwd.launches] == ["dq", "dq_stride", "dkdv", "dkdv_stride"]
+        assert [x.role for x in bwd.launches] == ["dq_stride", "dkdv_band", "dkdv_band", "dkdv_stride"]
+        assert [x.role for x in two_pass.launches] == ["dq", "dq_stride", "dkdv", "dkdv_stride"]
         return
-    assert [x.role for x in bwd.launches] == ["dq", "dkdv", "dkdv_owned"]
-    for x in (*fwd, *bwd.launches):
+    assert [x.role for x in bwd.launches] == ["delta", "dkdv_band", "dkdv_band", "dkdv_owned"] and bwd.zero_dq
+    assert [x.role for x in two_pass.launches] == ["dq", "dkdv", "dkdv_owned"] and not two_pass.zero_dq
+    for x in (*fwd, *bwd.launches[1:], *two_pass.launches):
         t = tile_config(x.role, 64, torch.bfloat16)
         assert (x.meta["BLOCK_M"], x.meta["num_warps"], x.meta["num_stages"]) == (t.block_m, t.num_warps, t.num_stages)
     assert bwd.launches[-1].meta["OWNED"] and bwd.launches[-1].meta["BLOCK_N"] == 128
-    assert fwd[0].grid == (16384 // 64, 2 * 4) and not bwd.zero_dq
+    assert fwd[0].grid == (16384 // 64, 2 * 4)
 
 
 def test_tuning_changes_the_plan_of_that_call_only():
@@ -328,6 +342,7 @@ def test_other_tiles_give_the_reference(name):
             "dkdv": (64, 16, 1, 1),
             "dkdv_summary": (16, 16, 1, 1),
             "dkdv_owned": (16, 16, 1, 1),
+            "dkdv_band": (32, 16, 1, 1),
         },
         short_run_tiles=1,
     )
@@ -360,8 +375,35 @@ def test_the_backward_uses_the_call_s_tuning():
         out = triton_attention(q, k, v, pattern, tuning=tuning)
         with _launch_kwargs(ops.kernels.attn_bwd_dkdv) as seen:
             torch.autograd.grad(out, (q, k, v), do)
-        assert any(kw["OWNED"] for kw in seen) == owned
+        assert any(kw["OWNED"] and kw["STEP"] > 1 for kw in seen) == owned
     _check(pattern, q, k, v, do, tuning=two_pass)
+
+
+@cpu_interpreter
+@pytest.mark.parametrize(
+    "pattern, n, band_tile",
+    [
+        (P.local(5), 150, (32, 32, 1, 1)),  # window inside one tile: chunks of one tile
+        (P.local(33), 150, (32, 16, 1, 1)),  # window just past a query tile: chunks of 64 keys, 4 key tiles
+        (P.strided(20), 203, (16, 32, 1, 1)),  # query tiles narrower than key tiles; the band's last chunk partial
+        (P.strided(64), 300, (16, 16, 1, 1)),  # a long band that splits into masked/full/masked runs
+    ],
+    ids=["local5", "local33", "strided20", "strided64"],
+)
+def test_owned_band_equals_the_two_pass_backward(pattern, n, band_tile):
+    """The owned band backward (dQ, dK, dV from each key tile's one walk; even then odd chunks)
+    against the fp32 reference, and its gradients against the band's dQ pass plus dK/dV launch."""
+    q, k, v, do = random_qkv(1, 2, n, 32, 32, torch.float32, seed=n)
+    owned = Tuning({"dkdv_band": band_tile}, short_run_tiles=1, owned_band=True)
+    out = triton_attention(q, k, v, pattern, tuning=owned)
+    with _launch_kwargs(ops.kernels.attn_bwd_dkdv) as seen:
+        grads = torch.autograd.grad(out, (q, k, v), do)
+    assert sorted(kw["PARITY"] for kw in seen if kw["CHUNK"]) == [0, 1]
+    out2 = triton_attention(q, k, v, pattern, tuning=Tuning(owned_band=False))
+    grads2 = torch.autograd.grad(out2, (q, k, v), do)
+    for a, b in zip(grads, grads2, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    _check(pattern, q, k, v, do, tuning=owned)
 
 
 def test_interleaved_pattern_must_be_resolved_per_layer():
@@ -408,7 +450,7 @@ except (ImportError, AssertionError) as e:
     print("SKIP", e)
     sys.exit(0)
 from sparse_transformer import patterns as P
-from sparse_transformer.attention.triton import kernels, ops
+from sparse_transformer.attention.triton import Tuning, kernels, ops
 
 assert not ops.INTERPRET
 target = GPUTarget("cuda", 90, 32)
@@ -418,13 +460,17 @@ q = torch.empty(B, H, n, d, dtype=torch.bfloat16)
 lse = torch.empty(B, H, n)
 strides = (*q.stride()[:3],) * 4
 done = set()
-for pattern in (P.strided(128), P.fixed(128, 32)):
+for pattern, tuning in ((P.strided(128), None), (P.strided(128), Tuning(owned_band=False)), (P.fixed(128, 32), None)):
     spec = ops.encode(pattern, H)
-    for launch in (*ops.forward_plan(spec, B, H, n, d, d, q.dtype), *ops.backward_plan(spec, B, H, n, d, d, q.dtype).launches):
+    plans = ops.forward_plan(spec, B, H, n, d, d, q.dtype), ops.backward_plan(spec, B, H, n, d, d, q.dtype, tuning).launches
+    for launch in (*plans[0], *plans[1]):
         # (bf16 tensors, fp32 tensors): q, k, v, o, lse; q, k, v, o, do, dq, lse, delta; q, k, v, do, dk, dv, dq, lse, delta
-        inputs, stats = {"attn_fwd": (4, 1), "attn_bwd_dq": (6, 2), "attn_bwd_dkdv": (7, 2)}[launch.kernel]
-        scales = (0.18,) if launch.kernel == "attn_fwd" else (0.18, 0.125)
-        args = (*[q] * inputs, *[lse] * stats, *strides, n, H, *launch.args, *scales, d, d)
+        if launch.kernel == "attn_bwd_delta":  # O, dO, delta, rows, dv
+            args = (q, q, lse, B * H * n, d)
+        else:
+            inputs, stats = {"attn_fwd": (4, 1), "attn_bwd_dq": (6, 2), "attn_bwd_dkdv": (7, 2)}[launch.kernel]
+            scales = (0.18,) if launch.kernel == "attn_fwd" else (0.18, 0.125)
+            args = (*[q] * inputs, *[lse] * stats, *strides, n, H, *launch.args, *scales, d, d)
         fn = getattr(kernels, launch.kernel)
         kwargs = {**launch.meta, "debug": False, "instrumentation_mode": ""}
         bound, specialization, options = create_function_from_signature(fn.signature, fn.params, backend)(*args, **kwargs)
@@ -439,7 +485,7 @@ print(json.dumps(sorted(done)))
 @pytest.mark.slow
 def test_kernels_compile_for_hopper_without_a_gpu():
     """The kernels as the GPU runs them (not the interpreter, which accepts code the compiler does
-    not): every launch of strided and fixed at n = 16K, bf16, head dim 64, compiled to an sm_90
+    not): every launch of strided (owned band backward or not) and fixed at n = 16K, bf16, head dim 64, compiled to an sm_90
     cubin through Triton's own pipeline (ptxas included) in a fresh process without the interpreter."""
     import subprocess
     import sys
@@ -452,7 +498,18 @@ def test_kernels_compile_for_hopper_without_a_gpu():
     assert res.returncode == 0, res.stderr[-3000:]
     if res.stdout.startswith("SKIP"):
         pytest.skip(f"this Triton's compile internals differ ({res.stdout.strip()})")
-    roles = {"fwd", "fwd_stride", "fwd_summary", "dq", "dq_summary", "dkdv", "dkdv_owned", "dkdv_summary"}
+    roles = {
+        "fwd",
+        "fwd_stride",
+        "fwd_summary",
+        "dq",
+        "dq_summary",
+        "dkdv",
+        "dkdv_owned",
+        "dkdv_summary",
+        "dkdv_band",
+        "delta",
+    }
     assert set(json.loads(res.stdout.strip().splitlines()[-1])) == roles
 
 
@@ -490,6 +547,16 @@ def test_gpu_matches_reference(case):
     name, n, B, H, dk, dv, dtype, l = case
     q, k, v, do = random_qkv(B, H, n, dk, dv, dtype, device="cuda", seed=n + dk)
     _check(_gpu_pattern(name, l), q, k, v, do)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("owned_band", [True, False], ids=["owned-band", "two-pass-band"])
+@pytest.mark.parametrize("l", [128, 1024])  # chunks of 2 key tiles (one masked loop); of 16 (split runs)
+def test_gpu_band_backward_matches_reference(l, owned_band):
+    """The band term's backward both ways on the GPU, where programs of a launch run concurrently:
+    the owned band's even/odd chunk launches must not race on dQ rows."""
+    q, k, v, do = random_qkv(2, 2, 16384, 64, 64, torch.bfloat16, device="cuda", seed=l)
+    _check(P.strided(l), q, k, v, do, tuning=Tuning(owned_band=owned_band))
 
 
 @pytest.mark.gpu

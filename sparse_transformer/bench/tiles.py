@@ -47,6 +47,7 @@ CANDIDATES: dict[str, list[tuple[int, int, int, int]]] = {
     "dkdv_stride": [(16, 128, 4, 3), (32, 64, 4, 3), (32, 128, 4, 3), (16, 32, 2, 3)],
     "dkdv_summary": [(64, 64, 4, 3), (64, 128, 8, 2), (32, 128, 4, 3), (16, 64, 4, 3)],
     "dkdv_owned": [(16, 128, 4, 3), (32, 128, 4, 2), (16, 128, 4, 2), (32, 128, 8, 2)],
+    "dkdv_band": [(64, 32, 4, 3), (32, 64, 4, 3), (128, 64, 8, 3), (64, 64, 8, 2)],
 }
 SHORT_RUNS = (0, 4, 8, 16)  # short-run thresholds tried with the winners (0: every range walk splits)
 DEFAULT_CASES = ("strided:128@16K", "fixed:128:32@16K", "strided:256@64K", "strided:1024@1M")

@@ -491,6 +491,76 @@ def _dkdv_tiles(dk_acc, dv_acc, k, v, q_ptr, do_ptr, dq_ptr, sqn, son, LSE_ROW, 
 
 
 @triton.jit
+def _dkdv_key_tile(Q, K, V, DO, DK, DV, DQ, LSE, DELTA, tile_id, b, h,
+                   sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son,
+                   n, n_heads, tiles_per_class, qk_scale, sm_scale, dk, dv,
+                   STEP: tl.constexpr, IS_SUMMARY: tl.constexpr, WINDOW: tl.constexpr, BLOCK: tl.constexpr,
+                   OFFSET: tl.constexpr, SUM_C: tl.constexpr, SUM_L: tl.constexpr, SUM_LO: tl.constexpr,
+                   SUM_EARLIER: tl.constexpr, ACCUMULATE: tl.constexpr, OWNED: tl.constexpr, SPLIT: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DK_PAD: tl.constexpr, DV_PAD: tl.constexpr,
+                   DOT_PREC: tl.constexpr):
+    """dK, dV (and with ``OWNED`` its dQ shares) of key tile ``tile_id`` of one term, for head (b, h)."""
+    if IS_SUMMARY:
+        base = tile_id * 0
+        length = n + base
+        n0 = tile_id * BLOCK_N
+        # compact keys: every summary cell before position n (Summary.count_below(n) on the host)
+        key_len = (n // SUM_L) * SUM_C + tl.minimum(tl.maximum(n % SUM_L - SUM_LO, 0), SUM_C)
+    else:
+        base, length, n0 = _virtual_rows(tile_id, n, tiles_per_class, STEP, BLOCK_N)
+        key_len = length
+    if n0 < key_len:
+        EVEN_DK: tl.constexpr = DK_PAD == dk
+        EVEN_DV: tl.constexpr = DV_PAD == dv
+        stat_off = (b * n_heads + h) * n
+        kidx = n0 + tl.arange(0, BLOCK_N)
+        k_ok = kidx < key_len
+        kpos = _key_pos(kidx, base, STEP, IS_SUMMARY, SUM_C, SUM_L, SUM_LO)
+        offs_dk = tl.arange(0, DK_PAD)
+        offs_dv = tl.arange(0, DV_PAD)
+        k = _load_rows(K + b * skb + h * skh, kpos, k_ok, offs_dk, dk, skn, True, EVEN_DK)
+        v = _load_rows(V + b * svb + h * svh, kpos, k_ok, offs_dv, dv, svn, True, EVEN_DV)
+        dk_acc = tl.zeros([BLOCK_N, DK_PAD], tl.float32)
+        dv_acc = tl.zeros([BLOCK_N, DV_PAD], tl.float32)
+
+        n_last = tl.minimum(n0 + BLOCK_N, key_len) - 1
+        start, f_lo, f_hi, end = _segments(
+            _query_lo(n0, IS_SUMMARY, OFFSET, SUM_C, SUM_L, SUM_LO, SUM_EARLIER),
+            _query_lo(n_last, IS_SUMMARY, OFFSET, SUM_C, SUM_L, SUM_LO, SUM_EARLIER),
+            _query_hi(n0, length, IS_SUMMARY, WINDOW, BLOCK), _query_hi(n_last, length, IS_SUMMARY, WINDOW, BLOCK),
+            length, BLOCK_M, SPLIT or IS_SUMMARY)
+        q_ptr = Q + b * sqb + h * sqh
+        do_ptr = DO + b * sob + h * soh
+        dq_ptr = DQ + (b * n_heads + h) * n * dk
+        dk_acc, dv_acc = _dkdv_tiles(dk_acc, dv_acc, k, v, q_ptr, do_ptr, dq_ptr, sqn, son, LSE + stat_off,
+                                     DELTA + stat_off, kidx, start, f_lo, length, base, qk_scale, sm_scale,
+                                     offs_dk, offs_dv, dk, dv, STEP, IS_SUMMARY, WINDOW, BLOCK, OFFSET, SUM_C,
+                                     SUM_L, SUM_LO, SUM_EARLIER, True, BLOCK_M, EVEN_DK, EVEN_DV, OWNED,
+                                     DOT_PREC)
+        dk_acc, dv_acc = _dkdv_tiles(dk_acc, dv_acc, k, v, q_ptr, do_ptr, dq_ptr, sqn, son, LSE + stat_off,
+                                     DELTA + stat_off, kidx, f_lo, f_hi, length, base, qk_scale, sm_scale,
+                                     offs_dk, offs_dv, dk, dv, STEP, IS_SUMMARY, WINDOW, BLOCK, OFFSET, SUM_C,
+                                     SUM_L, SUM_LO, SUM_EARLIER, False, BLOCK_M, EVEN_DK, EVEN_DV, OWNED,
+                                     DOT_PREC)
+        dk_acc, dv_acc = _dkdv_tiles(dk_acc, dv_acc, k, v, q_ptr, do_ptr, dq_ptr, sqn, son, LSE + stat_off,
+                                     DELTA + stat_off, kidx, f_hi, end, length, base, qk_scale, sm_scale,
+                                     offs_dk, offs_dv, dk, dv, STEP, IS_SUMMARY, WINDOW, BLOCK, OFFSET, SUM_C,
+                                     SUM_L, SUM_LO, SUM_EARLIER, True, BLOCK_M, EVEN_DK, EVEN_DV, OWNED,
+                                     DOT_PREC)
+
+        dk_acc = dk_acc * sm_scale
+        dk_ptrs = DK + (stat_off + kpos[:, None]) * dk + offs_dk[None, :]
+        dv_ptrs = DV + (stat_off + kpos[:, None]) * dv + offs_dv[None, :]
+        mk = k_ok[:, None] & (offs_dk[None, :] < dk)
+        mv = k_ok[:, None] & (offs_dv[None, :] < dv)
+        if ACCUMULATE:
+            dk_acc += tl.load(dk_ptrs, mask=mk, other=0.0).to(tl.float32)
+            dv_acc += tl.load(dv_ptrs, mask=mv, other=0.0).to(tl.float32)
+        tl.store(dk_ptrs, dk_acc.to(DK.dtype.element_ty), mask=mk)
+        tl.store(dv_ptrs, dv_acc.to(DV.dtype.element_ty), mask=mv)
+
+
+@triton.jit
 def attn_bwd_dkdv(
     Q, K, V, DO, DK, DV, DQ, LSE, DELTA,
     sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son,
@@ -498,73 +568,37 @@ def attn_bwd_dkdv(
     STEP: tl.constexpr, IS_SUMMARY: tl.constexpr, WINDOW: tl.constexpr, BLOCK: tl.constexpr,
     OFFSET: tl.constexpr, SUM_C: tl.constexpr, SUM_L: tl.constexpr, SUM_LO: tl.constexpr,
     SUM_EARLIER: tl.constexpr, ACCUMULATE: tl.constexpr, OWNED: tl.constexpr, SPLIT: tl.constexpr,
+    CHUNK: tl.constexpr, PARITY: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DK_PAD: tl.constexpr, DV_PAD: tl.constexpr,
     DOT_PREC: tl.constexpr,
 ):
-    """dK, dV of one key tile of one term. The key tile is in the term's coordinates (virtual rows
-    for a range term, compact summary index for a summary term); each key belongs to exactly one
-    program of a launch, so ``ACCUMULATE`` (read-add-write over an earlier term's launch) needs no
-    atomics. DO shares O's strides ``so*``; DK and DV are contiguous. DQ is contiguous [B, H, n, dk]:
-    with ``OWNED`` (one key tile holds the whole residue class) dQ as the earlier passes left it,
-    each program adding its class's share; otherwise it is not touched."""
+    """dK, dV of one key tile of one term (``CHUNK == 0``), or of the ``CHUNK`` consecutive key tiles
+    of chunk ``2·pid + PARITY`` of a Band term (``CHUNK > 0``, the owned band below). The key tile is
+    in the term's coordinates (virtual rows for a range term, compact summary index for a summary
+    term); each key belongs to exactly one program of a launch, so ``ACCUMULATE`` (read-add-write
+    over an earlier term's launch) needs no atomics. DO shares O's strides ``so*``; DK and DV are
+    contiguous. DQ is contiguous [B, H, n, dk]: with ``OWNED`` dQ as the earlier launches left it,
+    each program adding its keys' share; otherwise it is not touched.
+
+    Owned band: a chunk of ``CHUNK·BLOCK_N >= window`` keys is read only by the query tiles from its
+    first key to its last key plus the window, which meet no query tile of the chunks two ahead or
+    two behind. So the even chunks run as one launch and the odd ones as the next, and each program
+    adds its dQ shares with plain read-add-writes: within a launch no other program touches those
+    rows, and within the program a barrier after each key tile orders its writes before the next
+    key tile reads the same rows."""
     b, h = _program_head(head0, head_step, heads_in_group)
-    if IS_SUMMARY:
-        base = tl.program_id(0) * 0
-        length = n + base
-        n0 = tl.program_id(0) * BLOCK_N
-        # compact keys: every summary cell before position n (Summary.count_below(n) on the host)
-        key_len = (n // SUM_L) * SUM_C + tl.minimum(tl.maximum(n % SUM_L - SUM_LO, 0), SUM_C)
+    if CHUNK > 0:
+        first = (2 * tl.program_id(0) + PARITY) * CHUNK
+        for tile_id in range(first, first + CHUNK):
+            _dkdv_key_tile(Q, K, V, DO, DK, DV, DQ, LSE, DELTA, tile_id, b, h,
+                           sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son,
+                           n, n_heads, tiles_per_class, qk_scale, sm_scale, dk, dv,
+                           STEP, IS_SUMMARY, WINDOW, BLOCK, OFFSET, SUM_C, SUM_L, SUM_LO, SUM_EARLIER,
+                           ACCUMULATE, OWNED, SPLIT, BLOCK_M, BLOCK_N, DK_PAD, DV_PAD, DOT_PREC)
+            tl.debug_barrier()  # this key tile's dQ writes land before the next one reads them
     else:
-        base, length, n0 = _virtual_rows(tl.program_id(0), n, tiles_per_class, STEP, BLOCK_N)
-        key_len = length
-    if n0 >= key_len:
-        return
-    EVEN_DK: tl.constexpr = DK_PAD == dk
-    EVEN_DV: tl.constexpr = DV_PAD == dv
-    stat_off = (b * n_heads + h) * n
-    kidx = n0 + tl.arange(0, BLOCK_N)
-    k_ok = kidx < key_len
-    kpos = _key_pos(kidx, base, STEP, IS_SUMMARY, SUM_C, SUM_L, SUM_LO)
-    offs_dk = tl.arange(0, DK_PAD)
-    offs_dv = tl.arange(0, DV_PAD)
-    k = _load_rows(K + b * skb + h * skh, kpos, k_ok, offs_dk, dk, skn, True, EVEN_DK)
-    v = _load_rows(V + b * svb + h * svh, kpos, k_ok, offs_dv, dv, svn, True, EVEN_DV)
-    dk_acc = tl.zeros([BLOCK_N, DK_PAD], tl.float32)
-    dv_acc = tl.zeros([BLOCK_N, DV_PAD], tl.float32)
-
-    n_last = tl.minimum(n0 + BLOCK_N, key_len) - 1
-    start, f_lo, f_hi, end = _segments(
-        _query_lo(n0, IS_SUMMARY, OFFSET, SUM_C, SUM_L, SUM_LO, SUM_EARLIER),
-        _query_lo(n_last, IS_SUMMARY, OFFSET, SUM_C, SUM_L, SUM_LO, SUM_EARLIER),
-        _query_hi(n0, length, IS_SUMMARY, WINDOW, BLOCK), _query_hi(n_last, length, IS_SUMMARY, WINDOW, BLOCK),
-        length, BLOCK_M, SPLIT or IS_SUMMARY)
-    q_ptr = Q + b * sqb + h * sqh
-    do_ptr = DO + b * sob + h * soh
-    dq_ptr = DQ + (b * n_heads + h) * n * dk
-    dk_acc, dv_acc = _dkdv_tiles(dk_acc, dv_acc, k, v, q_ptr, do_ptr, dq_ptr, sqn, son, LSE + stat_off,
-                                 DELTA + stat_off, kidx, start, f_lo, length, base, qk_scale, sm_scale,
-                                 offs_dk, offs_dv, dk, dv, STEP, IS_SUMMARY, WINDOW, BLOCK, OFFSET, SUM_C,
-                                 SUM_L, SUM_LO, SUM_EARLIER, True, BLOCK_M, EVEN_DK, EVEN_DV, OWNED,
-                                 DOT_PREC)
-    dk_acc, dv_acc = _dkdv_tiles(dk_acc, dv_acc, k, v, q_ptr, do_ptr, dq_ptr, sqn, son, LSE + stat_off,
-                                 DELTA + stat_off, kidx, f_lo, f_hi, length, base, qk_scale, sm_scale,
-                                 offs_dk, offs_dv, dk, dv, STEP, IS_SUMMARY, WINDOW, BLOCK, OFFSET, SUM_C,
-                                 SUM_L, SUM_LO, SUM_EARLIER, False, BLOCK_M, EVEN_DK, EVEN_DV, OWNED,
-                                 DOT_PREC)
-    dk_acc, dv_acc = _dkdv_tiles(dk_acc, dv_acc, k, v, q_ptr, do_ptr, dq_ptr, sqn, son, LSE + stat_off,
-                                 DELTA + stat_off, kidx, f_hi, end, length, base, qk_scale, sm_scale,
-                                 offs_dk, offs_dv, dk, dv, STEP, IS_SUMMARY, WINDOW, BLOCK, OFFSET, SUM_C,
-                                 SUM_L, SUM_LO, SUM_EARLIER, True, BLOCK_M, EVEN_DK, EVEN_DV, OWNED,
-                                 DOT_PREC)
-
-    dk_acc = dk_acc * sm_scale
-    row_off = (b * n_heads + h) * n
-    dk_ptrs = DK + (row_off + kpos[:, None]) * dk + offs_dk[None, :]
-    dv_ptrs = DV + (row_off + kpos[:, None]) * dv + offs_dv[None, :]
-    mk = k_ok[:, None] & (offs_dk[None, :] < dk)
-    mv = k_ok[:, None] & (offs_dv[None, :] < dv)
-    if ACCUMULATE:
-        dk_acc += tl.load(dk_ptrs, mask=mk, other=0.0).to(tl.float32)
-        dv_acc += tl.load(dv_ptrs, mask=mv, other=0.0).to(tl.float32)
-    tl.store(dk_ptrs, dk_acc.to(DK.dtype.element_ty), mask=mk)
-    tl.store(dv_ptrs, dv_acc.to(DV.dtype.element_ty), mask=mv)
+        _dkdv_key_tile(Q, K, V, DO, DK, DV, DQ, LSE, DELTA, tl.program_id(0), b, h,
+                       sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son,
+                       n, n_heads, tiles_per_class, qk_scale, sm_scale, dk, dv,
+                       STEP, IS_SUMMARY, WINDOW, BLOCK, OFFSET, SUM_C, SUM_L, SUM_LO, SUM_EARLIER,
+                       ACCUMULATE, OWNED, SPLIT, BLOCK_M, BLOCK_N, DK_PAD, DV_PAD, DOT_PREC)

@@ -36,7 +36,7 @@ from triton.runtime.jit import JITFunction
 
 from ...patterns import Band, Block, Pattern, Stride, Summary, Term, ceil_div
 from . import kernels
-from .tiles import Tile, Tuning, padded_dim, short_run_tiles, tile_config
+from .tiles import Tile, Tuning, owned_band, padded_dim, short_run_tiles, tile_config
 
 _BAND, _BLOCK, _STRIDE, _SUMMARY = 0, 1, 2, 3
 # Whether the kernels run on Triton's CPU interpreter: TRITON_INTERPRET=1 was set when kernels.py was
@@ -284,6 +284,18 @@ def _owned_tile(p: _Pass, n: int, max_class: int) -> int:
     return max(16, triton.next_power_of_2(length)) if length <= max_class else 0
 
 
+def _band_chunk(p: _Pass, block_m: int, block_n: int) -> int:
+    """Key tiles per program of the owned band backward of pass ``p`` (kernels.py, "owned band"),
+    or 0 when the pass is not a lone bounded Band term in natural order. A chunk holds at least a
+    window of keys and is a whole number of query and key tiles, so the query tiles that read one
+    chunk never reach the chunk two ahead."""
+    term = p.range_term
+    if not isinstance(term, Band) or term.window is None or p.summary is not None:
+        return 0
+    tile = max(block_m, block_n)
+    return ceil_div(max(term.window, tile), tile) * tile // block_n
+
+
 def forward_plan(spec, B: int, H: int, n: int, dk: int, dv: int, dtype: torch.dtype,
                  tuning: Tuning | None = None) -> tuple[Launch, ...]:
     """The forward's launches (``attn_fwd``, one per pass of every head group) for an :func:`encode`
@@ -323,10 +335,16 @@ def _backward_plan(spec, B, H, n, dk, dv, dtype, tuning):
     tile = lambda role: tile_config(role, d_pad, dtype, interpreter=INTERPRET, tuning=tuning)
     short_run = short_run_tiles(tuning)
     max_class = tile("dkdv_owned").block_n
-    owned = {(gi, pi): _owned_tile(p, n, max_class) for gi, g in enumerate(groups) for pi, p in enumerate(g.passes)}
+    band = tile("dkdv_band")
+    owned, chunk = {}, {}  # per (group, pass): the owned stride tile, the owned band's key tiles per program
+    for gi, g in enumerate(groups):
+        for pi, p in enumerate(g.passes):
+            owned[gi, pi] = _owned_tile(p, n, max_class)
+            chunk[gi, pi] = _band_chunk(p, band.block_m, band.block_n) if owned_band(tuning) else 0
+    no_dq = {key: bool(owned[key] or chunk[key]) for key in owned}
     # a group made only of summary terms leaves non-summary keys untouched: start from zeros
     zero_dkdv = any(not any(p.has_range for p in g.passes) for g in groups)
-    no_dq_pass = any(all(owned[gi, pi] for pi in range(len(g.passes))) for gi, g in enumerate(groups))
+    no_dq_pass = any(all(no_dq[gi, pi] for pi in range(len(g.passes))) for gi, g in enumerate(groups))
     common = {"DK_PAD": dkp, "DV_PAD": dvp, "DOT_PREC": _dot_precision(dtype)}
     launches = []
     if no_dq_pass:
@@ -336,7 +354,7 @@ def _backward_plan(spec, B, H, n, dk, dv, dtype, tuning):
     for gi, g in enumerate(groups):
         first = True
         for pi, p in enumerate(g.passes):
-            if owned[gi, pi]:
+            if no_dq[gi, pi]:
                 continue
             role = _role("dq", p.step, p.sum_c > 0)
             t = tile(role)
@@ -350,19 +368,32 @@ def _backward_plan(spec, B, H, n, dk, dv, dtype, tuning):
         for pi, p in enumerate(g.passes):
             for is_summary in [False] * p.has_range + [True] * (p.sum_c > 0):
                 own = owned[gi, pi] if not is_summary else 0
-                role = "dkdv_owned" if own else _role("dkdv", p.step, is_summary)
+                per_program = chunk[gi, pi] if not is_summary else 0
+                role = "dkdv_owned" if own else "dkdv_band" if per_program else _role("dkdv", p.step, is_summary)
                 t = tile(role)
                 bn = own or t.block_n
-                if is_summary:
-                    keys = p.summary.count_below(n)  # every real compact key
-                    if keys == 0:
-                        continue
-                    grid, per_class = (ceil_div(keys, bn), B * g.count), 1
+                split = is_summary or _split(p, n, bn, t.block_m, short_run)
+                flags = {"IS_SUMMARY": is_summary, "ACCUMULATE": not first, "OWNED": bool(own or per_program),
+                         "SPLIT": split, **common, **_pass_args(p)}
+                if per_program:
+                    # even chunks, then odd ones: no two programs of a launch touch the same dQ rows
+                    n_chunks = ceil_div(n, per_program * bn)
+                    for parity in (0, 1):
+                        programs = (n_chunks - parity + 1) // 2
+                        if programs:
+                            launches.append(Launch("attn_bwd_dkdv", role, (programs, B * g.count),
+                                                   (g.head0, g.head_step, g.count, 1),
+                                                   _meta(t, bn, CHUNK=per_program, PARITY=parity, **flags)))
                 else:
-                    grid, per_class = _query_grid(p, n, bn, B * g.count)
-                meta = _meta(t, bn, IS_SUMMARY=is_summary, ACCUMULATE=not first, OWNED=bool(own),
-                             SPLIT=is_summary or _split(p, n, bn, t.block_m, short_run), **common, **_pass_args(p))
-                launches.append(Launch("attn_bwd_dkdv", role, grid, (g.head0, g.head_step, g.count, per_class), meta))
+                    if is_summary:
+                        keys = p.summary.count_below(n)  # every real compact key
+                        if keys == 0:
+                            continue
+                        grid, per_class = (ceil_div(keys, bn), B * g.count), 1
+                    else:
+                        grid, per_class = _query_grid(p, n, bn, B * g.count)
+                    launches.append(Launch("attn_bwd_dkdv", role, grid, (g.head0, g.head_step, g.count, per_class),
+                                           _meta(t, bn, CHUNK=0, PARITY=0, **flags)))
                 first = False
     return BackwardPlan(tuple(launches), zero_dkdv, no_dq_pass)
 

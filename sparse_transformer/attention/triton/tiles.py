@@ -16,6 +16,9 @@ Roles (``ROLES``), one per kind of launch (ops.py's plan names the role of each 
 * ``dkdv_owned``: a transposed pass whose residue classes fit one key tile, whose dK/dV launch adds
   dQ too (kernels.py, "owned"). Its ``BLOCK_N`` is the longest class it takes; the launch's key tile
   is the class length rounded up to a power of two.
+* ``dkdv_band``: a Band term's owned backward (kernels.py, "owned band"): dQ, dK and dV in two
+  launches (even, then odd chunks of at least a window of keys) instead of a dQ pass and a dK/dV
+  launch.
 
 Head dim 64 (bf16): two tile sweeps on an H200 (2026-11-28; strided l=128 and fixed l=128 c=32 at
 n=16K B=8, strided l=256 at 64K B=2, strided l=1024 at 1M; 8 heads), each launch timed on its own.
@@ -40,11 +43,13 @@ import torch
 __all__ = [
     "FP32_TILES",
     "INTERPRETER_TILE",
+    "OWNED_BAND",
     "ROLES",
     "SHORT_RUN_TILES",
     "TILES",
     "Tile",
     "Tuning",
+    "owned_band",
     "padded_dim",
     "short_run_tiles",
     "tile_config",
@@ -87,6 +92,7 @@ ROLES = (
     "dkdv_summary",
     "dkdv_stride",
     "dkdv_owned",
+    "dkdv_band",
 )
 
 
@@ -112,6 +118,7 @@ TILES: Mapping[str, Mapping[int, Tile]] = MappingProxyType(
         "dkdv_summary": _by_dim((32, 64, 4, 3), _D128_DKDV),
         # the dQ tile [BLOCK_M, d] fp32 joins the dK/dV accumulators: d 128 takes classes up to 64 keys
         "dkdv_owned": _by_dim((32, 128, 4, 3), (32, 64, 8, 2)),
+        "dkdv_band": _by_dim((64, 64, 4, 3), _D128_DKDV),
     }
 )
 # fp32 tiles are twice the bytes: halve them and pipeline two deep so K/V stages fit shared memory.
@@ -134,6 +141,10 @@ INTERPRETER_TILE = Tile(32, 32, 1, 1)
 # 1.73 at 8; strided l=256 64K 2.53 / 2.53 / 2.38; fixed and strided 1M within 1-3 %.
 SHORT_RUN_TILES = 8
 
+# A Band term's backward runs owned (``dkdv_band``): one walk of each key tile's queries gives dK, dV
+# and dQ's share (5 tile matmuls per pair instead of 7, q/dO/statistics read once instead of twice).
+OWNED_BAND = True
+
 
 def _frozen_tiles(tiles: Mapping[str, Tile | tuple[int, int, int, int]]) -> Mapping[str, Tile]:
     out = {}
@@ -153,6 +164,8 @@ class Tuning:
             takes this tile at every head dim and dtype, under the interpreter too.
         short_run_tiles: a range term whose rows read at most this many key tiles walks them as one
             masked loop, else as masked head, unmasked middle and masked tail (0: always split).
+        owned_band: whether a Band term's backward runs owned (``dkdv_band``: dQ, dK, dV in two
+            launches) rather than as a dQ pass plus a dK/dV launch (``None``: ``OWNED_BAND``).
 
     Passed as ``sparse_attention(..., backend="triton", tuning=Tuning(...))``; it reaches the
     custom op as ints (:meth:`encode`), so the backward of that call uses it too.
@@ -160,19 +173,26 @@ class Tuning:
 
     tiles: Mapping[str, Tile] = field(default_factory=lambda: MappingProxyType({}))
     short_run_tiles: int | None = None
+    owned_band: bool | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "tiles", _frozen_tiles(self.tiles))
         s = self.short_run_tiles
         if s is not None and not (isinstance(s, int) and not isinstance(s, bool) and s >= 0):
             raise ValueError(f"Tuning.short_run_tiles must be a non-negative integer or None, got {s!r}")
+        if self.owned_band is not None and not isinstance(self.owned_band, bool):
+            raise ValueError(f"Tuning.owned_band must be True, False or None, got {self.owned_band!r}")
 
     def __hash__(self):
         return hash(tuple(self.encode()))
 
     def encode(self) -> list[int]:
-        """As ints for the custom op: ``[short_run_tiles or -1, (role index, *tile) per role]``."""
-        ints = [-1 if self.short_run_tiles is None else self.short_run_tiles]
+        """As ints for the custom op: ``[short_run_tiles or -1, owned_band (-1: None, 0, 1), (role
+        index, *tile) per role]``."""
+        ints = [
+            -1 if self.short_run_tiles is None else self.short_run_tiles,
+            -1 if self.owned_band is None else int(self.owned_band),
+        ]
         for i, role in enumerate(ROLES):  # in ROLES order: equal tunings encode (and hash) alike
             if role in self.tiles:
                 ints += [i, *self.tiles[role].as_tuple()]
@@ -183,8 +203,8 @@ class Tuning:
         """The inverse of :meth:`encode` (``None`` for an empty list: no override)."""
         if not ints:
             return None
-        tiles = {ROLES[ints[i]]: Tile(*ints[i + 1 : i + 5]) for i in range(1, len(ints), 5)}
-        return Tuning(tiles, None if ints[0] < 0 else ints[0])
+        tiles = {ROLES[ints[i]]: Tile(*ints[i + 1 : i + 5]) for i in range(2, len(ints), 5)}
+        return Tuning(tiles, None if ints[0] < 0 else ints[0], None if ints[1] < 0 else bool(ints[1]))
 
 
 def padded_dim(d: int) -> int:
@@ -216,3 +236,9 @@ def tile_config(
 def short_run_tiles(tuning: Tuning | None = None) -> int:
     """The one-masked-loop threshold: ``tuning``'s when it sets one, else ``SHORT_RUN_TILES``."""
     return SHORT_RUN_TILES if tuning is None or tuning.short_run_tiles is None else tuning.short_run_tiles
+
+
+def owned_band(tuning: Tuning | None = None) -> bool:
+    """Whether Band terms run the owned backward: ``tuning``'s choice when it makes one, else
+    ``OWNED_BAND``."""
+    return OWNED_BAND if tuning is None or tuning.owned_band is None else tuning.owned_band
