@@ -264,7 +264,7 @@ def test_tuning_overrides_its_roles_only_and_round_trips():
     for choice in (True, False):
         assert Tuning.decode(Tuning(owned_band=choice).encode()) == Tuning(owned_band=choice)
         assert tiles.owned_band(Tuning(owned_band=choice)) is choice
-    assert tiles.owned_band(None) is tiles.OWNED_BAND and tiles.owned_band(tuning) is tiles.OWNED_BAND
+    assert tiles.owned_band(None) is None and tiles.owned_band(tuning) is None
 
 
 @pytest.mark.parametrize(
@@ -291,28 +291,33 @@ def _plan(pattern, n, dtype=torch.bfloat16, d=64, tuning=None, B=2, H=4):
 
 def test_plans_give_every_launch_its_role_and_tile():
     """Strided at n = 16K, l = 128 (compiled tiles unless the interpreter is on): a band pass and a
-    transposed stride pass forward; backward, a delta launch, the owned band's two launches (even
-    and odd chunks of 128 keys) and the owned stride launch (classes of 128 keys fit one key tile),
-    with no dQ pass; without the owned band, the band's dQ pass and its dK/dV launch."""
+    transposed stride pass forward; backward, the band's dQ pass, its dK/dV launch and the owned
+    stride launch (classes of 128 keys fit one key tile). Forced owned band: a delta launch, the
+    owned band's two launches (even and odd chunks of 128 keys) and the owned stride launch. At 64K,
+    l = 256 the stride term has a dQ pass, so the band (4 key tiles) runs owned by default."""
     fwd, bwd = _plan(P.strided(128), 16384)
     assert [(x.kernel, x.role) for x in fwd] == [("attn_fwd", "fwd"), ("attn_fwd", "fwd_stride")]
-    _, two_pass = _plan(P.strided(128), 16384, tuning=Tuning(owned_band=False))
-    band = [x for x in bwd.launches if x.role == "dkdv_band"]
+    _, forced = _plan(P.strided(128), 16384, tuning=Tuning(owned_band=True))
+    band = [x for x in forced.launches if x.role == "dkdv_band"]
     assert [x.meta["PARITY"] for x in band] == [0, 1] and all(x.meta["OWNED"] for x in band)
     chunk_keys = band[0].meta["CHUNK"] * band[0].meta["BLOCK_N"]
     assert chunk_keys >= 128 and chunk_keys % band[0].meta["BLOCK_M"] == 0
     assert [x.grid[0] for x in band] == [16384 // chunk_keys // 2] * 2
+    _, long_classes = _plan(P.strided(256), 65536)
     if ops.INTERPRET:  # the interpreter's tile holds classes of at most 32 keys
         assert [x.role for x in bwd.launches] == ["dq_stride", "dkdv_band", "dkdv_band", "dkdv_stride"]
-        assert [x.role for x in two_pass.launches] == ["dq", "dq_stride", "dkdv", "dkdv_stride"]
+        assert [x.role for x in forced.launches] == ["dq_stride", "dkdv_band", "dkdv_band", "dkdv_stride"]
         return
-    assert [x.role for x in bwd.launches] == ["delta", "dkdv_band", "dkdv_band", "dkdv_owned"] and bwd.zero_dq
-    assert [x.role for x in two_pass.launches] == ["dq", "dkdv", "dkdv_owned"] and not two_pass.zero_dq
-    for x in (*fwd, *bwd.launches[1:], *two_pass.launches):
+    assert [x.role for x in bwd.launches] == ["dq", "dkdv", "dkdv_owned"] and not bwd.zero_dq
+    assert [x.role for x in forced.launches] == ["delta", "dkdv_band", "dkdv_band", "dkdv_owned"] and forced.zero_dq
+    assert [x.role for x in long_classes.launches] == ["dq_stride", "dkdv_band", "dkdv_band", "dkdv_stride"]
+    for x in (*fwd, *bwd.launches, *forced.launches[1:]):
         t = tile_config(x.role, 64, torch.bfloat16)
         assert (x.meta["BLOCK_M"], x.meta["num_warps"], x.meta["num_stages"]) == (t.block_m, t.num_warps, t.num_stages)
     assert bwd.launches[-1].meta["OWNED"] and bwd.launches[-1].meta["BLOCK_N"] == 128
     assert fwd[0].grid == (16384 // 64, 2 * 4)
+    _, long_window = _plan(P.strided(1024), 1 << 20, B=1)  # a window of 16 key tiles: two-pass
+    assert "dkdv_band" not in [x.role for x in long_window.launches]
 
 
 def test_tuning_changes_the_plan_of_that_call_only():
@@ -460,7 +465,7 @@ q = torch.empty(B, H, n, d, dtype=torch.bfloat16)
 lse = torch.empty(B, H, n)
 strides = (*q.stride()[:3],) * 4
 done = set()
-for pattern, tuning in ((P.strided(128), None), (P.strided(128), Tuning(owned_band=False)), (P.fixed(128, 32), None)):
+for pattern, tuning in ((P.strided(128), None), (P.strided(128), Tuning(owned_band=True)), (P.fixed(128, 32), None)):
     spec = ops.encode(pattern, H)
     plans = ops.forward_plan(spec, B, H, n, d, d, q.dtype), ops.backward_plan(spec, B, H, n, d, d, q.dtype, tuning).launches
     for launch in (*plans[0], *plans[1]):

@@ -36,7 +36,7 @@ from triton.runtime.jit import JITFunction
 
 from ...patterns import Band, Block, Pattern, Stride, Summary, Term, ceil_div
 from . import kernels
-from .tiles import Tile, Tuning, owned_band, padded_dim, short_run_tiles, tile_config
+from .tiles import OWNED_BAND_TILES, Tile, Tuning, owned_band, padded_dim, short_run_tiles, tile_config
 
 _BAND, _BLOCK, _STRIDE, _SUMMARY = 0, 1, 2, 3
 # Whether the kernels run on Triton's CPU interpreter: TRITON_INTERPRET=1 was set when kernels.py was
@@ -340,7 +340,13 @@ def _backward_plan(spec, B, H, n, dk, dv, dtype, tuning):
     for gi, g in enumerate(groups):
         for pi, p in enumerate(g.passes):
             owned[gi, pi] = _owned_tile(p, n, max_class)
-            chunk[gi, pi] = _band_chunk(p, band.block_m, band.block_n) if owned_band(tuning) else 0
+            chunk[gi, pi] = _band_chunk(p, band.block_m, band.block_n)
+        for pi, p in enumerate(g.passes):
+            choice = owned_band(tuning)
+            if choice is None:  # the measured rule: a short window, and a dQ pass that writes delta anyway
+                others_dq = any(not owned[gi, pj] and not chunk[gi, pj] for pj in range(len(g.passes)) if pj != pi)
+                choice = others_dq and p.window <= OWNED_BAND_TILES * band.block_n
+            chunk[gi, pi] = chunk[gi, pi] if choice else 0
     no_dq = {key: bool(owned[key] or chunk[key]) for key in owned}
     # a group made only of summary terms leaves non-summary keys untouched: start from zeros
     zero_dkdv = any(not any(p.has_range for p in g.passes) for g in groups)

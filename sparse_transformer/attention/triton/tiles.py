@@ -43,7 +43,7 @@ import torch
 __all__ = [
     "FP32_TILES",
     "INTERPRETER_TILE",
-    "OWNED_BAND",
+    "OWNED_BAND_TILES",
     "ROLES",
     "SHORT_RUN_TILES",
     "TILES",
@@ -141,9 +141,16 @@ INTERPRETER_TILE = Tile(32, 32, 1, 1)
 # 1.73 at 8; strided l=256 64K 2.53 / 2.53 / 2.38; fixed and strided 1M within 1-3 %.
 SHORT_RUN_TILES = 8
 
-# A Band term's backward runs owned (``dkdv_band``): one walk of each key tile's queries gives dK, dV
-# and dQ's share (5 tile matmuls per pair instead of 7, q/dO/statistics read once instead of twice).
-OWNED_BAND = True
+# A Band term's backward runs owned (``dkdv_band``: one walk of each key tile's queries gives dK, dV
+# and its dQ share, 5 tile matmuls per pair instead of 7) where that measured faster: a window of at
+# most this many ``dkdv_band`` key tiles, in a head group that runs a dQ pass anyway (which writes
+# delta; without one, delta costs a launch of its own). Its dQ read-add-write per (key tile, query
+# tile) pair moves as many bytes as the dQ pass's K and V loads it saves, and serializes the
+# program's key tiles, so a long window loses. H200, bf16, d 64, 8 heads, fwd+bwd (do_bench medians,
+# two calls): strided l=256 64K 2.47/2.42 -> 2.35/2.34 ms (window of 4 tiles, the stride term has a
+# dQ pass); strided l=128 16K 1.72 -> 1.80/1.79 (every pass owned: +0.07 ms delta launch); strided
+# l=1024 1M 46.5/47.4 -> 49.6/49.6 (window of 16 tiles). Other tiles than (64, 64, 4, 3): slower.
+OWNED_BAND_TILES = 4
 
 
 def _frozen_tiles(tiles: Mapping[str, Tile | tuple[int, int, int, int]]) -> Mapping[str, Tile]:
@@ -164,8 +171,9 @@ class Tuning:
             takes this tile at every head dim and dtype, under the interpreter too.
         short_run_tiles: a range term whose rows read at most this many key tiles walks them as one
             masked loop, else as masked head, unmasked middle and masked tail (0: always split).
-        owned_band: whether a Band term's backward runs owned (``dkdv_band``: dQ, dK, dV in two
-            launches) rather than as a dQ pass plus a dK/dV launch (``None``: ``OWNED_BAND``).
+        owned_band: ``True``: every bounded Band term's backward runs owned (``dkdv_band``: dQ, dK,
+            dV in two launches); ``False``: none does (a dQ pass plus a dK/dV launch); ``None``: where
+            ``OWNED_BAND_TILES`` says it is faster.
 
     Passed as ``sparse_attention(..., backend="triton", tuning=Tuning(...))``; it reaches the
     custom op as ints (:meth:`encode`), so the backward of that call uses it too.
@@ -238,7 +246,7 @@ def short_run_tiles(tuning: Tuning | None = None) -> int:
     return SHORT_RUN_TILES if tuning is None or tuning.short_run_tiles is None else tuning.short_run_tiles
 
 
-def owned_band(tuning: Tuning | None = None) -> bool:
-    """Whether Band terms run the owned backward: ``tuning``'s choice when it makes one, else
-    ``OWNED_BAND``."""
-    return OWNED_BAND if tuning is None or tuning.owned_band is None else tuning.owned_band
+def owned_band(tuning: Tuning | None = None) -> bool | None:
+    """``tuning``'s choice of the owned band backward (True, False), or None: the plan's rule
+    (``OWNED_BAND_TILES``)."""
+    return None if tuning is None else tuning.owned_band
