@@ -139,6 +139,19 @@ def test_triton_plan_and_kernels_read_the_pattern(pattern):
     _assert_sets(_visited(lambda q, k, v: triton_attention(q, k, v, pattern), N, H, device=device), pattern, N, H)
 
 
+@pytest.mark.parametrize("owned_band", [True, False], ids=["owned-band", "two-pass-band"])
+@pytest.mark.parametrize("pattern", [P.strided(L), P.local(5), NewRules()], ids=lambda p: p.describe())
+def test_triton_band_backward_both_ways_reads_the_pattern(pattern, owned_band):
+    """The Band term's backward forced owned (dK, dV and dQ from the chunked key-tile walk) and
+    forced two-pass (a dQ pass and a dK/dV launch)."""
+    triton_attention = _triton()
+    from sparse_transformer.attention.triton import Tuning
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    fn = lambda q, k, v: triton_attention(q, k, v, pattern, tuning=Tuning(owned_band=owned_band))
+    _assert_sets(_visited(fn, N, H, device=device), pattern, N, H)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("pattern", PATTERNS, ids=lambda p: p.describe())
 def test_gpu_flex_reads_the_pattern(pattern):

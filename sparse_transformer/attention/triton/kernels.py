@@ -14,7 +14,11 @@ every key of its class, so it is the only program that ever adds to the dQ rows 
 this term: it forms dS·K and adds it with a plain read-add-write, and the term needs no dQ pass (5
 matmuls per pair instead of 7, one walk over q, dO, lse and delta instead of two). Strided at
 n <= l·128 (e.g. l = 128 at n = 16K) runs its stride term this way; a head group whose every pass is
-owned gets delta from ``attn_bwd_delta``.
+owned gets delta from ``attn_bwd_delta``. A Band term can run owned too (``CHUNK > 0``): each program
+takes a chunk of at least a window of keys, key tile after key tile, and two launches (even chunks,
+then odd) keep any two programs of a launch off each other's dQ rows. Its dQ read-add-write per
+(key tile, query tile) pair moves as many bytes as the dQ pass's loads it saves, so it pays only for
+short windows (tiles.py, ``OWNED_BAND_TILES``).
 
 The virtual sequence is either the natural order (``STEP == 1``: row ``t`` is position ``t``) or one
 residue class of the transposed order (``STEP == l``: row ``t`` of class ``r`` is position

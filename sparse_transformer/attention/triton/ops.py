@@ -15,7 +15,8 @@ The backward (kernels.py says what each kernel does) runs the dQ passes first (t
 writes delta = rowsum(dO·O)), then one dK/dV launch per term, each adding onto the previous one. No
 atomics: it is bitwise reproducible. A transposed pass whose residue classes fit one key tile has no
 dQ pass: its dK/dV launch adds dQ too (kernels.py, "owned"), since one program holds all the keys
-its queries read.
+its queries read. A short Band term in a group that runs a dQ pass anyway does the same in two
+launches over even and odd chunks of keys (kernels.py, "owned band"; ``tiles.OWNED_BAND_TILES``).
 
 :func:`forward_plan` and :func:`backward_plan` list every launch of a call (kernel, tile role, grid,
 constexprs) as a pure function of the spec, the shapes, the dtype and an optional
@@ -225,8 +226,8 @@ class Launch:
 class BackwardPlan:
     """The backward's launches in order, and which outputs must start from zeros: dK and dV when a
     group of summary terms only leaves non-summary keys to no launch, dQ when a group whose every pass
-    is owned has no dQ pass (nothing writes the dQ rows its classes never read, the first ``offset``
-    rows of each class)."""
+    is owned has no dQ pass (every owned launch adds to dQ, and nothing writes the dQ rows a stride
+    term's classes never read, the first ``offset`` rows of each class)."""
 
     launches: tuple[Launch, ...]
     zero_dkdv: bool
@@ -323,7 +324,8 @@ def backward_plan(spec, B: int, H: int, n: int, dk: int, dv: int, dtype: torch.d
                   tuning: Tuning | None = None) -> BackwardPlan:
     """The backward's launches (arguments as :func:`forward_plan`): a delta launch where a group has
     no dQ pass, the dQ passes (the first of a group writes delta), then one dK/dV launch per term,
-    each adding onto the previous one (owned transposed passes add their dQ there too)."""
+    each adding onto the previous one (owned transposed passes add their dQ there too; an owned
+    Band term has two, even and odd chunks, and adds its dQ there)."""
     return _backward_plan(tuple(spec), B, H, n, dk, dv, dtype, tuning)
 
 
