@@ -165,6 +165,34 @@ def test_bench_tiles_without_cuda_is_one_clear_error(capsys):
 
     assert main(["bench", "tiles", "--cases", "strided:8@64"]) == 2
     assert "needs CUDA" in capsys.readouterr().err
+    assert main(["bench", "tiles", "--profile", "--cases", "strided:8@64"]) == 2
+    assert "needs CUDA" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("owned_band", [None, True], ids=["default-plan", "owned-band"])
+@pytest.mark.parametrize("pattern", [P.strided(8), P.fixed(8, 2, num_verts=2), P.local(5)], ids=str)
+def test_launch_work_counts_every_allowed_pair_once_per_walk(pattern, owned_band):
+    """``bench tiles --profile``'s work model: the forward launches together compute every allowed
+    pair once (2 matmuls of 2·d FLOPs each: the 4·d per pair of useful FLOP counts), and so do the
+    dK/dV launches (the owned band's two launches split the keys); compulsory bytes read q, k, v at least."""
+    pytest.importorskip("triton")
+    from sparse_transformer.attention.triton import Tuning, ops
+    from sparse_transformer.bench.tiles import launch_work
+
+    B, H, n, d = 2, 4, 100, 16
+    spec = ops.encode(pattern, H)
+    tuning = Tuning(owned_band=owned_band) if owned_band else None
+    fwd = ops.forward_plan(spec, B, H, n, d, d, torch.bfloat16, tuning)
+    bwd = ops.backward_plan(spec, B, H, n, d, d, torch.bfloat16, tuning).launches
+    allowed = B * sum(pattern.num_pairs(n, hs[0]) * len(hs) for _, hs in pattern.head_groups(H))
+    work = lambda launches: [launch_work(x, n, d, 2, B * H) for x in launches]
+    assert sum(f for f, _ in work(fwd)) == allowed * 4 * d
+    dkdv = [x for x in bwd if x.kernel == "attn_bwd_dkdv"]
+    per_pair = [(4 + bool(x.meta["OWNED"])) * 2 * d for x in dkdv]
+    assert sum(f // m for (f, _), m in zip(work(dkdv), per_pair, strict=True)) == allowed
+    assert all(moved >= 3 * B * n * d * 2 for _, moved in work(fwd))
+    has_band = any(isinstance(t, P.Band) and t.window for terms, _ in pattern.head_groups(H) for t in terms)
+    assert ("dkdv_band" in [x.role for x in dkdv]) == bool(owned_band and has_band)
 
 
 def test_bench_sample_cpu_passes_its_options_on(capsys):

@@ -19,6 +19,7 @@ Nothing here changes the library's tables.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import statistics
@@ -32,7 +33,17 @@ from ..errors import UserError
 from ..options import comma_list
 from .attention import parse_int, pattern_for, pattern_label
 
-__all__ = ["CANDIDATES", "add_arguments", "bench_tiles", "parse_case", "pick_winners", "run"]
+__all__ = [
+    "CANDIDATES",
+    "add_arguments",
+    "bench_tiles",
+    "ceilings",
+    "launch_work",
+    "parse_case",
+    "pick_winners",
+    "profile_launches",
+    "run",
+]
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) to try per role, after the committed tile (head dim 64,
 # bf16; other head dims try the same: a tile that does not fit is recorded as an error).
@@ -291,6 +302,139 @@ def bench_tiles(
     return result
 
 
+# tile matmuls per (query, key) pair of each kernel; an owned dK/dV launch adds dS·K for dQ
+MATMULS = {"attn_fwd": 2, "attn_bwd_dq": 3, "attn_bwd_dkdv": 4, "attn_bwd_delta": 0}
+
+
+def launch_work(launch, n: int, head_dim: int, itemsize: int, batch_heads: int) -> tuple[int, int]:
+    """``(FLOPs, bytes)`` of one launch of a plan (``ops.Launch``) at length ``n``: FLOPs are the
+    pairs its terms allow (``Term.keys_per_query``, over the ``B·heads`` rows of its grid; an owned
+    band launch, the pairs of the keys of its chunks) times 2·head_dim per tile matmul (``MATMULS``);
+    bytes are compulsory traffic, each tensor the launch reads or writes counted whole, once (q, k,
+    v, o, dO, dq, dk, dv of ``itemsize`` bytes per element, the fp32 lse and delta; an earlier
+    launch's output it adds onto counts twice). ``batch_heads`` is B·H, for the delta kernel (its
+    grid is over rows)."""
+    import numpy as np
+
+    meta, kind = launch.meta, launch.kernel
+    rows = batch_heads if kind == "attn_bwd_delta" else launch.grid[1]
+    t = rows * n * head_dim * itemsize  # one [rows, n, d] tensor
+    stat = rows * n * 4  # one fp32 statistic per row
+    if kind == "attn_bwd_delta":
+        return 0, 2 * t + stat
+    i = np.arange(n, dtype=np.int64)
+    if meta.get("CHUNK"):  # an owned band launch: the even or odd chunks of keys, each read by min(w, n - j) queries
+        chunk = meta["CHUNK"] * meta["BLOCK_N"]
+        (band,) = launch.terms
+        held = (i // chunk) % 2 == meta["PARITY"]
+        pairs = rows * int(np.minimum(band.window, n - i)[held].sum())
+    else:
+        pairs = rows * sum(int(term.keys_per_query(i).sum()) for term in launch.terms)
+    owned = bool(meta.get("OWNED"))
+    flops = pairs * (MATMULS[kind] + owned) * 2 * head_dim
+    if kind == "attn_fwd":  # q, k, v in; o, lse out (and in, continuing an earlier pass)
+        moved = 3 * t + t + stat + (t + stat if meta["INIT_FROM_OUT"] else 0)
+    elif kind == "attn_bwd_dq":  # q, k, v, dO, lse in; o in and delta out (first) or delta in; dq out (+ in)
+        moved = 4 * t + stat + (t + stat) + t + (0 if meta["FIRST"] else t)
+    else:  # q, k, v, dO, lse, delta in; dk, dv out (+ in); owned: dq in and out
+        moved = 4 * t + 2 * stat + 2 * t + (2 * t if meta["ACCUMULATE"] else 0) + (2 * t if owned else 0)
+    return flops, moved
+
+
+def ceilings(device: str = "cuda") -> dict[str, float]:
+    """The card's bf16 matmul TFLOP/s (8192³, ``do_bench`` median) and copy bandwidth in GB/s (read +
+    write of a 1 GiB tensor), measured now, for the launch table's fractions."""
+    from triton.testing import do_bench
+
+    a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+    mm_ms = do_bench(lambda: a @ b, warmup=10, rep=100, return_mode="median")
+    src = torch.empty(1 << 29, device=device, dtype=torch.bfloat16)
+    dst = torch.empty_like(src)
+    copy_ms = do_bench(lambda: dst.copy_(src), warmup=10, rep=100, return_mode="median")
+    return {
+        "matmul_tflops": 2 * 8192**3 / mm_ms / 1e9,
+        "copy_gbps": 2 * src.numel() * src.element_size() / copy_ms / 1e6,
+    }
+
+
+def profile_launches(
+    cases: Sequence[str] = DEFAULT_CASES,
+    batch_tokens: int = 131072,
+    heads: int = 8,
+    head_dim: int = 64,
+    dtype: str = "bf16",
+    iters: int = 10,
+    out_jsonl: str | None = None,
+) -> list[dict]:
+    """Every launch of one fwd+bwd per case with the committed tiles: median kernel ms over
+    ``iters`` calls, its FLOPs and compulsory bytes (:func:`launch_work`) as TFLOP/s and GB/s, and
+    both as fractions of :func:`ceilings` measured in the same call. Returns the rows (also printed
+    as JSON lines and appended to ``out_jsonl``)."""
+    import triton
+
+    from ..attention.triton import ops
+    from ..runtime import DTYPES
+
+    if not torch.cuda.is_available():
+        raise UserError("bench tiles times the Triton kernels on a GPU; it needs CUDA")
+    torch_dtype = DTYPES[dtype]
+    rows = []
+
+    def rec(**kw):
+        rows.append(kw)
+        print(json.dumps(kw), flush=True)
+        if out_jsonl:
+            with open(out_jsonl, "a") as f:
+                f.write(json.dumps(kw) + "\n")
+
+    ceil = ceilings()
+    rec(kind="ceilings", card=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__, **ceil)
+    for spec in cases:
+        c = _Case(*parse_case(spec, batch_tokens), heads, head_dim, torch_dtype)
+        c.fwdbwd(None)  # compile
+        torch.cuda.synchronize()
+        args = (ops.encode(c.pattern, heads), c.batch, heads, c.n, head_dim, head_dim, torch_dtype)
+        launches = (*ops.forward_plan(*args), *ops.backward_plan(*args).launches)
+        times = _kernel_ms(functools.partial(c.fwdbwd, None), iters)
+        if len(times) != iters * len(launches):
+            raise RuntimeError(f"profiled {len(times)} attention kernels for {iters} calls of {len(launches)} launches")
+        for k, launch in enumerate(launches):
+            ms = statistics.median(times[it * len(launches) + k] for it in range(iters))
+            flops, moved = launch_work(launch, c.n, head_dim, c.q.element_size(), c.batch * heads)
+            tflops, gbps = flops / ms / 1e9, moved / ms / 1e6
+            rec(
+                kind="launch",
+                case=c.label,
+                batch=c.batch,
+                launch=k,
+                role=launch.role,
+                ms=ms,
+                tflops=tflops,
+                gbps=gbps,
+                matmul_fraction=tflops / ceil["matmul_tflops"],
+                copy_fraction=gbps / ceil["copy_gbps"],
+            )
+    return rows
+
+
+def format_launches(rows: Sequence[dict]) -> str:
+    """The launch table of :func:`profile_launches`."""
+    ceil = next(r for r in rows if r["kind"] == "ceilings")
+    lines = [
+        f"ceilings (same call): {ceil['matmul_tflops']:.0f} TFLOP/s bf16 matmul, {ceil['copy_gbps']:.0f} GB/s copy",
+        "| case | # | role | ms | TFLOP/s | % matmul | GB/s | % copy |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        if r["kind"] == "launch":
+            lines.append(
+                f"| {r['case']} | {r['launch']} | {r['role']} | {r['ms']:.3f} | {r['tflops']:.0f} | "
+                f"{100 * r['matmul_fraction']:.0f} % | {r['gbps']:.0f} | {100 * r['copy_fraction']:.0f} % |"
+            )
+    return "\n".join(lines)
+
+
 def format_table(result: dict) -> str:
     lines = ["| case | B | committed fwd+bwd ms | tuned fwd+bwd ms | speed-up |", "|---|---|---|---|---|"]
     for r in result["rows"]:
@@ -316,6 +460,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--iters", type=int, default=10, help="profiled fwd+bwd calls per variant and case")
     p.add_argument("--budget", type=float, default=240.0, help="seconds for the variants (the final timings follow)")
     p.add_argument("--out", default=None, help="append JSON lines to this file")
+    p.add_argument(
+        "--profile",
+        action="store_true",
+        help="no sweep: every launch of the committed tiles with its TFLOP/s and GB/s against the card's "
+        "matmul and copy ceilings measured in the same call",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -323,6 +473,11 @@ def run(args: argparse.Namespace) -> int:
     cases = comma_list(args.cases)
     for c in cases:
         parse_case(c, args.batch_tokens)  # refuse a bad case before any GPU work
+    if args.profile:
+        rows = profile_launches(cases, args.batch_tokens, args.heads, args.head_dim, args.dtype, args.iters, args.out)
+        print()
+        print(format_launches(rows))
+        return 0
     result = bench_tiles(
         cases, args.batch_tokens, args.heads, args.head_dim, args.dtype, args.iters, args.budget, args.out
     )

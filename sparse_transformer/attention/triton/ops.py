@@ -157,6 +157,11 @@ class _Pass:
     def sum_earlier(self) -> bool:
         return self.summary.earlier_blocks_only if self.summary else False
 
+    @property
+    def terms(self) -> tuple[Term, ...]:
+        """The pattern terms this pass walks."""
+        return tuple(t for t in (self.range_term, self.summary) if t is not None)
+
     def length(self, n: int) -> int:
         """Rows of the virtual sequence at length ``n``: ``n``, or the longest residue run."""
         return self.range_term.run_length(n) if self.step > 1 else n
@@ -212,14 +217,16 @@ _DELTA_ROWS = 64  # rows per program of the delta kernel
 class Launch:
     """One kernel launch of a plan: ``getattr(kernels, kernel)[grid](tensors..., n, H, *args, scales...,
     **meta)``. ``role`` is the tile role it was given (``tiles.ROLES``; ``"delta"`` for the delta kernel,
-    which has no tile), ``args`` the head group's ``(head0, head_step, heads_in_group, tiles_per_class)``
-    and ``meta`` the constexprs with ``num_warps`` and ``num_stages``."""
+    which has no tile), ``args`` the head group's ``(head0, head_step, heads_in_group, tiles_per_class)``,
+    ``meta`` the constexprs with ``num_warps`` and ``num_stages``, and ``terms`` the pattern terms
+    whose (query, key) pairs it computes (none for the delta kernel; for work counts)."""
 
     kernel: str
     role: str
     grid: tuple[int, ...]
     args: tuple[int, ...]
     meta: Mapping[str, object]
+    terms: tuple[Term, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -316,7 +323,7 @@ def _forward_plan(spec, B, H, n, dk, dv, dtype, tuning):
             grid, per_class = _query_grid(p, n, t.block_m, B * g.count)
             meta = _meta(t, HAS_RANGE=p.has_range, INIT_FROM_OUT=i > 0, SPLIT=_split(p, n, t.block_m, t.block_n, short_run),
                          DK_PAD=dkp, DV_PAD=dvp, DOT_PREC=_dot_precision(dtype), **_pass_args(p))
-            launches.append(Launch("attn_fwd", role, grid, (g.head0, g.head_step, g.count, per_class), meta))
+            launches.append(Launch("attn_fwd", role, grid, (g.head0, g.head_step, g.count, per_class), meta, p.terms))
     return tuple(launches)
 
 
@@ -369,7 +376,7 @@ def _backward_plan(spec, B, H, n, dk, dv, dtype, tuning):
             grid, per_class = _query_grid(p, n, t.block_m, B * g.count)
             meta = _meta(t, HAS_RANGE=p.has_range, FIRST=first, SPLIT=_split(p, n, t.block_m, t.block_n, short_run),
                          **common, **_pass_args(p))
-            launches.append(Launch("attn_bwd_dq", role, grid, (g.head0, g.head_step, g.count, per_class), meta))
+            launches.append(Launch("attn_bwd_dq", role, grid, (g.head0, g.head_step, g.count, per_class), meta, p.terms))
             first = False
     for gi, g in enumerate(groups):
         first = not zero_dkdv
@@ -381,6 +388,7 @@ def _backward_plan(spec, B, H, n, dk, dv, dtype, tuning):
                 t = tile(role)
                 bn = own or t.block_n
                 split = is_summary or _split(p, n, bn, t.block_m, short_run)
+                term = (p.summary,) if is_summary else (p.range_term,)
                 flags = {"IS_SUMMARY": is_summary, "ACCUMULATE": not first, "OWNED": bool(own or per_program),
                          "SPLIT": split, **common, **_pass_args(p)}
                 if per_program:
@@ -391,7 +399,7 @@ def _backward_plan(spec, B, H, n, dk, dv, dtype, tuning):
                         if programs:
                             launches.append(Launch("attn_bwd_dkdv", role, (programs, B * g.count),
                                                    (g.head0, g.head_step, g.count, 1),
-                                                   _meta(t, bn, CHUNK=per_program, PARITY=parity, **flags)))
+                                                   _meta(t, bn, CHUNK=per_program, PARITY=parity, **flags), term))
                 else:
                     if is_summary:
                         keys = p.summary.count_below(n)  # every real compact key
@@ -401,7 +409,7 @@ def _backward_plan(spec, B, H, n, dk, dv, dtype, tuning):
                     else:
                         grid, per_class = _query_grid(p, n, bn, B * g.count)
                     launches.append(Launch("attn_bwd_dkdv", role, grid, (g.head0, g.head_step, g.count, per_class),
-                                           _meta(t, bn, CHUNK=0, PARITY=0, **flags)))
+                                           _meta(t, bn, CHUNK=0, PARITY=0, **flags), term))
                 first = False
     return BackwardPlan(tuple(launches), zero_dkdv, no_dq_pass)
 
