@@ -14,6 +14,10 @@ and the best of them is checked against the fp32 ``reference`` backend at a smal
 Writes JSON lines (``--out``), prints a table and, last, the winning tiles as a ``tuned`` record: to
 adopt them, copy them into ``tiles.TILES`` (and ``SHORT_RUN_TILES``) and run the gpu tests.
 Nothing here changes the library's tables.
+
+``--profile`` runs no sweep: it measures the card's bf16 matmul and copy ceilings, then times every
+launch of the committed tiles and gives each its TFLOP/s and compulsory GB/s (:func:`launch_work`)
+as fractions of those ceilings (:func:`profile_launches`).
 """
 
 from __future__ import annotations
