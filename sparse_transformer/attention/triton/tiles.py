@@ -30,6 +30,13 @@ before (owned stride backward in both): strided 16K 2.14 -> 1.73 ms, fixed 16K 6
 strided 64K 2.71 -> 2.38, strided 1M 45.8 -> 46.6 (one or two calls per median at 1M: within its
 spread). Head dims 16 and 32 use the 64 tiles; 128 (and above) keeps the larger-warp tiles that
 passed the GPU tests. ``sparse-transformer bench tiles`` repeats the sweep.
+
+The band/block dK/dV tile went from 64x64 to 32x64 (queries x keys) on 2026-12-01: the 2026-11-30
+sweep's per-launch times had it ahead in every case (that sweep's set of winners was not adopted,
+slowed by another role's winner), and an A/B in one call confirmed it alone (fwd+bwd, committed
+twice against 32x64: strided 16K 1.724/1.712 -> 1.664 ms, fixed 16K 6.333/6.500 -> 6.297, strided 1M
+47.07/47.29 -> 45.56; its launch 0.43 -> 0.37 ms at 16K and 14.9-15.1 -> 13.3 ms at 1M; 3 and 2
+stages, 8 warps, 16 and 32 keys were slower).
 """
 
 from __future__ import annotations
@@ -113,7 +120,7 @@ TILES: Mapping[str, Mapping[int, Tile]] = MappingProxyType(
         "dq": _by_dim((64, 32, 4, 3), _D128_DQ),
         "dq_summary": _by_dim((64, 64, 4, 3), _D128_DQ),
         "dq_stride": _by_dim((64, 32, 4, 3), _D128_DQ),
-        "dkdv": _by_dim((64, 64, 4, 3), _D128_DKDV),
+        "dkdv": _by_dim((32, 64, 4, 3), _D128_DKDV),
         "dkdv_stride": _by_dim((16, 64, 4, 3), _D128_DKDV),
         "dkdv_summary": _by_dim((32, 64, 4, 3), _D128_DKDV),
         # the dQ tile [BLOCK_M, d] fp32 joins the dK/dV accumulators: d 128 takes classes up to 64 keys
