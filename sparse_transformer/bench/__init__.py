@@ -7,7 +7,7 @@
 * :mod:`sparse_transformer.bench.sample`: KV-cached vs uncached sampling speed.
 * :func:`sparse_transformer.bench.tiles.bench_tiles`: a tile sweep of the Triton kernels per launch
   role (CUDA), whose winners a developer copies into ``attention/triton/tiles.py``;
-  :func:`~sparse_transformer.bench.tiles.profile_launches` (``--profile``): every launch of the
+  with ``--profile`` (``profile=True``) instead every launch of the
   committed tiles against the card's matmul and copy ceilings measured in the same call.
 
 Every benchmark writes JSON lines (one object per measured case) and prints a markdown table.

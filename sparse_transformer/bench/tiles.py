@@ -17,7 +17,7 @@ Nothing here changes the library's tables.
 
 ``--profile`` runs no sweep: it measures the card's bf16 matmul and copy ceilings, then times every
 launch of the committed tiles and gives each its TFLOP/s and compulsory GB/s (:func:`launch_work`)
-as fractions of those ceilings (:func:`profile_launches`).
+as fractions of those ceilings (``bench_tiles(..., profile=True)``).
 """
 
 from __future__ import annotations
@@ -45,7 +45,6 @@ __all__ = [
     "launch_work",
     "parse_case",
     "pick_winners",
-    "profile_launches",
     "run",
 ]
 
@@ -213,9 +212,12 @@ def bench_tiles(
     iters: int = 10,
     budget_s: float = 240.0,
     out_jsonl: str | None = None,
+    profile: bool = False,
 ) -> dict:
     """Run the sweep (module docstring); returns ``{"tiles": {role: tile}, "short_run_tiles": k,
-    "rows": [...]}`` with the committed and tuned fwd+bwd times per case."""
+    "rows": [...]}`` with the committed and tuned fwd+bwd times per case. With ``profile`` no sweep:
+    the card's ceilings and every launch of the committed tiles against them, ``{"launches": rows}``
+    (:func:`format_launches`). Raises UserError without CUDA."""
     import triton
 
     from ..attention.triton import Tuning, tile_config, tiles
@@ -242,6 +244,8 @@ def bench_tiles(
         dtype=dtype,
         heads=heads,
     )
+    if profile:
+        return {"launches": _profile_launches(cases, batch_tokens, heads, head_dim, torch_dtype, iters, rec)}
     data = [_Case(*parse_case(c, batch_tokens), heads, head_dim, torch_dtype) for c in cases]
     committed = {role: tile_config(role, head_dim, torch_dtype).as_tuple() for role in CANDIDATES}
     cands = {role: candidates(role, committed[role]) for role in CANDIDATES}
@@ -362,43 +366,22 @@ def ceilings(device: str = "cuda") -> dict[str, float]:
     }
 
 
-def profile_launches(
-    cases: Sequence[str] = DEFAULT_CASES,
-    batch_tokens: int = 131072,
-    heads: int = 8,
-    head_dim: int = 64,
-    dtype: str = "bf16",
-    iters: int = 10,
-    out_jsonl: str | None = None,
+def _profile_launches(
+    cases: Sequence[str], batch_tokens: int, heads: int, head_dim: int, dtype: torch.dtype, iters: int, rec
 ) -> list[dict]:
-    """Every launch of one fwd+bwd per case with the committed tiles: median kernel ms over
+    """``bench tiles --profile`` (:func:`bench_tiles` with ``profile=True``): the card's ceilings,
+    then every launch of one fwd+bwd per case with the committed tiles: median kernel ms over
     ``iters`` calls, its FLOPs and compulsory bytes (:func:`launch_work`) as TFLOP/s and GB/s, and
-    both as fractions of :func:`ceilings` measured in the same call. Returns the rows (also printed
-    as JSON lines and appended to ``out_jsonl``)."""
-    import triton
-
+    both as fractions of the ceilings. Each row goes to ``rec``; returns them."""
     from ..attention.triton import ops
-    from ..runtime import DTYPES
 
-    if not torch.cuda.is_available():
-        raise UserError("bench tiles times the Triton kernels on a GPU; it needs CUDA")
-    torch_dtype = DTYPES[dtype]
-    rows = []
-
-    def rec(**kw):
-        rows.append(kw)
-        print(json.dumps(kw), flush=True)
-        if out_jsonl:
-            with open(out_jsonl, "a") as f:
-                f.write(json.dumps(kw) + "\n")
-
-    ceil = ceilings()
-    rec(kind="ceilings", card=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__, **ceil)
+    rows = [{"kind": "ceilings", **ceilings()}]
+    rec(**rows[0])
     for spec in cases:
-        c = _Case(*parse_case(spec, batch_tokens), heads, head_dim, torch_dtype)
+        c = _Case(*parse_case(spec, batch_tokens), heads, head_dim, dtype)
         c.fwdbwd(None)  # compile
         torch.cuda.synchronize()
-        args = (ops.encode(c.pattern, heads), c.batch, heads, c.n, head_dim, head_dim, torch_dtype)
+        args = (ops.encode(c.pattern, heads), c.batch, heads, c.n, head_dim, head_dim, dtype)
         launches = (*ops.forward_plan(*args), *ops.backward_plan(*args).launches)
         times = _kernel_ms(functools.partial(c.fwdbwd, None), iters)
         if len(times) != iters * len(launches):
@@ -407,23 +390,25 @@ def profile_launches(
             ms = statistics.median(times[it * len(launches) + k] for it in range(iters))
             flops, moved = launch_work(launch, c.n, head_dim, c.q.element_size(), c.batch * heads)
             tflops, gbps = flops / ms / 1e9, moved / ms / 1e6
-            rec(
-                kind="launch",
-                case=c.label,
-                batch=c.batch,
-                launch=k,
-                role=launch.role,
-                ms=ms,
-                tflops=tflops,
-                gbps=gbps,
-                matmul_fraction=tflops / ceil["matmul_tflops"],
-                copy_fraction=gbps / ceil["copy_gbps"],
-            )
+            row = {
+                "kind": "launch",
+                "case": c.label,
+                "batch": c.batch,
+                "launch": k,
+                "role": launch.role,
+                "ms": ms,
+                "tflops": tflops,
+                "gbps": gbps,
+                "matmul_fraction": tflops / rows[0]["matmul_tflops"],
+                "copy_fraction": gbps / rows[0]["copy_gbps"],
+            }
+            rows.append(row)
+            rec(**row)
     return rows
 
 
 def format_launches(rows: Sequence[dict]) -> str:
-    """The launch table of :func:`profile_launches`."""
+    """The launch table of ``bench tiles --profile`` (its rows)."""
     ceil = next(r for r in rows if r["kind"] == "ceilings")
     lines = [
         f"ceilings (same call): {ceil['matmul_tflops']:.0f} TFLOP/s bf16 matmul, {ceil['copy_gbps']:.0f} GB/s copy",
@@ -477,14 +462,9 @@ def run(args: argparse.Namespace) -> int:
     cases = comma_list(args.cases)
     for c in cases:
         parse_case(c, args.batch_tokens)  # refuse a bad case before any GPU work
-    if args.profile:
-        rows = profile_launches(cases, args.batch_tokens, args.heads, args.head_dim, args.dtype, args.iters, args.out)
-        print()
-        print(format_launches(rows))
-        return 0
     result = bench_tiles(
-        cases, args.batch_tokens, args.heads, args.head_dim, args.dtype, args.iters, args.budget, args.out
+        cases, args.batch_tokens, args.heads, args.head_dim, args.dtype, args.iters, args.budget, args.out, args.profile
     )
     print()
-    print(format_table(result))
+    print(format_launches(result["launches"]) if args.profile else format_table(result))
     return 0
