@@ -304,6 +304,8 @@ def test_plans_give_every_launch_its_role_and_tile():
     assert chunk_keys >= 128 and chunk_keys % band[0].meta["BLOCK_M"] == 0
     assert [x.grid[0] for x in band] == [16384 // chunk_keys // 2] * 2
     _, long_classes = _plan(P.strided(256), 65536)
+    for other in (_plan(P.strided(256), 65536, dtype=torch.float32)[1], _plan(P.strided(256), 65536, d=128)[1]):
+        assert "dkdv_band" not in [x.role for x in other.launches]  # measured for 16-bit inputs, d <= 64 only
     if ops.INTERPRET:  # the interpreter's tile holds classes of at most 32 keys
         assert [x.role for x in bwd.launches] == ["dq_stride", "dkdv_band", "dkdv_band", "dkdv_stride"]
         assert [x.role for x in forced.launches] == ["dq_stride", "dkdv_band", "dkdv_band", "dkdv_stride"]

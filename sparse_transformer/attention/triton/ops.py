@@ -352,9 +352,11 @@ def _backward_plan(spec, B, H, n, dk, dv, dtype, tuning):
             chunk[gi, pi] = _band_chunk(p, band.block_m, band.block_n)
         for pi, p in enumerate(g.passes):
             choice = owned_band(tuning)
-            if choice is None:  # the measured rule: a short window, and a dQ pass that writes delta anyway
+            if choice is None:  # the measured rule (bf16/fp16, head dim <= 64): a short window, and a dQ
+                # pass that writes delta anyway
                 others_dq = any(not owned[gi, pj] and not chunk[gi, pj] for pj in range(len(g.passes)) if pj != pi)
-                choice = others_dq and p.window <= OWNED_BAND_TILES * band.block_n
+                measured = dtype != torch.float32 and d_pad <= 64
+                choice = measured and others_dq and p.window <= OWNED_BAND_TILES * band.block_n
             chunk[gi, pi] = chunk[gi, pi] if choice else 0
     no_dq = {key: bool(owned[key] or chunk[key]) for key in owned}
     # a group made only of summary terms leaves non-summary keys untouched: start from zeros

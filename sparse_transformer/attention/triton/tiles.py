@@ -151,7 +151,8 @@ SHORT_RUN_TILES = 8
 # A Band term's backward runs owned (``dkdv_band``: one walk of each key tile's queries gives dK, dV
 # and its dQ share, 5 tile matmuls per pair instead of 7) where that measured faster: a window of at
 # most this many ``dkdv_band`` key tiles, in a head group that runs a dQ pass anyway (which writes
-# delta; without one, delta costs a launch of its own). Its dQ read-add-write per (key tile, query
+# delta; without one, delta costs a launch of its own), for 16-bit inputs and head dims up to 64 (where
+# it was measured; elsewhere ``Tuning(owned_band=True)`` forces it). Its dQ read-add-write per (key tile, query
 # tile) pair moves as many bytes as the dQ pass's K and V loads it saves, and serializes the
 # program's key tiles, so a long window loses. H200, bf16, d 64, 8 heads, fwd+bwd (do_bench medians,
 # two calls): strided l=256 64K 2.47/2.42 -> 2.35/2.34 ms (window of 4 tiles, the stride term has a
