@@ -567,10 +567,14 @@ def test_gpu_band_backward_matches_reference(l, owned_band):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("pattern", [P.strided(128), P.fixed(128, 32)], ids=["strided", "fixed"])
-def test_gpu_deterministic_grads_are_bitwise_identical(pattern):
+@pytest.mark.parametrize(
+    "pattern, tuning",
+    [(P.strided(128), None), (P.strided(128), Tuning(owned_band=True)), (P.fixed(128, 32), None)],
+    ids=["strided", "strided-owned-band", "fixed"],
+)
+def test_gpu_deterministic_grads_are_bitwise_identical(pattern, tuning):
     q, k, v, do = random_qkv(2, 4, 4096, 64, 64, torch.bfloat16, device="cuda", seed=1)
-    runs = [torch.autograd.grad(triton_attention(q, k, v, pattern), (q, k, v), do) for _ in range(2)]
+    runs = [torch.autograd.grad(triton_attention(q, k, v, pattern, tuning=tuning), (q, k, v), do) for _ in range(2)]
     for a, b in zip(*runs):
         assert torch.equal(a, b)
 
