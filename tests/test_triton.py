@@ -392,8 +392,8 @@ def test_the_backward_uses_the_call_s_tuning():
     [
         (P.local(5), 150, (32, 32, 1, 1)),  # window inside one tile: chunks of one tile
         (P.local(33), 150, (32, 16, 1, 1)),  # window just past a query tile: chunks of 64 keys, 4 key tiles
-        (P.strided(20), 203, (16, 32, 1, 1)),  # query tiles narrower than key tiles; the band's last chunk partial
-        (P.strided(64), 300, (16, 16, 1, 1)),  # a long band that splits into masked/full/masked runs
+        (P.strided(20), 150, (16, 32, 1, 1)),  # query tiles narrower than key tiles; the band's last chunk partial
+        (P.strided(64), 100, (32, 32, 1, 1)),  # a long band that splits into masked/full/masked runs; 1.5 chunks
     ],
     ids=["local5", "local33", "strided20", "strided64"],
 )
