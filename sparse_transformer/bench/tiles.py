@@ -23,7 +23,6 @@ as fractions of those ceilings (``bench_tiles(..., profile=True)``).
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import math
 import statistics
@@ -137,14 +136,12 @@ class _Case:
         out = triton_attention(self.q, self.k, self.v, self.pattern, tuning=tuning)
         return torch.autograd.grad(out, (self.q, self.k, self.v), self.grad)
 
-    def roles(self, tuning) -> list[str]:
-        """The tile role of every launch of one fwd+bwd, in launch order."""
+    def launches(self, tuning) -> tuple:
+        """Every launch (``ops.Launch``) of one fwd+bwd, in launch order."""
         from ..attention.triton import ops
 
         args = (ops.encode(self.pattern, self.heads), self.batch, self.heads, self.n, self.head_dim, self.head_dim)
-        fwd = ops.forward_plan(*args, self.dtype, tuning)
-        bwd = ops.backward_plan(*args, self.dtype, tuning)
-        return [launch.role for launch in (*fwd, *bwd.launches)]
+        return (*ops.forward_plan(*args, self.dtype, tuning), *ops.backward_plan(*args, self.dtype, tuning).launches)
 
 
 def _kernel_ms(fn: Callable[[], object], iters: int) -> list[list[float]]:
@@ -162,20 +159,28 @@ def _kernel_ms(fn: Callable[[], object], iters: int) -> list[list[float]]:
     return [e.time_range.elapsed_us() / 1e3 for e in events]
 
 
-def per_role(case: _Case, tuning, iters: int) -> dict[str, float]:
-    """Median over ``iters`` fwd+bwd calls of each role's summed kernel time (ms), and ``total``."""
+def _launch_ms(case: _Case, tuning, iters: int) -> tuple[tuple, list[list[float]]]:
+    """The launches of one fwd+bwd of ``case`` with ``tuning`` and, per call of ``iters`` (after one
+    untimed call that compiles), each launch's kernel time in ms, in launch order."""
     case.fwdbwd(tuning)  # compile
     torch.cuda.synchronize()
-    roles = case.roles(tuning)
+    launches = case.launches(tuning)
     times = _kernel_ms(lambda: case.fwdbwd(tuning), iters)
-    if len(times) != iters * len(roles):
-        raise RuntimeError(f"profiled {len(times)} attention kernels for {iters} calls of {len(roles)} launches")
+    k = len(launches)
+    if len(times) != iters * k:
+        raise RuntimeError(f"profiled {len(times)} attention kernels for {iters} calls of {k} launches")
+    return launches, [times[it * k : (it + 1) * k] for it in range(iters)]
+
+
+def per_role(case: _Case, tuning, iters: int) -> dict[str, float]:
+    """Median over ``iters`` fwd+bwd calls of each role's summed kernel time (ms), and ``total``."""
+    launches, calls = _launch_ms(case, tuning, iters)
     runs = []
-    for it in range(iters):
+    for call in calls:
         row: dict[str, float] = {}
-        for role, ms in zip(roles, times[it * len(roles) : (it + 1) * len(roles)]):
-            row[role] = row.get(role, 0.0) + ms
-        row["total"] = sum(times[it * len(roles) : (it + 1) * len(roles)])
+        for launch, ms in zip(launches, call, strict=True):
+            row[launch.role] = row.get(launch.role, 0.0) + ms
+        row["total"] = sum(call)
         runs.append(row)
     return {role: statistics.median(r[role] for r in runs) for role in runs[0]}
 
@@ -373,21 +378,13 @@ def _profile_launches(
     then every launch of one fwd+bwd per case with the committed tiles: median kernel ms over
     ``iters`` calls, its FLOPs and compulsory bytes (:func:`launch_work`) as TFLOP/s and GB/s, and
     both as fractions of the ceilings. Each row goes to ``rec``; returns them."""
-    from ..attention.triton import ops
-
     rows = [{"kind": "ceilings", **ceilings()}]
     rec(**rows[0])
     for spec in cases:
         c = _Case(*parse_case(spec, batch_tokens), heads, head_dim, dtype)
-        c.fwdbwd(None)  # compile
-        torch.cuda.synchronize()
-        args = (ops.encode(c.pattern, heads), c.batch, heads, c.n, head_dim, head_dim, dtype)
-        launches = (*ops.forward_plan(*args), *ops.backward_plan(*args).launches)
-        times = _kernel_ms(functools.partial(c.fwdbwd, None), iters)
-        if len(times) != iters * len(launches):
-            raise RuntimeError(f"profiled {len(times)} attention kernels for {iters} calls of {len(launches)} launches")
+        launches, calls = _launch_ms(c, None, iters)
         for k, launch in enumerate(launches):
-            ms = statistics.median(times[it * len(launches) + k] for it in range(iters))
+            ms = statistics.median(call[k] for call in calls)
             flops, moved = launch_work(launch, c.n, head_dim, c.q.element_size(), c.batch * heads)
             tflops, gbps = flops / ms / 1e9, moved / ms / 1e6
             row = {
