@@ -130,7 +130,9 @@ def test_a_second_train_on_a_running_folder_exits_2_and_changes_nothing(data_dir
     finally:
         first.kill()
         first.wait()
-    step = checkpoint.load(run / "checkpoint.pt")["step"]
+    # the newest checkpoint, which resume continues: the kill can land after checkpoint-N.pt is written
+    # and before checkpoint.pt is linked to it
+    step = checkpoint.load(checkpoint.training_checkpoints(run)[0])["step"]
     summary = train(None, None, resume=run, overrides=["--train.max_steps", str(step + 1)])
     assert summary["step"] == step + 1 and not (run / LOCK).exists()
 
