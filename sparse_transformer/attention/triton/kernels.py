@@ -186,10 +186,31 @@ def _in_rows_range(kidx, row_lo, row_hi):
 
 
 @triton.jit
-def _program_head(head0, head_step, heads_in_group):
-    """(batch, head) of this program: grid axis 1 walks the heads of one group in every batch
+def _program_ids(ORDER: tl.constexpr):
+    """(tile, batch·head) of this program on the grid ``(tiles, B·heads)``. The hardware starts the
+    programs of a grid in its linear order, axis 0 fastest. ``ORDER == 0`` reads the axes as they
+    are: every tile of one head, head after head (programs of equal work; neighbours share keys in
+    L2). Where a program's work grows or shrinks with its tile (a summary term, a stride term's
+    causal runs, an unbounded band), the launch would otherwise end on one long program while the
+    rest of the card idles; ``ORDER`` 1 and 2 map the same linear order tile-major, tile ``t`` of
+    every head before any tile ``t ± 1``, with the longest first (longest-processing-time order):
+    1 from the last tile down (query tiles: a later row reads more keys), 2 from the first tile up
+    (key tiles: an earlier key is read by more rows)."""
+    if ORDER == 0:
+        return tl.program_id(0), tl.program_id(1)
+    n_tiles = tl.num_programs(0)
+    n_bh = tl.num_programs(1)
+    linear = tl.program_id(1) * n_tiles + tl.program_id(0)
+    tile = linear // n_bh
+    if ORDER == 1:
+        tile = n_tiles - 1 - tile
+    return tile, linear % n_bh
+
+
+@triton.jit
+def _program_head(pid_bh, head0, head_step, heads_in_group):
+    """(batch, head) of batch·head program ``pid_bh``: it walks the heads of one group in every batch
     (int64, for the pointer offsets)."""
-    pid_bh = tl.program_id(1)
     b = (pid_bh // heads_in_group).to(tl.int64)
     h = (head0 + (pid_bh % heads_in_group) * head_step).to(tl.int64)
     return b, h
@@ -197,11 +218,12 @@ def _program_head(head0, head_step, heads_in_group):
 
 @triton.jit
 def _query_program(n, head0, head_step, heads_in_group, tiles_per_class, STEP: tl.constexpr,
-                   BLOCK_M: tl.constexpr):
+                   BLOCK_M: tl.constexpr, ORDER: tl.constexpr):
     """A query-tile program (forward and dQ): its batch and head, the virtual sequence's first
     position and length, and the tile's first row (``>= length``: nothing to do)."""
-    b, h = _program_head(head0, head_step, heads_in_group)
-    base, length, m0 = _virtual_rows(tl.program_id(0), n, tiles_per_class, STEP, BLOCK_M)
+    pid_tile, pid_bh = _program_ids(ORDER)
+    b, h = _program_head(pid_bh, head0, head_step, heads_in_group)
+    base, length, m0 = _virtual_rows(pid_tile, n, tiles_per_class, STEP, BLOCK_M)
     return b, h, base, length, m0
 
 
@@ -281,12 +303,12 @@ def attn_fwd(
     OFFSET: tl.constexpr, SUM_C: tl.constexpr, SUM_L: tl.constexpr, SUM_LO: tl.constexpr,
     SUM_EARLIER: tl.constexpr, INIT_FROM_OUT: tl.constexpr, SPLIT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DK_PAD: tl.constexpr, DV_PAD: tl.constexpr,
-    DOT_PREC: tl.constexpr,
+    DOT_PREC: tl.constexpr, ORDER: tl.constexpr,
 ):
     """One query tile of one pass. With ``INIT_FROM_OUT`` the online softmax starts from an earlier
     pass's normalized output and lse (m = lse, l = 1, acc = o): the exact merge of two passes whose
     query orders differ, with no separate merge kernel."""
-    b, h, base, length, m0 = _query_program(n, head0, head_step, heads_in_group, tiles_per_class, STEP, BLOCK_M)
+    b, h, base, length, m0 = _query_program(n, head0, head_step, heads_in_group, tiles_per_class, STEP, BLOCK_M, ORDER)
     if m0 >= length:
         return
     EVEN_DK: tl.constexpr = DK_PAD == dk
@@ -389,12 +411,12 @@ def attn_bwd_dq(
     OFFSET: tl.constexpr, SUM_C: tl.constexpr, SUM_L: tl.constexpr, SUM_LO: tl.constexpr,
     SUM_EARLIER: tl.constexpr, FIRST: tl.constexpr, SPLIT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DK_PAD: tl.constexpr, DV_PAD: tl.constexpr,
-    DOT_PREC: tl.constexpr,
+    DOT_PREC: tl.constexpr, ORDER: tl.constexpr,
 ):
     """dQ of one query tile over the key tiles of this pass's terms. The first pass of a head
     (``FIRST``) computes and stores delta and writes dQ; later passes read delta and add to dQ.
     O, dO and dQ share q/o strides ``so*`` (dO and dQ are made contiguous like O)."""
-    b, h, base, length, m0 = _query_program(n, head0, head_step, heads_in_group, tiles_per_class, STEP, BLOCK_M)
+    b, h, base, length, m0 = _query_program(n, head0, head_step, heads_in_group, tiles_per_class, STEP, BLOCK_M, ORDER)
     if m0 >= length:
         return
     EVEN_DK: tl.constexpr = DK_PAD == dk
@@ -574,7 +596,7 @@ def attn_bwd_dkdv(
     SUM_EARLIER: tl.constexpr, ACCUMULATE: tl.constexpr, OWNED: tl.constexpr, SPLIT: tl.constexpr,
     CHUNK: tl.constexpr, PARITY: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DK_PAD: tl.constexpr, DV_PAD: tl.constexpr,
-    DOT_PREC: tl.constexpr,
+    DOT_PREC: tl.constexpr, ORDER: tl.constexpr,
 ):
     """dK, dV of one key tile of one term (``CHUNK == 0``), or of the ``CHUNK`` consecutive key tiles
     of chunk ``2·pid + PARITY`` of a Band term (``CHUNK > 0``, the owned band below). The key tile is
@@ -590,9 +612,10 @@ def attn_bwd_dkdv(
     adds its dQ shares with plain read-add-writes: within a launch no other program touches those
     rows, and within the program a barrier after each key tile orders its writes before the next
     key tile reads the same rows."""
-    b, h = _program_head(head0, head_step, heads_in_group)
+    pid_tile, pid_bh = _program_ids(ORDER)
+    b, h = _program_head(pid_bh, head0, head_step, heads_in_group)
     if CHUNK > 0:
-        first = (2 * tl.program_id(0) + PARITY) * CHUNK
+        first = (2 * pid_tile + PARITY) * CHUNK
         for tile_id in range(first, first + CHUNK):
             _dkdv_key_tile(Q, K, V, DO, DK, DV, DQ, LSE, DELTA, tile_id, b, h,
                            sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son,
@@ -601,7 +624,7 @@ def attn_bwd_dkdv(
                            ACCUMULATE, OWNED, SPLIT, BLOCK_M, BLOCK_N, DK_PAD, DV_PAD, DOT_PREC)
             tl.debug_barrier()  # this key tile's dQ writes land before the next one reads them
     else:
-        _dkdv_key_tile(Q, K, V, DO, DK, DV, DQ, LSE, DELTA, tl.program_id(0), b, h,
+        _dkdv_key_tile(Q, K, V, DO, DK, DV, DQ, LSE, DELTA, pid_tile, b, h,
                        sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son,
                        n, n_heads, tiles_per_class, qk_scale, sm_scale, dk, dv,
                        STEP, IS_SUMMARY, WINDOW, BLOCK, OFFSET, SUM_C, SUM_L, SUM_LO, SUM_EARLIER,

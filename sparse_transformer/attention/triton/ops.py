@@ -282,6 +282,21 @@ def _query_grid(p: _Pass, n: int, block_m: int, bh: int):
     return (p.step * per_class, bh), per_class
 
 
+def _grid_order(p: _Pass, keys: bool, summary_keys: bool = False) -> int:
+    """The grid order of a launch over pass ``p`` (``kernels._program_ids``): 0 where every program
+    does the same work; else tile-major with the longest programs first, so that the launch does not
+    end on one long program. Query tiles (``keys`` False) read more keys the later they sit where the
+    pass holds a summary term, a stride term (causal in each residue run) or an unbounded band: the
+    last tile first (1). Key tiles (``keys``; ``summary_keys`` for the summary keys' launch) are read
+    by more queries the earlier they sit for a summary, stride or unbounded band term: the first tile
+    first (2)."""
+    term = p.summary if summary_keys else p.range_term
+    grows = isinstance(term, (Stride, Summary)) or (isinstance(term, Band) and term.window is None)
+    if not keys:
+        grows = grows or p.summary is not None
+    return (2 if keys else 1) if grows else 0
+
+
 def _owned_tile(p: _Pass, n: int, max_class: int) -> int:
     """The key tile that holds a whole residue class of transposed pass ``p``, or 0 when its classes
     are longer than ``max_class`` (the ``dkdv_owned`` tile's BLOCK_N; then the pass runs as a dQ pass
@@ -322,7 +337,8 @@ def _forward_plan(spec, B, H, n, dk, dv, dtype, tuning):
             t = tile_config(role, max(dkp, dvp), dtype, interpreter=INTERPRET, tuning=tuning)
             grid, per_class = _query_grid(p, n, t.block_m, B * g.count)
             meta = _meta(t, HAS_RANGE=p.has_range, INIT_FROM_OUT=i > 0, SPLIT=_split(p, n, t.block_m, t.block_n, short_run),
-                         DK_PAD=dkp, DV_PAD=dvp, DOT_PREC=_dot_precision(dtype), **_pass_args(p))
+                         DK_PAD=dkp, DV_PAD=dvp, DOT_PREC=_dot_precision(dtype), ORDER=_grid_order(p, False),
+                         **_pass_args(p))
             launches.append(Launch("attn_fwd", role, grid, (g.head0, g.head_step, g.count, per_class), meta, p.terms))
     return tuple(launches)
 
@@ -377,7 +393,7 @@ def _backward_plan(spec, B, H, n, dk, dv, dtype, tuning):
             t = tile(role)
             grid, per_class = _query_grid(p, n, t.block_m, B * g.count)
             meta = _meta(t, HAS_RANGE=p.has_range, FIRST=first, SPLIT=_split(p, n, t.block_m, t.block_n, short_run),
-                         **common, **_pass_args(p))
+                         ORDER=_grid_order(p, False), **common, **_pass_args(p))
             launches.append(Launch("attn_bwd_dq", role, grid, (g.head0, g.head_step, g.count, per_class), meta, p.terms))
             first = False
     for gi, g in enumerate(groups):
@@ -401,7 +417,8 @@ def _backward_plan(spec, B, H, n, dk, dv, dtype, tuning):
                         if programs:
                             launches.append(Launch("attn_bwd_dkdv", role, (programs, B * g.count),
                                                    (g.head0, g.head_step, g.count, 1),
-                                                   _meta(t, bn, CHUNK=per_program, PARITY=parity, **flags), term))
+                                                   _meta(t, bn, CHUNK=per_program, PARITY=parity, ORDER=0, **flags),
+                                                   term))
                 else:
                     if is_summary:
                         keys = p.summary.count_below(n)  # every real compact key
@@ -411,7 +428,8 @@ def _backward_plan(spec, B, H, n, dk, dv, dtype, tuning):
                     else:
                         grid, per_class = _query_grid(p, n, bn, B * g.count)
                     launches.append(Launch("attn_bwd_dkdv", role, grid, (g.head0, g.head_step, g.count, per_class),
-                                           _meta(t, bn, CHUNK=0, PARITY=0, **flags), term))
+                                           _meta(t, bn, CHUNK=0, PARITY=0, ORDER=0 if own else _grid_order(p, True, is_summary),
+                                                 **flags), term))
                 first = False
     return BackwardPlan(tuple(launches), zero_dkdv, no_dq_pass)
 
