@@ -36,7 +36,8 @@ A term gives every query row ``i`` one contiguous range of keys ``[lo(i), hi(i)]
 
 The key tiles of a query tile then split into three runs: masked tiles at the start (the band's
 lower edge), unmasked full tiles, masked tiles at the end (the diagonal). Only the edges pay for the
-mask. Softmax statistics are fp32 and kept in log2 units (``qk_scale`` folds in log2(e)).
+mask: the forward and dQ walk them as three loops, the dK/dV walk (the same split over query tiles)
+as one loop with a uniform branch (``_dkdv_tiles`` says why). Softmax statistics are fp32 and kept in log2 units (``qk_scale`` folds in log2(e)).
 An empty row (no key at all) has lse = -inf and output 0; the backward reads it as +inf, so every
 probability in that row is exp2(-inf) = 0 and its gradients are 0, with no NaN.
 """
@@ -472,31 +473,31 @@ def attn_bwd_dq(
 
 @triton.jit
 def _dkdv_tiles(dk_acc, dv_acc, k, v, q_ptr, do_ptr, dq_ptr, sqn, son, LSE_ROW, DELTA_ROW, kidx, q_start,
-                q_stop, length, base, qk_scale, sm_scale, offs_dk, offs_dv, dk, dv,
+                q_stop, full_lo, full_hi, length, base, qk_scale, sm_scale, offs_dk, offs_dv, dk, dv,
                 STEP: tl.constexpr, IS_SUMMARY: tl.constexpr, WINDOW: tl.constexpr, BLOCK: tl.constexpr,
                 OFFSET: tl.constexpr, SUM_C: tl.constexpr, SUM_L: tl.constexpr, SUM_LO: tl.constexpr,
-                SUM_EARLIER: tl.constexpr, MASK: tl.constexpr, BLOCK_M: tl.constexpr,
+                SUM_EARLIER: tl.constexpr, BLOCK_M: tl.constexpr,
                 EVEN_DK: tl.constexpr, EVEN_DV: tl.constexpr, OWNED: tl.constexpr, DOT_PREC: tl.constexpr):
     """Accumulate dK, dV of one key tile over query tiles ``q_start, ... < q_stop``. Works on the
-    transposed score tile [keys, queries] so dK and dV come out of plain dots. With ``OWNED`` (this
-    program is the only one that touches those dQ rows) each query tile also receives this key
-    tile's dQ share dSᵀ·K into ``dq_ptr`` with a plain read-add-write."""
+    transposed score tile [keys, queries] so dK and dV come out of plain dots. A query tile outside
+    ``[full_lo, full_hi)`` (the masked head and tail of ``_segments``) masks P; the tiles inside skip
+    that work by a uniform branch. One loop, not three as in the forward and dQ walks: ptxas
+    serializes every wgmma of the kernel (its C7515, "non wgmma instructions defining accumulator
+    registers") when the two accumulators dK and dV pass through three loops.
+    With ``OWNED`` (this program is the only one that touches those dQ rows) each query tile also
+    receives this key tile's dQ share dSᵀ·K into ``dq_ptr`` with a plain read-add-write."""
     for m0 in range(q_start, q_stop, BLOCK_M):
         rows = m0 + tl.arange(0, BLOCK_M)
         row_ok = rows < length
         pos = base + rows * STEP
-        q = _load_rows(q_ptr, pos, row_ok, offs_dk, dk, sqn, MASK, EVEN_DK)
-        do = _load_rows(do_ptr, pos, row_ok, offs_dv, dv, son, MASK, EVEN_DV)
-        if MASK:
-            lse = tl.load(LSE_ROW + pos, mask=row_ok, other=float("inf"))
-            delta = tl.load(DELTA_ROW + pos, mask=row_ok, other=0.0)
-        else:
-            lse = tl.load(LSE_ROW + pos)
-            delta = tl.load(DELTA_ROW + pos)
+        q = _load_rows(q_ptr, pos, row_ok, offs_dk, dk, sqn, True, EVEN_DK)
+        do = _load_rows(do_ptr, pos, row_ok, offs_dv, dv, son, True, EVEN_DV)
+        lse = tl.load(LSE_ROW + pos, mask=row_ok, other=float("inf"))
+        delta = tl.load(DELTA_ROW + pos, mask=row_ok, other=0.0)
         lse = tl.where(lse == float("-inf"), float("inf"), lse)
         st = tl.dot(k, tl.trans(q), input_precision=DOT_PREC) * qk_scale
         pt = tl.math.exp2(st - lse[None, :])
-        if MASK:
+        if (m0 < full_lo) | (m0 >= full_hi):
             lo = _key_lo(rows, IS_SUMMARY, WINDOW, BLOCK)
             hi = _key_hi(rows, IS_SUMMARY, OFFSET, SUM_C, SUM_L, SUM_LO, SUM_EARLIER)
             ok = (kidx[:, None] >= lo[None, :]) & (kidx[:, None] <= hi[None, :])
@@ -559,20 +560,9 @@ def _dkdv_key_tile(Q, K, V, DO, DK, DV, DQ, LSE, DELTA, tile_id, b, h,
         do_ptr = DO + b * sob + h * soh
         dq_ptr = DQ + (b * n_heads + h) * n * dk
         dk_acc, dv_acc = _dkdv_tiles(dk_acc, dv_acc, k, v, q_ptr, do_ptr, dq_ptr, sqn, son, LSE + stat_off,
-                                     DELTA + stat_off, kidx, start, f_lo, length, base, qk_scale, sm_scale,
+                                     DELTA + stat_off, kidx, start, end, f_lo, f_hi, length, base, qk_scale, sm_scale,
                                      offs_dk, offs_dv, dk, dv, STEP, IS_SUMMARY, WINDOW, BLOCK, OFFSET, SUM_C,
-                                     SUM_L, SUM_LO, SUM_EARLIER, True, BLOCK_M, EVEN_DK, EVEN_DV, OWNED,
-                                     DOT_PREC)
-        dk_acc, dv_acc = _dkdv_tiles(dk_acc, dv_acc, k, v, q_ptr, do_ptr, dq_ptr, sqn, son, LSE + stat_off,
-                                     DELTA + stat_off, kidx, f_lo, f_hi, length, base, qk_scale, sm_scale,
-                                     offs_dk, offs_dv, dk, dv, STEP, IS_SUMMARY, WINDOW, BLOCK, OFFSET, SUM_C,
-                                     SUM_L, SUM_LO, SUM_EARLIER, False, BLOCK_M, EVEN_DK, EVEN_DV, OWNED,
-                                     DOT_PREC)
-        dk_acc, dv_acc = _dkdv_tiles(dk_acc, dv_acc, k, v, q_ptr, do_ptr, dq_ptr, sqn, son, LSE + stat_off,
-                                     DELTA + stat_off, kidx, f_hi, end, length, base, qk_scale, sm_scale,
-                                     offs_dk, offs_dv, dk, dv, STEP, IS_SUMMARY, WINDOW, BLOCK, OFFSET, SUM_C,
-                                     SUM_L, SUM_LO, SUM_EARLIER, True, BLOCK_M, EVEN_DK, EVEN_DV, OWNED,
-                                     DOT_PREC)
+                                     SUM_L, SUM_LO, SUM_EARLIER, BLOCK_M, EVEN_DK, EVEN_DV, OWNED, DOT_PREC)
 
         dk_acc = dk_acc * sm_scale
         dk_ptrs = DK + (stat_off + kpos[:, None]) * dk + offs_dk[None, :]
