@@ -260,6 +260,8 @@ def test_tuning_overrides_its_roles_only_and_round_trips():
     swapped = Tuning({"dkdv_owned": Tile(16, 16, 1, 1), "dq": (16, 32, 2, 1)}, short_run_tiles=0)
     assert swapped == tuning and hash(swapped) == hash(tuning)
     assert Tuning.decode([]) is None and Tuning.decode(Tuning().encode()) == Tuning()
+    capped = Tuning({"dkdv": (32, 64, 4, 3, 168), "fwd": (64, 64, 4, 3, 0)})
+    assert Tuning.decode(capped.encode()) == capped and capped.tiles["fwd"] == Tile(64, 64, 4, 3)
     assert tiles.short_run_tiles(tuning) == 0 and tiles.short_run_tiles(None) == tiles.SHORT_RUN_TILES
     for choice in (True, False):
         assert Tuning.decode(Tuning(owned_band=choice).encode()) == Tuning(owned_band=choice)
@@ -275,6 +277,7 @@ def test_tuning_overrides_its_roles_only_and_round_trips():
         (lambda: Tuning({"fwd": (64, 8, 4, 3)}), "block_n must be a power of two >= 16"),
         (lambda: Tuning({"fwd": (64, 64, 3, 3)}), "num_warps"),
         (lambda: Tuning({"fwd": (64, 64, 4, 0)}), "num_stages"),
+        (lambda: Tuning({"fwd": (64, 64, 4, 3, 300)}), "max_registers"),
         (lambda: Tuning(short_run_tiles=-1), "short_run_tiles"),
         (lambda: Tuning(owned_band=1), "owned_band"),
     ],
@@ -320,6 +323,31 @@ def test_plans_give_every_launch_its_role_and_tile():
     assert fwd[0].grid == (16384 // 64, 2 * 4)
     _, long_window = _plan(P.strided(1024), 1 << 20, B=1)  # a window of 16 key tiles: two-pass
     assert "dkdv_band" not in [x.role for x in long_window.launches]
+
+
+def test_plans_order_grids_and_walk_dkdv_as_measured():
+    """Where a program's work varies with its tile, the plan walks the grid tile-major with the
+    longest programs first (forward of a summary pass: last tile first; dK/dV of summary and stride
+    keys: first tile first); equal-work launches and every dQ pass keep the head-major order. A split
+    dK/dV walk runs as one loop except for a stride term; a tile's register cap reaches the launch."""
+    fwd, bwd = _plan(P.fixed(128, 32), 16384)
+    assert [x.meta["ORDER"] for x in fwd] == [1]
+    orders = {x.role: x.meta["ORDER"] for x in bwd.launches}
+    assert orders == {"dq_summary": 0, "dkdv": 0, "dkdv_summary": 2}
+    fwd, bwd = _plan(P.strided(1024), 1 << 20, B=1)
+    assert [x.meta["ORDER"] for x in fwd] == [0, 0]
+    assert {x.role: x.meta["ORDER"] for x in bwd.launches} == {"dq": 0, "dq_stride": 0, "dkdv": 0, "dkdv_stride": 2}
+    dkdv = {x.role: x.meta for x in bwd.launches if x.kernel == "attn_bwd_dkdv"}
+    assert dkdv["dkdv"]["SPLIT"] and dkdv["dkdv_stride"]["SPLIT"]
+    assert dkdv["dkdv"]["ONE_LOOP"] and not dkdv["dkdv_stride"]["ONE_LOOP"]
+    assert "maxnreg" not in dkdv["dkdv_stride"]
+    assert (
+        dkdv["dkdv"].get("maxnreg") == tile_config("dkdv", 64, torch.bfloat16, interpreter=ops.INTERPRET).max_registers
+    )
+    _, capped = _plan(P.strided(1024), 1 << 20, B=1, tuning=Tuning({"dkdv": (32, 32, 2, 1, 96)}))
+    assert [x.meta.get("maxnreg") for x in capped.launches if x.role == "dkdv"] == [96]
+    _, fp32 = _plan(P.strided(1024), 1 << 20, B=1, dtype=torch.float32)
+    assert all("maxnreg" not in x.meta for x in fp32.launches)
 
 
 def test_tuning_changes_the_plan_of_that_call_only():
@@ -446,8 +474,9 @@ def test_custom_op_registration_and_no_graph_breaks():
 
 
 _COMPILE_FOR_HOPPER = """
-import json, sys
+import json, os, subprocess, sys, tempfile
 import torch
+import triton
 try:  # what JITFunction.run does before launching, with a target instead of a device
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource, compile, make_backend
@@ -462,12 +491,16 @@ from sparse_transformer.attention.triton import Tuning, kernels, ops
 assert not ops.INTERPRET
 target = GPUTarget("cuda", 90, 32)
 backend = make_backend(target)
-B, H, n, d = 2, 4, 16384, 64
-q = torch.empty(B, H, n, d, dtype=torch.bfloat16)
-lse = torch.empty(B, H, n)
-strides = (*q.stride()[:3],) * 4
-done = set()
-for pattern, tuning in ((P.strided(128), None), (P.strided(128), Tuning(owned_band=True)), (P.fixed(128, 32), None)):
+cuobjdump = os.path.join(os.path.dirname(triton.backends.nvidia.__file__), "bin", "cuobjdump")
+H, d = 4, 64
+done, serialized = set(), []
+cases = ((P.strided(128), None, 16384), (P.strided(128), Tuning(owned_band=True), 16384), (P.fixed(128, 32), None, 16384),
+         (P.strided(1024), None, 1 << 20), (P.fixed(256, 32), None, 65536))
+for pattern, tuning, n in cases:
+    B = 2
+    q = torch.empty(B, H, n, d, dtype=torch.bfloat16)  # never touched: no memory is used
+    lse = torch.empty(B, H, n)
+    strides = (*q.stride()[:3],) * 4
     spec = ops.encode(pattern, H)
     plans = ops.forward_plan(spec, B, H, n, d, d, q.dtype), ops.backward_plan(spec, B, H, n, d, d, q.dtype, tuning).launches
     for launch in (*plans[0], *plans[1]):
@@ -485,6 +518,15 @@ for pattern, tuning in ((P.strided(128), None), (P.strided(128), Tuning(owned_ba
         compiled = compile(ASTSource(fn, signature, constexprs, attrs), target=target, options=options.__dict__)
         assert compiled.asm["cubin"], launch.role
         done.add(launch.role)
+        if launch.kernel != "attn_bwd_delta" and os.path.exists(cuobjdump):  # a wait per wgmma: serialized (C7515)
+            with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+                f.write(compiled.asm["cubin"])
+                f.flush()
+                sass = subprocess.run([cuobjdump, "--dump-sass", f.name], capture_output=True, text=True).stdout
+            mma, waits = sass.count("HGMMA"), sass.count("WARPGROUP.DEPBAR")
+            if mma == 0 or waits >= mma:
+                serialized.append(f"{launch.role} at n={n}: {mma} wgmma, {waits} waits")
+assert not serialized, serialized
 print(json.dumps(sorted(done)))
 """
 
@@ -492,8 +534,11 @@ print(json.dumps(sorted(done)))
 @pytest.mark.slow
 def test_kernels_compile_for_hopper_without_a_gpu():
     """The kernels as the GPU runs them (not the interpreter, which accepts code the compiler does
-    not): every launch of strided (owned band backward or not) and fixed at n = 16K, bf16, head dim 64, compiled to an sm_90
-    cubin through Triton's own pipeline (ptxas included) in a fresh process without the interpreter."""
+    not): every launch of strided (owned band backward or not) and fixed at n = 16K, strided l=1024 at
+    1M and fixed l=256 at 64K, bf16, head dim 64, compiled to an sm_90 cubin through Triton's own
+    pipeline (ptxas included) in a fresh process without the interpreter. Each launch's machine code
+    issues its tensor-core products asynchronously: fewer wgmma waits than wgmma instructions (the
+    three-loop dK/dV walk once had ptxas put a wait after every one)."""
     import subprocess
     import sys
 
@@ -510,8 +555,10 @@ def test_kernels_compile_for_hopper_without_a_gpu():
         "fwd_stride",
         "fwd_summary",
         "dq",
+        "dq_stride",
         "dq_summary",
         "dkdv",
+        "dkdv_stride",
         "dkdv_owned",
         "dkdv_summary",
         "dkdv_band",

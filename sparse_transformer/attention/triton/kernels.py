@@ -472,36 +472,52 @@ def attn_bwd_dq(
 
 
 @triton.jit
+def _dkdv_mask(pt, rows, kidx, IS_SUMMARY: tl.constexpr, WINDOW: tl.constexpr, BLOCK: tl.constexpr,
+               OFFSET: tl.constexpr, SUM_C: tl.constexpr, SUM_L: tl.constexpr, SUM_LO: tl.constexpr,
+               SUM_EARLIER: tl.constexpr):
+    """P^T [keys, queries] with the pairs the term does not allow set to 0."""
+    lo = _key_lo(rows, IS_SUMMARY, WINDOW, BLOCK)
+    hi = _key_hi(rows, IS_SUMMARY, OFFSET, SUM_C, SUM_L, SUM_LO, SUM_EARLIER)
+    ok = (kidx[:, None] >= lo[None, :]) & (kidx[:, None] <= hi[None, :])
+    return tl.where(ok, pt, 0.0)
+
+
+@triton.jit
 def _dkdv_tiles(dk_acc, dv_acc, k, v, q_ptr, do_ptr, dq_ptr, sqn, son, LSE_ROW, DELTA_ROW, kidx, q_start,
                 q_stop, full_lo, full_hi, length, base, qk_scale, sm_scale, offs_dk, offs_dv, dk, dv,
                 STEP: tl.constexpr, IS_SUMMARY: tl.constexpr, WINDOW: tl.constexpr, BLOCK: tl.constexpr,
                 OFFSET: tl.constexpr, SUM_C: tl.constexpr, SUM_L: tl.constexpr, SUM_LO: tl.constexpr,
-                SUM_EARLIER: tl.constexpr, BLOCK_M: tl.constexpr,
+                SUM_EARLIER: tl.constexpr, MASK: tl.constexpr, PARTIAL: tl.constexpr, BLOCK_M: tl.constexpr,
                 EVEN_DK: tl.constexpr, EVEN_DV: tl.constexpr, OWNED: tl.constexpr, DOT_PREC: tl.constexpr):
     """Accumulate dK, dV of one key tile over query tiles ``q_start, ... < q_stop``. Works on the
-    transposed score tile [keys, queries] so dK and dV come out of plain dots. A query tile outside
-    ``[full_lo, full_hi)`` (the masked head and tail of ``_segments``) masks P; the tiles inside skip
-    that work by a uniform branch. One loop, not three as in the forward and dQ walks: ptxas
-    serializes every wgmma of the kernel (its C7515, "non wgmma instructions defining accumulator
-    registers") when the two accumulators dK and dV pass through three loops.
-    With ``OWNED`` (this program is the only one that touches those dQ rows) each query tile also
-    receives this key tile's dQ share dSᵀ·K into ``dq_ptr`` with a plain read-add-write."""
+    transposed score tile [keys, queries] so dK and dV come out of plain dots. ``MASK``: row-masked
+    loads and P masked to the term's pairs; with ``PARTIAL`` only for the query tiles outside
+    ``[full_lo, full_hi)`` (the masked head and tail of ``_segments``, by a uniform branch), so one
+    loop walks every query tile (``attn_bwd_dkdv``'s ``ONE_LOOP``). With ``OWNED`` (this program is
+    the only one that touches those dQ rows) each query tile also receives this key tile's dQ share
+    dSᵀ·K into ``dq_ptr`` with a plain read-add-write."""
     for m0 in range(q_start, q_stop, BLOCK_M):
         rows = m0 + tl.arange(0, BLOCK_M)
         row_ok = rows < length
         pos = base + rows * STEP
-        q = _load_rows(q_ptr, pos, row_ok, offs_dk, dk, sqn, True, EVEN_DK)
-        do = _load_rows(do_ptr, pos, row_ok, offs_dv, dv, son, True, EVEN_DV)
-        lse = tl.load(LSE_ROW + pos, mask=row_ok, other=float("inf"))
-        delta = tl.load(DELTA_ROW + pos, mask=row_ok, other=0.0)
+        q = _load_rows(q_ptr, pos, row_ok, offs_dk, dk, sqn, MASK, EVEN_DK)
+        do = _load_rows(do_ptr, pos, row_ok, offs_dv, dv, son, MASK, EVEN_DV)
+        if MASK:
+            lse = tl.load(LSE_ROW + pos, mask=row_ok, other=float("inf"))
+            delta = tl.load(DELTA_ROW + pos, mask=row_ok, other=0.0)
+        else:
+            lse = tl.load(LSE_ROW + pos)
+            delta = tl.load(DELTA_ROW + pos)
         lse = tl.where(lse == float("-inf"), float("inf"), lse)
         st = tl.dot(k, tl.trans(q), input_precision=DOT_PREC) * qk_scale
         pt = tl.math.exp2(st - lse[None, :])
-        if (m0 < full_lo) | (m0 >= full_hi):
-            lo = _key_lo(rows, IS_SUMMARY, WINDOW, BLOCK)
-            hi = _key_hi(rows, IS_SUMMARY, OFFSET, SUM_C, SUM_L, SUM_LO, SUM_EARLIER)
-            ok = (kidx[:, None] >= lo[None, :]) & (kidx[:, None] <= hi[None, :])
-            pt = tl.where(ok, pt, 0.0)
+        if MASK:
+            if PARTIAL:
+                if (m0 < full_lo) | (m0 >= full_hi):
+                    pt = _dkdv_mask(pt, rows, kidx, IS_SUMMARY, WINDOW, BLOCK, OFFSET, SUM_C, SUM_L, SUM_LO,
+                                    SUM_EARLIER)
+            else:
+                pt = _dkdv_mask(pt, rows, kidx, IS_SUMMARY, WINDOW, BLOCK, OFFSET, SUM_C, SUM_L, SUM_LO, SUM_EARLIER)
         dv_acc = tl.dot(pt.to(do.dtype), do, dv_acc, input_precision=DOT_PREC)
         dpt = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
         dst = (pt * (dpt - delta[None, :])).to(q.dtype)
@@ -524,7 +540,7 @@ def _dkdv_key_tile(Q, K, V, DO, DK, DV, DQ, LSE, DELTA, tile_id, b, h,
                    STEP: tl.constexpr, IS_SUMMARY: tl.constexpr, WINDOW: tl.constexpr, BLOCK: tl.constexpr,
                    OFFSET: tl.constexpr, SUM_C: tl.constexpr, SUM_L: tl.constexpr, SUM_LO: tl.constexpr,
                    SUM_EARLIER: tl.constexpr, ACCUMULATE: tl.constexpr, OWNED: tl.constexpr, SPLIT: tl.constexpr,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DK_PAD: tl.constexpr, DV_PAD: tl.constexpr,
+                   ONE_LOOP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DK_PAD: tl.constexpr, DV_PAD: tl.constexpr,
                    DOT_PREC: tl.constexpr):
     """dK, dV (and with ``OWNED`` its dQ shares) of key tile ``tile_id`` of one term, for head (b, h)."""
     if IS_SUMMARY:
@@ -559,10 +575,26 @@ def _dkdv_key_tile(Q, K, V, DO, DK, DV, DQ, LSE, DELTA, tile_id, b, h,
         q_ptr = Q + b * sqb + h * sqh
         do_ptr = DO + b * sob + h * soh
         dq_ptr = DQ + (b * n_heads + h) * n * dk
-        dk_acc, dv_acc = _dkdv_tiles(dk_acc, dv_acc, k, v, q_ptr, do_ptr, dq_ptr, sqn, son, LSE + stat_off,
-                                     DELTA + stat_off, kidx, start, end, f_lo, f_hi, length, base, qk_scale, sm_scale,
-                                     offs_dk, offs_dv, dk, dv, STEP, IS_SUMMARY, WINDOW, BLOCK, OFFSET, SUM_C,
-                                     SUM_L, SUM_LO, SUM_EARLIER, BLOCK_M, EVEN_DK, EVEN_DV, OWNED, DOT_PREC)
+        lse_row = LSE + stat_off
+        delta_row = DELTA + stat_off
+        if ONE_LOOP:
+            dk_acc, dv_acc = _dkdv_tiles(dk_acc, dv_acc, k, v, q_ptr, do_ptr, dq_ptr, sqn, son, lse_row, delta_row,
+                                         kidx, start, end, f_lo, f_hi, length, base, qk_scale, sm_scale, offs_dk,
+                                         offs_dv, dk, dv, STEP, IS_SUMMARY, WINDOW, BLOCK, OFFSET, SUM_C, SUM_L,
+                                         SUM_LO, SUM_EARLIER, True, True, BLOCK_M, EVEN_DK, EVEN_DV, OWNED, DOT_PREC)
+        else:  # masked head, full middle, masked tail
+            dk_acc, dv_acc = _dkdv_tiles(dk_acc, dv_acc, k, v, q_ptr, do_ptr, dq_ptr, sqn, son, lse_row, delta_row,
+                                         kidx, start, f_lo, f_lo, f_lo, length, base, qk_scale, sm_scale, offs_dk,
+                                         offs_dv, dk, dv, STEP, IS_SUMMARY, WINDOW, BLOCK, OFFSET, SUM_C, SUM_L,
+                                         SUM_LO, SUM_EARLIER, True, False, BLOCK_M, EVEN_DK, EVEN_DV, OWNED, DOT_PREC)
+            dk_acc, dv_acc = _dkdv_tiles(dk_acc, dv_acc, k, v, q_ptr, do_ptr, dq_ptr, sqn, son, lse_row, delta_row,
+                                         kidx, f_lo, f_hi, f_lo, f_hi, length, base, qk_scale, sm_scale, offs_dk,
+                                         offs_dv, dk, dv, STEP, IS_SUMMARY, WINDOW, BLOCK, OFFSET, SUM_C, SUM_L,
+                                         SUM_LO, SUM_EARLIER, False, False, BLOCK_M, EVEN_DK, EVEN_DV, OWNED, DOT_PREC)
+            dk_acc, dv_acc = _dkdv_tiles(dk_acc, dv_acc, k, v, q_ptr, do_ptr, dq_ptr, sqn, son, lse_row, delta_row,
+                                         kidx, f_hi, end, f_hi, f_hi, length, base, qk_scale, sm_scale, offs_dk,
+                                         offs_dv, dk, dv, STEP, IS_SUMMARY, WINDOW, BLOCK, OFFSET, SUM_C, SUM_L,
+                                         SUM_LO, SUM_EARLIER, True, False, BLOCK_M, EVEN_DK, EVEN_DV, OWNED, DOT_PREC)
 
         dk_acc = dk_acc * sm_scale
         dk_ptrs = DK + (stat_off + kpos[:, None]) * dk + offs_dk[None, :]
@@ -584,7 +616,7 @@ def attn_bwd_dkdv(
     STEP: tl.constexpr, IS_SUMMARY: tl.constexpr, WINDOW: tl.constexpr, BLOCK: tl.constexpr,
     OFFSET: tl.constexpr, SUM_C: tl.constexpr, SUM_L: tl.constexpr, SUM_LO: tl.constexpr,
     SUM_EARLIER: tl.constexpr, ACCUMULATE: tl.constexpr, OWNED: tl.constexpr, SPLIT: tl.constexpr,
-    CHUNK: tl.constexpr, PARITY: tl.constexpr,
+    CHUNK: tl.constexpr, PARITY: tl.constexpr, ONE_LOOP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DK_PAD: tl.constexpr, DV_PAD: tl.constexpr,
     DOT_PREC: tl.constexpr, ORDER: tl.constexpr,
 ):
@@ -595,6 +627,13 @@ def attn_bwd_dkdv(
     over an earlier term's launch) needs no atomics. DO shares O's strides ``so*``; DK and DV are
     contiguous. DQ is contiguous [B, H, n, dk]: with ``OWNED`` dQ as the earlier launches left it,
     each program adding its keys' share; otherwise it is not touched.
+
+    ``SPLIT`` walks a key tile's query tiles as masked head, full middle and masked tail; as three
+    loops, or with ``ONE_LOOP`` as one loop whose full tiles skip the mask by a uniform branch. The
+    three loops can cost every wgmma of the kernel its asynchrony: ptxas serializes them all (its
+    C7515, "non wgmma instructions defining accumulator registers") when it moves the two
+    accumulators dK and dV between the loops, as it did for the 32-query tiles of the band, block
+    and summary launches. ``ops._one_loop`` says where the one loop measured faster.
 
     Owned band: a chunk of ``CHUNK·BLOCK_N >= window`` keys is read only by the query tiles from its
     first key to its last key plus the window, which meet no query tile of the chunks two ahead or
@@ -611,11 +650,11 @@ def attn_bwd_dkdv(
                            sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son,
                            n, n_heads, tiles_per_class, qk_scale, sm_scale, dk, dv,
                            STEP, IS_SUMMARY, WINDOW, BLOCK, OFFSET, SUM_C, SUM_L, SUM_LO, SUM_EARLIER,
-                           ACCUMULATE, OWNED, SPLIT, BLOCK_M, BLOCK_N, DK_PAD, DV_PAD, DOT_PREC)
+                           ACCUMULATE, OWNED, SPLIT, ONE_LOOP, BLOCK_M, BLOCK_N, DK_PAD, DV_PAD, DOT_PREC)
             tl.debug_barrier()  # this key tile's dQ writes land before the next one reads them
     else:
         _dkdv_key_tile(Q, K, V, DO, DK, DV, DQ, LSE, DELTA, pid_tile, b, h,
                        sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son,
                        n, n_heads, tiles_per_class, qk_scale, sm_scale, dk, dv,
                        STEP, IS_SUMMARY, WINDOW, BLOCK, OFFSET, SUM_C, SUM_L, SUM_LO, SUM_EARLIER,
-                       ACCUMULATE, OWNED, SPLIT, BLOCK_M, BLOCK_N, DK_PAD, DV_PAD, DOT_PREC)
+                       ACCUMULATE, OWNED, SPLIT, ONE_LOOP, BLOCK_M, BLOCK_N, DK_PAD, DV_PAD, DOT_PREC)

@@ -37,6 +37,12 @@ slowed by another role's winner), and an A/B in one call confirmed it alone (fwd
 twice against 32x64: strided 16K 1.724/1.712 -> 1.664 ms, fixed 16K 6.333/6.500 -> 6.297, strided 1M
 47.07/47.29 -> 45.56; its launch 0.43 -> 0.37 ms at 16K and 14.9-15.1 -> 13.3 ms at 1M; 3 and 2
 stages, 8 warps, 16 and 32 keys were slower).
+
+The band, block and summary dK/dV tiles cap ptxas at 168 registers per thread (``max_registers``)
+since 2026-12-01: their split walk became one loop (kernels.py, ``ONE_LOOP``: three loops had ptxas
+serialize every wgmma), which took the band launch to 172 registers, two programs of 128 threads per
+multiprocessor instead of three. At 168 ptxas spills nothing and three fit (ops._one_loop has the
+timings).
 """
 
 from __future__ import annotations
@@ -65,12 +71,15 @@ __all__ = [
 
 @dataclass(frozen=True)
 class Tile:
-    """The tile of one launch: ``block_m`` queries by ``block_n`` keys, and Triton's launch options."""
+    """The tile of one launch: ``block_m`` queries by ``block_n`` keys, and Triton's launch options
+    (``max_registers`` is its ``maxnreg``, the registers per thread ptxas may use; None or 0: its
+    own choice)."""
 
     block_m: int
     block_n: int
     num_warps: int
     num_stages: int
+    max_registers: int | None = None
 
     def __post_init__(self):
         for name in ("block_m", "block_n"):
@@ -83,9 +92,15 @@ class Tile:
             raise ValueError(f"Tile.num_warps must be a power of two from 1 to 32, got {self.num_warps!r}")
         if not (isinstance(self.num_stages, int) and self.num_stages >= 1):
             raise ValueError(f"Tile.num_stages must be a positive integer, got {self.num_stages!r}")
+        r = self.max_registers
+        if r == 0:
+            object.__setattr__(self, "max_registers", None)
+        elif r is not None and not (isinstance(r, int) and not isinstance(r, bool) and 24 <= r <= 255):
+            raise ValueError(f"Tile.max_registers must be None or an integer from 24 to 255, got {r!r}")
 
-    def as_tuple(self) -> tuple[int, int, int, int]:
-        return (self.block_m, self.block_n, self.num_warps, self.num_stages)
+    def as_tuple(self) -> tuple[int, int, int, int, int]:
+        """``(block_m, block_n, num_warps, num_stages, max_registers or 0)``."""
+        return (self.block_m, self.block_n, self.num_warps, self.num_stages, self.max_registers or 0)
 
 
 ROLES = (
@@ -120,9 +135,9 @@ TILES: Mapping[str, Mapping[int, Tile]] = MappingProxyType(
         "dq": _by_dim((64, 32, 4, 3), _D128_DQ),
         "dq_summary": _by_dim((64, 64, 4, 3), _D128_DQ),
         "dq_stride": _by_dim((64, 32, 4, 3), _D128_DQ),
-        "dkdv": _by_dim((32, 64, 4, 3), _D128_DKDV),
+        "dkdv": _by_dim((32, 64, 4, 3, 168), _D128_DKDV),
         "dkdv_stride": _by_dim((16, 64, 4, 3), _D128_DKDV),
-        "dkdv_summary": _by_dim((32, 64, 4, 3), _D128_DKDV),
+        "dkdv_summary": _by_dim((32, 64, 4, 3, 168), _D128_DKDV),
         # the dQ tile [BLOCK_M, d] fp32 joins the dK/dV accumulators: d 128 takes classes up to 64 keys
         "dkdv_owned": _by_dim((32, 128, 4, 3), (32, 64, 8, 2)),
         "dkdv_band": _by_dim((64, 64, 4, 3), _D128_DKDV),
@@ -175,7 +190,7 @@ class Tuning:
     """A per-call override of the tile choice, for tuning and tests (``None`` everywhere: the tables).
 
     Args:
-        tiles: ``{role: Tile or (BLOCK_M, BLOCK_N, num_warps, num_stages)}``; a role given here
+        tiles: ``{role: Tile or (BLOCK_M, BLOCK_N, num_warps, num_stages[, max_registers])}``; a role given here
             takes this tile at every head dim and dtype, under the interpreter too.
         short_run_tiles: a range term whose rows read at most this many key tiles walks them as one
             masked loop, else as masked head, unmasked middle and masked tail (0: always split).
@@ -204,7 +219,7 @@ class Tuning:
 
     def encode(self) -> list[int]:
         """As ints for the custom op: ``[short_run_tiles or -1, owned_band (-1: None, 0, 1), (role
-        index, *tile) per role]``."""
+        index, *tile.as_tuple()) per role]``."""
         ints = [
             -1 if self.short_run_tiles is None else self.short_run_tiles,
             -1 if self.owned_band is None else int(self.owned_band),
@@ -219,7 +234,7 @@ class Tuning:
         """The inverse of :meth:`encode` (``None`` for an empty list: no override)."""
         if not ints:
             return None
-        tiles = {ROLES[ints[i]]: Tile(*ints[i + 1 : i + 5]) for i in range(2, len(ints), 5)}
+        tiles = {ROLES[ints[i]]: Tile(*ints[i + 1 : i + 6]) for i in range(2, len(ints), 6)}
         return Tuning(tiles, None if ints[0] < 0 else ints[0], None if ints[1] < 0 else bool(ints[1]))
 
 
