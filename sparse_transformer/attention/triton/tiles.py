@@ -42,7 +42,9 @@ The band, block and summary dK/dV tiles cap ptxas at 168 registers per thread (`
 since 2026-12-01: their split walk became one loop (kernels.py, ``ONE_LOOP``: three loops had ptxas
 serialize every wgmma), which took the band launch to 172 registers, two programs of 128 threads per
 multiprocessor instead of three. At 168 ptxas spills nothing and three fit (ops._one_loop has the
-timings).
+timings). The summary forward went from 64x64 (4 warps) to 128x64 (8 warps) the same day, once its
+grid ran longest first (ops._grid_order): fixed l=128 c=32 16K launch 1.53 -> 1.47 ms and 1.46 ->
+1.42 in two calls (fwd+bwd 6.25 -> 6.04 ms), 64K unchanged (2.90 / 2.89 ms).
 """
 
 from __future__ import annotations
@@ -130,7 +132,7 @@ _D128_FWD, _D128_DQ, _D128_DKDV = (128, 64, 8, 3), (128, 64, 8, 2), (64, 128, 8,
 TILES: Mapping[str, Mapping[int, Tile]] = MappingProxyType(
     {
         "fwd": _by_dim((64, 64, 4, 3), _D128_FWD),
-        "fwd_summary": _by_dim((64, 64, 4, 3), _D128_FWD),
+        "fwd_summary": _by_dim((128, 64, 8, 3), _D128_FWD),
         "fwd_stride": _by_dim((64, 64, 4, 3), _D128_FWD),
         "dq": _by_dim((64, 32, 4, 3), _D128_DQ),
         "dq_summary": _by_dim((64, 64, 4, 3), _D128_DQ),
