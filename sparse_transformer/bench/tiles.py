@@ -47,7 +47,7 @@ __all__ = [
     "run",
 ]
 
-# (BLOCK_M, BLOCK_N, num_warps, num_stages) to try per role, after the committed tile (head dim 64,
+# (BLOCK_M, BLOCK_N, num_warps, num_stages[, max_registers]) to try per role, after the committed tile (head dim 64,
 # bf16; other head dims try the same: a tile that does not fit is recorded as an error).
 CANDIDATES: dict[str, list[tuple[int, int, int, int]]] = {
     "fwd": [(64, 32, 4, 3), (128, 32, 4, 3), (32, 32, 2, 3), (128, 64, 8, 3)],
@@ -81,14 +81,14 @@ def parse_case(spec: str, batch_tokens: int) -> tuple[str, P.Pattern, int, int]:
     return f"{pattern_label(pattern)} n={n:,}", pattern, n, max(1, batch_tokens // n)
 
 
-def candidates(role: str, committed: tuple[int, int, int, int]) -> list[tuple[int, int, int, int]]:
+def candidates(role: str, committed: tuple[int, ...]) -> list[tuple[int, ...]]:
     """The committed tile first, then the role's other candidates."""
     return [committed] + [c for c in CANDIDATES[role] if c != committed]
 
 
 def pick_winners(
-    results: dict[tuple[int, str], dict[str, float]], cands: dict[str, list[tuple[int, int, int, int]]]
-) -> tuple[dict[str, tuple[int, int, int, int]], dict[str, dict[str, float]]]:
+    results: dict[tuple[int, str], dict[str, float]], cands: dict[str, list[tuple[int, ...]]]
+) -> tuple[dict[str, tuple[int, ...]], dict[str, dict[str, float]]]:
     """The winning tile per role from ``results[variant, case] = {role: ms}`` (variant ``i`` gave
     every role its ``i``-th candidate, modulo the role's count; variant 0 is committed): the least
     sum over cases of ms / committed ms, among candidates measured on every case that launches the
