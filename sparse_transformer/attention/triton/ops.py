@@ -290,10 +290,11 @@ def _grid_order(p: _Pass, kernel: str, summary_keys: bool = False) -> int:
     summary term or an unbounded band (a later query tile reads more keys) takes 1; a dK/dV launch
     over summary, stride or unbounded-band keys (an earlier key tile is read by more queries) takes
     2 (``summary_keys``: the launch over the summary keys). Measured on an H200 (bf16, d 64, fwd+bwd
-    launches, head-major against tile-major in one call): the fixed summary forward 2-5 % and
-    dK/dV 6-10 % faster, the strided stride dK/dV at 1M 3 %; but the dQ passes 2-6 % slower and the
-    short stride passes' forward and dQ at 16K-64K 5-10 % slower (presumably the head-major
-    neighbours' shared keys in L2), so those stay head-major."""
+    launches, head-major against tile-major in one call): the fixed summary forward 2-6 % and
+    dK/dV 6-10 % faster at 16K-64K (unchanged at 256K), the strided stride dK/dV at 1M 1-3 %; but
+    the dQ passes up to 6 % slower (unchanged at 1M) and the short stride passes at 16K-64K slower
+    (forward 9-11 %, dQ 4-5 %; presumably the head-major neighbours' shared keys in L2), so those
+    stay head-major."""
     if kernel == "attn_fwd":
         varies = p.summary is not None or (isinstance(p.range_term, Band) and p.range_term.window is None)
         return 1 if varies else 0
@@ -309,12 +310,12 @@ def _one_loop(p: _Pass, summary_keys: bool) -> bool:
     mask branch rather than three loops (``kernels.attn_bwd_dkdv``, ``ONE_LOOP``): every term but a
     stride term, whose three loops ptxas does not serialize. H200, bf16, d 64, launch times in one
     call: fixed l=128 c=32 16K summary dK/dV 2.92/2.87 -> 2.40/2.45 ms, fixed l=256 64K 6.30/6.45 ->
-    5.32/5.47 and its block dK/dV 0.51 -> 0.35-0.37. One loop took the band launch from 164 to 172
-    registers, two programs per multiprocessor instead of three (strided 1M 13.7 -> 15.5 ms);
-    capped at 168 (the tile's ``max_registers``: three programs of 128 threads in a multiprocessor's
-    65,536 registers, no spills) it is 4-5 % faster than three loops (relative to the dQ launch of
-    the same call: 1M 1.90-1.92 -> 1.83 times the dQ launch). A stride launch in one loop was 8 %
-    slower (1M 9.5-9.7 -> 10.2-10.4 ms)."""
+    5.32/5.47 and its block dK/dV 0.51-0.52 -> 0.35-0.37. One loop took the band launch from 164 to
+    172 registers, two programs per multiprocessor instead of three (strided 1M 13.7-13.8 -> 15.5-15.7
+    ms); capped at 168 (the tile's ``max_registers``: three programs of 128 threads in a
+    multiprocessor's 65,536 registers, no spills) it is 3-5 % faster than three loops (1M 13.77/13.72
+    -> 13.40/13.37 ms; relative to the dQ launch of the same call 1.90-1.92 -> 1.83 times it). A
+    stride launch in one loop was 8 % slower (1M 9.5-9.7 -> 10.2-10.4 ms)."""
     return summary_keys or not isinstance(p.range_term, Stride)
 
 
