@@ -37,7 +37,9 @@ A term gives every query row ``i`` one contiguous range of keys ``[lo(i), hi(i)]
 The key tiles of a query tile then split into three runs: masked tiles at the start (the band's
 lower edge), unmasked full tiles, masked tiles at the end (the diagonal). Only the edges pay for the
 mask: the forward and dQ walk them as three loops, the dK/dV walk (the same split over query tiles)
-as one loop with a uniform branch (``_dkdv_tiles`` says why). Softmax statistics are fp32 and kept in log2 units (``qk_scale`` folds in log2(e)).
+as one loop with a uniform branch where three loops cost the kernel its asynchronous wgmmas
+(``attn_bwd_dkdv`` says why). Softmax statistics are fp32 and kept in log2 units (``qk_scale``
+folds in log2(e)).
 An empty row (no key at all) has lse = -inf and output 0; the backward reads it as +inf, so every
 probability in that row is exp2(-inf) = 0 and its gradients are 0, with no NaN.
 """
@@ -190,8 +192,8 @@ def _in_rows_range(kidx, row_lo, row_hi):
 def _program_ids(ORDER: tl.constexpr):
     """(tile, batch·head) of this program on the grid ``(tiles, B·heads)``. The hardware starts the
     programs of a grid in its linear order, axis 0 fastest. ``ORDER == 0`` reads the axes as they
-    are: every tile of one head, head after head (programs of equal work; neighbours share keys in
-    L2). Where a program's work grows or shrinks with its tile (a summary term, a stride term's
+    are: every tile of one head, head after head (for programs of equal work; programs that read
+    the same keys run side by side). Where a program's work grows or shrinks with its tile (a summary term, a stride term's
     causal runs, an unbounded band), the launch would otherwise end on one long program while the
     rest of the card idles; ``ORDER`` 1 and 2 map the same linear order tile-major, tile ``t`` of
     every head before any tile ``t ± 1``, with the longest first (longest-processing-time order):
