@@ -193,12 +193,12 @@ def _program_ids(ORDER: tl.constexpr):
     """(tile, batch·head) of this program on the grid ``(tiles, B·heads)``. The hardware starts the
     programs of a grid in its linear order, axis 0 fastest. ``ORDER == 0`` reads the axes as they
     are: every tile of one head, head after head (for programs of equal work; programs that read
-    the same keys run side by side). Where a program's work grows or shrinks with its tile (a summary term, a stride term's
-    causal runs, an unbounded band), the launch would otherwise end on one long program while the
-    rest of the card idles; ``ORDER`` 1 and 2 map the same linear order tile-major, tile ``t`` of
-    every head before any tile ``t ± 1``, with the longest first (longest-processing-time order):
-    1 from the last tile down (query tiles: a later row reads more keys), 2 from the first tile up
-    (key tiles: an earlier key is read by more rows)."""
+    the same keys run side by side). Where a program's work grows or shrinks with its tile (a
+    summary term, a stride term's causal runs, an unbounded band), the launch would otherwise end on
+    one long program while the rest of the card idles; ``ORDER`` 1 and 2 map the same linear order
+    tile-major, tile ``t`` of every head before any tile ``t ± 1``, with the longest first
+    (longest-processing-time order): 1 from the last tile down (query tiles: a later row reads more
+    keys), 2 from the first tile up (key tiles: an earlier key is read by more rows)."""
     if ORDER == 0:
         return tl.program_id(0), tl.program_id(1)
     n_tiles = tl.num_programs(0)
@@ -542,7 +542,8 @@ def _dkdv_key_tile(Q, K, V, DO, DK, DV, DQ, LSE, DELTA, tile_id, b, h,
                    STEP: tl.constexpr, IS_SUMMARY: tl.constexpr, WINDOW: tl.constexpr, BLOCK: tl.constexpr,
                    OFFSET: tl.constexpr, SUM_C: tl.constexpr, SUM_L: tl.constexpr, SUM_LO: tl.constexpr,
                    SUM_EARLIER: tl.constexpr, ACCUMULATE: tl.constexpr, OWNED: tl.constexpr, SPLIT: tl.constexpr,
-                   ONE_LOOP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DK_PAD: tl.constexpr, DV_PAD: tl.constexpr,
+                   ONE_LOOP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DK_PAD: tl.constexpr,
+                   DV_PAD: tl.constexpr,
                    DOT_PREC: tl.constexpr):
     """dK, dV (and with ``OWNED`` its dQ shares) of key tile ``tile_id`` of one term, for head (b, h)."""
     if IS_SUMMARY:

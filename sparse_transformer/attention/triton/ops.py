@@ -450,9 +450,9 @@ def _backward_plan(spec, B, H, n, dk, dv, dtype, tuning):
                         grid, per_class = (ceil_div(keys, bn), B * g.count), 1
                     else:
                         grid, per_class = _query_grid(p, n, bn, B * g.count)
+                    order = 0 if own else _grid_order(p, "attn_bwd_dkdv", is_summary)
                     launches.append(Launch("attn_bwd_dkdv", role, grid, (g.head0, g.head_step, g.count, per_class),
-                                           _meta(t, bn, CHUNK=0, PARITY=0, ORDER=0 if own else _grid_order(p, "attn_bwd_dkdv", is_summary),
-                                                 **flags), term))
+                                           _meta(t, bn, CHUNK=0, PARITY=0, ORDER=order, **flags), term))
                 first = False
     return BackwardPlan(tuple(launches), zero_dkdv, no_dq_pass)
 
