@@ -222,7 +222,8 @@ BENCHES = {
     "attention": "backends x patterns x n, fwd and fwd+bwd",
     "train": "training-step tokens/s, sparse vs dense",
     "sample": "sampling speed: cached vs uncached (CPU), decoding modes (CUDA)",
-    "tiles": "tile sweep of the Triton kernels per launch role, or (--profile) every launch against the card's ceilings (CUDA)",
+    "tiles": "tile sweep of the Triton kernels per launch role, or (--profile) every launch against the card's ceilings "
+    "(CUDA), or (--sass, no GPU) every launch's registers, spills and wgmma waits compiled for sm_90",
 }
 
 

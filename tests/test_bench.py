@@ -169,6 +169,19 @@ def test_bench_tiles_without_cuda_is_one_clear_error(capsys):
     assert "needs CUDA" in capsys.readouterr().err
 
 
+def test_bench_tiles_sass_refusals_are_one_clear_line(capsys, monkeypatch):
+    """``bench tiles --sass`` compiles for the GPU on any machine (the slow Hopper compile test in
+    test_triton.py runs it); it refuses to run beside --profile or on interpreter-built kernels."""
+    from sparse_transformer.attention.triton import ops
+    from sparse_transformer.cli import main
+
+    assert main(["bench", "tiles", "--sass", "--profile", "--cases", "strided:8@64"]) == 2
+    assert "separate modes" in capsys.readouterr().err
+    monkeypatch.setattr(ops, "INTERPRET", True)
+    assert main(["bench", "tiles", "--sass", "--cases", "strided:8@64"]) == 2
+    assert "without TRITON_INTERPRET=1" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("owned_band", [None, True], ids=["default-plan", "owned-band"])
 @pytest.mark.parametrize("pattern", [P.strided(8), P.fixed(8, 2, num_verts=2), P.local(5)], ids=str)
 def test_launch_work_counts_every_allowed_pair_once_per_walk(pattern, owned_band):

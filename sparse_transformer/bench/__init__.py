@@ -8,7 +8,9 @@
 * :func:`sparse_transformer.bench.tiles.bench_tiles`: a tile sweep of the Triton kernels per launch
   role (CUDA), whose winners a developer copies into ``attention/triton/tiles.py``;
   with ``--profile`` (``profile=True``) instead every launch of the
-  committed tiles against the card's matmul and copy ceilings measured in the same call.
+  committed tiles against the card's matmul and copy ceilings measured in the same call;
+  :func:`~sparse_transformer.bench.tiles.sass_report` (``--sass``, no GPU) every launch compiled for
+  sm_90: registers, spills, wgmma instructions and waits.
 
 Every benchmark writes JSON lines (one object per measured case) and prints a markdown table.
 Baselines run in the same process and the same invocation as what they are compared with.

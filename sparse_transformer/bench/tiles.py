@@ -18,6 +18,12 @@ Nothing here changes the library's tables.
 ``--profile`` runs no sweep: it measures the card's bf16 matmul and copy ceilings, then times every
 launch of the committed tiles and gives each its TFLOP/s and compulsory GB/s (:func:`launch_work`)
 as fractions of those ceilings (``bench_tiles(..., profile=True)``).
+
+``--sass`` needs no GPU: it compiles every launch of the committed tiles for Hopper (sm_90) through
+Triton's own pipeline and reads the machine code with Triton's bundled ``cuobjdump``: registers per
+thread, local-memory (spill) loads and stores, wgmma instructions and wgmma waits
+(:func:`sass_report`). A launch with as many waits as wgmmas had them serialized by ptxas (its
+C7515), as the three-loop dK/dV walk once did.
 """
 
 from __future__ import annotations
@@ -25,7 +31,11 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
+import re
 import statistics
+import subprocess
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 
@@ -45,6 +55,7 @@ __all__ = [
     "parse_case",
     "pick_winners",
     "run",
+    "sass_report",
 ]
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages[, max_registers]) to try per role, after the committed tile (head dim 64,
@@ -404,6 +415,135 @@ def _profile_launches(
     return rows
 
 
+def _compile_for_hopper(fn, args: tuple, meta: dict):
+    """The cubin of one launch (kernel ``fn``, its arguments and constexprs) compiled for sm_90 on
+    any machine: what ``JITFunction.run`` does before a launch, with a target instead of a device.
+    Raises UserError when this Triton's compile internals differ (written against triton 3.6)."""
+    try:
+        from triton.backends.compiler import GPUTarget
+        from triton.compiler import ASTSource, compile, make_backend
+        from triton.runtime.jit import create_function_from_signature
+
+        target = GPUTarget("cuda", 90, 32)
+        backend = make_backend(target)
+        kwargs = {**meta, "debug": False, "instrumentation_mode": ""}
+        bound, specialization, options = create_function_from_signature(fn.signature, fn.params, backend)(
+            *args, **kwargs
+        )
+        options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound, specialization, options)
+    except (ImportError, AttributeError, TypeError) as e:
+        raise UserError(f"bench tiles --sass: this Triton's compile internals differ from triton 3.6's ({e})") from None
+    return compile(ASTSource(fn, signature, constexprs, attrs), target=target, options=options.__dict__).asm["cubin"]
+
+
+def _launch_args(launch, B: int, H: int, n: int, d: int, dtype: torch.dtype) -> tuple:
+    """Placeholder arguments of one launch (CPU tensors whose memory is never touched): what the
+    compiler specializes on is their dtypes, the strides and the integer arguments."""
+    q = torch.empty(B, H, n, d, dtype=dtype)
+    stats = torch.empty(B, H, n)
+    if launch.kernel == "attn_bwd_delta":  # O, dO, delta, rows, dv
+        return (q, q, stats, B * H * n, d)
+    n_in, n_stats = {"attn_fwd": (4, 1), "attn_bwd_dq": (6, 2), "attn_bwd_dkdv": (7, 2)}[launch.kernel]
+    scales = (0.18,) if launch.kernel == "attn_fwd" else (0.18, 0.125)
+    strides = (*q.stride()[:3],) * 4
+    return (*[q] * n_in, *[stats] * n_stats, *strides, n, H, *launch.args, *scales, d, d)
+
+
+def sass_report(
+    cases: Sequence[str] = DEFAULT_CASES,
+    batch_tokens: int = 131072,
+    heads: int = 8,
+    head_dim: int = 64,
+    dtype: str = "bf16",
+    tuning=None,
+    rec: Callable[..., None] | None = None,
+) -> list[dict]:
+    """Every launch of one fwd+bwd of each case (``PATTERN@N``), compiled for sm_90 without a GPU:
+    one row per launch with ``registers`` per thread, ``stack_bytes``, ``local_loads`` /
+    ``local_stores`` (spill instructions), ``wgmma`` instructions and ``wgmma_waits``, and
+    ``serialized`` (as many waits as wgmmas: ptxas issued every wgmma synchronously). Each row goes
+    to ``rec`` too. Raises UserError under ``TRITON_INTERPRET=1`` (the kernels are then built for the
+    interpreter), without Triton's NVIDIA backend or its ``cuobjdump``."""
+    from ..attention.triton import kernels, ops
+    from ..runtime import DTYPES
+
+    if ops.INTERPRET:
+        raise UserError("bench tiles --sass compiles the kernels for the GPU: run it without TRITON_INTERPRET=1")
+    try:
+        import triton.backends.nvidia as nvidia
+    except ImportError:
+        raise UserError("bench tiles --sass needs Triton's NVIDIA backend (pip install triton)") from None
+    cuobjdump = os.path.join(os.path.dirname(nvidia.__file__), "bin", "cuobjdump")
+    if not os.path.exists(cuobjdump):
+        raise UserError(f"bench tiles --sass: Triton's cuobjdump is missing ({cuobjdump}); reinstall triton")
+    torch_dtype = DTYPES[dtype]
+    rows = []
+    for spec in cases:
+        label, pattern, n, B = parse_case(spec, batch_tokens)
+        enc = ops.encode(pattern, heads)
+        plan = (
+            *ops.forward_plan(enc, B, heads, n, head_dim, head_dim, torch_dtype, tuning),
+            *ops.backward_plan(enc, B, heads, n, head_dim, head_dim, torch_dtype, tuning).launches,
+        )
+        for k, launch in enumerate(plan):
+            cubin = _compile_for_hopper(
+                getattr(kernels, launch.kernel),
+                _launch_args(launch, B, heads, n, head_dim, torch_dtype),
+                dict(launch.meta),
+            )
+            with tempfile.TemporaryDirectory() as tmp:
+                path = os.path.join(tmp, "launch.cubin")
+                with open(path, "wb") as f:
+                    f.write(cubin)
+                usage = subprocess.run(
+                    [cuobjdump, "--dump-resource-usage", path], capture_output=True, text=True
+                ).stdout
+                sass = subprocess.run([cuobjdump, "--dump-sass", path], capture_output=True, text=True).stdout
+            found = re.search(r"REG:(\d+) STACK:(\d+)", usage)
+            wgmma, waits = sass.count("HGMMA"), sass.count("WARPGROUP.DEPBAR")
+            meta = launch.meta
+            row = {
+                "kind": "sass",
+                "case": label,
+                "launch": k,
+                "role": launch.role,
+                "tile": [
+                    meta.get("BLOCK_M"),
+                    meta.get("BLOCK_N"),
+                    meta.get("num_warps"),
+                    meta.get("num_stages"),
+                    meta.get("maxnreg", 0),
+                ],
+                "registers": int(found.group(1)) if found else None,
+                "stack_bytes": int(found.group(2)) if found else None,
+                "local_loads": len(re.findall(r"\bLDL\b", sass)),
+                "local_stores": len(re.findall(r"\bSTL\b", sass)),
+                "wgmma": wgmma,
+                "wgmma_waits": waits,
+                "serialized": wgmma > 0 and waits >= wgmma,
+            }
+            rows.append(row)
+            if rec:
+                rec(**row)
+    return rows
+
+
+def format_sass(rows: Sequence[dict]) -> str:
+    """The table of ``bench tiles --sass`` (its rows)."""
+    lines = [
+        "| case | # | role | tile | registers | stack B | spill ld/st | wgmma | waits | serialized |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        tile = "x".join(str(x) for x in r["tile"][:2]) + f", {r['tile'][2]} warps" if r["tile"][0] else "-"
+        lines.append(
+            f"| {r['case']} | {r['launch']} | {r['role']} | {tile} | {r['registers']} | {r['stack_bytes']} | "
+            f"{r['local_loads']}/{r['local_stores']} | {r['wgmma']} | {r['wgmma_waits']} | "
+            f"{'**yes**' if r['serialized'] else 'no'} |"
+        )
+    return "\n".join(lines)
+
+
 def format_launches(rows: Sequence[dict]) -> str:
     """The launch table of ``bench tiles --profile`` (its rows)."""
     ceil = next(r for r in rows if r["kind"] == "ceilings")
@@ -452,6 +592,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="no sweep: every launch of the committed tiles with its TFLOP/s and GB/s against the card's "
         "matmul and copy ceilings measured in the same call",
     )
+    p.add_argument(
+        "--sass",
+        action="store_true",
+        help="no GPU needed: compile every launch of the committed tiles for sm_90 and report its registers, "
+        "spills, wgmma instructions and waits (a launch with a wait per wgmma is serialized)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -459,6 +605,20 @@ def run(args: argparse.Namespace) -> int:
     cases = comma_list(args.cases)
     for c in cases:
         parse_case(c, args.batch_tokens)  # refuse a bad case before any GPU work
+    if args.sass:
+        if args.profile:
+            raise UserError("bench tiles: --sass and --profile are separate modes; give one")
+
+        def rec(**row):
+            print(json.dumps(row), flush=True)
+            if args.out:
+                with open(args.out, "a") as f:
+                    f.write(json.dumps(row) + "\n")
+
+        rows = sass_report(cases, args.batch_tokens, args.heads, args.head_dim, args.dtype, rec=rec)
+        print()
+        print(format_sass(rows))
+        return 0
     result = bench_tiles(
         cases, args.batch_tokens, args.heads, args.head_dim, args.dtype, args.iters, args.budget, args.out, args.profile
     )
