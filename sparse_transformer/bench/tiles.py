@@ -219,6 +219,20 @@ def check(case: _Case, tuning, n_max: int = 8192) -> dict[str, float]:
     }
 
 
+def _recorder(out_jsonl: str | None, t0: float) -> Callable[..., None]:
+    """``rec(**row)``: the row, stamped with ``t`` (seconds since ``t0``), as one JSON line on stdout
+    and appended to ``out_jsonl`` when given."""
+
+    def rec(**row):
+        row["t"] = round(time.time() - t0, 1)
+        print(json.dumps(row), flush=True)
+        if out_jsonl:
+            with open(out_jsonl, "a") as f:
+                f.write(json.dumps(row) + "\n")
+
+    return rec
+
+
 def bench_tiles(
     cases: Sequence[str] = DEFAULT_CASES,
     batch_tokens: int = 131072,
@@ -243,14 +257,7 @@ def bench_tiles(
         raise UserError("bench tiles times the Triton kernels on a GPU; it needs CUDA")
     t0 = time.time()
     torch_dtype = DTYPES[dtype]
-
-    def rec(**kw):
-        kw["t"] = round(time.time() - t0, 1)
-        print(json.dumps(kw), flush=True)
-        if out_jsonl:
-            with open(out_jsonl, "a") as f:
-                f.write(json.dumps(kw) + "\n")
-
+    rec = _recorder(out_jsonl, t0)
     rec(
         kind="env",
         card=torch.cuda.get_device_name(),
@@ -608,13 +615,7 @@ def run(args: argparse.Namespace) -> int:
     if args.sass:
         if args.profile:
             raise UserError("bench tiles: --sass and --profile are separate modes; give one")
-
-        def rec(**row):
-            print(json.dumps(row), flush=True)
-            if args.out:
-                with open(args.out, "a") as f:
-                    f.write(json.dumps(row) + "\n")
-
+        rec = _recorder(args.out, time.time())
         rows = sass_report(cases, args.batch_tokens, args.heads, args.head_dim, args.dtype, rec=rec)
         print()
         print(format_sass(rows))
