@@ -221,7 +221,7 @@ def test_tuning_is_for_the_triton_backend_only():
 def test_tile_config_reads_the_tables():
     bf16, fp32 = torch.bfloat16, torch.float32
     assert tile_config("fwd", 64, bf16) == Tile(64, 64, 4, 3)
-    assert tile_config("dkdv_stride", 64, torch.float16) == Tile(16, 64, 4, 3)
+    assert tile_config("dkdv_stride", 64, torch.float16) == Tile(32, 64, 4, 3, 168)
     # head dims 16 and 32 take the 64 tiles; 80 pads to 128; above 128 takes 128's
     assert (
         tile_config("dq", 32, bf16) == tile_config("dq", 16, bf16) == tile_config("dq", 64, bf16) == Tile(64, 32, 4, 3)

@@ -443,6 +443,9 @@ def _compile_for_hopper(fn, args: tuple, meta: dict):
     return compile(ASTSource(fn, signature, constexprs, attrs), target=target, options=options.__dict__).asm["cubin"]
 
 
+_QK_SCALE = 0.18  # the placeholder launches' qk_scale (d 64's 0.125·log2(e))
+
+
 def _launch_args(launch, B: int, H: int, n: int, d: int, dtype: torch.dtype) -> tuple:
     """Placeholder arguments of one launch (CPU tensors whose memory is never touched): what the
     compiler specializes on is their dtypes, the strides and the integer arguments."""
@@ -451,7 +454,7 @@ def _launch_args(launch, B: int, H: int, n: int, d: int, dtype: torch.dtype) -> 
     if launch.kernel == "attn_bwd_delta":  # O, dO, delta, rows, dv
         return (q, q, stats, B * H * n, d)
     n_in, n_stats = {"attn_fwd": (4, 1), "attn_bwd_dq": (6, 2), "attn_bwd_dkdv": (7, 2)}[launch.kernel]
-    scales = (0.18,) if launch.kernel == "attn_fwd" else (0.18, 0.125)
+    scales = (_QK_SCALE,) if launch.kernel == "attn_fwd" else (_QK_SCALE, 0.125)
     strides = (*q.stride()[:3],) * 4
     return (*[q] * n_in, *[stats] * n_stats, *strides, n, H, *launch.args, *scales, d, d)
 
@@ -493,11 +496,9 @@ def sass_report(
             *ops.backward_plan(enc, B, heads, n, head_dim, head_dim, torch_dtype, tuning).launches,
         )
         for k, launch in enumerate(plan):
-            cubin = _compile_for_hopper(
-                getattr(kernels, launch.kernel),
-                _launch_args(launch, B, heads, n, head_dim, torch_dtype),
-                dict(launch.meta),
-            )
+            args = _launch_args(launch, B, heads, n, head_dim, torch_dtype)
+            constexprs = {**ops.call_constexprs(launch.kernel, _QK_SCALE), **launch.meta}
+            cubin = _compile_for_hopper(getattr(kernels, launch.kernel), args, constexprs)
             with tempfile.TemporaryDirectory() as tmp:
                 path = os.path.join(tmp, "launch.cubin")
                 with open(path, "wb") as f:

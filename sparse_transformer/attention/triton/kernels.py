@@ -277,18 +277,28 @@ def _fwd_tiles(acc, l_i, m_i, q, k_ptr, v_ptr, skn, svn, row_lo, row_hi, k_start
                base, qk_scale, offs_dk, offs_dv, dk, dv,
                STEP: tl.constexpr, IS_SUMMARY: tl.constexpr, SUM_C: tl.constexpr, SUM_L: tl.constexpr,
                SUM_LO: tl.constexpr, MASK: tl.constexpr, BLOCK_N: tl.constexpr,
-               EVEN_DK: tl.constexpr, EVEN_DV: tl.constexpr, DOT_PREC: tl.constexpr):
-    """Online softmax over key tiles ``k_start, k_start + BLOCK_N, ... < k_stop``."""
+               EVEN_DK: tl.constexpr, EVEN_DV: tl.constexpr, DOT_PREC: tl.constexpr, FOLD: tl.constexpr):
+    """Online softmax over key tiles ``k_start, k_start + BLOCK_N, ... < k_stop``. With ``FOLD``
+    (``qk_scale > 0``) the running max is taken on the raw scores and scaled once per row, so each
+    score costs one fused multiply-add (``s·qk_scale - m``) instead of a multiply and a subtract."""
     for k0 in range(k_start, k_stop, BLOCK_N):
         kidx, kpos, k_ok, k = _key_tile(k_ptr, skn, k0, key_end, base, offs_dk, dk,
                                         STEP, IS_SUMMARY, SUM_C, SUM_L, SUM_LO, MASK, BLOCK_N, EVEN_DK)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
+        if not FOLD:
+            s = s * qk_scale
         if MASK:
             s = tl.where(_in_rows_range(kidx, row_lo, row_hi), s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
+        if FOLD:
+            m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
+        else:
+            m_new = tl.maximum(m_i, tl.max(s, 1))
         # a row with no key yet keeps m = -inf; subtract 0 instead so exp2 gives 0, not NaN
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.math.exp2(s - m_safe[:, None])
+        if FOLD:
+            p = tl.math.exp2(s * qk_scale - m_safe[:, None])
+        else:
+            p = tl.math.exp2(s - m_safe[:, None])
         alpha = tl.math.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
         v = _load_rows(v_ptr, kpos, k_ok, offs_dv, dv, svn, MASK, EVEN_DV)
@@ -306,7 +316,7 @@ def attn_fwd(
     OFFSET: tl.constexpr, SUM_C: tl.constexpr, SUM_L: tl.constexpr, SUM_LO: tl.constexpr,
     SUM_EARLIER: tl.constexpr, INIT_FROM_OUT: tl.constexpr, SPLIT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DK_PAD: tl.constexpr, DV_PAD: tl.constexpr,
-    DOT_PREC: tl.constexpr, ORDER: tl.constexpr,
+    DOT_PREC: tl.constexpr, ORDER: tl.constexpr, FOLD: tl.constexpr,
 ):
     """One query tile of one pass. With ``INIT_FROM_OUT`` the online softmax starts from an earlier
     pass's normalized output and lse (m = lse, l = 1, acc = o): the exact merge of two passes whose
@@ -341,21 +351,21 @@ def attn_fwd(
         lo, hi, start, f_lo, f_hi, end = _range_keys(rows, m0, m_last, length, WINDOW, BLOCK, OFFSET, BLOCK_N, SPLIT)
         acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_ptr, v_ptr, skn, svn, lo, hi, start, f_lo, end,
                                    base, qk_scale, offs_dk, offs_dv, dk, dv, STEP, False, 1, 1, 0,
-                                   True, BLOCK_N, EVEN_DK, EVEN_DV, DOT_PREC)
+                                   True, BLOCK_N, EVEN_DK, EVEN_DV, DOT_PREC, FOLD)
         acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_ptr, v_ptr, skn, svn, lo, hi, f_lo, f_hi, end,
                                    base, qk_scale, offs_dk, offs_dv, dk, dv, STEP, False, 1, 1, 0,
-                                   False, BLOCK_N, EVEN_DK, EVEN_DV, DOT_PREC)
+                                   False, BLOCK_N, EVEN_DK, EVEN_DV, DOT_PREC, FOLD)
         acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_ptr, v_ptr, skn, svn, lo, hi, f_hi, end, end,
                                    base, qk_scale, offs_dk, offs_dv, dk, dv, STEP, False, 1, 1, 0,
-                                   True, BLOCK_N, EVEN_DK, EVEN_DV, DOT_PREC)
+                                   True, BLOCK_N, EVEN_DK, EVEN_DV, DOT_PREC, FOLD)
     if SUM_C > 0:
         lo, hi, f_lo, f_hi, end = _summary_keys(rows, m0, m_last, n, SUM_C, SUM_L, SUM_LO, SUM_EARLIER, BLOCK_N)
         acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_ptr, v_ptr, skn, svn, lo, hi, f_lo, f_hi, end,
                                    base, qk_scale, offs_dk, offs_dv, dk, dv, STEP, True, SUM_C, SUM_L,
-                                   SUM_LO, False, BLOCK_N, EVEN_DK, EVEN_DV, DOT_PREC)
+                                   SUM_LO, False, BLOCK_N, EVEN_DK, EVEN_DV, DOT_PREC, FOLD)
         acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_ptr, v_ptr, skn, svn, lo, hi, f_hi, end, end,
                                    base, qk_scale, offs_dk, offs_dv, dk, dv, STEP, True, SUM_C, SUM_L,
-                                   SUM_LO, True, BLOCK_N, EVEN_DK, EVEN_DV, DOT_PREC)
+                                   SUM_LO, True, BLOCK_N, EVEN_DK, EVEN_DV, DOT_PREC, FOLD)
 
     empty = l_i == 0.0
     o = acc / tl.where(empty, 1.0, l_i)[:, None]

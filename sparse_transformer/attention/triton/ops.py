@@ -462,6 +462,13 @@ def _backward_plan(spec, B, H, n, dk, dv, dtype, tuning):
 # ---------------------------------------------------------------------------------------------
 
 
+def call_constexprs(kernel: str, qk_scale: float) -> dict[str, object]:
+    """The constexprs a launch of ``kernel`` takes from its call rather than from its plan: the
+    forward's ``FOLD`` (scores scaled inside one fused multiply-add, exact only for ``qk_scale > 0``,
+    where the row maximum of the scaled scores is the scaled row maximum)."""
+    return {"FOLD": qk_scale > 0} if kernel == "attn_fwd" else {}
+
+
 def _forward(q, k, v, spec, scale, tuning):
     B, H, n, dk = q.shape
     dv = v.shape[-1]
@@ -470,7 +477,8 @@ def _forward(q, k, v, spec, scale, tuning):
     strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3])
     qk_scale = scale * math.log2(math.e)
     for launch in _forward_plan(tuple(spec), B, H, n, dk, dv, q.dtype, tuning):
-        kernels.attn_fwd[launch.grid](q, k, v, out, lse, *strides, n, H, *launch.args, qk_scale, dk, dv, **launch.meta)
+        kernels.attn_fwd[launch.grid](q, k, v, out, lse, *strides, n, H, *launch.args, qk_scale, dk, dv,
+                                      **call_constexprs(launch.kernel, qk_scale), **launch.meta)
     return out, lse
 
 

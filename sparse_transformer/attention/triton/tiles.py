@@ -45,6 +45,11 @@ multiprocessor instead of three. At 168 ptxas spills nothing and three fit (ops.
 timings). The summary forward went from 64x64 (4 warps) to 128x64 (8 warps) the same day, once its
 grid ran longest first (ops._grid_order): fixed l=128 c=32 16K launch 1.53 -> 1.47 ms and 1.46 ->
 1.42 in two calls (fwd+bwd 6.25 -> 6.04 ms), 64K unchanged (2.90 / 2.89 ms).
+
+The stride dK/dV tile went from 16x64 to the band's 32x64 with the 168-register cap on 2026-12-01
+(H200, one call against the 16x64 tile: strided l=1024 1M launch 9.24/9.30 -> 8.39 ms, strided l=256
+64K 0.505/0.531 -> 0.489/0.490; 32x128 was slower at both, 9.47 and 0.595). It keeps its three-loop
+walk (``ops._one_loop``): in one loop the same tile took 10.08 ms at 1M.
 """
 
 from __future__ import annotations
@@ -138,7 +143,7 @@ TILES: Mapping[str, Mapping[int, Tile]] = MappingProxyType(
         "dq_summary": _by_dim((64, 64, 4, 3), _D128_DQ),
         "dq_stride": _by_dim((64, 32, 4, 3), _D128_DQ),
         "dkdv": _by_dim((32, 64, 4, 3, 168), _D128_DKDV),
-        "dkdv_stride": _by_dim((16, 64, 4, 3), _D128_DKDV),
+        "dkdv_stride": _by_dim((32, 64, 4, 3, 168), _D128_DKDV),
         "dkdv_summary": _by_dim((32, 64, 4, 3, 168), _D128_DKDV),
         # the dQ tile [BLOCK_M, d] fp32 joins the dK/dV accumulators: d 128 takes classes up to 64 keys
         "dkdv_owned": _by_dim((32, 128, 4, 3), (32, 64, 8, 2)),
