@@ -220,7 +220,7 @@ def test_tuning_is_for_the_triton_backend_only():
 
 def test_tile_config_reads_the_tables():
     bf16, fp32 = torch.bfloat16, torch.float32
-    assert tile_config("fwd", 64, bf16) == Tile(64, 64, 4, 3)
+    assert tile_config("fwd", 64, bf16) == Tile(64, 64, 4, 3, 128)
     assert tile_config("dkdv_stride", 64, torch.float16) == Tile(32, 64, 4, 3, 168)
     # head dims 16 and 32 take the 64 tiles; 80 pads to 128; above 128 takes 128's
     assert (
@@ -255,7 +255,7 @@ def test_tuning_overrides_its_roles_only_and_round_trips():
     assert tile_config("dq", 64, torch.bfloat16, tuning=tuning) == Tile(16, 32, 2, 1)
     # an override wins over the interpreter's tile; other roles keep theirs
     assert tile_config("dq", 64, torch.float32, interpreter=True, tuning=tuning) == Tile(16, 32, 2, 1)
-    assert tile_config("fwd", 64, torch.bfloat16, tuning=tuning) == Tile(64, 64, 4, 3)
+    assert tile_config("fwd", 64, torch.bfloat16, tuning=tuning) == Tile(64, 64, 4, 3, 128)
     assert Tuning.decode(tuning.encode()) == tuning and hash(Tuning.decode(tuning.encode())) == hash(tuning)
     swapped = Tuning({"dkdv_owned": Tile(16, 16, 1, 1), "dq": (16, 32, 2, 1)}, short_run_tiles=0)
     assert swapped == tuning and hash(swapped) == hash(tuning)

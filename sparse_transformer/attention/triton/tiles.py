@@ -50,6 +50,12 @@ The stride dK/dV tile went from 16x64 to the band's 32x64 with the 168-register 
 (H200, one call against the 16x64 tile: strided l=1024 1M launch 9.24/9.30 -> 8.39 ms, strided l=256
 64K 0.505/0.531 -> 0.489/0.490; 32x128 was slower at both, 9.47 and 0.595). It keeps its three-loop
 walk (``ops._one_loop``): in one loop the same tile took 10.08 ms at 1M.
+
+The band/block forward tile caps ptxas at 128 registers since 2026-12-01: at its natural 135, three
+programs of 128 threads fit a multiprocessor; at 128 four do (its 56 KiB of shared memory allows
+four), with a few bytes of spills outside the loop. H200, one call, two rounds against no cap: strided
+l=1024 1M launch 7.35/7.30 -> 6.83/7.05 ms, l=256 64K 0.374/0.387 -> 0.359/0.369, l=128 16K
+0.252/0.252 -> 0.244/0.249. The stride forward (128 registers already) gained nothing from the cap.
 """
 
 from __future__ import annotations
@@ -136,7 +142,7 @@ _D128_FWD, _D128_DQ, _D128_DKDV = (128, 64, 8, 3), (128, 64, 8, 2), (64, 128, 8,
 # fp16 and bf16, by role and padded head dim
 TILES: Mapping[str, Mapping[int, Tile]] = MappingProxyType(
     {
-        "fwd": _by_dim((64, 64, 4, 3), _D128_FWD),
+        "fwd": _by_dim((64, 64, 4, 3, 128), _D128_FWD),
         "fwd_summary": _by_dim((128, 64, 8, 3), _D128_FWD),
         "fwd_stride": _by_dim((64, 64, 4, 3), _D128_FWD),
         "dq": _by_dim((64, 32, 4, 3), _D128_DQ),
