@@ -132,6 +132,21 @@ def test_strided_inputs_and_explicit_scale():
 
 
 @cpu_interpreter
+@pytest.mark.parametrize("scale", [-0.4, 0.0])
+def test_non_positive_scale_takes_the_unfused_forward(scale):
+    """The forward folds a positive scale into one multiply-add per score (its row maximum is the
+    scaled maximum of the raw scores); a negative or zero scale must take the plain path and still
+    match the reference. Scores of a few hundred make the folded path overflow exp2 at a negative
+    scale (its "maximum" is then the minimum), so this fails if the plan folded it."""
+    assert ops.call_constexprs("attn_fwd", scale) == {"FOLD": False}
+    assert ops.call_constexprs("attn_fwd", 0.3) == {"FOLD": True} and ops.call_constexprs("attn_bwd_dq", 0.3) == {}
+    g = torch.Generator().manual_seed(6)
+    q, k, v = (torch.randn(1, 2, 40, 16, generator=g) * w for w in (6.0, 6.0, 1.0))
+    pattern = P.fixed(8, 2)
+    assert_matches_torch(lambda a, b, c: triton_attention(a, b, c, pattern, scale=scale), pattern, q, k, v, scale=scale)
+
+
+@cpu_interpreter
 @pytest.mark.parametrize("pattern", [P.strided(8), P.fixed(8, 2, num_verts=2)], ids=["strided8", "fixed8"])
 def test_backward_is_bitwise_reproducible(pattern):
     """Right (the rule) and the same bits on a second run (the backward has no atomics)."""
