@@ -23,8 +23,8 @@ Roles (``ROLES``), one per kind of launch (ops.py's plan names the role of each 
 Head dim 64 (bf16): two tile sweeps on an H200 (2026-11-28; strided l=128 and fixed l=128 c=32 at
 n=16K B=8, strided l=256 at 64K B=2, strided l=1024 at 1M; 8 heads), each launch timed on its own.
 The short band and stride passes walk one masked loop (``SHORT_RUN_TILES``) and want narrow tiles
-there (dQ 64x32, stride dK/dV 16x64; the band dK/dV went from 0.63 to 0.43 ms at 16K against the
-first sweep's 32x128); the summary passes keep 64x64 (fwd, dQ: larger tiles were 2-50 % slower) and
+there (dQ 64x32, stride dK/dV 16x64, 32x64 since 2026-12-01 (below); the band dK/dV went from 0.63
+to 0.43 ms at 16K against the first sweep's 32x128); the summary passes keep 64x64 (fwd, dQ: larger tiles were 2-50 % slower) and
 dK/dV 32x64 (3.36 -> 2.99 ms). fwd+bwd, do_bench medians, against the one tile set per kernel used
 before (owned stride backward in both): strided 16K 2.14 -> 1.73 ms, fixed 16K 6.85 -> 6.49,
 strided 64K 2.71 -> 2.38, strided 1M 45.8 -> 46.6 (one or two calls per median at 1M: within its
