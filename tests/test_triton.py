@@ -488,6 +488,24 @@ def test_custom_op_registration_and_no_graph_breaks():
     assert torch.allclose(fn(q, k, v), triton_attention(q, k, v, P.fixed(8, 2)))
 
 
+@cpu_interpreter
+def test_custom_ops_fake_outputs_match_the_kernels_for_strided_inputs():
+    """The model's q, k, v are views of one [B, n, H, d] projection (heads not contiguous); the
+    kernels' outputs are contiguous whatever the inputs' strides, and the fake (meta) kernels must
+    say so, or inductor's stride asserts fail under torch.compile (seen on the H200 with the
+    backward's fake returning empty_like of the inputs)."""
+    g = torch.Generator().manual_seed(7)
+    qkv = torch.randn(1, 24, 3, 2, 16, generator=g)
+    q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))
+    assert not q.is_contiguous()
+    spec = ops.encode(P.strided(8), 2)
+    out, lse = ops.attention_fwd(q, k, v, spec, 0.25, [])
+    do = torch.randn(out.shape, generator=g)
+    checks = ("test_schema", "test_faketensor")
+    torch.library.opcheck(ops.attention_fwd, (q, k, v, spec, 0.25, []), test_utils=checks)
+    torch.library.opcheck(ops.attention_bwd, (do, q, k, v, out, lse, spec, 0.25, []), test_utils=checks)
+
+
 _COMPILE_FOR_HOPPER = """
 import json
 from sparse_transformer.attention.triton import Tuning

@@ -534,7 +534,9 @@ def attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.T
 
 @attention_bwd.register_fake
 def _(do, q, k, v, out, lse, spec, scale, tuning):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    # the kernels write contiguous [B, H, n, d] gradients whatever the inputs' strides (the model's
+    # q, k, v are views of one projection); empty_like would promise the inputs' strides
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _setup_context(ctx, inputs, output):
