@@ -134,6 +134,45 @@ def test_checkpointing_gives_the_same_gradients_with_dropout():
     torch.testing.assert_close(grads[0], grads[1])
 
 
+def test_compile_is_for_cuda_and_sits_inside_the_checkpoint():
+    """``train.compile`` compiles each block's forward on CUDA only; checkpointing then wraps the
+    compiled forward (the order in which inductor fuses the block), and a second call changes nothing."""
+    model = tiny(**{"model.checkpoint": True})
+    cfg = load_config(None, ["--data.seq_len", "40", "--model.checkpoint", "true", "--train.compile", "true"])
+    parallel.parallelize(model, cfg, parallel.Dist())  # CPU: eager blocks, checkpointed
+    assert all(b.forward.recomputes and not getattr(b.forward, "compiled_block", False) for b in model.blocks)
+    names = [n for n, _ in model.named_parameters()]
+    model = tiny(**{"model.checkpoint": True})
+    parallel.compile_blocks(model, torch.device("cuda"))  # only wraps: nothing runs on the device here
+    compiled = [b.forward for b in model.blocks]
+    assert all(getattr(f, "compiled_block", False) for f in compiled)
+    parallel.compile_blocks(model, torch.device("cuda"))
+    parallel.checkpoint_blocks(model)
+    assert all(b.forward.recomputes for b in model.blocks)
+    assert [n for n, _ in model.named_parameters()] == names
+
+
+@pytest.mark.gpu
+def test_gpu_compiled_checkpointed_blocks_give_the_eager_gradients():
+    """A training step of compiled, checkpointed blocks on CUDA (bf16 autocast, the triton backend)
+    against the same model eager: the same loss and gradients to bf16 rounding."""
+    x = torch.randint(0, 256, (2, 40), device="cuda")
+    losses, grads = [], []
+    for compile_ in (False, True):
+        torch.manual_seed(0)
+        model = tiny(**{"model.checkpoint": True, "model.dropout": 0.0}).cuda().train()
+        if compile_:
+            parallel.compile_blocks(model, torch.device("cuda"))
+        parallel.checkpoint_blocks(model)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = model.loss(x)
+        loss.backward()
+        losses.append(loss.detach().float())
+        grads.append(torch.cat([p.grad.flatten().float() for p in model.parameters()]))
+    torch.testing.assert_close(losses[1], losses[0], atol=2e-2, rtol=2e-2)
+    assert (grads[1] - grads[0]).norm() <= 0.05 * grads[0].norm()
+
+
 def test_half_size_qk_and_image_positions():
     model = tiny(**{"model.qk_ratio": 0.5, "model.position": "image", "model.image_shape": "4,5,2", "model.ff_mult": 2})
     assert model.blocks[0].attn.qkv.out_features == 16 + 16 + 32
