@@ -152,6 +152,42 @@ def test_compile_is_for_cuda_and_sits_inside_the_checkpoint():
     assert [n for n, _ in model.named_parameters()] == names
 
 
+def test_a_block_compiles_as_one_graph():
+    """``train.compile`` fuses a block only as far as its graph reaches: a graph break in the
+    attention call (an ``import`` inside ``resolve_backend``'s CUDA branch did it) splits every block
+    in three graphs, the residual add and the heads' transposes then run unfused. The CUDA branch is
+    traced with a device object alone; the whole block (CPU: the factorized backend) as one graph."""
+    from sparse_transformer.attention import resolve_backend
+    from sparse_transformer.patterns import fixed
+
+    traced = torch.compile(
+        lambda: resolve_backend("auto", fixed(8, 2), torch.device("cuda")), fullgraph=True, backend="eager"
+    )
+    assert traced() == "triton"
+    model = tiny(**{"model.dropout": 0.0})
+    x = torch.randn(2, 40, 32, requires_grad=True)
+    block = model.blocks[0]
+    torch.compile(block, fullgraph=True, backend="eager")(x).sum().backward()
+    got = x.grad.clone()
+    x.grad = None
+    block(x).sum().backward()
+    torch.testing.assert_close(got, x.grad)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("pattern", ["fixed", "dense"])
+def test_gpu_a_block_compiles_as_one_graph(pattern):
+    """On CUDA with the backends ``auto`` picks (triton; sdpa for dense): no graph break in a block,
+    so ``compile_blocks`` hands inductor the whole block."""
+    overrides = {"model.pattern": pattern} | ({"model.backend": "sdpa"} if pattern == "dense" else {})
+    block = tiny(**overrides).cuda().blocks[0]
+    x = torch.randn(2, 40, 32, device="cuda")
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        explained = torch._dynamo.explain(block)(x)
+    assert explained.graph_break_count == 0, explained.break_reasons
+    assert explained.graph_count == 1
+
+
 @pytest.mark.gpu
 def test_gpu_compiled_checkpointed_blocks_give_the_eager_gradients():
     """A training step of compiled, checkpointed blocks on CUDA (bf16 autocast, the triton backend)

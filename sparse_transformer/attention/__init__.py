@@ -13,7 +13,7 @@ Backends (force one by name):
 
 from __future__ import annotations
 
-import importlib
+import importlib.util
 import os
 from typing import TYPE_CHECKING
 
@@ -73,12 +73,13 @@ def needs_cuda(backend: str, device_type: str) -> str:
     return f"backend {backend!r} needs CUDA tensors; use backend='factorized' on {device_type}"
 
 
+# Looked up once, when this module is imported, without importing triton: resolve_backend runs
+# inside compiled blocks, where an import is a graph break that splits each block in three graphs.
+_TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
+
+
 def _triton_available() -> bool:
-    try:
-        importlib.import_module("triton")
-        return True
-    except ImportError:
-        return False
+    return _TRITON_INSTALLED
 
 
 def backend_problem(backend: str, pattern: Pattern, device: torch.device) -> str | None:
