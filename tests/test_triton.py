@@ -506,6 +506,47 @@ def test_custom_ops_fake_outputs_match_the_kernels_for_strided_inputs():
     torch.library.opcheck(ops.attention_bwd, (do, q, k, v, out, lse, spec, 0.25, []), test_utils=checks)
 
 
+def _projection_views(B, n, H, dk, dv, dtype, device, seed):
+    """q, k, v as the model makes them: ``[B, H, n, d]`` views of one ``[B, n, H·(2·dk + dv)]``
+    projection (requiring grad), and an output gradient ``[B, H, n, dv]``."""
+    g = torch.Generator().manual_seed(seed)
+    qkv = torch.randn(B, n, H * (2 * dk + dv), generator=g).to(device=device, dtype=dtype).requires_grad_(True)
+    q, k, v = (t.view(B, n, H, -1).transpose(1, 2) for t in qkv.split([H * dk, H * dk, H * dv], dim=-1))
+    return q, k, v, torch.randn(B, H, n, dv, generator=g).to(device=device, dtype=dtype)
+
+
+@cpu_interpreter
+@pytest.mark.parametrize(
+    "pattern, tuning",
+    [
+        (P.strided(8), None),  # dQ pass, dK/dV, owned stride launch
+        (P.strided(8), Tuning(owned_band=True)),  # the delta launch and the owned band's chunks
+        (P.fixed(8, 2, num_verts=2), None),  # two head groups, summary passes
+        (P.fixed(8, 2, part="summary"), None),  # dK/dV start from zeros
+    ],
+    ids=["strided", "strided-owned-band", "fixed-2verts", "fixed-summary"],
+)
+def test_views_of_one_projection_give_outputs_and_gradients_in_their_layout(pattern, tuning):
+    """The model's q, k, v are views of one ``[B, n, 2·H·dk + H·dv]`` projection (heads inside each
+    position). The output and the gradients come back in that positions-major order (the model's
+    merge of the heads is then a view, and the gradients of the projection a row-wise
+    concatenation), and match PyTorch's attention as for contiguous inputs."""
+    B, n, H, dk, dv = 2, 40, 2, 8, 16
+    q, k, v, do = _projection_views(B, n, H, dk, dv, torch.float32, "cpu", seed=11)
+    _check(pattern, q, k, v, do, tuning=tuning)
+    spec, enc = ops.encode(pattern, H), tuning.encode() if tuning else []
+    out, lse = ops.attention_fwd(q, k, v, spec, dk**-0.5, enc)
+    grads = ops.attention_bwd(do.transpose(1, 2).contiguous().transpose(1, 2), q, k, v, out, lse, spec, dk**-0.5, enc)
+    for t in (out, *grads):
+        assert t.transpose(1, 2).is_contiguous(), t.stride()
+    contiguous = [t.detach().contiguous() for t in (q, k, v)]
+    out_c, lse_c = ops.attention_fwd(*contiguous, spec, dk**-0.5, enc)
+    assert out_c.is_contiguous() and torch.equal(out_c, out)
+    grads_c = ops.attention_bwd(do.contiguous(), *contiguous, out_c, lse_c, spec, dk**-0.5, enc)
+    for a, b in zip(grads_c, grads):
+        assert a.is_contiguous() and torch.equal(a, b)
+
+
 _COMPILE_FOR_HOPPER = """
 import json
 from sparse_transformer.attention.triton import Tuning
@@ -594,6 +635,22 @@ def test_gpu_matches_reference(case):
     name, n, B, H, dk, dv, dtype, l = case
     q, k, v, do = random_qkv(B, H, n, dk, dv, dtype, device="cuda", seed=n + dk)
     _check(_gpu_pattern(name, l), q, k, v, do)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(
+    "pattern, tuning",
+    [(P.strided(128), None), (P.strided(128), Tuning(owned_band=True)), (P.fixed(128, 32, num_verts=2), None)],
+    ids=["strided", "strided-owned-band", "fixed"],
+)
+def test_gpu_views_of_one_projection_match_reference(pattern, tuning):
+    """The model's layout on the GPU (bf16, d 64): q, k, v views of one projection, the output and
+    the gradients laid out positions-major (``ops.heads_like``)."""
+    q, k, v, do = _projection_views(2, 4096, 4, 64, 64, torch.bfloat16, "cuda", seed=5)
+    _check(pattern, q, k, v, do, tuning=tuning)
+    out = triton_attention(q, k, v, pattern, tuning=tuning)
+    grads = torch.autograd.grad(out, (q, k, v), do)
+    assert all(t.transpose(1, 2).is_contiguous() for t in (out, *grads))
 
 
 @pytest.mark.gpu

@@ -447,16 +447,14 @@ _QK_SCALE = 0.18  # the placeholder launches' qk_scale (d 64's 0.125·log2(e))
 
 
 def _launch_args(launch, B: int, H: int, n: int, d: int, dtype: torch.dtype) -> tuple:
-    """Placeholder arguments of one launch (CPU tensors whose memory is never touched): what the
-    compiler specializes on is their dtypes, the strides and the integer arguments."""
-    q = torch.empty(B, H, n, d, dtype=dtype)
+    """Placeholder arguments of one launch (CPU tensors whose memory is never touched; the model's
+    positions-major layout of :func:`ops.heads_like`): what the compiler specializes on is their
+    dtypes, the strides and the integer arguments."""
+    from ..attention.triton import ops
+
+    q = torch.empty(B, n, H, d, dtype=dtype).transpose(1, 2)
     stats = torch.empty(B, H, n)
-    if launch.kernel == "attn_bwd_delta":  # O, dO, delta, rows, dv
-        return (q, q, stats, B * H * n, d)
-    n_in, n_stats = {"attn_fwd": (4, 1), "attn_bwd_dq": (6, 2), "attn_bwd_dkdv": (7, 2)}[launch.kernel]
-    scales = (_QK_SCALE,) if launch.kernel == "attn_fwd" else (_QK_SCALE, 0.125)
-    strides = (*q.stride()[:3],) * 4
-    return (*[q] * n_in, *[stats] * n_stats, *strides, n, H, *launch.args, *scales, d, d)
+    return ops.launch_args(launch, q, q, q, q, stats, _QK_SCALE, 0.125, (q, q, q, q, stats))
 
 
 def sass_report(

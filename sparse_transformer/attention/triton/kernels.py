@@ -381,14 +381,19 @@ def attn_fwd(
 
 
 @triton.jit
-def attn_bwd_delta(O, DO, DELTA, rows, dv: tl.constexpr, BLOCK: tl.constexpr, DV_PAD: tl.constexpr):
-    """delta = rowsum(dO·O) in fp32 for ``rows`` rows of the contiguous [B·H·n, dv] O and dO. Only a
-    head group whose every pass is owned needs it as its own launch: there no dQ pass writes delta
-    before the key-tile programs, which read it for every query row they visit."""
+def attn_bwd_delta(O, DO, DELTA, rows, n, n_heads, sob, soh, son, dv: tl.constexpr, BLOCK: tl.constexpr,
+                   DV_PAD: tl.constexpr):
+    """delta = rowsum(dO·O) in fp32 for the ``rows`` = B·H·n rows of O and dO (strides ``so*``),
+    written in [B, H, n] order. Only a head group whose every pass is owned needs it as its own
+    launch: there no dQ pass writes delta before the key-tile programs, which read it for every
+    query row they visit."""
     r = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     offs = tl.arange(0, DV_PAD)
     mask = (r[:, None] < rows) & (offs[None, :] < dv)
-    ptrs = r.to(tl.int64)[:, None] * dv + offs[None, :]
+    r64 = r.to(tl.int64)
+    bh = r64 // n
+    row = (bh // n_heads) * sob + (bh % n_heads) * soh + (r64 % n) * son
+    ptrs = row[:, None] + offs[None, :]
     o = tl.load(O + ptrs, mask=mask, other=0.0).to(tl.float32)
     do = tl.load(DO + ptrs, mask=mask, other=0.0).to(tl.float32)
     tl.store(DELTA + r, tl.sum(o * do, 1), mask=r < rows)
@@ -418,7 +423,7 @@ def _dq_tiles(dq, q, do, lse, delta, k_ptr, v_ptr, skn, svn, row_lo, row_hi, k_s
 @triton.jit
 def attn_bwd_dq(
     Q, K, V, O, DO, DQ, LSE, DELTA,
-    sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son,
+    sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son, sgb, sgh, sgn,
     n, n_heads, head0, head_step, heads_in_group, tiles_per_class, qk_scale, sm_scale, dk: tl.constexpr, dv: tl.constexpr,
     STEP: tl.constexpr, HAS_RANGE: tl.constexpr, WINDOW: tl.constexpr, BLOCK: tl.constexpr,
     OFFSET: tl.constexpr, SUM_C: tl.constexpr, SUM_L: tl.constexpr, SUM_LO: tl.constexpr,
@@ -428,7 +433,7 @@ def attn_bwd_dq(
 ):
     """dQ of one query tile over the key tiles of this pass's terms. The first pass of a head
     (``FIRST``) computes and stores delta and writes dQ; later passes read delta and add to dQ.
-    O, dO and dQ share q/o strides ``so*`` (dO and dQ are made contiguous like O)."""
+    O and dO share strides ``so*``; dQ has strides ``sg*`` (the launcher lays both out in q's order)."""
     b, h, base, length, m0 = _query_program(n, head0, head_step, heads_in_group, tiles_per_class, STEP, BLOCK_M, ORDER)
     if m0 >= length:
         return
@@ -437,7 +442,7 @@ def attn_bwd_dq(
     k_ptr = K + b * skb + h * skh
     v_ptr = V + b * svb + h * svh
     o_off = b * sob + h * soh
-    dq_off = (b * n_heads + h) * n * dk  # DQ is contiguous [B, H, n, dk]
+    dq_off = b * sgb + h * sgh
     stat_ptr = (b * n_heads + h) * n
 
     rows, row_ok, pos, m_last = _query_rows(m0, length, base, STEP, BLOCK_M)
@@ -476,7 +481,7 @@ def attn_bwd_dq(
                        BLOCK_N, EVEN_DK, EVEN_DV, DOT_PREC)
 
     dq = dq * sm_scale
-    dq_ptrs = DQ + dq_off + pos[:, None] * dk + offs_dk[None, :]
+    dq_ptrs = DQ + dq_off + pos[:, None] * sgn + offs_dk[None, :]
     st_mask = row_ok[:, None] & (offs_dk[None, :] < dk)
     if not FIRST:
         dq += tl.load(dq_ptrs, mask=st_mask, other=0.0).to(tl.float32)
@@ -495,7 +500,7 @@ def _dkdv_mask(pt, rows, kidx, IS_SUMMARY: tl.constexpr, WINDOW: tl.constexpr, B
 
 
 @triton.jit
-def _dkdv_tiles(dk_acc, dv_acc, k, v, q_ptr, do_ptr, dq_ptr, sqn, son, LSE_ROW, DELTA_ROW, kidx, q_start,
+def _dkdv_tiles(dk_acc, dv_acc, k, v, q_ptr, do_ptr, dq_ptr, sqn, son, sgn, LSE_ROW, DELTA_ROW, kidx, q_start,
                 q_stop, full_lo, full_hi, length, base, qk_scale, sm_scale, offs_dk, offs_dv, dk, dv,
                 STEP: tl.constexpr, IS_SUMMARY: tl.constexpr, WINDOW: tl.constexpr, BLOCK: tl.constexpr,
                 OFFSET: tl.constexpr, SUM_C: tl.constexpr, SUM_L: tl.constexpr, SUM_LO: tl.constexpr,
@@ -538,7 +543,7 @@ def _dkdv_tiles(dk_acc, dv_acc, k, v, q_ptr, do_ptr, dq_ptr, sqn, son, LSE_ROW, 
             # the fifth matmul: dQ[rows] += scale·dS·K; each query tile is visited once per launch,
             # by this program alone
             dq = tl.dot(tl.trans(dst), k, input_precision=DOT_PREC) * sm_scale
-            dq_ptrs = dq_ptr + pos[:, None] * dk + offs_dk[None, :]
+            dq_ptrs = dq_ptr + pos[:, None] * sgn + offs_dk[None, :]
             dq_mask = row_ok[:, None] & (offs_dk[None, :] < dk)
             dq += tl.load(dq_ptrs, mask=dq_mask, other=0.0).to(tl.float32)
             tl.store(dq_ptrs, dq.to(dq_ptr.dtype.element_ty), mask=dq_mask)
@@ -547,7 +552,7 @@ def _dkdv_tiles(dk_acc, dv_acc, k, v, q_ptr, do_ptr, dq_ptr, sqn, son, LSE_ROW, 
 
 @triton.jit
 def _dkdv_key_tile(Q, K, V, DO, DK, DV, DQ, LSE, DELTA, tile_id, b, h,
-                   sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son,
+                   sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son, sgb, sgh, sgn,
                    n, n_heads, tiles_per_class, qk_scale, sm_scale, dk, dv,
                    STEP: tl.constexpr, IS_SUMMARY: tl.constexpr, WINDOW: tl.constexpr, BLOCK: tl.constexpr,
                    OFFSET: tl.constexpr, SUM_C: tl.constexpr, SUM_L: tl.constexpr, SUM_LO: tl.constexpr,
@@ -587,31 +592,31 @@ def _dkdv_key_tile(Q, K, V, DO, DK, DV, DQ, LSE, DELTA, tile_id, b, h,
             length, BLOCK_M, SPLIT or IS_SUMMARY)
         q_ptr = Q + b * sqb + h * sqh
         do_ptr = DO + b * sob + h * soh
-        dq_ptr = DQ + (b * n_heads + h) * n * dk
+        dq_ptr = DQ + b * sgb + h * sgh
         lse_row = LSE + stat_off
         delta_row = DELTA + stat_off
         if ONE_LOOP:
-            dk_acc, dv_acc = _dkdv_tiles(dk_acc, dv_acc, k, v, q_ptr, do_ptr, dq_ptr, sqn, son, lse_row, delta_row,
+            dk_acc, dv_acc = _dkdv_tiles(dk_acc, dv_acc, k, v, q_ptr, do_ptr, dq_ptr, sqn, son, sgn, lse_row, delta_row,
                                          kidx, start, end, f_lo, f_hi, length, base, qk_scale, sm_scale, offs_dk,
                                          offs_dv, dk, dv, STEP, IS_SUMMARY, WINDOW, BLOCK, OFFSET, SUM_C, SUM_L,
                                          SUM_LO, SUM_EARLIER, True, True, BLOCK_M, EVEN_DK, EVEN_DV, OWNED, DOT_PREC)
         else:  # masked head, full middle, masked tail
-            dk_acc, dv_acc = _dkdv_tiles(dk_acc, dv_acc, k, v, q_ptr, do_ptr, dq_ptr, sqn, son, lse_row, delta_row,
+            dk_acc, dv_acc = _dkdv_tiles(dk_acc, dv_acc, k, v, q_ptr, do_ptr, dq_ptr, sqn, son, sgn, lse_row, delta_row,
                                          kidx, start, f_lo, f_lo, f_lo, length, base, qk_scale, sm_scale, offs_dk,
                                          offs_dv, dk, dv, STEP, IS_SUMMARY, WINDOW, BLOCK, OFFSET, SUM_C, SUM_L,
                                          SUM_LO, SUM_EARLIER, True, False, BLOCK_M, EVEN_DK, EVEN_DV, OWNED, DOT_PREC)
-            dk_acc, dv_acc = _dkdv_tiles(dk_acc, dv_acc, k, v, q_ptr, do_ptr, dq_ptr, sqn, son, lse_row, delta_row,
+            dk_acc, dv_acc = _dkdv_tiles(dk_acc, dv_acc, k, v, q_ptr, do_ptr, dq_ptr, sqn, son, sgn, lse_row, delta_row,
                                          kidx, f_lo, f_hi, f_lo, f_hi, length, base, qk_scale, sm_scale, offs_dk,
                                          offs_dv, dk, dv, STEP, IS_SUMMARY, WINDOW, BLOCK, OFFSET, SUM_C, SUM_L,
                                          SUM_LO, SUM_EARLIER, False, False, BLOCK_M, EVEN_DK, EVEN_DV, OWNED, DOT_PREC)
-            dk_acc, dv_acc = _dkdv_tiles(dk_acc, dv_acc, k, v, q_ptr, do_ptr, dq_ptr, sqn, son, lse_row, delta_row,
+            dk_acc, dv_acc = _dkdv_tiles(dk_acc, dv_acc, k, v, q_ptr, do_ptr, dq_ptr, sqn, son, sgn, lse_row, delta_row,
                                          kidx, f_hi, end, f_hi, f_hi, length, base, qk_scale, sm_scale, offs_dk,
                                          offs_dv, dk, dv, STEP, IS_SUMMARY, WINDOW, BLOCK, OFFSET, SUM_C, SUM_L,
                                          SUM_LO, SUM_EARLIER, True, False, BLOCK_M, EVEN_DK, EVEN_DV, OWNED, DOT_PREC)
 
         dk_acc = dk_acc * sm_scale
-        dk_ptrs = DK + (stat_off + kpos[:, None]) * dk + offs_dk[None, :]
-        dv_ptrs = DV + (stat_off + kpos[:, None]) * dv + offs_dv[None, :]
+        dk_ptrs = DK + b * sgb + h * sgh + kpos[:, None] * sgn + offs_dk[None, :]
+        dv_ptrs = DV + b * sob + h * soh + kpos[:, None] * son + offs_dv[None, :]
         mk = k_ok[:, None] & (offs_dk[None, :] < dk)
         mv = k_ok[:, None] & (offs_dv[None, :] < dv)
         if ACCUMULATE:
@@ -624,7 +629,7 @@ def _dkdv_key_tile(Q, K, V, DO, DK, DV, DQ, LSE, DELTA, tile_id, b, h,
 @triton.jit
 def attn_bwd_dkdv(
     Q, K, V, DO, DK, DV, DQ, LSE, DELTA,
-    sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son,
+    sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son, sgb, sgh, sgn,
     n, n_heads, head0, head_step, heads_in_group, tiles_per_class, qk_scale, sm_scale, dk: tl.constexpr, dv: tl.constexpr,
     STEP: tl.constexpr, IS_SUMMARY: tl.constexpr, WINDOW: tl.constexpr, BLOCK: tl.constexpr,
     OFFSET: tl.constexpr, SUM_C: tl.constexpr, SUM_L: tl.constexpr, SUM_LO: tl.constexpr,
@@ -637,9 +642,9 @@ def attn_bwd_dkdv(
     of chunk ``2·pid + PARITY`` of a Band term (``CHUNK > 0``, the owned band below). The key tile is
     in the term's coordinates (virtual rows for a range term, compact summary index for a summary
     term); each key belongs to exactly one program of a launch, so ``ACCUMULATE`` (read-add-write
-    over an earlier term's launch) needs no atomics. DO shares O's strides ``so*``; DK and DV are
-    contiguous. DQ is contiguous [B, H, n, dk]: with ``OWNED`` dQ as the earlier launches left it,
-    each program adding its keys' share; otherwise it is not touched.
+    over an earlier term's launch) needs no atomics. DO and DV share O's strides ``so*``, DK and DQ
+    have strides ``sg*``. With ``OWNED``, DQ holds dQ as the earlier launches left it, each program
+    adding its keys' share; otherwise it is not touched.
 
     ``SPLIT`` walks a key tile's query tiles as masked head, full middle and masked tail; as three
     loops, or with ``ONE_LOOP`` as one loop whose full tiles skip the mask by a uniform branch. The
@@ -660,14 +665,14 @@ def attn_bwd_dkdv(
         first = (2 * pid_tile + PARITY) * CHUNK
         for tile_id in range(first, first + CHUNK):
             _dkdv_key_tile(Q, K, V, DO, DK, DV, DQ, LSE, DELTA, tile_id, b, h,
-                           sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son,
+                           sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son, sgb, sgh, sgn,
                            n, n_heads, tiles_per_class, qk_scale, sm_scale, dk, dv,
                            STEP, IS_SUMMARY, WINDOW, BLOCK, OFFSET, SUM_C, SUM_L, SUM_LO, SUM_EARLIER,
                            ACCUMULATE, OWNED, SPLIT, ONE_LOOP, BLOCK_M, BLOCK_N, DK_PAD, DV_PAD, DOT_PREC)
             tl.debug_barrier()  # this key tile's dQ writes land before the next one reads them
     else:
         _dkdv_key_tile(Q, K, V, DO, DK, DV, DQ, LSE, DELTA, pid_tile, b, h,
-                       sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son,
+                       sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son, sgb, sgh, sgn,
                        n, n_heads, tiles_per_class, qk_scale, sm_scale, dk, dv,
                        STEP, IS_SUMMARY, WINDOW, BLOCK, OFFSET, SUM_C, SUM_L, SUM_LO, SUM_EARLIER,
                        ACCUMULATE, OWNED, SPLIT, ONE_LOOP, BLOCK_M, BLOCK_N, DK_PAD, DV_PAD, DOT_PREC)

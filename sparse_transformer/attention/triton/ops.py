@@ -469,15 +469,50 @@ def call_constexprs(kernel: str, qk_scale: float) -> dict[str, object]:
     return {"FOLD": qk_scale > 0} if kernel == "attn_fwd" else {}
 
 
-def _forward(q, k, v, spec, scale, tuning):
+def heads_like(q: torch.Tensor, width: int, dtype: torch.dtype | None = None, zero: bool = False) -> torch.Tensor:
+    """A new ``[B, H, n, width]`` tensor (``q``'s batch, heads and positions; ``q.dtype`` unless
+    ``dtype``; zeros with ``zero``) laid out in ``q``'s order: positions-major (``[B, n, H, width]``
+    memory, heads inside each position) when ``q``'s heads are closer in memory than its positions,
+    as for the model's views of one ``[B, n, 3·d]`` projection; heads-major (contiguous) otherwise.
+
+    The output, dO and the gradients then share their producer's and consumer's layout: the model's
+    ``y.transpose(1, 2).reshape(B, n, H·d)`` is a view, and the gradients of q, k, v leave as a
+    row-wise concatenation instead of a transposing copy (docs/benchmarks.md measures both)."""
+    B, H, n, _ = q.shape
+    positions_major = q.stride(1) < q.stride(2)
+    shape = (B, n, H, width) if positions_major else (B, H, n, width)
+    t = (torch.zeros if zero else torch.empty)(shape, device=q.device, dtype=dtype or q.dtype)
+    return t.transpose(1, 2) if positions_major else t
+
+
+def launch_args(launch: Launch, q, k, v, out, lse, qk_scale: float, scale: float, grads: tuple = ()) -> tuple:
+    """The positional arguments of one launch of a plan (constexprs apart: ``launch.meta`` and
+    :func:`call_constexprs`): the tensors, their strides over batch, heads and positions (the last
+    dimension is contiguous), the shape, the launch's program arguments and the scales.
+    ``grads`` = ``(do, dq, dk, dv, delta)`` for the backward's launches: dO and dV share ``out``'s
+    strides, dK ``dq``'s. The launchers and ``bench tiles --sass`` (placeholder tensors) build
+    their calls here."""
     B, H, n, dk = q.shape
     dv = v.shape[-1]
-    out = torch.empty(B, H, n, dv, device=q.device, dtype=q.dtype)
-    lse = torch.empty(B, H, n, device=q.device, dtype=torch.float32)
     strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3])
+    if launch.kernel == "attn_fwd":
+        return (q, k, v, out, lse, *strides, n, H, *launch.args, qk_scale, dk, dv)
+    do, dq, dkk, dvv, delta = grads
+    if launch.kernel == "attn_bwd_delta":
+        return (out, do, delta, B * H * n, n, H, *out.stride()[:3], dv)
+    tail = (*strides, *dq.stride()[:3], n, H, *launch.args, qk_scale, scale, dk, dv)
+    if launch.kernel == "attn_bwd_dq":
+        return (q, k, v, out, do, dq, lse, delta, *tail)
+    return (q, k, v, do, dkk, dvv, dq, lse, delta, *tail)
+
+
+def _forward(q, k, v, spec, scale, tuning):
+    B, H, n, dk = q.shape
+    out = heads_like(q, v.shape[-1])
+    lse = torch.empty(B, H, n, device=q.device, dtype=torch.float32)
     qk_scale = scale * math.log2(math.e)
-    for launch in _forward_plan(tuple(spec), B, H, n, dk, dv, q.dtype, tuning):
-        kernels.attn_fwd[launch.grid](q, k, v, out, lse, *strides, n, H, *launch.args, qk_scale, dk, dv,
+    for launch in _forward_plan(tuple(spec), B, H, n, dk, v.shape[-1], q.dtype, tuning):
+        kernels.attn_fwd[launch.grid](*launch_args(launch, q, k, v, out, lse, qk_scale, scale),
                                       **call_constexprs(launch.kernel, qk_scale), **launch.meta)
     return out, lse
 
@@ -485,24 +520,19 @@ def _forward(q, k, v, spec, scale, tuning):
 def _backward(do, q, k, v, out, lse, spec, scale, tuning):
     B, H, n, dk = q.shape
     dv = v.shape[-1]
-    do = do.contiguous()  # shares out's (contiguous) strides in the kernels
     plan = _backward_plan(tuple(spec), B, H, n, dk, dv, q.dtype, tuning)
-    alloc = torch.zeros if plan.zero_dkdv else torch.empty
-    dkk = alloc(B, H, n, dk, device=q.device, dtype=k.dtype)
-    dvv = alloc(B, H, n, dv, device=q.device, dtype=v.dtype)
-    dq = (torch.zeros if plan.zero_dq else torch.empty)(B, H, n, dk, device=q.device, dtype=q.dtype)
+    dkk = heads_like(q, dk, k.dtype, zero=plan.zero_dkdv)
+    dvv = heads_like(q, dv, v.dtype, zero=plan.zero_dkdv)
+    dq = heads_like(q, dk, zero=plan.zero_dq)
+    # out, dO and dV share strides in the kernels: the forward made out so, and the model's dO
+    # arrives so (the gradient of a view of out's layout); anything else is copied once
+    out, do = (t if t.stride() == dvv.stride() else heads_like(q, dv, t.dtype).copy_(t) for t in (out, do))
     delta = torch.empty(B, H, n, device=q.device, dtype=torch.float32)
     qk_scale = scale * math.log2(math.e)
-    strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3])
+    grads = (do, dq, dkk, dvv, delta)
     for launch in plan.launches:
-        if launch.kernel == "attn_bwd_delta":
-            kernels.attn_bwd_delta[launch.grid](out.contiguous(), do, delta, B * H * n, dv, **launch.meta)
-        elif launch.kernel == "attn_bwd_dq":
-            kernels.attn_bwd_dq[launch.grid](q, k, v, out, do, dq, lse, delta, *strides, n, H, *launch.args, qk_scale,
-                                             scale, dk, dv, **launch.meta)
-        else:
-            kernels.attn_bwd_dkdv[launch.grid](q, k, v, do, dkk, dvv, dq, lse, delta, *strides, n, H, *launch.args,
-                                               qk_scale, scale, dk, dv, **launch.meta)
+        getattr(kernels, launch.kernel)[launch.grid](*launch_args(launch, q, k, v, out, lse, qk_scale, scale, grads),
+                                                     **launch.meta)
     return dq, dkk, dvv
 
 
@@ -522,7 +552,7 @@ def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: list[
 @attention_fwd.register_fake
 def _(q, k, v, spec, scale, tuning):
     B, H, n, _ = q.shape
-    return q.new_empty(B, H, n, v.shape[-1]), q.new_empty(B, H, n, dtype=torch.float32)
+    return heads_like(q, v.shape[-1]), q.new_empty(B, H, n, dtype=torch.float32)
 
 
 @torch.library.custom_op("sparse_transformer::triton_attention_bwd", mutates_args=())
@@ -534,9 +564,9 @@ def attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.T
 
 @attention_bwd.register_fake
 def _(do, q, k, v, out, lse, spec, scale, tuning):
-    # the kernels write contiguous [B, H, n, d] gradients whatever the inputs' strides (the model's
-    # q, k, v are views of one projection); empty_like would promise the inputs' strides
-    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+    # the kernels write the gradients in q's order (heads_like), whatever k's and v's strides;
+    # empty_like would promise the inputs' own strides
+    return heads_like(q, q.shape[-1]), heads_like(q, k.shape[-1], k.dtype), heads_like(q, v.shape[-1], v.dtype)
 
 
 def _setup_context(ctx, inputs, output):
