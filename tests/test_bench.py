@@ -116,6 +116,7 @@ def test_bench_train_cpu_sparse_vs_dense(tmp_path):
     assert [json.loads(line) for line in out.read_text().splitlines()] == recs
     sparse, dense = recs
     assert sparse["pattern"] == "fixed l=8 c=2" and sparse["backend"] == "factorized" and sparse["checkpoint"]
+    assert not sparse["compiled"]  # CPU: train.compile leaves the blocks eager
     assert dense["pattern"] == "dense" and dense["backend"] == "sdpa"
     assert sparse["params"] == dense["params"] > 0
     assert sparse["tokens_per_s"] > 0 and dense["tokens_per_s"] > 0

@@ -4,7 +4,9 @@ A training step here is the one ``sparse-transformer train`` runs (:func:`~spars
 on what :func:`~sparse_transformer.train.setup_training` builds): forward and loss under bf16
 autocast (CUDA; fp32 on CPU unless asked), backward through the grad scaler (fp16), gradient
 clipping, fused AdamW (CUDA) with weight decay on matrices only, activation checkpointing of every
-block (``model.checkpoint = True``; ``--set model.checkpoint=false`` keeps the activations instead). Inputs are random bytes; the learning rate is ``train.lr``.
+block (``model.checkpoint = True``; ``--set model.checkpoint=false`` keeps the activations instead),
+each block compiled inside its checkpoint where the preset sets ``train.compile`` (CUDA only; the
+GPU presets do; the record's ``compiled``). Inputs are random bytes; the learning rate is ``train.lr``.
 The same configuration is run twice in the same process: with its sparse pattern (backend
 ``auto`` = Triton on CUDA, or the one asked for) and with dense causal attention through
 ``F.scaled_dot_product_attention`` (``model.pattern = dense``, ``model.backend = sdpa``; on CUDA
@@ -246,6 +248,7 @@ def bench_train(
                 "backend": resolve_backend(c.model.backend, pattern, device)
                 + (" (cuDNN)" if is_dense and device.type == "cuda" else ""),
                 "checkpoint": c.model.checkpoint,
+                "compiled": c.train.compile and device.type == "cuda",  # parallel.compile_blocks
             }
             if verbose:
                 print(
