@@ -49,8 +49,10 @@ def triton_attention(
         tuning: a per-call override of the tile choice (:class:`Tuning`), for tuning sweeps and
             tests; ``None`` takes :func:`tile_config`'s tables. The backward of this call uses it too.
 
-    Returns: ``[B, H, n, dv]`` in ``q.dtype``. Queries with no allowed key give zeros (and zero
-    gradients). With no query (``B``, ``H`` or ``n`` is 0) the result is an empty ``[B, H, n, dv]``
+    Returns: ``[B, H, n, dv]`` in ``q.dtype``, laid out in q's order, and so are the gradients
+    (:func:`ops.heads_like`: positions-major, ``[B, n, H, dv]`` in memory, when q's heads are closer
+    in memory than its positions, as for views of one ``[B, n, 3·d]`` projection; contiguous
+    otherwise). Queries with no allowed key give zeros (and zero gradients). With no query (``B``, ``H`` or ``n`` is 0) the result is an empty ``[B, H, n, dv]``
     tensor with empty gradients, and no kernel is launched. The backward is atomic-free: its
     gradients are bitwise reproducible.
 
