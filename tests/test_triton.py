@@ -639,14 +639,19 @@ def test_gpu_matches_reference(case):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize(
-    "pattern, tuning",
-    [(P.strided(128), None), (P.strided(128), Tuning(owned_band=True)), (P.fixed(128, 32, num_verts=2), None)],
-    ids=["strided", "strided-owned-band", "fixed"],
+    "pattern, tuning, dk, dv, dtype",
+    [
+        (P.strided(128), None, 64, 64, torch.bfloat16),
+        (P.strided(128), Tuning(owned_band=True), 64, 64, torch.bfloat16),
+        (P.fixed(128, 32, num_verts=2), None, 64, 64, torch.bfloat16),
+        (P.fixed(128, 32), None, 32, 64, torch.float16),  # half-size q and k (paper §5.1, model.qk_ratio 0.5)
+    ],
+    ids=["strided", "strided-owned-band", "fixed", "fixed-dk32-dv64-fp16"],
 )
-def test_gpu_views_of_one_projection_match_reference(pattern, tuning):
-    """The model's layout on the GPU (bf16, d 64): q, k, v views of one projection, the output and
-    the gradients laid out positions-major (``ops.heads_like``)."""
-    q, k, v, do = _projection_views(2, 4096, 4, 64, 64, torch.bfloat16, "cuda", seed=5)
+def test_gpu_views_of_one_projection_match_reference(pattern, tuning, dk, dv, dtype):
+    """The model's layout on the GPU: q, k, v views of one projection, the output and the gradients
+    laid out positions-major (``ops.heads_like``)."""
+    q, k, v, do = _projection_views(2, 4096, 4, dk, dv, dtype, "cuda", seed=5)
     _check(pattern, q, k, v, do, tuning=tuning)
     out = triton_attention(q, k, v, pattern, tuning=tuning)
     grads = torch.autograd.grad(out, (q, k, v), do)
