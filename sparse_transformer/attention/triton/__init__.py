@@ -52,8 +52,9 @@ def triton_attention(
     Returns: ``[B, H, n, dv]`` in ``q.dtype``, laid out in q's order, and so are the gradients
     (:func:`ops.heads_like`: positions-major, ``[B, n, H, dv]`` in memory, when q's heads are closer
     in memory than its positions, as for views of one ``[B, n, 3·d]`` projection; contiguous
-    otherwise). Queries with no allowed key give zeros (and zero gradients). With no query (``B``, ``H`` or ``n`` is 0) the result is an empty ``[B, H, n, dv]``
-    tensor with empty gradients, and no kernel is launched. The backward is atomic-free: its
+    otherwise). Queries with no allowed key give zeros (and zero gradients). With no query (``B``,
+    ``H`` or ``n`` is 0) the result is an empty ``[B, H, n, dv]`` tensor with empty gradients, and
+    no kernel is launched. The backward is atomic-free: its
     gradients are bitwise reproducible.
 
     Raises:
