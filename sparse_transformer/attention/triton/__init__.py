@@ -54,8 +54,7 @@ def triton_attention(
     in memory than its positions, as for views of one ``[B, n, 3·d]`` projection; contiguous
     otherwise). Queries with no allowed key give zeros (and zero gradients). With no query (``B``,
     ``H`` or ``n`` is 0) the result is an empty ``[B, H, n, dv]`` tensor with empty gradients, and
-    no kernel is launched. The backward is atomic-free: its
-    gradients are bitwise reproducible.
+    no kernel is launched. The backward is atomic-free: its gradients are bitwise reproducible.
 
     Raises:
         ValueError: another dtype, mismatched shapes, CPU tensors without the interpreter, a
