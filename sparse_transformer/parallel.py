@@ -1,8 +1,9 @@
 """Parallelism and recomputation applied from outside the model (torchtitan style, docs/design.md §5).
 
-Order: per-block ``torch.compile`` (``train.compile``, on CUDA), then activation checkpointing
-around the compiled blocks (``model.checkpoint``: each block recomputed in the backward pass, paper
-§5.4), then data parallelism: DDP (default) or FSDP2 (``fully_shard`` per block, then the root). Under ``torchrun`` each process drives one device;
+Order: activation checkpointing (``model.checkpoint``: each block recomputed in the backward pass,
+paper §5.4), then per-block ``torch.compile`` of the checkpointed forward (``train.compile``, on
+CUDA: the checkpoint is part of the compiled region), then data parallelism: DDP (default) or FSDP2
+(``fully_shard`` per block, then the root). Under ``torchrun`` each process drives one device;
 without it the data parallelism here is a no-op and training runs in one process.
 """
 
@@ -117,33 +118,42 @@ def compile_blocks(model: nn.Module, device: torch.device) -> nn.Module:
     """``torch.compile`` each block's forward on CUDA (inductor fuses its LayerNorms, GeLU, dropout
     and residual adds around the matmuls; the Triton attention stays one opaque custom op); on other
     devices the blocks stay eager (inductor's CPU backend needs a C++ toolchain and minutes per
-    model). Called before :func:`checkpoint_blocks`, so the recomputation runs the compiled forward:
-    compiled the other way round (the checkpoint wrapper inside the compiled region), nothing was
-    fused. H200, the enwik8 preset (30 layers, d 512, n 12,288, batch 8, bf16), one step: 463 -> 370
-    ms with the fixed pattern, 708 -> 625 ms dense (docs/benchmarks.md). Returns ``model``; blocks
-    already compiled are left alone, and parameter names do not change."""
+    model). Called after :func:`checkpoint_blocks`, so the activation checkpoint is inside the
+    compiled region: AOTAutograd's partitioner recomputes in the backward pass only what the backward
+    reads (not the block's last projection and residual add), fused into the backward's kernels. With
+    the checkpoint around the compiled forward instead, the recomputation re-ran the whole compiled
+    forward. H200, one step of the enwik8 preset (30 layers, d 512, n 12,288, batch 8, bf16): 348 ->
+    323 ms with the fixed pattern, 606 -> 579 ms dense; at n 65,536 (strided, batch 1): 196 -> 170 ms
+    and 1,516 -> 1,502 ms (docs/benchmarks.md). A block's forward must not break the graph (tests
+    check the attention path). Returns ``model``; blocks already compiled are left alone (and
+    :func:`checkpoint_blocks` leaves a compiled checkpointed forward alone); parameter names do not
+    change."""
     if torch.device(device).type != "cuda":
         return model
     for block in model.blocks:
-        if not getattr(block.forward, "compiled_block", False):
-            compiled = torch.compile(block.forward)
-            compiled.compiled_block = True
-            block.forward = compiled  # this instance only, as checkpoint_blocks
+        forward = block.forward
+        if getattr(forward, "compiled_block", False):
+            continue
+        compiled = torch.compile(forward)
+        compiled.compiled_block = True
+        compiled.recomputes = getattr(forward, "recomputes", False)
+        block.forward = compiled  # this instance only, as checkpoint_blocks
     return model
 
 
 def parallelize(model: nn.Module, cfg: Config, d: Dist) -> nn.Module:
-    """Compile the blocks (``train.compile``), apply activation checkpointing (``model.checkpoint``)
-    and wrap for data parallelism (``train.parallel``) when ``d.world > 1``.
+    """Apply activation checkpointing (``model.checkpoint``), compile the blocks with their
+    checkpoints (``train.compile``) and wrap for data parallelism (``train.parallel``) when
+    ``d.world > 1``.
 
     Returns the module to train: ``model`` itself (single process, or FSDP2, which shards in place)
     or a DDP wrapper around it. Parameter names of ``model`` are unchanged either way.
     """
     t = cfg.train
-    if t.compile:
-        compile_blocks(model, d.device)
     if cfg.model.checkpoint:
         checkpoint_blocks(model)
+    if t.compile:
+        compile_blocks(model, d.device)
     if d.world == 1:
         return model
     if t.parallel == "fsdp":

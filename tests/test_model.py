@@ -134,22 +134,40 @@ def test_checkpointing_gives_the_same_gradients_with_dropout():
     torch.testing.assert_close(grads[0], grads[1])
 
 
-def test_compile_is_for_cuda_and_sits_inside_the_checkpoint():
-    """``train.compile`` compiles each block's forward on CUDA only; checkpointing then wraps the
-    compiled forward (the order in which inductor fuses the block), and a second call changes nothing."""
+def test_compile_is_for_cuda_and_holds_the_checkpoint():
+    """``train.compile`` compiles each block's forward on CUDA only, after checkpointing, so the
+    checkpoint is inside the compiled region (the order in which the backward recomputes only what
+    it reads); a second call of either changes nothing, and parameter names stay."""
     model = tiny(**{"model.checkpoint": True})
     cfg = load_config(None, ["--data.seq_len", "40", "--model.checkpoint", "true", "--train.compile", "true"])
     parallel.parallelize(model, cfg, parallel.Dist())  # CPU: eager blocks, checkpointed
     assert all(b.forward.recomputes and not getattr(b.forward, "compiled_block", False) for b in model.blocks)
     names = [n for n, _ in model.named_parameters()]
     model = tiny(**{"model.checkpoint": True})
-    parallel.compile_blocks(model, torch.device("cuda"))  # only wraps: nothing runs on the device here
+    parallel.parallelize(model, cfg, parallel.Dist(device=torch.device("cuda")))  # only wraps: nothing runs
     compiled = [b.forward for b in model.blocks]
-    assert all(getattr(f, "compiled_block", False) for f in compiled)
+    assert all(getattr(f, "compiled_block", False) and f.recomputes for f in compiled)
     parallel.compile_blocks(model, torch.device("cuda"))
     parallel.checkpoint_blocks(model)
-    assert all(b.forward.recomputes for b in model.blocks)
+    assert [b.forward for b in model.blocks] == compiled
     assert [n for n, _ in model.named_parameters()] == names
+
+
+def test_a_compiled_checkpointed_block_is_one_graph_with_the_eager_gradients():
+    """The composition ``compile_blocks`` makes of a checkpointed block (CPU, AOTAutograd without
+    inductor): the checkpoint traces into the block's graph, whole, and the gradients are eager's."""
+    x = torch.randint(0, 256, (2, 40))
+    grads = []
+    for compile_ in (False, True):
+        torch.manual_seed(0)
+        model = tiny(**{"model.dropout": 0.0})
+        parallel.checkpoint_blocks(model)
+        if compile_:
+            for block in model.blocks:
+                block.forward = torch.compile(block.forward, backend="aot_eager", fullgraph=True)
+        model.loss(x).backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    torch.testing.assert_close(grads[1], grads[0])
 
 
 def test_a_block_compiles_as_one_graph():
@@ -197,9 +215,9 @@ def test_gpu_compiled_checkpointed_blocks_give_the_eager_gradients():
     for compile_ in (False, True):
         torch.manual_seed(0)
         model = tiny(**{"model.checkpoint": True, "model.dropout": 0.0}).cuda().train()
+        parallel.checkpoint_blocks(model)
         if compile_:
             parallel.compile_blocks(model, torch.device("cuda"))
-        parallel.checkpoint_blocks(model)
         with torch.autocast("cuda", dtype=torch.bfloat16):
             loss = model.loss(x)
         loss.backward()

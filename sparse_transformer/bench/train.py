@@ -5,8 +5,8 @@ on what :func:`~sparse_transformer.train.setup_training` builds): forward and lo
 autocast (CUDA; fp32 on CPU unless asked), backward through the grad scaler (fp16), gradient
 clipping, fused AdamW (CUDA) with weight decay on matrices only, activation checkpointing of every
 block (``model.checkpoint = True``; ``--set model.checkpoint=false`` keeps the activations instead),
-each block compiled inside its checkpoint where the preset sets ``train.compile`` (CUDA only; the
-GPU presets do; the record's ``compiled``). Inputs are random bytes; the learning rate is ``train.lr``.
+each checkpointed block compiled, the checkpoint inside the compiled region, where the preset sets
+``train.compile`` (CUDA only; the GPU presets do; the record's ``compiled``). Inputs are random bytes; the learning rate is ``train.lr``.
 The same configuration is run twice in the same process: with its sparse pattern (backend
 ``auto`` = Triton on CUDA, or the one asked for) and with dense causal attention through
 ``F.scaled_dot_product_attention`` (``model.pattern = dense``, ``model.backend = sdpa``; on CUDA
