@@ -3,7 +3,7 @@
 Order: activation checkpointing (``model.checkpoint``: each block recomputed in the backward pass,
 paper §5.4), then per-block ``torch.compile`` of the checkpointed forward (``train.compile``, on
 CUDA: the checkpoint is part of the compiled region), then data parallelism: DDP (default) or FSDP2
-(``fully_shard`` per block, then the root). Under ``torchrun`` each process drives one device;
+(``fully_shard`` per block, then the root); the order torchtitan applies them in. Under ``torchrun`` each process drives one device;
 without it the data parallelism here is a no-op and training runs in one process.
 """
 
