@@ -125,7 +125,10 @@ def compile_blocks(model: nn.Module, device: torch.device) -> nn.Module:
     forward. H200, one step of the enwik8 preset (30 layers, d 512, n 12,288, batch 8, bf16): 348 ->
     323 ms with the fixed pattern, 606 -> 579 ms dense; at n 65,536 (strided, batch 1): 196 -> 170 ms
     and 1,516 -> 1,502 ms (docs/benchmarks.md). A block's forward must not break the graph (tests
-    check the attention path). Returns ``model``; blocks already compiled are left alone (and
+    check the attention path). Shapes are static: a new batch or sequence length (evaluation, another
+    model in the same process) gets its own graph instead of a dynamic-shape recompilation, which
+    failed inside inductor on CUDA for the checkpointed block (H200, torch 2.11: the second case of
+    ``bench train``). Returns ``model``; blocks already compiled are left alone (and
     :func:`checkpoint_blocks` leaves a compiled checkpointed forward alone); parameter names do not
     change."""
     if torch.device(device).type != "cuda":
@@ -134,7 +137,7 @@ def compile_blocks(model: nn.Module, device: torch.device) -> nn.Module:
         forward = block.forward
         if getattr(forward, "compiled_block", False):
             continue
-        compiled = torch.compile(forward)
+        compiled = torch.compile(forward, dynamic=False)
         compiled.compiled_block = True
         compiled.recomputes = getattr(forward, "recomputes", False)
         block.forward = compiled  # this instance only, as checkpoint_blocks

@@ -125,6 +125,24 @@ def test_bench_train_cpu_sparse_vs_dense(tmp_path):
     assert table.count("\n") == 3 and "| tiny | 1L d32 h2 | 64 | 2 | fixed l=8 c=2 | factorized |" in table
 
 
+def test_bench_train_failure_names_the_innermost_cause():
+    """A compiler's wrapper says only ``backend='inductor' raised:`` on its first line; the record
+    names what went wrong inside it (its ``inner_exception`` or ``__cause__``)."""
+
+    class Wrapper(Exception):
+        def __init__(self, inner):
+            super().__init__(f"backend='inductor' raised:\n{type(inner).__name__}: {inner}")
+            self.inner_exception = inner
+
+    inner = AssertionError("Node add_144 was invalid, but is output\nmore detail")
+    assert bench_train_mod._error_line(Wrapper(inner)) == "AssertionError: Node add_144 was invalid, but is output"
+    try:
+        raise RuntimeError("outer") from ValueError("\n  the cause  \n")
+    except RuntimeError as e:
+        assert bench_train_mod._error_line(e) == "ValueError: the cause"
+    assert bench_train_mod._error_line(torch.OutOfMemoryError("CUDA out of memory. Tried")).startswith("out of memory")
+
+
 def test_bench_train_cli_case_without_dense(capsys):
     options = "--case audio1m --n 256 --steps 1 --warmup 0 --device cpu --set model.n_layer=1 --set model.stride=16"
     args = parse(bench_train_mod, options)

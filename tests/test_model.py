@@ -227,6 +227,28 @@ def test_gpu_compiled_checkpointed_blocks_give_the_eager_gradients():
     assert (grads[1] - grads[0]).norm() <= 0.05 * grads[0].norm()
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("pattern", ["strided", "dense"])
+def test_gpu_compiled_checkpointed_blocks_train_at_a_second_shape(pattern):
+    """One process, compiled checkpointed blocks (dropout on, bf16 autocast) trained at one batch and
+    length, then another model at another: a dynamic-shape recompilation of the checkpointed block
+    failed inside inductor's partitioner (``bench train``'s second case, torch 2.11), so the blocks
+    compile with static shapes and each shape gets its own graph."""
+    torch._dynamo.reset()
+    overrides = {"model.checkpoint": True, "model.dropout": 0.4, "model.pattern": pattern}
+    overrides |= {"model.backend": "sdpa"} if pattern == "dense" else {}
+    for batch, n in [(4, 48), (1, 96)]:
+        torch.manual_seed(0)
+        model = tiny(**overrides, **{"data.seq_len": n}).cuda().train()
+        parallel.checkpoint_blocks(model)
+        parallel.compile_blocks(model, torch.device("cuda"))
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = model.loss(torch.randint(0, 256, (batch, n), device="cuda"))
+        loss.backward()
+        assert torch.isfinite(loss)
+        assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+
+
 def test_half_size_qk_and_image_positions():
     model = tiny(**{"model.qk_ratio": 0.5, "model.position": "image", "model.image_shape": "4,5,2", "model.ff_mult": 2})
     assert model.blocks[0].attn.qkv.out_features == 16 + 16 + 32

@@ -144,13 +144,23 @@ def _measure(cfg: Config, device: torch.device, dtype: torch.dtype, steps: int, 
     }
 
 
+def _error_line(e: BaseException) -> str:
+    """One line for a failed model: the innermost cause's type and first line of text (a compiler
+    error wraps the one that says what went wrong), or ``out of memory``."""
+    while (inner := e.__cause__ or getattr(e, "inner_exception", None)) is not None:
+        e = inner
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    first = lines[0] if lines else ""
+    if isinstance(e, torch.OutOfMemoryError) or "out of memory" in first.lower():
+        return f"out of memory: {first}"[:300]
+    return f"{type(e).__name__}: {first}"[:300]
+
+
 def _run_model(cfg: Config, device, dtype, steps, warmup, dense) -> dict:
     try:
         fields = _measure(cfg, device, dtype, steps, warmup, dense)
     except Exception as e:  # noqa: BLE001 - a failing model (OOM, unsupported) is a result
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        oom = isinstance(e, torch.OutOfMemoryError) or "out of memory" in first.lower()
-        fields = {"error": f"{'out of memory' if oom else type(e).__name__}: {first}"[:300]}
+        fields = {"error": _error_line(e)}
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
