@@ -3,6 +3,7 @@
     import sparse_transformer as st
     pattern = st.patterns.fixed(stride=128, c=32)
     out = st.sparse_attention(q, k, v, pattern)          # q, k, v [batch, heads, n, head_dim]
+    out = st.sparse_attention_qkvpacked(qkv, 8, pattern) # qkv [batch, n, 3 * 8 * head_dim]
     cfg = st.load_config("enwik8")                       # a preset by name, or a TOML file
     model = st.SparseTransformer(cfg.model)
 
@@ -20,6 +21,7 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "patterns": (".patterns", None),
     "sparse_attention": (".attention", "sparse_attention"),
+    "sparse_attention_qkvpacked": (".attention", "sparse_attention_qkvpacked"),
     "load_config": (".config", "load_config"),
     "Config": (".config", "Config"),
     "ModelConfig": (".config", "ModelConfig"),

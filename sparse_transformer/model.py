@@ -45,7 +45,8 @@ import torch.nn.functional as F
 from huggingface_hub import PyTorchModelHubMixin
 
 from . import patterns
-from .attention import sparse_attention
+from .attention import sparse_attention_qkvpacked
+from .attention.common import merge_heads, split_heads
 from .config import Config, ModelConfig, config_for_model
 from .errors import UserError, first_line
 from .kv_cache import KVCache, KVStep, LayerKVCache
@@ -146,35 +147,29 @@ class Attention(nn.Module):
 
     def split_heads(self, qkv: torch.Tensor):
         """The ``qkv`` projection ``[B, n, 2·d_qk + d]`` -> q, k ``[B, H, n, d_qk/H]`` and v ``[B, H, n, d/H]``."""
-        B, n, _ = qkv.shape
-        q, k, v = qkv.split([self.d_qk, self.d_qk, self.d_model], dim=-1)
-        H = self.n_head  # head dims spelled out: a view with -1 is ambiguous for B = 0 or n = 0
-        return [t.view(B, n, H, t.shape[-1] // H).transpose(1, 2) for t in (q, k, v)]
+        return split_heads(qkv, self.n_head, self.d_qk)
 
     def forward(
         self,
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
+        qkv: torch.Tensor,
         cache: LayerKVCache | None = None,
         step: KVStep | None = None,
     ) -> torch.Tensor:
-        """The heads of :meth:`split_heads` -> ``[B, n, d]``, the sparse attention of paper §4 with the
-        heads merged (W_p is applied by the block).
+        """The ``qkv`` projection ``[B, n, 2·d_qk + d]`` -> ``[B, n, d]``, the sparse attention of
+        paper §4 with the heads merged (W_p is applied by the block).
 
-        Without ``cache``: positions ``0 .. n-1`` (training, evaluation). With ``cache`` and no
-        ``step``: the same, and the keys and values of those positions are stored in ``cache``
-        (prefill). With both: ``n = 1``, the position of ``step`` (:meth:`KVCache.step`), attending
-        to the cached keys of earlier positions (decoding).
+        Without ``cache``: positions ``0 .. n-1`` (training, evaluation), by
+        :func:`sparse_attention_qkvpacked`. With ``cache`` and no ``step``: the same, and the keys
+        and values of those positions are stored in ``cache`` (prefill). With both: ``n = 1``, the
+        position of ``step`` (:meth:`KVCache.step`), attending to the cached keys of earlier
+        positions (decoding).
         """
         if step is not None:
-            y = cache.attend(q, k, v, step)
-        else:
-            if cache is not None:
-                cache.prefill(k, v)
-            y = sparse_attention(q, k, v, self.pattern, backend=self.backend)
-        B, H, n, dh = y.shape
-        return y.transpose(1, 2).reshape(B, n, H * dh)
+            return merge_heads(cache.attend(*self.split_heads(qkv), step))
+        if cache is not None:
+            _, k, v = self.split_heads(qkv)
+            cache.prefill(k, v)
+        return sparse_attention_qkvpacked(qkv, self.n_head, self.pattern, self.d_qk, backend=self.backend)
 
 
 class FeedForward(nn.Module):
@@ -206,8 +201,8 @@ class Block(nn.Module):
         checkpointing (paper §5.4) is applied from outside: ``parallel.checkpoint_blocks``."""
         fused = step is not None and step.fused_linear and not (self.training and self.dropout.p > 0)
         attn, ff = self.attn, self.ff
-        q, k, v = attn.split_heads(project(attn.qkv, x, self.ln_1, fused=fused))
-        x = project(attn.proj, attn(q, k, v, cache, step), residual=x, dropout=self.dropout, fused=fused)
+        qkv = project(attn.qkv, x, self.ln_1, fused=fused)
+        x = project(attn.proj, attn(qkv, cache, step), residual=x, dropout=self.dropout, fused=fused)
         h = project(ff.fc, x, self.ln_2, act=gelu, fused=fused)
         return project(ff.proj, h, residual=x, dropout=self.dropout, fused=fused)
 

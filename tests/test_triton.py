@@ -547,6 +547,56 @@ def test_views_of_one_projection_give_outputs_and_gradients_in_their_layout(patt
         assert a.is_contiguous() and torch.equal(a, b)
 
 
+def _packed_against_views(qkv, H, dk, pattern, tuning, dout):
+    """The packed op on ``qkv`` against :func:`triton_attention` on views of it: the output
+    ``[B, n, H·dv]`` and the gradient of ``qkv``, both contiguous, bitwise equal (the same kernels
+    on the same memory, the gradients written to one tensor instead of three)."""
+    from sparse_transformer import sparse_attention_qkvpacked
+    from sparse_transformer.attention.common import merge_heads, split_heads
+
+    out = sparse_attention_qkvpacked(qkv, H, pattern, H * dk, backend="triton", tuning=tuning)
+    (grad,) = torch.autograd.grad(out, qkv, dout)
+    views = merge_heads(triton_attention(*split_heads(qkv, H, H * dk), pattern, tuning=tuning))
+    (grad_views,) = torch.autograd.grad(views, qkv, dout)
+    assert out.is_contiguous() and grad.is_contiguous()
+    assert torch.equal(out, views) and torch.equal(grad, grad_views)
+
+
+@cpu_interpreter
+@pytest.mark.parametrize(
+    "pattern, tuning",
+    [
+        (P.strided(8), None),
+        (P.strided(8), Tuning(owned_band=True)),
+        (P.fixed(8, 2, num_verts=2), None),
+        (P.fixed(8, 2, part="summary"), None),  # dK/dV start from zeros: the packed gradient's slices
+    ],
+    ids=["strided", "strided-owned-band", "fixed-2verts", "fixed-summary"],
+)
+def test_packed_projection_equals_its_views(pattern, tuning):
+    """``sparse_attention_qkvpacked`` on the triton backend (the packed custom op: dV written with
+    its own strides into the packed gradient) gives what the views of the same projection give,
+    and that matches PyTorch's attention (the views' test above); half-size q and k."""
+    B, n, H, dk, dv = 2, 40, 2, 8, 16
+    q, k, v, do = _projection_views(B, n, H, dk, dv, torch.float32, "cpu", seed=13)
+    qkv = q._base
+    _packed_against_views(qkv, H, dk, pattern, tuning, do.transpose(1, 2).reshape(B, n, H * dv))
+
+
+@cpu_interpreter
+def test_packed_custom_ops_registration():
+    g = torch.Generator().manual_seed(3)
+    qkv = torch.randn(1, 24, 3 * 2 * 16, generator=g)
+    spec = ops.encode(P.fixed(8, 2), 2)
+    out, lse = ops.attention_qkvpacked_fwd(qkv, 2, 32, spec, 0.25, [])
+    do = torch.randn(out.shape, generator=g)
+    checks = ("test_schema", "test_faketensor")
+    torch.library.opcheck(ops.attention_qkvpacked_fwd, (qkv.requires_grad_(), 2, 32, spec, 0.25, []),
+                          test_utils=(*checks, "test_autograd_registration"))
+    torch.library.opcheck(ops.attention_qkvpacked_bwd, (do, qkv.detach(), out, lse, 2, 32, spec, 0.25, []),
+                          test_utils=checks)
+
+
 _COMPILE_FOR_HOPPER = """
 import json
 from sparse_transformer.attention.triton import Tuning
@@ -650,12 +700,14 @@ def test_gpu_matches_reference(case):
 )
 def test_gpu_views_of_one_projection_match_reference(pattern, tuning, dk, dv, dtype):
     """The model's layout on the GPU: q, k, v views of one projection, the output and the gradients
-    laid out positions-major (``ops.heads_like``)."""
+    laid out positions-major (``ops.heads_like``); and the packed op the model calls."""
     q, k, v, do = _projection_views(2, 4096, 4, dk, dv, dtype, "cuda", seed=5)
     _check(pattern, q, k, v, do, tuning=tuning)
     out = triton_attention(q, k, v, pattern, tuning=tuning)
     grads = torch.autograd.grad(out, (q, k, v), do)
     assert all(t.transpose(1, 2).is_contiguous() for t in (out, *grads))
+    # the packed op (the model's path): bitwise what the views give
+    _packed_against_views(q._base, 4, dk, pattern, tuning, do.transpose(1, 2).reshape(2, 4096, 4 * dv))
 
 
 @pytest.mark.gpu

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from ..config import Backend, literal_values
 from ..patterns import NamedPattern, Pattern
-from .common import empty_attention, is_empty
+from .common import empty_attention, is_empty, merge_heads, split_heads
 
 if TYPE_CHECKING:
     from .triton.tiles import Tuning
@@ -169,4 +169,53 @@ def sparse_attention(
     return triton_attention(q, k, v, pattern, scale, tuning=tuning)
 
 
-__all__ = ["BACKENDS", "resolve_backend", "sparse_attention"]
+def sparse_attention_qkvpacked(
+    qkv: torch.Tensor,
+    n_heads: int,
+    pattern: Pattern,
+    qk_dim: int | None = None,
+    backend: str = "auto",
+    scale: float | None = None,
+    tuning: Tuning | None = None,
+) -> torch.Tensor:
+    """:func:`sparse_attention` of the heads of one packed q, k, v projection, heads merged (paper
+    §4: the heads of one W_qkv; the layout the model's projection writes).
+
+    Args:
+        qkv: ``[batch, n, 2·qk_dim + heads·dv]``: q's heads, then k's, then v's, each head's columns
+            together (q is ``qkv[..., :qk_dim]`` viewed as ``[batch, n, heads, qk_dim / heads]``).
+        n_heads: heads; qk_dim: the width of q (and k), default a third of the width (q, k and v
+            the same width); smaller for the paper's half-size query/key projections.
+        pattern, backend, scale, tuning: as :func:`sparse_attention`.
+
+    Returns: ``[batch, n, heads·dv]`` in ``qkv.dtype``. On ``triton`` the kernels read q, k, v in
+        place and the backward writes the gradient of ``qkv`` as one tensor (three gradients would
+        be concatenated by a copy); other backends run :func:`sparse_attention` on the heads.
+
+    Raises:
+        ValueError: ``qkv`` not 3-d, a width or ``qk_dim`` that does not split into ``n_heads``
+            heads, and every error of :func:`sparse_attention`.
+    """
+    if not isinstance(qkv, torch.Tensor) or qkv.dim() != 3:
+        raise ValueError(f"qkv must be a 3-d tensor [batch, n, width], got shape {tuple(getattr(qkv, 'shape', ()))}")
+    width = qkv.shape[-1]
+    if qk_dim is None:
+        qk_dim = width // 3
+        if width % 3:
+            raise ValueError(f"qkv's width {width} is not three equal parts; pass qk_dim (the width of q and k)")
+    dv = width - 2 * qk_dim
+    if not (isinstance(n_heads, int) and n_heads > 0) or qk_dim <= 0 or dv <= 0 or qk_dim % n_heads or dv % n_heads:
+        raise ValueError(
+            f"qkv of width {width} with q and k {qk_dim} wide does not split into {n_heads} heads: q, k and "
+            "v (the rest of the width) must each be a positive multiple of n_heads"
+        )
+    q, k, v = split_heads(qkv, n_heads, qk_dim)
+    _check_inputs(q, k, v, pattern, backend)
+    if resolve_backend(backend, pattern, qkv.device) == "triton":
+        from .triton import triton_attention_qkvpacked
+
+        return triton_attention_qkvpacked(qkv, n_heads, qk_dim, pattern, scale, tuning=tuning)
+    return merge_heads(sparse_attention(q, k, v, pattern, backend, scale, tuning))
+
+
+__all__ = ["BACKENDS", "resolve_backend", "sparse_attention", "sparse_attention_qkvpacked"]

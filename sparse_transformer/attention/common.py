@@ -22,7 +22,9 @@ __all__ = [
     "gather_summary",
     "is_empty",
     "merge_by_lse",
+    "merge_heads",
     "pad_to",
+    "split_heads",
     "to_runs",
 ]
 
@@ -41,6 +43,23 @@ def empty_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: 
     pattern.terms(0)
     tie = q.sum(-1, keepdim=True) + k.sum(-1, keepdim=True)  # [B, H, n, 1], empty
     return (v + tie).to(q.dtype)
+
+
+def split_heads(qkv: torch.Tensor, n_heads: int, qk_dim: int) -> list[torch.Tensor]:
+    """One packed projection ``[B, n, W]`` (its columns: q's heads, k's heads, v's heads) -> q, k
+    ``[B, H, n, qk_dim / H]`` and v ``[B, H, n, (W - 2·qk_dim) / H]``, views of it (paper §4: the
+    heads of one W_qkv projection)."""
+    B, n, W = qkv.shape
+    parts = qkv.split([qk_dim, qk_dim, W - 2 * qk_dim], dim=-1)
+    # head dims spelled out: a view with -1 is ambiguous for B = 0 or n = 0
+    return [t.view(B, n, n_heads, t.shape[-1] // n_heads).transpose(1, 2) for t in parts]
+
+
+def merge_heads(y: torch.Tensor) -> torch.Tensor:
+    """``[B, H, n, d]`` -> ``[B, n, H·d]``, the heads side by side (a view when ``y`` is laid out
+    positions-major, as the backends return the heads of :func:`split_heads`)."""
+    B, H, n, d = y.shape
+    return y.transpose(1, 2).reshape(B, n, H * d)
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:

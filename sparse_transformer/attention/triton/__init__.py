@@ -21,12 +21,12 @@ import torch
 from ...patterns import Pattern
 from ...runtime import DTYPES
 from .. import needs_cuda
-from ..common import empty_attention, is_empty
+from ..common import empty_attention, is_empty, merge_heads, split_heads
 from . import ops
 from .ops import attention_fwd, encode
 from .tiles import Tile, Tuning, tile_config
 
-__all__ = ["Tile", "Tuning", "tile_config", "triton_attention"]
+__all__ = ["Tile", "Tuning", "tile_config", "triton_attention", "triton_attention_qkvpacked"]
 
 
 def triton_attention(
@@ -60,6 +60,47 @@ def triton_attention(
         ValueError: another dtype, mismatched shapes, CPU tensors without the interpreter, a
             ``tuning`` that is not a :class:`Tuning`, or an unresolved Interleaved pattern.
     """
+    spec, scale = _checked(q, k, v, pattern, scale, tuning)
+    if is_empty(q):
+        return empty_attention(q, k, v, pattern)
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    out, _ = attention_fwd(q, k, v, spec, scale, tuning.encode() if tuning else [])
+    return out
+
+
+def triton_attention_qkvpacked(
+    qkv: torch.Tensor,
+    n_heads: int,
+    qk_dim: int,
+    pattern: Pattern,
+    scale: float | None = None,
+    tuning: Tuning | None = None,
+) -> torch.Tensor:
+    """:func:`triton_attention` of the heads of one packed projection, heads merged: the kernels
+    read q, k, v in place and the backward writes their gradients into one tensor of ``qkv``'s
+    shape (the gradient the projection's backward takes; three separate ones would be concatenated
+    by a copy).
+
+    Args:
+        qkv: ``[B, n, 2·qk_dim + H·dv]``, the columns q's heads, k's heads, v's heads
+            (``common.split_heads``); the other arguments as :func:`triton_attention`.
+
+    Returns: ``[B, n, H·dv]`` in ``qkv.dtype`` (contiguous); its gradient of ``qkv`` is contiguous.
+
+    Raises: as :func:`triton_attention`.
+    """
+    q, k, v = split_heads(qkv, n_heads, qk_dim)
+    spec, scale = _checked(q, k, v, pattern, scale, tuning)
+    if is_empty(q):
+        return merge_heads(empty_attention(q, k, v, pattern))
+    qkv = qkv if qkv.stride(-1) == 1 else qkv.contiguous()
+    out, _ = ops.attention_qkvpacked_fwd(qkv, n_heads, qk_dim, spec, scale, tuning.encode() if tuning else [])
+    return out
+
+
+def _checked(q, k, v, pattern, scale, tuning) -> tuple[list[int], float]:
+    """The kernels' pattern spec (``[]`` for inputs without a query) and softmax scale for these
+    inputs, or the ValueError of :func:`triton_attention`."""
     if q.dtype not in DTYPES.values():
         raise ValueError(f"triton attention takes float16, bfloat16 or float32 inputs, got {q.dtype}")
     if q.dim() != 4 or k.shape != q.shape or v.shape[:3] != q.shape[:3] or not (q.dtype == k.dtype == v.dtype):
@@ -71,15 +112,13 @@ def triton_attention(
         raise ValueError(
             f"tuning must be a sparse_transformer.attention.triton.Tuning or None, got {type(tuning).__name__}"
         )
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     if is_empty(q):
-        return empty_attention(q, k, v, pattern)
+        return [], scale  # no kernel runs (the callers' empty_attention checks the pattern)
     spec = encode(pattern, q.shape[1])  # raises for Interleaved: call .for_layer(layer) first
     if q.device.type != "cuda" and not ops.INTERPRET:
         raise ValueError(_not_interpreted(q.device.type))
-    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
-    out, _ = attention_fwd(q, k, v, spec, scale, tuning.encode() if tuning else [])
-    return out
+    return spec, scale
 
 
 def _not_interpreted(device_type: str) -> str:

@@ -552,7 +552,7 @@ def _dkdv_tiles(dk_acc, dv_acc, k, v, q_ptr, do_ptr, dq_ptr, sqn, son, sgn, LSE_
 
 @triton.jit
 def _dkdv_key_tile(Q, K, V, DO, DK, DV, DQ, LSE, DELTA, tile_id, b, h,
-                   sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son, sgb, sgh, sgn,
+                   sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son, sgb, sgh, sgn, sdb, sdh, sdn,
                    n, n_heads, tiles_per_class, qk_scale, sm_scale, dk, dv,
                    STEP: tl.constexpr, IS_SUMMARY: tl.constexpr, WINDOW: tl.constexpr, BLOCK: tl.constexpr,
                    OFFSET: tl.constexpr, SUM_C: tl.constexpr, SUM_L: tl.constexpr, SUM_LO: tl.constexpr,
@@ -616,7 +616,7 @@ def _dkdv_key_tile(Q, K, V, DO, DK, DV, DQ, LSE, DELTA, tile_id, b, h,
 
         dk_acc = dk_acc * sm_scale
         dk_ptrs = DK + b * sgb + h * sgh + kpos[:, None] * sgn + offs_dk[None, :]
-        dv_ptrs = DV + b * sob + h * soh + kpos[:, None] * son + offs_dv[None, :]
+        dv_ptrs = DV + b * sdb + h * sdh + kpos[:, None] * sdn + offs_dv[None, :]
         mk = k_ok[:, None] & (offs_dk[None, :] < dk)
         mv = k_ok[:, None] & (offs_dv[None, :] < dv)
         if ACCUMULATE:
@@ -629,7 +629,7 @@ def _dkdv_key_tile(Q, K, V, DO, DK, DV, DQ, LSE, DELTA, tile_id, b, h,
 @triton.jit
 def attn_bwd_dkdv(
     Q, K, V, DO, DK, DV, DQ, LSE, DELTA,
-    sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son, sgb, sgh, sgn,
+    sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son, sgb, sgh, sgn, sdb, sdh, sdn,
     n, n_heads, head0, head_step, heads_in_group, tiles_per_class, qk_scale, sm_scale, dk: tl.constexpr, dv: tl.constexpr,
     STEP: tl.constexpr, IS_SUMMARY: tl.constexpr, WINDOW: tl.constexpr, BLOCK: tl.constexpr,
     OFFSET: tl.constexpr, SUM_C: tl.constexpr, SUM_L: tl.constexpr, SUM_LO: tl.constexpr,
@@ -642,9 +642,10 @@ def attn_bwd_dkdv(
     of chunk ``2·pid + PARITY`` of a Band term (``CHUNK > 0``, the owned band below). The key tile is
     in the term's coordinates (virtual rows for a range term, compact summary index for a summary
     term); each key belongs to exactly one program of a launch, so ``ACCUMULATE`` (read-add-write
-    over an earlier term's launch) needs no atomics. DO and DV share O's strides ``so*``, DK and DQ
-    have strides ``sg*``. With ``OWNED``, DQ holds dQ as the earlier launches left it, each program
-    adding its keys' share; otherwise it is not touched.
+    over an earlier term's launch) needs no atomics. DO has O's strides ``so*``, DK and DQ strides
+    ``sg*``, DV strides ``sd*`` (O's, or the V part's of one packed q, k, v gradient). With
+    ``OWNED``, DQ holds dQ as the earlier launches left it, each program adding its keys' share;
+    otherwise it is not touched.
 
     ``SPLIT`` walks a key tile's query tiles as masked head, full middle and masked tail; as three
     loops, or with ``ONE_LOOP`` as one loop whose full tiles skip the mask by a uniform branch. The
@@ -665,14 +666,14 @@ def attn_bwd_dkdv(
         first = (2 * pid_tile + PARITY) * CHUNK
         for tile_id in range(first, first + CHUNK):
             _dkdv_key_tile(Q, K, V, DO, DK, DV, DQ, LSE, DELTA, tile_id, b, h,
-                           sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son, sgb, sgh, sgn,
+                           sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son, sgb, sgh, sgn, sdb, sdh, sdn,
                            n, n_heads, tiles_per_class, qk_scale, sm_scale, dk, dv,
                            STEP, IS_SUMMARY, WINDOW, BLOCK, OFFSET, SUM_C, SUM_L, SUM_LO, SUM_EARLIER,
                            ACCUMULATE, OWNED, SPLIT, ONE_LOOP, BLOCK_M, BLOCK_N, DK_PAD, DV_PAD, DOT_PREC)
             tl.debug_barrier()  # this key tile's dQ writes land before the next one reads them
     else:
         _dkdv_key_tile(Q, K, V, DO, DK, DV, DQ, LSE, DELTA, pid_tile, b, h,
-                       sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son, sgb, sgh, sgn,
+                       sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son, sgb, sgh, sgn, sdb, sdh, sdn,
                        n, n_heads, tiles_per_class, qk_scale, sm_scale, dk, dv,
                        STEP, IS_SUMMARY, WINDOW, BLOCK, OFFSET, SUM_C, SUM_L, SUM_LO, SUM_EARLIER,
                        ACCUMULATE, OWNED, SPLIT, ONE_LOOP, BLOCK_M, BLOCK_N, DK_PAD, DV_PAD, DOT_PREC)

@@ -36,6 +36,7 @@ import triton
 from triton.runtime.jit import JITFunction
 
 from ...patterns import Band, Block, Pattern, Stride, Summary, Term, ceil_div
+from ..common import split_heads
 from . import kernels
 from .tiles import OWNED_BAND_TILES, Tile, Tuning, owned_band, padded_dim, short_run_tiles, tile_config
 
@@ -479,19 +480,29 @@ def heads_like(q: torch.Tensor, width: int, dtype: torch.dtype | None = None, ze
     ``y.transpose(1, 2).reshape(B, n, H·d)`` is a view, and the gradients of q, k, v leave as a
     row-wise concatenation instead of a transposing copy (docs/benchmarks.md measures both)."""
     B, H, n, _ = q.shape
-    positions_major = q.stride(1) < q.stride(2)
+    positions_major = _positions_major(q)
     shape = (B, n, H, width) if positions_major else (B, H, n, width)
     t = (torch.zeros if zero else torch.empty)(shape, device=q.device, dtype=dtype or q.dtype)
     return t.transpose(1, 2) if positions_major else t
+
+
+def _positions_major(q: torch.Tensor) -> bool:
+    return q.stride(1) < q.stride(2)
+
+
+def _heads_like_strides(q: torch.Tensor, width: int) -> tuple[int, int, int, int]:
+    """The strides of ``heads_like(q, width)``."""
+    _, H, n, _ = q.shape
+    return (n * H * width, width, H * width, 1) if _positions_major(q) else (H * n * width, n * width, width, 1)
 
 
 def launch_args(launch: Launch, q, k, v, out, lse, qk_scale: float, scale: float, grads: tuple = ()) -> tuple:
     """The positional arguments of one launch of a plan (constexprs apart: ``launch.meta`` and
     :func:`call_constexprs`): the tensors, their strides over batch, heads and positions (the last
     dimension is contiguous), the shape, the launch's program arguments and the scales.
-    ``grads`` = ``(do, dq, dk, dv, delta)`` for the backward's launches: dO and dV share ``out``'s
-    strides, dK ``dq``'s. The launchers and ``bench tiles --sass`` (placeholder tensors) build
-    their calls here."""
+    ``grads`` = ``(do, dq, dk, dv, delta)`` for the backward's launches: dO shares ``out``'s
+    strides, dK ``dq``'s; dV has its own. The launchers and ``bench tiles --sass`` (placeholder
+    tensors) build their calls here."""
     B, H, n, dk = q.shape
     dv = v.shape[-1]
     strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3])
@@ -500,15 +511,16 @@ def launch_args(launch: Launch, q, k, v, out, lse, qk_scale: float, scale: float
     do, dq, dkk, dvv, delta = grads
     if launch.kernel == "attn_bwd_delta":
         return (out, do, delta, B * H * n, n, H, *out.stride()[:3], dv)
-    tail = (*strides, *dq.stride()[:3], n, H, *launch.args, qk_scale, scale, dk, dv)
+    tail = (n, H, *launch.args, qk_scale, scale, dk, dv)
     if launch.kernel == "attn_bwd_dq":
-        return (q, k, v, out, do, dq, lse, delta, *tail)
-    return (q, k, v, do, dkk, dvv, dq, lse, delta, *tail)
+        return (q, k, v, out, do, dq, lse, delta, *strides, *dq.stride()[:3], *tail)
+    return (q, k, v, do, dkk, dvv, dq, lse, delta, *strides, *dq.stride()[:3], *dvv.stride()[:3], *tail)
 
 
-def _forward(q, k, v, spec, scale, tuning):
+def _forward(q, k, v, spec, scale, tuning, out=None):
+    """``(out, lse)``; ``out``: a ``[B, H, n, dv]`` view to write (default :func:`heads_like`)."""
     B, H, n, dk = q.shape
-    out = heads_like(q, v.shape[-1])
+    out = heads_like(q, v.shape[-1]) if out is None else out
     lse = torch.empty(B, H, n, device=q.device, dtype=torch.float32)
     qk_scale = scale * math.log2(math.e)
     for launch in _forward_plan(tuple(spec), B, H, n, dk, v.shape[-1], q.dtype, tuning):
@@ -517,16 +529,25 @@ def _forward(q, k, v, spec, scale, tuning):
     return out, lse
 
 
-def _backward(do, q, k, v, out, lse, spec, scale, tuning):
+def _backward(do, q, k, v, out, lse, spec, scale, tuning, grads=None):
+    """``(dq, dk, dv)``; ``grads``: ``[B, H, n, d]`` views to write them into, dq and dk with equal
+    strides (default: new :func:`heads_like` tensors)."""
     B, H, n, dk = q.shape
     dv = v.shape[-1]
     plan = _backward_plan(tuple(spec), B, H, n, dk, dv, q.dtype, tuning)
-    dkk = heads_like(q, dk, k.dtype, zero=plan.zero_dkdv)
-    dvv = heads_like(q, dv, v.dtype, zero=plan.zero_dkdv)
-    dq = heads_like(q, dk, zero=plan.zero_dq)
-    # out, dO and dV share strides in the kernels: the forward made out so, and the model's dO
-    # arrives so (the gradient of a view of out's layout); anything else is copied once
-    out, do = (t if t.stride() == dvv.stride() else heads_like(q, dv, t.dtype).copy_(t) for t in (out, do))
+    if grads is None:
+        dkk = heads_like(q, dk, k.dtype, zero=plan.zero_dkdv)
+        dvv = heads_like(q, dv, v.dtype, zero=plan.zero_dkdv)
+        dq = heads_like(q, dk, zero=plan.zero_dq)
+    else:
+        dq, dkk, dvv = grads
+        for t, zero in ((dq, plan.zero_dq), (dkk, plan.zero_dkdv), (dvv, plan.zero_dkdv)):
+            if zero:
+                t.zero_()
+    # out and dO share strides in the kernels, those heads_like gives: the forward made out so, and
+    # the model's dO arrives so (the gradient of a view of out's layout); anything else is copied once
+    layout = _heads_like_strides(q, dv)
+    out, do = (t if t.stride() == layout else heads_like(q, dv, t.dtype).copy_(t) for t in (out, do))
     delta = torch.empty(B, H, n, device=q.device, dtype=torch.float32)
     qk_scale = scale * math.log2(math.e)
     grads = (do, dq, dkk, dvv, delta)
@@ -585,3 +606,61 @@ def _attention_backward(ctx, grad_out, grad_lse):
 
 torch.library.register_autograd("sparse_transformer::triton_attention_fwd", _attention_backward,
                                 setup_context=_setup_context)
+
+
+# One packed projection in, one packed gradient out: the model's [B, n, 2·H·dk + H·dv] q, k, v
+# projection is read in place, and the backward writes dQ, dK and dV into one tensor of its shape,
+# the gradient the projection's backward takes, instead of three that autograd concatenates.
+
+
+@torch.library.custom_op("sparse_transformer::triton_attention_qkvpacked_fwd", mutates_args=())
+def attention_qkvpacked_fwd(qkv: torch.Tensor, n_heads: int, qk_dim: int, spec: list[int], scale: float,
+                            tuning: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(out [B, n, H·dv], lse [B, H, n] fp32, log2 units)`` of the heads of ``qkv`` ``[B, n, W]``
+    (``common.split_heads``); ``tuning`` as in :func:`attention_fwd`."""
+    q, k, v = split_heads(qkv, n_heads, qk_dim)
+    B, H, n, dv = v.shape
+    out = qkv.new_empty(B, n, H * dv)
+    _, lse = _forward(q, k, v, spec, scale, Tuning.decode(tuning), out=out.view(B, n, H, dv).transpose(1, 2))
+    return out, lse
+
+
+@attention_qkvpacked_fwd.register_fake
+def _(qkv, n_heads, qk_dim, spec, scale, tuning):
+    B, n, W = qkv.shape
+    return qkv.new_empty(B, n, W - 2 * qk_dim), qkv.new_empty(B, n_heads, n, dtype=torch.float32)
+
+
+@torch.library.custom_op("sparse_transformer::triton_attention_qkvpacked_bwd", mutates_args=())
+def attention_qkvpacked_bwd(do: torch.Tensor, qkv: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, n_heads: int,
+                            qk_dim: int, spec: list[int], scale: float, tuning: list[int]) -> torch.Tensor:
+    """The gradient of ``qkv`` ``[B, n, W]`` (contiguous) from ``do`` ``[B, n, H·dv]``."""
+    q, k, v = split_heads(qkv, n_heads, qk_dim)
+    B, H, n, dv = v.shape
+    dqkv = torch.empty(qkv.shape, device=qkv.device, dtype=qkv.dtype)
+    heads = lambda t: t.reshape(B, n, H, dv).transpose(1, 2)  # dO arrives contiguous: a view
+    _backward(heads(do), q, k, v, heads(out), lse, spec, scale, Tuning.decode(tuning),
+              grads=split_heads(dqkv, n_heads, qk_dim))
+    return dqkv
+
+
+@attention_qkvpacked_bwd.register_fake
+def _(do, qkv, out, lse, n_heads, qk_dim, spec, scale, tuning):
+    return torch.empty(qkv.shape, device=qkv.device, dtype=qkv.dtype)
+
+
+def _setup_packed_context(ctx, inputs, output):
+    qkv, n_heads, qk_dim, spec, scale, tuning = inputs
+    out, lse = output
+    ctx.save_for_backward(qkv, out, lse)
+    ctx.args = (n_heads, qk_dim, spec, scale, tuning)
+    ctx.mark_non_differentiable(lse)
+
+
+def _packed_backward(ctx, grad_out, grad_lse):
+    qkv, out, lse = ctx.saved_tensors
+    return attention_qkvpacked_bwd(grad_out, qkv, out, lse, *ctx.args), None, None, None, None, None
+
+
+torch.library.register_autograd("sparse_transformer::triton_attention_qkvpacked_fwd", _packed_backward,
+                                setup_context=_setup_packed_context)
