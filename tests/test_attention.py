@@ -85,3 +85,43 @@ def test_bad_input_is_one_clear_value_error(call, message, monkeypatch):
     q, k, v, _ = random_qkv(1, 2, 8, 8, 8, torch.float32)
     with pytest.raises(ValueError, match=message):
         call(q, k, v)
+
+
+@pytest.mark.parametrize("backend", ["reference", "factorized"])
+@pytest.mark.parametrize("qk_dim", [None, 16])  # thirds; half-size q and k (paper §5.1)
+def test_qkvpacked_is_sparse_attention_on_the_projection_s_heads(backend, qk_dim):
+    """``sparse_attention_qkvpacked`` reads q's heads, then k's, then v's from one ``[B, n, W]``
+    projection and returns the heads side by side, ``[B, n, H·dv]``; gradients reach the projection."""
+    from sparse_transformer import sparse_attention_qkvpacked
+
+    B, n, H, dv = 2, 37, 2, 16
+    width = 2 * (qk_dim or H * dv) + H * dv
+    qkv = torch.randn(B, n, width, generator=torch.Generator().manual_seed(4), requires_grad=True)
+    pattern = P.fixed(8, 2)
+    out = sparse_attention_qkvpacked(qkv, H, pattern, qk_dim, backend=backend)
+    d = (qk_dim or H * dv) // H
+    q = qkv[..., : H * d].reshape(B, n, H, d).transpose(1, 2)
+    k = qkv[..., H * d : 2 * H * d].reshape(B, n, H, d).transpose(1, 2)
+    v = qkv[..., 2 * H * d :].reshape(B, n, H, dv).transpose(1, 2)
+    want = sparse_attention(q, k, v, pattern, backend=backend).transpose(1, 2).reshape(B, n, H * dv)
+    assert out.shape == (B, n, H * dv)
+    torch.testing.assert_close(out, want)
+    (grad,) = torch.autograd.grad(out.square().sum(), qkv)
+    (grad_want,) = torch.autograd.grad(want.square().sum(), qkv)
+    torch.testing.assert_close(grad, grad_want)
+
+
+@pytest.mark.parametrize(
+    "shape, n_heads, qk_dim, message",
+    [
+        ((2, 8, 4, 6), 2, None, "qkv must be a 3-d tensor"),
+        ((2, 8, 50), 2, None, "not three equal parts; pass qk_dim"),
+        ((2, 8, 48), 5, None, "does not split into 5 heads"),
+        ((2, 8, 48), 2, 24, "does not split into 2 heads"),  # nothing left for v
+    ],
+)
+def test_qkvpacked_bad_shapes_are_one_clear_error(shape, n_heads, qk_dim, message):
+    from sparse_transformer import sparse_attention_qkvpacked
+
+    with pytest.raises(ValueError, match=message):
+        sparse_attention_qkvpacked(torch.randn(shape), n_heads, P.strided(4), qk_dim)

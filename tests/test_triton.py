@@ -578,7 +578,7 @@ def test_packed_projection_equals_its_views(pattern, tuning):
     its own strides into the packed gradient) gives what the views of the same projection give,
     and that matches PyTorch's attention (the views' test above); half-size q and k."""
     B, n, H, dk, dv = 2, 40, 2, 8, 16
-    q, k, v, do = _projection_views(B, n, H, dk, dv, torch.float32, "cpu", seed=13)
+    q, _, _, do = _projection_views(B, n, H, dk, dv, torch.float32, "cpu", seed=13)
     qkv = q._base
     _packed_against_views(qkv, H, dk, pattern, tuning, do.transpose(1, 2).reshape(B, n, H * dv))
 
@@ -591,10 +591,14 @@ def test_packed_custom_ops_registration():
     out, lse = ops.attention_qkvpacked_fwd(qkv, 2, 32, spec, 0.25, [])
     do = torch.randn(out.shape, generator=g)
     checks = ("test_schema", "test_faketensor")
-    torch.library.opcheck(ops.attention_qkvpacked_fwd, (qkv.requires_grad_(), 2, 32, spec, 0.25, []),
-                          test_utils=(*checks, "test_autograd_registration"))
-    torch.library.opcheck(ops.attention_qkvpacked_bwd, (do, qkv.detach(), out, lse, 2, 32, spec, 0.25, []),
-                          test_utils=checks)
+    torch.library.opcheck(
+        ops.attention_qkvpacked_fwd,
+        (qkv.requires_grad_(), 2, 32, spec, 0.25, []),
+        test_utils=(*checks, "test_autograd_registration"),
+    )
+    torch.library.opcheck(
+        ops.attention_qkvpacked_bwd, (do, qkv.detach(), out, lse, 2, 32, spec, 0.25, []), test_utils=checks
+    )
 
 
 _COMPILE_FOR_HOPPER = """
