@@ -143,6 +143,26 @@ def test_bench_train_failure_names_the_innermost_cause():
     assert bench_train_mod._error_line(torch.OutOfMemoryError("CUDA out of memory. Tried")).startswith("out of memory")
 
 
+def test_bench_train_compiles_each_model_afresh(monkeypatch):
+    """Dynamo's caches are reset after every model: the blocks of all models share their code, and
+    a long list of cases and backends would otherwise reach dynamo's recompile limit and time the
+    later models eager without saying so."""
+    resets = []
+    monkeypatch.setattr(torch._dynamo, "reset", lambda: resets.append(1))
+    recs = bench_train(
+        Config(),
+        n=32,
+        batch=1,
+        steps=1,
+        warmup=0,
+        sparse_backend=["factorized", "reference"],
+        device="cpu",
+        overrides=overrides(SMALLEST_MODEL, {"model.d_model": 32}),
+        verbose=False,
+    )
+    assert len(recs) == 3 and len(resets) == 3  # two sparse backends and dense
+
+
 def test_bench_train_cli_case_without_dense(capsys):
     options = "--case audio1m --n 256 --steps 1 --warmup 0 --device cpu --set model.n_layer=1 --set model.stride=16"
     args = parse(bench_train_mod, options)

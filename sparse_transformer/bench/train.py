@@ -157,10 +157,14 @@ def _error_line(e: BaseException) -> str:
 
 
 def _run_model(cfg: Config, device, dtype, steps, warmup, dense) -> dict:
+    """One model's record; afterwards dynamo forgets its compiled blocks, so the next model compiles
+    afresh as its own ``train`` run would (the blocks of every model share their code: without the
+    reset, dynamo's recompile limit would leave the later models of a long list eager, silently)."""
     try:
         fields = _measure(cfg, device, dtype, steps, warmup, dense)
     except Exception as e:  # noqa: BLE001 - a failing model (OOM, unsupported) is a result
         fields = {"error": _error_line(e)}
+    torch._dynamo.reset()
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
