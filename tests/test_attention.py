@@ -118,6 +118,8 @@ def test_qkvpacked_is_sparse_attention_on_the_projection_s_heads(backend, qk_dim
         ((2, 8, 50), 2, None, "not three equal parts; pass qk_dim"),
         ((2, 8, 48), 5, None, "does not split into 5 heads"),
         ((2, 8, 48), 2, 24, "does not split into 2 heads"),  # nothing left for v
+        ((2, 8, 48), True, None, "n_heads=True must be an integer"),
+        ((2, 8, 48), 2, 16.0, "qk_dim=16.0 must be an integer"),
     ],
 )
 def test_qkvpacked_bad_shapes_are_one_clear_error(shape, n_heads, qk_dim, message):
@@ -125,3 +127,13 @@ def test_qkvpacked_bad_shapes_are_one_clear_error(shape, n_heads, qk_dim, messag
 
     with pytest.raises(ValueError, match=message):
         sparse_attention_qkvpacked(torch.randn(shape), n_heads, P.strided(4), qk_dim)
+
+
+def test_qkvpacked_takes_numpy_integer_counts():
+    import numpy as np
+
+    from sparse_transformer import sparse_attention_qkvpacked
+
+    qkv = torch.randn(1, 8, 48)
+    want = sparse_attention_qkvpacked(qkv, 2, P.strided(4))
+    torch.testing.assert_close(sparse_attention_qkvpacked(qkv, np.int64(2), P.strided(4), np.int64(16)), want)

@@ -141,6 +141,13 @@ def test_bench_train_failure_names_the_innermost_cause():
     except RuntimeError as e:
         assert bench_train_mod._error_line(e) == "ValueError: the cause"
     assert bench_train_mod._error_line(torch.OutOfMemoryError("CUDA out of memory. Tried")).startswith("out of memory")
+    try:  # an out-of-memory error raised from another keeps its label
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried") from KeyError("k")
+    except torch.OutOfMemoryError as e:
+        assert bench_train_mod._error_line(e) == "out of memory: CUDA out of memory. Tried"
+    a, b = RuntimeError("a"), ValueError("b")
+    a.__cause__, b.__cause__ = b, a  # a cycle ends the walk
+    assert bench_train_mod._error_line(a) == "ValueError: b"
 
 
 def test_bench_train_compiles_each_model_afresh(monkeypatch):

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from ..config import Backend, literal_values
 from ..patterns import NamedPattern, Pattern
-from .common import empty_attention, is_empty, merge_heads, split_heads
+from .common import check_packed, empty_attention, is_empty, merge_heads, split_heads
 
 if TYPE_CHECKING:
     from .triton.tiles import Tuning
@@ -193,22 +193,11 @@ def sparse_attention_qkvpacked(
         be concatenated by a copy); other backends run :func:`sparse_attention` on the heads.
 
     Raises:
-        ValueError: ``qkv`` not 3-d, a width or ``qk_dim`` that does not split into ``n_heads``
-            heads, and every error of :func:`sparse_attention`.
+        ValueError: ``qkv`` not 3-d, ``n_heads`` or ``qk_dim`` not an integer, widths that do not
+            split into ``n_heads`` heads (``common.check_packed``), and every error of
+            :func:`sparse_attention`.
     """
-    if not isinstance(qkv, torch.Tensor) or qkv.dim() != 3:
-        raise ValueError(f"qkv must be a 3-d tensor [batch, n, width], got shape {tuple(getattr(qkv, 'shape', ()))}")
-    width = qkv.shape[-1]
-    if qk_dim is None:
-        qk_dim = width // 3
-        if width % 3:
-            raise ValueError(f"qkv's width {width} is not three equal parts; pass qk_dim (the width of q and k)")
-    dv = width - 2 * qk_dim
-    if not (isinstance(n_heads, int) and n_heads > 0) or qk_dim <= 0 or dv <= 0 or qk_dim % n_heads or dv % n_heads:
-        raise ValueError(
-            f"qkv of width {width} with q and k {qk_dim} wide does not split into {n_heads} heads: q, k and "
-            "v (the rest of the width) must each be a positive multiple of n_heads"
-        )
+    n_heads, qk_dim = check_packed(qkv, n_heads, qk_dim)
     q, k, v = split_heads(qkv, n_heads, qk_dim)
     _check_inputs(q, k, v, pattern, backend)
     if resolve_backend(backend, pattern, qkv.device) == "triton":

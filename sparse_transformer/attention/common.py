@@ -12,10 +12,11 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from ..patterns import Pattern, Stride, Summary, Term
+from ..patterns import Pattern, Stride, Summary, Term, _check_int
 
 __all__ = [
     "by_head_group",
+    "check_packed",
     "compute_dtype",
     "empty_attention",
     "from_runs",
@@ -43,6 +44,29 @@ def empty_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: 
     pattern.terms(0)
     tie = q.sum(-1, keepdim=True) + k.sum(-1, keepdim=True)  # [B, H, n, 1], empty
     return (v + tie).to(q.dtype)
+
+
+def check_packed(qkv, n_heads, qk_dim) -> tuple[int, int]:
+    """``(n_heads, qk_dim)`` as ints for a packed projection ``qkv`` ``[B, n, W]`` (:func:`split_heads`;
+    ``qk_dim`` None: a third of ``W``). Raises ValueError for a ``qkv`` that is not a 3-d tensor, a
+    count that is not an integer (bool included), or widths that do not split into ``n_heads`` heads."""
+    if not isinstance(qkv, torch.Tensor) or qkv.dim() != 3:
+        raise ValueError(f"qkv must be a 3-d tensor [batch, n, width], got shape {tuple(getattr(qkv, 'shape', ()))}")
+    _check_int("n_heads", n_heads, 1)
+    width = qkv.shape[-1]
+    if qk_dim is None:
+        if width % 3:
+            raise ValueError(f"qkv's width {width} is not three equal parts; pass qk_dim (the width of q and k)")
+        qk_dim = width // 3
+    _check_int("qk_dim", qk_dim, 1)
+    n_heads, qk_dim = int(n_heads), int(qk_dim)
+    dv = width - 2 * qk_dim
+    if dv <= 0 or qk_dim % n_heads or dv % n_heads:
+        raise ValueError(
+            f"qkv of width {width} with q and k {qk_dim} wide does not split into {n_heads} heads: q, k and "
+            "v (the rest of the width) must each be a positive multiple of n_heads"
+        )
+    return n_heads, qk_dim
 
 
 def split_heads(qkv: torch.Tensor, n_heads: int, qk_dim: int) -> list[torch.Tensor]:

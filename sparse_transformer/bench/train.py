@@ -146,14 +146,18 @@ def _measure(cfg: Config, device: torch.device, dtype: torch.dtype, steps: int, 
 
 def _error_line(e: BaseException) -> str:
     """One line for a failed model: the innermost cause's type and first line of text (a compiler
-    error wraps the one that says what went wrong), or ``out of memory``."""
-    while (inner := e.__cause__ or getattr(e, "inner_exception", None)) is not None:
-        e = inner
-    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-    first = lines[0] if lines else ""
-    if isinstance(e, torch.OutOfMemoryError) or "out of memory" in first.lower():
-        return f"out of memory: {first}"[:300]
-    return f"{type(e).__name__}: {first}"[:300]
+    error wraps the one that says what went wrong), or ``out of memory`` when any exception of the
+    chain is one."""
+    chain = [e]
+    while (inner := chain[-1].__cause__ or getattr(chain[-1], "inner_exception", None)) is not None:
+        if any(inner is seen for seen in chain):
+            break
+        chain.append(inner)
+    first = lambda x: next((line.strip() for line in str(x).splitlines() if line.strip()), "")
+    oom = next((x for x in chain if isinstance(x, torch.OutOfMemoryError) or "out of memory" in first(x).lower()), None)
+    if oom is not None:
+        return f"out of memory: {first(oom)}"[:300]
+    return f"{type(chain[-1]).__name__}: {first(chain[-1])}"[:300]
 
 
 def _run_model(cfg: Config, device, dtype, steps, warmup, dense) -> dict:

@@ -21,7 +21,7 @@ import torch
 from ...patterns import Pattern
 from ...runtime import DTYPES
 from .. import needs_cuda
-from ..common import empty_attention, is_empty, merge_heads, split_heads
+from ..common import check_packed, empty_attention, is_empty, merge_heads, split_heads
 from . import ops
 from .ops import attention_fwd, encode
 from .tiles import Tile, Tuning, tile_config
@@ -87,8 +87,10 @@ def triton_attention_qkvpacked(
 
     Returns: ``[B, n, H·dv]`` in ``qkv.dtype`` (contiguous); its gradient of ``qkv`` is contiguous.
 
-    Raises: as :func:`triton_attention`.
+    Raises: as :func:`triton_attention`, and ValueError for a ``qkv``, ``n_heads`` or ``qk_dim``
+    that ``common.check_packed`` refuses.
     """
+    n_heads, qk_dim = check_packed(qkv, n_heads, qk_dim)
     q, k, v = split_heads(qkv, n_heads, qk_dim)
     spec, scale = _checked(q, k, v, pattern, scale, tuning)
     if is_empty(q):
