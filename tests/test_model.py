@@ -153,6 +153,18 @@ def test_compile_is_for_cuda_and_holds_the_checkpoint():
     assert [n for n, _ in model.named_parameters()] == names
 
 
+def test_compile_blocks_compiles_with_static_shapes(monkeypatch):
+    """``compile_blocks`` asks for static shapes: a dynamic-shape recompilation of the checkpointed
+    block failed in inductor on CUDA (the GPU test below trains at a second shape); CPU inductor
+    does not fail that way, so here the call itself is checked."""
+    calls = []
+    monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: calls.append(kwargs) or fn)
+    model = tiny(**{"model.checkpoint": True})
+    parallel.checkpoint_blocks(model)
+    parallel.compile_blocks(model, torch.device("cuda"))  # only wraps: nothing runs
+    assert calls == [{"dynamic": False}] * len(model.blocks)
+
+
 def test_a_compiled_checkpointed_block_is_one_graph_with_the_eager_gradients():
     """The composition ``compile_blocks`` makes of a checkpointed block (CPU, AOTAutograd without
     inductor): the checkpoint traces into the block's graph, whole, and the gradients are eager's."""
