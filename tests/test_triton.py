@@ -348,9 +348,7 @@ def test_plans_order_grids_and_walk_dkdv_as_measured():
     fwd, bwd = _plan(P.fixed(128, 32), 16384)
     assert [x.meta["ORDER"] for x in fwd] == [1]
     orders = {x.role: x.meta["ORDER"] for x in bwd.launches}
-    assert orders == {"dq_summary": 0, "dkdv_summary": 2}  # one merged dK/dV launch
-    _, two = _plan(P.fixed(128, 32), 16384, tuning=Tuning({"dkdv": (16, 32, 1, 1)}))
-    assert {x.role: x.meta["ORDER"] for x in two.launches} == {"dq_summary": 0, "dkdv": 0, "dkdv_summary": 2}
+    assert orders == {"dq_summary": 0, "dkdv": 0, "dkdv_summary": 2}
     fwd, bwd = _plan(P.strided(1024), 1 << 20, B=1)
     assert [x.meta["ORDER"] for x in fwd] == [0, 0]
     assert {x.role: x.meta["ORDER"] for x in bwd.launches} == {"dq": 0, "dq_stride": 0, "dkdv": 0, "dkdv_stride": 2}
@@ -456,57 +454,6 @@ def test_owned_band_equals_the_two_pass_backward(pattern, n, band_tile):
     for a, b in zip(grads, grads2, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     _check(pattern, q, k, v, do, tuning=owned)
-
-
-def test_fixed_pattern_s_dkdv_is_one_merged_launch():
-    """The fixed pattern's Block and Summary keys take one dK/dV launch (``MERGED``): the summary key
-    tiles first, then the natural key tiles of the Block term, nothing added onto an earlier launch.
-    Not merged: roles given different tiles, cells that do not end their blocks (a second vertex), a
-    pass without a Block term."""
-    _, bwd = _plan(P.fixed(128, 32), 16384)
-    (merged,) = [x for x in bwd.launches if x.kernel == "attn_bwd_dkdv"]
-    bn = merged.meta["BLOCK_N"]
-    assert merged.role == "dkdv_summary" and merged.meta["MERGED"] and not merged.meta["ACCUMULATE"]
-    assert merged.grid == (4096 // bn + 16384 // bn, 2 * 4) and merged.args == (0, 1, 4, 1)
-    assert [type(t).__name__ for t in merged.terms] == ["Block", "Summary"]
-    _, two = _plan(P.fixed(128, 32), 16384, tuning=Tuning({"dkdv": (16, 32, 1, 1)}))
-    assert [(x.role, x.meta["ACCUMULATE"], x.meta.get("MERGED")) for x in two.launches[1:]] == [
-        ("dkdv", False, None),
-        ("dkdv_summary", True, None),
-    ]
-    _, verts = _plan(P.fixed(128, 32, num_verts=2), 16384)  # heads 0, 2: cells 96-127; heads 1, 3: 64-95
-    assert [x.meta.get("MERGED") for x in verts.launches if x.kernel == "attn_bwd_dkdv"] == [True, None, None]
-    _, summary_only = _plan(P.fixed(128, 32, part="summary"), 16384)
-    assert not any(x.meta.get("MERGED") for x in summary_only.launches)
-
-
-@cpu_interpreter
-@pytest.mark.parametrize(
-    "pattern, n, tile",
-    [
-        (P.fixed(8, 2), 300, (32, 32, 1, 1)),  # 16 blocks' cells per summary key tile
-        (P.fixed(16, 12), 150, (16, 16, 1, 1)),  # a block's cells over two key tiles
-        (P.fixed(32, 24), 100, (32, 16, 1, 1)),  # query tiles wider than key tiles; Block tiles of cells only
-        (P.fixed(64, 8), 150, (16, 32, 1, 1)),  # Blocks of several key tiles; n ends inside a block's cells
-        (P.fixed(8, 2), 7, (32, 32, 1, 1)),  # no cell before n but 6, 7
-    ],
-    ids=["l8c2", "l16c12", "l32c24", "l64c8", "n7"],
-)
-def test_merged_dkdv_equals_two_launches(pattern, n, tile):
-    """The merged launch against the fp32 reference, and its gradients against a Block launch plus a
-    summary launch that adds onto it (forced by giving the roles different tiles)."""
-    q, k, v, do = random_qkv(1, 2, n, 32, 32, torch.float32, seed=n)
-    merged = Tuning({"dkdv": tile, "dkdv_summary": tile}, short_run_tiles=1)
-    out = triton_attention(q, k, v, pattern, tuning=merged)
-    with _launch_kwargs(ops.kernels.attn_bwd_dkdv) as seen:
-        grads = torch.autograd.grad(out, (q, k, v), do)
-    assert [kw.get("MERGED") for kw in seen] == [True]
-    two = Tuning({"dkdv": tile, "dkdv_summary": (*tile[:3], 2)}, short_run_tiles=1)
-    out2 = triton_attention(q, k, v, pattern, tuning=two)
-    grads2 = torch.autograd.grad(out2, (q, k, v), do)
-    for a, b in zip(grads, grads2, strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
-    _check(pattern, q, k, v, do, tuning=merged)
 
 
 def test_interleaved_pattern_must_be_resolved_per_layer():

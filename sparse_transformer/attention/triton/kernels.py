@@ -505,25 +505,18 @@ def _dkdv_tiles(dk_acc, dv_acc, k, v, q_ptr, do_ptr, dq_ptr, sqn, son, sgn, LSE_
                 STEP: tl.constexpr, IS_SUMMARY: tl.constexpr, WINDOW: tl.constexpr, BLOCK: tl.constexpr,
                 OFFSET: tl.constexpr, SUM_C: tl.constexpr, SUM_L: tl.constexpr, SUM_LO: tl.constexpr,
                 SUM_EARLIER: tl.constexpr, MASK: tl.constexpr, PARTIAL: tl.constexpr, BLOCK_M: tl.constexpr,
-                EVEN_DK: tl.constexpr, EVEN_DV: tl.constexpr, OWNED: tl.constexpr, DOT_PREC: tl.constexpr,
-                CELL_ROWS: tl.constexpr = False):
+                EVEN_DK: tl.constexpr, EVEN_DV: tl.constexpr, OWNED: tl.constexpr, DOT_PREC: tl.constexpr):
     """Accumulate dK, dV of one key tile over query tiles ``q_start, ... < q_stop``. Works on the
     transposed score tile [keys, queries] so dK and dV come out of plain dots. ``MASK``: row-masked
     loads and P masked to the term's pairs; with ``PARTIAL`` only for the query tiles outside
     ``[full_lo, full_hi)`` (the masked head and tail of ``_segments``, by a uniform branch), so one
     loop walks every query tile (``attn_bwd_dkdv``'s ``ONE_LOOP``). With ``OWNED`` (this program is
     the only one that touches those dQ rows) each query tile also receives this key tile's dQ share
-    dSᵀ·K into ``dq_ptr`` with a plain read-add-write. With ``CELL_ROWS`` the query rows are summary
-    cells in compact coordinates (``length``: the real cells) and the pairs are the Block term's,
-    read off sequence positions (``kidx``: the keys' positions): the merged launch's own-block walk
-    (``attn_bwd_dkdv``, ``MERGED``)."""
+    dSᵀ·K into ``dq_ptr`` with a plain read-add-write."""
     for m0 in range(q_start, q_stop, BLOCK_M):
         rows = m0 + tl.arange(0, BLOCK_M)
         row_ok = rows < length
-        if CELL_ROWS:
-            pos = _key_pos(rows, base, 1, True, SUM_C, SUM_L, SUM_LO)
-        else:
-            pos = base + rows * STEP
+        pos = base + rows * STEP
         q = _load_rows(q_ptr, pos, row_ok, offs_dk, dk, sqn, MASK, EVEN_DK)
         do = _load_rows(do_ptr, pos, row_ok, offs_dv, dv, son, MASK, EVEN_DV)
         if MASK:
@@ -535,9 +528,7 @@ def _dkdv_tiles(dk_acc, dv_acc, k, v, q_ptr, do_ptr, dq_ptr, sqn, son, sgn, LSE_
         lse = tl.where(lse == float("-inf"), float("inf"), lse)
         st = tl.dot(k, tl.trans(q), input_precision=DOT_PREC) * qk_scale
         pt = tl.math.exp2(st - lse[None, :])
-        if CELL_ROWS:  # Block pairs by position: the same block, key at or before the query
-            pt = _dkdv_mask(pt, pos, kidx, False, 0, BLOCK, 0, 1, 1, 0, False)
-        elif MASK:
+        if MASK:
             if PARTIAL:
                 if (m0 < full_lo) | (m0 >= full_hi):
                     pt = _dkdv_mask(pt, rows, kidx, IS_SUMMARY, WINDOW, BLOCK, OFFSET, SUM_C, SUM_L, SUM_LO,
@@ -568,11 +559,8 @@ def _dkdv_key_tile(Q, K, V, DO, DK, DV, DQ, LSE, DELTA, tile_id, b, h,
                    SUM_EARLIER: tl.constexpr, ACCUMULATE: tl.constexpr, OWNED: tl.constexpr, SPLIT: tl.constexpr,
                    ONE_LOOP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DK_PAD: tl.constexpr,
                    DV_PAD: tl.constexpr,
-                   DOT_PREC: tl.constexpr, MERGED: tl.constexpr = False):
-    """dK, dV (and with ``OWNED`` its dQ shares) of key tile ``tile_id`` of one term, for head (b, h).
-    ``MERGED`` (``attn_bwd_dkdv``'s merged launch): a summary key tile also takes its keys' Block
-    pairs (one more short walk, over the cells of its own blocks); a Block key tile leaves the
-    summary cells' rows to those programs."""
+                   DOT_PREC: tl.constexpr):
+    """dK, dV (and with ``OWNED`` its dQ shares) of key tile ``tile_id`` of one term, for head (b, h)."""
     if IS_SUMMARY:
         base = tile_id * 0
         length = n + base
@@ -625,19 +613,6 @@ def _dkdv_key_tile(Q, K, V, DO, DK, DV, DQ, LSE, DELTA, tile_id, b, h,
                                          kidx, f_hi, end, f_hi, f_hi, length, base, qk_scale, sm_scale, offs_dk,
                                          offs_dv, dk, dv, STEP, IS_SUMMARY, WINDOW, BLOCK, OFFSET, SUM_C, SUM_L,
                                          SUM_LO, SUM_EARLIER, True, False, BLOCK_M, EVEN_DK, EVEN_DV, OWNED, DOT_PREC)
-        if MERGED:
-            if IS_SUMMARY:
-                # the Block pairs of these cells: their queries are the cells from each key to its
-                # block's end (the cells end their blocks), in compact coordinates
-                c_stop = tl.minimum((n_last // SUM_C + 1) * SUM_C, key_len)
-                dk_acc, dv_acc = _dkdv_tiles(dk_acc, dv_acc, k, v, q_ptr, do_ptr, dq_ptr, sqn, son, sgn, lse_row,
-                                             delta_row, kpos, (n0 // BLOCK_M) * BLOCK_M, c_stop, c_stop, c_stop,
-                                             key_len, base, qk_scale, sm_scale, offs_dk, offs_dv, dk, dv, 1, False,
-                                             0, BLOCK, 0, SUM_C, SUM_L, SUM_LO, SUM_EARLIER, True, False, BLOCK_M,
-                                             EVEN_DK, EVEN_DV, False, DOT_PREC, True)
-            else:  # the cells' rows belong to the summary key tiles
-                r = kpos % SUM_L
-                k_ok = k_ok & ((r < SUM_LO) | (r >= SUM_LO + SUM_C))
 
         dk_acc = dk_acc * sm_scale
         dk_ptrs = DK + b * sgb + h * sgh + kpos[:, None] * sgn + offs_dk[None, :]
@@ -661,7 +636,7 @@ def attn_bwd_dkdv(
     SUM_EARLIER: tl.constexpr, ACCUMULATE: tl.constexpr, OWNED: tl.constexpr, SPLIT: tl.constexpr,
     CHUNK: tl.constexpr, PARITY: tl.constexpr, ONE_LOOP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DK_PAD: tl.constexpr, DV_PAD: tl.constexpr,
-    DOT_PREC: tl.constexpr, ORDER: tl.constexpr, MERGED: tl.constexpr = False,
+    DOT_PREC: tl.constexpr, ORDER: tl.constexpr,
 ):
     """dK, dV of one key tile of one term (``CHUNK == 0``), or of the ``CHUNK`` consecutive key tiles
     of chunk ``2·pid + PARITY`` of a Band term (``CHUNK > 0``, the owned band below). The key tile is
@@ -684,34 +659,10 @@ def attn_bwd_dkdv(
     two behind. So the even chunks run as one launch and the odd ones as the next, and each program
     adds its dQ shares with plain read-add-writes: within a launch no other program touches those
     rows, and within the program a barrier after each key tile orders its writes before the next
-    key tile reads the same rows.
-
-    Merged (``MERGED``, the fixed pattern's pass of a Block term and a Summary term whose cells end
-    their blocks and come from earlier blocks only): one launch for both terms' keys instead of a
-    Block launch and a summary launch that adds onto it. Its first programs are the summary key
-    tiles (``IS_SUMMARY`` is set), which also walk the Block pairs of their keys: a cell's Block
-    queries are the cells after it in its block, so that walk is as short as a key tile. The
-    programs after them are the Block term's natural key tiles (``SPLIT``, ``ONE_LOOP``: the Block
-    walk's), which store no cell's row. So each key's dK, dV is written once, the short Block
-    programs run in the long summary programs' tail (the grid runs longest first), and no launch
-    reads back another's dK and dV."""
+    key tile reads the same rows."""
     pid_tile, pid_bh = _program_ids(ORDER)
     b, h = _program_head(pid_bh, head0, head_step, heads_in_group)
-    if MERGED:
-        summary_tiles = ((n // SUM_L) * SUM_C + tl.minimum(tl.maximum(n % SUM_L - SUM_LO, 0), SUM_C) + BLOCK_N - 1) // BLOCK_N
-        if pid_tile < summary_tiles:
-            _dkdv_key_tile(Q, K, V, DO, DK, DV, DQ, LSE, DELTA, pid_tile, b, h,
-                           sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son, sgb, sgh, sgn, sdb, sdh, sdn,
-                           n, n_heads, tiles_per_class, qk_scale, sm_scale, dk, dv,
-                           1, True, 0, BLOCK, 0, SUM_C, SUM_L, SUM_LO, SUM_EARLIER,
-                           ACCUMULATE, False, True, True, BLOCK_M, BLOCK_N, DK_PAD, DV_PAD, DOT_PREC, True)
-        else:
-            _dkdv_key_tile(Q, K, V, DO, DK, DV, DQ, LSE, DELTA, pid_tile - summary_tiles, b, h,
-                           sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son, sgb, sgh, sgn, sdb, sdh, sdn,
-                           n, n_heads, tiles_per_class, qk_scale, sm_scale, dk, dv,
-                           1, False, 0, BLOCK, 0, SUM_C, SUM_L, SUM_LO, SUM_EARLIER,
-                           ACCUMULATE, False, SPLIT, ONE_LOOP, BLOCK_M, BLOCK_N, DK_PAD, DV_PAD, DOT_PREC, True)
-    elif CHUNK > 0:
+    if CHUNK > 0:
         first = (2 * pid_tile + PARITY) * CHUNK
         for tile_id in range(first, first + CHUNK):
             _dkdv_key_tile(Q, K, V, DO, DK, DV, DQ, LSE, DELTA, tile_id, b, h,

@@ -320,18 +320,6 @@ def _one_loop(p: _Pass, summary_keys: bool) -> bool:
     return summary_keys or not isinstance(p.range_term, Stride)
 
 
-def _merged(p: _Pass, block_tile: Tile, summary_tile: Tile) -> bool:
-    """Whether the dK/dV of pass ``p`` runs as one merged launch (``kernels.attn_bwd_dkdv``,
-    ``MERGED``) instead of a Block launch and a summary launch that adds onto it: the pass holds a
-    Block term and a Summary term of the same size whose cells end each block and serve later blocks
-    only (the fixed pattern, paper §4.3: a cell's Block queries are then cells too), and both roles
-    have the same tile (a :class:`~.tiles.Tuning` that gives them different tiles gets two launches).
-    H200, bf16, d 64: docs/benchmarks.md ("One dK/dV launch for the fixed pattern")."""
-    s, r = p.summary, p.range_term
-    return (isinstance(r, Block) and s is not None and s.size == r.size and s.hi == s.size
-            and s.earlier_blocks_only and block_tile == summary_tile)
-
-
 def _owned_tile(p: _Pass, n: int, max_class: int) -> int:
     """The key tile that holds a whole residue class of transposed pass ``p``, or 0 when its classes
     are longer than ``max_class`` (the ``dkdv_owned`` tile's BLOCK_N; then the pass runs as a dQ pass
@@ -434,17 +422,6 @@ def _backward_plan(spec, B, H, n, dk, dv, dtype, tuning):
     for gi, g in enumerate(groups):
         first = not zero_dkdv
         for pi, p in enumerate(g.passes):
-            if _merged(p, tile("dkdv"), tile("dkdv_summary")):
-                t = tile("dkdv_summary")
-                split = _split(p, n, t.block_n, t.block_m, short_run)  # the Block programs' walk
-                grid = (ceil_div(p.summary.count_below(n), t.block_n) + ceil_div(n, t.block_n), B * g.count)
-                meta = _meta(t, IS_SUMMARY=True, ACCUMULATE=not first, OWNED=False, SPLIT=split,
-                             ONE_LOOP=split and _one_loop(p, False), CHUNK=0, PARITY=0,
-                             ORDER=_grid_order(p, "attn_bwd_dkdv", True), MERGED=True, **common, **_pass_args(p))
-                launches.append(Launch("attn_bwd_dkdv", "dkdv_summary", grid, (g.head0, g.head_step, g.count, 1),
-                                       meta, p.terms))
-                first = False
-                continue
             for is_summary in [False] * p.has_range + [True] * (p.sum_c > 0):
                 own = owned[gi, pi] if not is_summary else 0
                 per_program = chunk[gi, pi] if not is_summary else 0
