@@ -636,7 +636,7 @@ def attn_bwd_dkdv(
     SUM_EARLIER: tl.constexpr, ACCUMULATE: tl.constexpr, OWNED: tl.constexpr, SPLIT: tl.constexpr,
     CHUNK: tl.constexpr, PARITY: tl.constexpr, ONE_LOOP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DK_PAD: tl.constexpr, DV_PAD: tl.constexpr,
-    DOT_PREC: tl.constexpr, ORDER: tl.constexpr,
+    DOT_PREC: tl.constexpr, ORDER: tl.constexpr, CHUNK_STEP: tl.constexpr = 2,
 ):
     """dK, dV of one key tile of one term (``CHUNK == 0``), or of the ``CHUNK`` consecutive key tiles
     of chunk ``2·pid + PARITY`` of a Band term (``CHUNK > 0``, the owned band below). The key tile is
@@ -663,7 +663,7 @@ def attn_bwd_dkdv(
     pid_tile, pid_bh = _program_ids(ORDER)
     b, h = _program_head(pid_bh, head0, head_step, heads_in_group)
     if CHUNK > 0:
-        first = (2 * pid_tile + PARITY) * CHUNK
+        first = (CHUNK_STEP * pid_tile + PARITY) * CHUNK
         for tile_id in range(first, first + CHUNK):
             _dkdv_key_tile(Q, K, V, DO, DK, DV, DQ, LSE, DELTA, tile_id, b, h,
                            sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son, sgb, sgh, sgn, sdb, sdh, sdn,

@@ -38,7 +38,7 @@ from triton.runtime.jit import JITFunction
 from ...patterns import Band, Block, Pattern, Stride, Summary, Term, ceil_div
 from ..common import split_heads
 from . import kernels
-from .tiles import OWNED_BAND_TILES, Tile, Tuning, owned_band, padded_dim, short_run_tiles, tile_config
+from .tiles import OWNED_BAND_TILES, OWNED_STEP_KEYS, Tile, Tuning, owned_band, padded_dim, short_run_tiles, tile_config
 
 _BAND, _BLOCK, _STRIDE, _SUMMARY = 0, 1, 2, 3
 # Whether the kernels run on Triton's CPU interpreter: TRITON_INTERPRET=1 was set when kernels.py was
@@ -443,6 +443,14 @@ def _backward_plan(spec, B, H, n, dk, dv, dtype, tuning):
                                                    (g.head0, g.head_step, g.count, 1),
                                                    _meta(t, bn, CHUNK=per_program, PARITY=parity, ORDER=0, **flags),
                                                    term))
+                elif own and own > OWNED_STEP_KEYS:
+                    # a whole residue class per program, its key tiles one after another
+                    bn = OWNED_STEP_KEYS
+                    per_class = own // bn
+                    launches.append(Launch("attn_bwd_dkdv", role, (p.step, B * g.count),
+                                           (g.head0, g.head_step, g.count, per_class),
+                                           _meta(t, bn, CHUNK=per_class, PARITY=0, CHUNK_STEP=1, ORDER=0,
+                                                 **{**flags, "SPLIT": False, "ONE_LOOP": False}), term))
                 else:
                     if is_summary:
                         keys = p.summary.count_below(n)  # every real compact key

@@ -188,6 +188,8 @@ SHORT_RUN_TILES = 8
 # l=1024 1M 46.5/47.4 -> 49.6/49.6 (window of 16 tiles). Other tiles than (64, 64, 4, 3): slower.
 OWNED_BAND_TILES = 4
 
+OWNED_STEP_KEYS = 128
+
 
 def _frozen_tiles(tiles: Mapping[str, Tile | tuple[int, int, int, int]]) -> Mapping[str, Tile]:
     out = {}
