@@ -539,7 +539,14 @@ def _dkdv_tiles(dk_acc, dv_acc, k, v, q_ptr, do_ptr, dq_ptr, sqn, son, sgn, LSE_
         dpt = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
         dst = (pt * (dpt - delta[None, :])).to(q.dtype)
         dk_acc = tl.dot(dst, q, dk_acc, input_precision=DOT_PREC)
-        if OWNED:
+        if OWNED == 2:
+            # the fifth matmul transposed: dQᵀ = Kᵀ·dSᵀ, [head dim, queries]
+            dqt = tl.dot(tl.trans(k), dst, input_precision=DOT_PREC) * sm_scale
+            dqt_ptrs = dq_ptr + pos[None, :] * sgn + offs_dk[:, None]
+            dqt_mask = row_ok[None, :] & (offs_dk[:, None] < dk)
+            dqt += tl.load(dqt_ptrs, mask=dqt_mask, other=0.0).to(tl.float32)
+            tl.store(dqt_ptrs, dqt.to(dq_ptr.dtype.element_ty), mask=dqt_mask)
+        elif OWNED:
             # the fifth matmul: dQ[rows] += scale·dS·K; each query tile is visited once per launch,
             # by this program alone
             dq = tl.dot(tl.trans(dst), k, input_precision=DOT_PREC) * sm_scale

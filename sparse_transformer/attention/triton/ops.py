@@ -212,6 +212,7 @@ def decode(spec: list[int]) -> list[_Group]:
 # ---------------------------------------------------------------------------------------------
 
 _DELTA_ROWS = 64  # rows per program of the delta kernel
+OWNED_DQ_LAYOUT = 1
 
 
 @dataclass(frozen=True)
@@ -450,7 +451,8 @@ def _backward_plan(spec, B, H, n, dk, dv, dtype, tuning):
                     launches.append(Launch("attn_bwd_dkdv", role, (p.step, B * g.count),
                                            (g.head0, g.head_step, g.count, per_class),
                                            _meta(t, bn, CHUNK=per_class, PARITY=0, CHUNK_STEP=1, ORDER=0,
-                                                 **{**flags, "SPLIT": False, "ONE_LOOP": False}), term))
+                                                 **{**flags, "SPLIT": False, "ONE_LOOP": False,
+                                                    "OWNED": OWNED_DQ_LAYOUT}), term))
                 else:
                     if is_summary:
                         keys = p.summary.count_below(n)  # every real compact key
