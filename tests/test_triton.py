@@ -282,6 +282,9 @@ def test_tuning_overrides_its_roles_only_and_round_trips():
         assert Tuning.decode(Tuning(owned_band=choice).encode()) == Tuning(owned_band=choice)
         assert tiles.owned_band(Tuning(owned_band=choice)) is choice
     assert tiles.owned_band(None) is None and tiles.owned_band(tuning) is None
+    stepped = Tuning({"fwd": (64, 64, 4, 3)}, owned_band=False, owned_step_keys=32)
+    assert Tuning.decode(stepped.encode()) == stepped and tiles.owned_step_keys(stepped) == 32
+    assert tiles.owned_step_keys(None) == tiles.owned_step_keys(tuning) == tiles.OWNED_STEP_KEYS
 
 
 @pytest.mark.parametrize(
@@ -295,6 +298,9 @@ def test_tuning_overrides_its_roles_only_and_round_trips():
         (lambda: Tuning({"fwd": (64, 64, 4, 3, 300)}), "max_registers"),
         (lambda: Tuning(short_run_tiles=-1), "short_run_tiles"),
         (lambda: Tuning(owned_band=1), "owned_band"),
+        (lambda: Tuning(owned_step_keys=48), "owned_step_keys"),
+        (lambda: Tuning(owned_step_keys=8), "owned_step_keys"),
+        (lambda: Tuning(owned_step_keys=True), "owned_step_keys"),
     ],
 )
 def test_bad_tuning_is_one_clear_value_error(make, message):
@@ -334,7 +340,12 @@ def test_plans_give_every_launch_its_role_and_tile():
     for x in (*fwd, *bwd.launches, *forced.launches[1:]):
         t = tile_config(x.role, 64, torch.bfloat16)
         assert (x.meta["BLOCK_M"], x.meta["num_warps"], x.meta["num_stages"]) == (t.block_m, t.num_warps, t.num_stages)
-    assert bwd.launches[-1].meta["OWNED"] and bwd.launches[-1].meta["BLOCK_N"] == 128
+    # classes of 128 keys: one program per class walks them as two key tiles of 64
+    owned = bwd.launches[-1]
+    assert owned.meta["OWNED"] and (owned.meta["BLOCK_N"], owned.meta["CHUNK"], owned.meta["CHUNK_STEP"]) == (64, 2, 1)
+    assert owned.grid == (128, 2 * 4) and owned.args == (0, 1, 4, 2)
+    _, one_tile = _plan(P.strided(128), 16384, tuning=Tuning(owned_step_keys=128))
+    assert (one_tile.launches[-1].meta["BLOCK_N"], one_tile.launches[-1].meta["CHUNK"]) == (128, 0)
     assert fwd[0].grid == (16384 // 64, 2 * 4)
     _, long_window = _plan(P.strided(1024), 1 << 20, B=1)  # a window of 16 key tiles: two-pass
     assert "dkdv_band" not in [x.role for x in long_window.launches]
@@ -448,12 +459,38 @@ def test_owned_band_equals_the_two_pass_backward(pattern, n, band_tile):
     out = triton_attention(q, k, v, pattern, tuning=owned)
     with _launch_kwargs(ops.kernels.attn_bwd_dkdv) as seen:
         grads = torch.autograd.grad(out, (q, k, v), do)
-    assert sorted(kw["PARITY"] for kw in seen if kw["CHUNK"]) == [0, 1]
+    assert sorted(kw["PARITY"] for kw in seen if kw["CHUNK"] and kw["CHUNK_STEP"] == 2) == [0, 1]
     out2 = triton_attention(q, k, v, pattern, tuning=Tuning(owned_band=False))
     grads2 = torch.autograd.grad(out2, (q, k, v), do)
     for a, b in zip(grads, grads2, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     _check(pattern, q, k, v, do, tuning=owned)
+
+
+@cpu_interpreter
+@pytest.mark.parametrize(
+    "pattern, n, dk",
+    [
+        (P.strided(8), 200, 32),  # classes of 25: two key tiles of 16, the second partial
+        (P.strided(8), 203, 40),  # classes of 26 and 25; head dim padded to 64: the transposed dQ product
+        (P.strided(6, "stride"), 150, 40),  # every pass owned: delta launch, dQ from zeros
+    ],
+    ids=["l8", "l8-uneven-d40", "stride-only-d40"],
+)
+def test_owned_classes_in_key_steps_equal_one_key_tile(pattern, n, dk):
+    """An owned class walked in key tiles of 16 by its one program (``Tuning.owned_step_keys``)
+    against the same class in one key tile of 32, and against the fp32 reference."""
+    q, k, v, do = random_qkv(1, 2, n, dk, 32, torch.float32, seed=n)
+    grads = []
+    for step, chunks in ((16, 2), (32, 0)):
+        tuning = Tuning(owned_step_keys=step)
+        out = triton_attention(q, k, v, pattern, tuning=tuning)
+        with _launch_kwargs(ops.kernels.attn_bwd_dkdv) as seen:
+            grads.append(torch.autograd.grad(out, (q, k, v), do))
+        assert [(kw["BLOCK_N"], kw["CHUNK"]) for kw in seen if kw["OWNED"]] == [(step, chunks)]
+        _check(pattern, q, k, v, do, tuning=tuning)
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
 def test_interleaved_pattern_must_be_resolved_per_layer():

@@ -354,7 +354,8 @@ def launch_work(launch, n: int, head_dim: int, itemsize: int, batch_heads: int) 
     if kind == "attn_bwd_delta":
         return 0, 2 * t + stat
     i = np.arange(n, dtype=np.int64)
-    if meta.get("CHUNK"):  # an owned band launch: the even or odd chunks of keys, each read by min(w, n - j) queries
+    if meta.get("CHUNK") and meta["CHUNK_STEP"] == 2:  # an owned band launch: the even or odd chunks of keys,
+        # each read by min(w, n - j) queries (CHUNK_STEP 1, whole residue classes: every key, below)
         chunk = meta["CHUNK"] * meta["BLOCK_N"]
         (band,) = launch.terms
         held = (i // chunk) % 2 == meta["PARITY"]

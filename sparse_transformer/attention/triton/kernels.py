@@ -9,12 +9,13 @@ Every pass of the attention is one launch of one of three kernels over a *virtua
 The backward is atomic-free and bitwise reproducible: ``attn_bwd_dq`` passes, then
 ``attn_bwd_dkdv`` launches. dQ needs S = QKᵀ and dP = dO·Vᵀ again, so a term's backward does 7 tile
 matmuls per pair, except where one more schedule is exact without atomics (``OWNED``): a transposed
-pass whose residue classes are no longer than one key tile. Then one ``attn_bwd_dkdv`` program holds
-every key of its class, so it is the only program that ever adds to the dQ rows of that class for
-this term: it forms dS·K and adds it with a plain read-add-write, and the term needs no dQ pass (5
-matmuls per pair instead of 7, one walk over q, dO, lse and delta instead of two). Strided at
-n <= l·128 (e.g. l = 128 at n = 16K) runs its stride term this way; a head group whose every pass is
-owned gets delta from ``attn_bwd_delta``. A Band term can run owned too (``CHUNK > 0``): each program
+pass whose residue classes are short (at most the ``dkdv_owned`` tile's ``BLOCK_N``). Then one
+``attn_bwd_dkdv`` program holds every key of its class (in one key tile, or in key tiles of
+``tiles.OWNED_STEP_KEYS`` walked one after another), so it is the only program that ever adds to the
+dQ rows of that class for this term: it forms dS·K and adds it with a plain read-add-write, and the
+term needs no dQ pass (5 matmuls per pair instead of 7, one walk over q, dO, lse and delta instead
+of two). Strided at n <= l·128 (e.g. l = 128 at n = 16K) runs its stride term this way; a head
+group whose every pass is owned gets delta from ``attn_bwd_delta``. A Band term can run owned too (``CHUNK > 0``): each program
 takes a chunk of at least a window of keys, key tile after key tile, and two launches (even chunks,
 then odd) keep any two programs of a launch off each other's dQ rows. Its dQ read-add-write per
 (key tile, query tile) pair moves as many bytes as the dQ pass's loads it saves, so it pays only for
@@ -539,22 +540,32 @@ def _dkdv_tiles(dk_acc, dv_acc, k, v, q_ptr, do_ptr, dq_ptr, sqn, son, sgn, LSE_
         dpt = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
         dst = (pt * (dpt - delta[None, :])).to(q.dtype)
         dk_acc = tl.dot(dst, q, dk_acc, input_precision=DOT_PREC)
-        if OWNED == 2:
-            # the fifth matmul transposed: dQᵀ = Kᵀ·dSᵀ, [head dim, queries]
-            dqt = tl.dot(tl.trans(k), dst, input_precision=DOT_PREC) * sm_scale
-            dqt_ptrs = dq_ptr + pos[None, :] * sgn + offs_dk[:, None]
-            dqt_mask = row_ok[None, :] & (offs_dk[:, None] < dk)
-            dqt += tl.load(dqt_ptrs, mask=dqt_mask, other=0.0).to(tl.float32)
-            tl.store(dqt_ptrs, dqt.to(dq_ptr.dtype.element_ty), mask=dqt_mask)
-        elif OWNED:
+        if OWNED:
             # the fifth matmul: dQ[rows] += scale·dS·K; each query tile is visited once per launch,
             # by this program alone
-            dq = tl.dot(tl.trans(dst), k, input_precision=DOT_PREC) * sm_scale
-            dq_ptrs = dq_ptr + pos[:, None] * sgn + offs_dk[None, :]
-            dq_mask = row_ok[:, None] & (offs_dk[None, :] < dk)
-            dq += tl.load(dq_ptrs, mask=dq_mask, other=0.0).to(tl.float32)
-            tl.store(dq_ptrs, dq.to(dq_ptr.dtype.element_ty), mask=dq_mask)
+            _owned_dq(dq_ptr, pos, row_ok, offs_dk, dk, sgn, dst, k, sm_scale, BLOCK_M, DOT_PREC)
     return dk_acc, dv_acc
+
+
+@triton.jit
+def _owned_dq(dq_ptr, pos, row_ok, offs_dk, dk, sgn, dst, k, sm_scale, BLOCK_M: tl.constexpr, DOT_PREC: tl.constexpr):
+    """dQ[pos] += sm_scale·dS·K by a plain read-add-write (``dst``: dSᵀ [keys, BLOCK_M]). Hopper's
+    wgmma needs 64 rows on the product's M side: a query tile of fewer rows forms dQᵀ = Kᵀ·dSᵀ
+    instead, the head dim as M (H200, strided l=128 16K owned launch 0.537/0.541 -> 0.514/0.513 ms,
+    docs/benchmarks.md)."""
+    DK_PAD: tl.constexpr = offs_dk.shape[0]
+    if BLOCK_M < 64 and DK_PAD >= 64:
+        dqt = tl.dot(tl.trans(k), dst, input_precision=DOT_PREC) * sm_scale
+        dqt_ptrs = dq_ptr + pos[None, :] * sgn + offs_dk[:, None]
+        dqt_mask = row_ok[None, :] & (offs_dk[:, None] < dk)
+        dqt += tl.load(dqt_ptrs, mask=dqt_mask, other=0.0).to(tl.float32)
+        tl.store(dqt_ptrs, dqt.to(dq_ptr.dtype.element_ty), mask=dqt_mask)
+    else:
+        dq = tl.dot(tl.trans(dst), k, input_precision=DOT_PREC) * sm_scale
+        dq_ptrs = dq_ptr + pos[:, None] * sgn + offs_dk[None, :]
+        dq_mask = row_ok[:, None] & (offs_dk[None, :] < dk)
+        dq += tl.load(dq_ptrs, mask=dq_mask, other=0.0).to(tl.float32)
+        tl.store(dq_ptrs, dq.to(dq_ptr.dtype.element_ty), mask=dq_mask)
 
 
 @triton.jit
@@ -643,10 +654,12 @@ def attn_bwd_dkdv(
     SUM_EARLIER: tl.constexpr, ACCUMULATE: tl.constexpr, OWNED: tl.constexpr, SPLIT: tl.constexpr,
     CHUNK: tl.constexpr, PARITY: tl.constexpr, ONE_LOOP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DK_PAD: tl.constexpr, DV_PAD: tl.constexpr,
-    DOT_PREC: tl.constexpr, ORDER: tl.constexpr, CHUNK_STEP: tl.constexpr = 2,
+    DOT_PREC: tl.constexpr, ORDER: tl.constexpr, CHUNK_STEP: tl.constexpr,
 ):
     """dK, dV of one key tile of one term (``CHUNK == 0``), or of the ``CHUNK`` consecutive key tiles
-    of chunk ``2·pid + PARITY`` of a Band term (``CHUNK > 0``, the owned band below). The key tile is
+    of chunk ``CHUNK_STEP·pid + PARITY`` (``CHUNK > 0``): a Band term's even or odd chunk
+    (``CHUNK_STEP == 2``, the owned band below) or one whole residue class of an owned transposed
+    pass (``CHUNK_STEP == 1``, ``CHUNK`` = its tiles per class). The key tile is
     in the term's coordinates (virtual rows for a range term, compact summary index for a summary
     term); each key belongs to exactly one program of a launch, so ``ACCUMULATE`` (read-add-write
     over an earlier term's launch) needs no atomics. DO has O's strides ``so*``, DK and DQ strides
@@ -666,7 +679,8 @@ def attn_bwd_dkdv(
     two behind. So the even chunks run as one launch and the odd ones as the next, and each program
     adds its dQ shares with plain read-add-writes: within a launch no other program touches those
     rows, and within the program a barrier after each key tile orders its writes before the next
-    key tile reads the same rows."""
+    key tile reads the same rows. An owned class longer than one key tile is walked the same way by
+    its one program (``tiles.OWNED_STEP_KEYS``): no other program reads its keys' queries."""
     pid_tile, pid_bh = _program_ids(ORDER)
     b, h = _program_head(pid_bh, head0, head_step, heads_in_group)
     if CHUNK > 0:

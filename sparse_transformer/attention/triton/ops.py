@@ -38,7 +38,16 @@ from triton.runtime.jit import JITFunction
 from ...patterns import Band, Block, Pattern, Stride, Summary, Term, ceil_div
 from ..common import split_heads
 from . import kernels
-from .tiles import OWNED_BAND_TILES, OWNED_STEP_KEYS, Tile, Tuning, owned_band, padded_dim, short_run_tiles, tile_config
+from .tiles import (
+    OWNED_BAND_TILES,
+    Tile,
+    Tuning,
+    owned_band,
+    owned_step_keys,
+    padded_dim,
+    short_run_tiles,
+    tile_config,
+)
 
 _BAND, _BLOCK, _STRIDE, _SUMMARY = 0, 1, 2, 3
 # Whether the kernels run on Triton's CPU interpreter: TRITON_INTERPRET=1 was set when kernels.py was
@@ -212,7 +221,6 @@ def decode(spec: list[int]) -> list[_Group]:
 # ---------------------------------------------------------------------------------------------
 
 _DELTA_ROWS = 64  # rows per program of the delta kernel
-OWNED_DQ_LAYOUT = 1
 
 
 @dataclass(frozen=True)
@@ -384,6 +392,7 @@ def _backward_plan(spec, B, H, n, dk, dv, dtype, tuning):
     tile = lambda role: tile_config(role, d_pad, dtype, interpreter=INTERPRET, tuning=tuning)
     short_run = short_run_tiles(tuning)
     max_class = tile("dkdv_owned").block_n
+    step_keys = owned_step_keys(tuning)
     band = tile("dkdv_band")
     owned, chunk = {}, {}  # per (group, pass): the owned stride tile, the owned band's key tiles per program
     for gi, g in enumerate(groups):
@@ -442,17 +451,16 @@ def _backward_plan(spec, B, H, n, dk, dv, dtype, tuning):
                         if programs:
                             launches.append(Launch("attn_bwd_dkdv", role, (programs, B * g.count),
                                                    (g.head0, g.head_step, g.count, 1),
-                                                   _meta(t, bn, CHUNK=per_program, PARITY=parity, ORDER=0, **flags),
+                                                   _meta(t, bn, CHUNK=per_program, PARITY=parity, CHUNK_STEP=2, ORDER=0,
+                                                         **flags),
                                                    term))
-                elif own and own > OWNED_STEP_KEYS:
-                    # a whole residue class per program, its key tiles one after another
-                    bn = OWNED_STEP_KEYS
-                    per_class = own // bn
+                elif own > step_keys:
+                    # a whole residue class per program, walked in key tiles of step_keys one after another
+                    per_class = own // step_keys
                     launches.append(Launch("attn_bwd_dkdv", role, (p.step, B * g.count),
                                            (g.head0, g.head_step, g.count, per_class),
-                                           _meta(t, bn, CHUNK=per_class, PARITY=0, CHUNK_STEP=1, ORDER=0,
-                                                 **{**flags, "SPLIT": False, "ONE_LOOP": False,
-                                                    "OWNED": OWNED_DQ_LAYOUT}), term))
+                                           _meta(t, step_keys, CHUNK=per_class, PARITY=0, CHUNK_STEP=1, ORDER=0,
+                                                 **{**flags, "SPLIT": False, "ONE_LOOP": False}), term))
                 else:
                     if is_summary:
                         keys = p.summary.count_below(n)  # every real compact key
@@ -463,7 +471,8 @@ def _backward_plan(spec, B, H, n, dk, dv, dtype, tuning):
                         grid, per_class = _query_grid(p, n, bn, B * g.count)
                     order = 0 if own else _grid_order(p, "attn_bwd_dkdv", is_summary)
                     launches.append(Launch("attn_bwd_dkdv", role, grid, (g.head0, g.head_step, g.count, per_class),
-                                           _meta(t, bn, CHUNK=0, PARITY=0, ORDER=order, **flags), term))
+                                           _meta(t, bn, CHUNK=0, PARITY=0, CHUNK_STEP=1, ORDER=order, **flags),
+                                           term))
                 first = False
     return BackwardPlan(tuple(launches), zero_dkdv, no_dq_pass)
 

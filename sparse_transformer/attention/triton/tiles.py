@@ -13,9 +13,10 @@ Roles (``ROLES``), one per kind of launch (ops.py's plan names the role of each 
 * ``fwd_summary``, ``dq_summary``: a natural-order pass that holds a Summary term (with or without a
   Block); ``dkdv_summary``: the launch over the summary keys;
 * ``fwd_stride``, ``dq_stride``, ``dkdv_stride``: a transposed pass (a Stride term on its residue runs);
-* ``dkdv_owned``: a transposed pass whose residue classes fit one key tile, whose dK/dV launch adds
-  dQ too (kernels.py, "owned"). Its ``BLOCK_N`` is the longest class it takes; the launch's key tile
-  is the class length rounded up to a power of two.
+* ``dkdv_owned``: a transposed pass whose residue classes are short enough for one program each,
+  whose dK/dV launch adds dQ too (kernels.py, "owned"). Its ``BLOCK_N`` is the longest class it
+  takes; the launch's key tile is the class length rounded up to a power of two, or, for classes
+  longer than ``OWNED_STEP_KEYS``, that many keys, walked one key tile after another.
 * ``dkdv_band``: a Band term's owned backward (kernels.py, "owned band"): dQ, dK and dV in two
   launches (even, then odd chunks of at least a window of keys) instead of a dQ pass and a dK/dV
   launch.
@@ -70,12 +71,14 @@ __all__ = [
     "FP32_TILES",
     "INTERPRETER_TILE",
     "OWNED_BAND_TILES",
+    "OWNED_STEP_KEYS",
     "ROLES",
     "SHORT_RUN_TILES",
     "TILES",
     "Tile",
     "Tuning",
     "owned_band",
+    "owned_step_keys",
     "padded_dim",
     "short_run_tiles",
     "tile_config",
@@ -152,7 +155,7 @@ TILES: Mapping[str, Mapping[int, Tile]] = MappingProxyType(
         "dkdv_stride": _by_dim((32, 64, 4, 3, 168), _D128_DKDV),
         "dkdv_summary": _by_dim((32, 64, 4, 3, 168), _D128_DKDV),
         # the dQ tile [BLOCK_M, d] fp32 joins the dK/dV accumulators: d 128 takes classes up to 64 keys
-        "dkdv_owned": _by_dim((32, 128, 4, 3), (32, 64, 8, 2)),
+        "dkdv_owned": _by_dim((32, 128, 4, 2, 168), (32, 64, 8, 2)),
         "dkdv_band": _by_dim((64, 64, 4, 3), _D128_DKDV),
     }
 )
@@ -188,7 +191,13 @@ SHORT_RUN_TILES = 8
 # l=1024 1M 46.5/47.4 -> 49.6/49.6 (window of 16 tiles). Other tiles than (64, 64, 4, 3): slower.
 OWNED_BAND_TILES = 4
 
-OWNED_STEP_KEYS = 128
+# An owned transposed pass (``dkdv_owned``) whose classes are longer than this many keys walks each
+# class in key tiles of this many, one after another in its program (kernels.py, "owned"), instead
+# of holding the whole class in one key tile: two 64-key dK/dV accumulators instead of one of 128,
+# which spilled at 255 registers. H200, bf16, d 64, strided l=128 16K (classes of 128), owned launch
+# 0.585/0.588 ms (one 128-key tile, 3 stages) -> 0.536/0.538 (two of 64, 2 stages, 168 registers),
+# 0.514/0.513 with the transposed dQ product (kernels._owned_dq); fwd+bwd 1.680 -> 1.613 ms.
+OWNED_STEP_KEYS = 64
 
 
 def _frozen_tiles(tiles: Mapping[str, Tile | tuple[int, int, int, int]]) -> Mapping[str, Tile]:
@@ -212,6 +221,8 @@ class Tuning:
         owned_band: ``True``: every bounded Band term's backward runs owned (``dkdv_band``: dQ, dK,
             dV in two launches); ``False``: none does (a dQ pass plus a dK/dV launch); ``None``: where
             ``OWNED_BAND_TILES`` says it is faster.
+        owned_step_keys: an owned transposed pass walks a class longer than this many keys in key
+            tiles of this many (a power of two >= 16), else ``OWNED_STEP_KEYS``.
 
     Passed as ``sparse_attention(..., backend="triton", tuning=Tuning(...))``; it reaches the
     custom op as ints (:meth:`encode`), so the backward of that call uses it too.
@@ -220,6 +231,7 @@ class Tuning:
     tiles: Mapping[str, Tile] = field(default_factory=lambda: MappingProxyType({}))
     short_run_tiles: int | None = None
     owned_band: bool | None = None
+    owned_step_keys: int | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "tiles", _frozen_tiles(self.tiles))
@@ -228,16 +240,20 @@ class Tuning:
             raise ValueError(f"Tuning.short_run_tiles must be a non-negative integer or None, got {s!r}")
         if self.owned_band is not None and not isinstance(self.owned_band, bool):
             raise ValueError(f"Tuning.owned_band must be True, False or None, got {self.owned_band!r}")
+        k = self.owned_step_keys
+        if k is not None and not (isinstance(k, int) and not isinstance(k, bool) and k >= 16 and k & (k - 1) == 0):
+            raise ValueError(f"Tuning.owned_step_keys must be a power of two >= 16 or None, got {k!r}")
 
     def __hash__(self):
         return hash(tuple(self.encode()))
 
     def encode(self) -> list[int]:
-        """As ints for the custom op: ``[short_run_tiles or -1, owned_band (-1: None, 0, 1), (role
-        index, *tile.as_tuple()) per role]``."""
+        """As ints for the custom op: ``[short_run_tiles or -1, owned_band (-1: None, 0, 1),
+        owned_step_keys or -1, (role index, *tile.as_tuple()) per role]``."""
         ints = [
             -1 if self.short_run_tiles is None else self.short_run_tiles,
             -1 if self.owned_band is None else int(self.owned_band),
+            -1 if self.owned_step_keys is None else self.owned_step_keys,
         ]
         for i, role in enumerate(ROLES):  # in ROLES order: equal tunings encode (and hash) alike
             if role in self.tiles:
@@ -249,8 +265,13 @@ class Tuning:
         """The inverse of :meth:`encode` (``None`` for an empty list: no override)."""
         if not ints:
             return None
-        tiles = {ROLES[ints[i]]: Tile(*ints[i + 1 : i + 6]) for i in range(2, len(ints), 6)}
-        return Tuning(tiles, None if ints[0] < 0 else ints[0], None if ints[1] < 0 else bool(ints[1]))
+        tiles = {ROLES[ints[i]]: Tile(*ints[i + 1 : i + 6]) for i in range(3, len(ints), 6)}
+        return Tuning(
+            tiles,
+            None if ints[0] < 0 else ints[0],
+            None if ints[1] < 0 else bool(ints[1]),
+            None if ints[2] < 0 else ints[2],
+        )
 
 
 def padded_dim(d: int) -> int:
@@ -282,6 +303,11 @@ def tile_config(
 def short_run_tiles(tuning: Tuning | None = None) -> int:
     """The one-masked-loop threshold: ``tuning``'s when it sets one, else ``SHORT_RUN_TILES``."""
     return SHORT_RUN_TILES if tuning is None or tuning.short_run_tiles is None else tuning.short_run_tiles
+
+
+def owned_step_keys(tuning: Tuning | None = None) -> int:
+    """The owned launch's key tile for long classes: ``tuning``'s when it sets one, else ``OWNED_STEP_KEYS``."""
+    return OWNED_STEP_KEYS if tuning is None or tuning.owned_step_keys is None else tuning.owned_step_keys
 
 
 def owned_band(tuning: Tuning | None = None) -> bool | None:
