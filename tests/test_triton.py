@@ -308,15 +308,28 @@ def test_bad_tuning_is_one_clear_value_error(make, message):
         make()
 
 
+@pytest.fixture(params=["interpreter", "compiled"])
+def interpreted_plans(request, monkeypatch):
+    """Launch plans with the interpreter's tile, then with the compiled tables, wherever the tests
+    run (a plan is a pure function of its arguments and the tables: no kernel runs). True for the
+    interpreter's."""
+    monkeypatch.setattr(ops, "INTERPRET", request.param == "interpreter")
+    ops._forward_plan.cache_clear()
+    ops._backward_plan.cache_clear()
+    yield ops.INTERPRET
+    ops._forward_plan.cache_clear()
+    ops._backward_plan.cache_clear()
+
+
 def _plan(pattern, n, dtype=torch.bfloat16, d=64, tuning=None, B=2, H=4):
     spec = ops.encode(pattern, H)
     return ops.forward_plan(spec, B, H, n, d, d, dtype, tuning), ops.backward_plan(spec, B, H, n, d, d, dtype, tuning)
 
 
-def test_plans_give_every_launch_its_role_and_tile():
-    """Strided at n = 16K, l = 128 (compiled tiles unless the interpreter is on): a band pass and a
+def test_plans_give_every_launch_its_role_and_tile(interpreted_plans):
+    """Strided at n = 16K, l = 128 (the compiled tiles and the interpreter's): a band pass and a
     transposed stride pass forward; backward, the band's dQ pass, its dK/dV launch and the owned
-    stride launch (classes of 128 keys fit one key tile). Forced owned band: a delta launch, the
+    stride launch (classes of 128 keys, one program each). Forced owned band: a delta launch, the
     owned band's two launches (even and odd chunks of 128 keys) and the owned stride launch. At 64K,
     l = 256 the stride term has a dQ pass, so the band (4 key tiles) runs owned by default."""
     fwd, bwd = _plan(P.strided(128), 16384)
@@ -330,7 +343,7 @@ def test_plans_give_every_launch_its_role_and_tile():
     _, long_classes = _plan(P.strided(256), 65536)
     for other in (_plan(P.strided(256), 65536, dtype=torch.float32)[1], _plan(P.strided(256), 65536, d=128)[1]):
         assert "dkdv_band" not in [x.role for x in other.launches]  # measured for 16-bit inputs, d <= 64 only
-    if ops.INTERPRET:  # the interpreter's tile holds classes of at most 32 keys
+    if interpreted_plans:  # the interpreter's tile holds classes of at most 32 keys
         assert [x.role for x in bwd.launches] == ["dq_stride", "dkdv_band", "dkdv_band", "dkdv_stride"]
         assert [x.role for x in forced.launches] == ["dq_stride", "dkdv_band", "dkdv_band", "dkdv_stride"]
         return
@@ -351,7 +364,7 @@ def test_plans_give_every_launch_its_role_and_tile():
     assert "dkdv_band" not in [x.role for x in long_window.launches]
 
 
-def test_plans_order_grids_and_walk_dkdv_as_measured():
+def test_plans_order_grids_and_walk_dkdv_as_measured(interpreted_plans):
     """Where a program's work varies with its tile, the plan walks the grid tile-major with the
     longest programs first (forward of a summary pass: last tile first; dK/dV of summary and stride
     keys: first tile first); equal-work launches and every dQ pass keep the head-major order. A split
@@ -366,25 +379,26 @@ def test_plans_order_grids_and_walk_dkdv_as_measured():
     dkdv = {x.role: x.meta for x in bwd.launches if x.kernel == "attn_bwd_dkdv"}
     assert dkdv["dkdv"]["SPLIT"] and dkdv["dkdv_stride"]["SPLIT"]
     assert dkdv["dkdv"]["ONE_LOOP"] and not dkdv["dkdv_stride"]["ONE_LOOP"]
-    assert "maxnreg" not in dkdv["dkdv_stride"]
-    assert (
-        dkdv["dkdv"].get("maxnreg") == tile_config("dkdv", 64, torch.bfloat16, interpreter=ops.INTERPRET).max_registers
-    )
+    for role in ("dkdv", "dkdv_stride"):
+        cap = tile_config(role, 64, torch.bfloat16, interpreter=interpreted_plans).max_registers
+        assert dkdv[role].get("maxnreg") == cap and (cap is None) == interpreted_plans
     _, capped = _plan(P.strided(1024), 1 << 20, B=1, tuning=Tuning({"dkdv": (32, 32, 2, 1, 96)}))
     assert [x.meta.get("maxnreg") for x in capped.launches if x.role == "dkdv"] == [96]
     _, fp32 = _plan(P.strided(1024), 1 << 20, B=1, dtype=torch.float32)
     assert all("maxnreg" not in x.meta for x in fp32.launches)
 
 
-def test_tuning_changes_the_plan_of_that_call_only():
+def test_tuning_changes_the_plan_of_that_call_only(interpreted_plans):
     tuning = Tuning({"fwd": (16, 16, 1, 1), "dkdv_owned": (32, 16, 1, 1)}, short_run_tiles=0)
     fwd, bwd = _plan(P.strided(64), 4096, tuning=tuning)
     assert (fwd[0].meta["BLOCK_M"], fwd[0].meta["BLOCK_N"], fwd[0].meta["num_warps"]) == (16, 16, 1)
     assert fwd[0].meta["SPLIT"]  # short_run_tiles=0: every range walk splits
     assert "dkdv_owned" not in [x.role for x in bwd.launches]  # classes of 64 no longer fit 16 keys
     fwd_default, bwd_default = _plan(P.strided(64), 4096)
-    assert fwd_default[0].meta["BLOCK_M"] == tile_config("fwd", 64, torch.bfloat16, interpreter=ops.INTERPRET).block_m
-    if not ops.INTERPRET:
+    assert (
+        fwd_default[0].meta["BLOCK_M"] == tile_config("fwd", 64, torch.bfloat16, interpreter=interpreted_plans).block_m
+    )
+    if not interpreted_plans:
         assert "dkdv_owned" in [x.role for x in bwd_default.launches]
 
 
