@@ -498,21 +498,16 @@ def heads_like(q: torch.Tensor, width: int, dtype: torch.dtype | None = None, ze
     The output, dO and the gradients then share their producer's and consumer's layout: the model's
     ``y.transpose(1, 2).reshape(B, n, H·d)`` is a view, and the gradients of q, k, v leave as a
     row-wise concatenation instead of a transposing copy (docs/benchmarks.md measures both)."""
-    B, H, n, _ = q.shape
-    positions_major = _positions_major(q)
-    shape = (B, n, H, width) if positions_major else (B, H, n, width)
-    t = (torch.zeros if zero else torch.empty)(shape, device=q.device, dtype=dtype or q.dtype)
-    return t.transpose(1, 2) if positions_major else t
-
-
-def _positions_major(q: torch.Tensor) -> bool:
-    return q.stride(1) < q.stride(2)
+    t = torch.empty_strided(q.shape[:3] + (width,), _heads_like_strides(q, width), device=q.device,
+                            dtype=dtype or q.dtype)
+    return t.zero_() if zero else t
 
 
 def _heads_like_strides(q: torch.Tensor, width: int) -> tuple[int, int, int, int]:
-    """The strides of ``heads_like(q, width)``."""
+    """The strides of ``heads_like(q, width)``: positions-major when ``q``'s heads are closer in
+    memory than its positions, else heads-major (contiguous)."""
     _, H, n, _ = q.shape
-    return (n * H * width, width, H * width, 1) if _positions_major(q) else (H * n * width, n * width, width, 1)
+    return (n * H * width, width, H * width, 1) if q.stride(1) < q.stride(2) else (H * n * width, n * width, width, 1)
 
 
 def launch_args(launch: Launch, q, k, v, out, lse, qk_scale: float, scale: float, grads: tuple = ()) -> tuple:
