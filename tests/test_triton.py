@@ -284,6 +284,9 @@ def test_tuning_overrides_its_roles_only_and_round_trips():
     assert tiles.owned_band(None) is None and tiles.owned_band(tuning) is None
     stepped = Tuning({"fwd": (64, 64, 4, 3)}, owned_band=False, owned_step_keys=32)
     assert Tuning.decode(stepped.encode()) == stepped and tiles.owned_step_keys(stepped) == 32
+    for old_format in ([-1, -1], [8, -1, 0, 64, 64, 4, 3, 0]):  # two header ints, before owned_step_keys
+        with pytest.raises(ValueError, match="no Tuning.encode"):
+            Tuning.decode(old_format)
     assert tiles.owned_step_keys(None) == tiles.owned_step_keys(tuning) == tiles.OWNED_STEP_KEYS
 
 
@@ -488,20 +491,23 @@ def test_owned_band_equals_the_two_pass_backward(pattern, n, band_tile):
         (P.strided(8), 200, 32),  # classes of 25: two key tiles of 16, the second partial
         (P.strided(8), 203, 40),  # classes of 26 and 25; head dim padded to 64: the transposed dQ product
         (P.strided(6, "stride"), 150, 40),  # every pass owned: delta launch, dQ from zeros
+        (P.strided(8), 397, 40),  # classes of 50: four key tiles of 16 against one of 64
     ],
-    ids=["l8", "l8-uneven-d40", "stride-only-d40"],
+    ids=["l8", "l8-uneven-d40", "stride-only-d40", "l8-four-steps"],
 )
 def test_owned_classes_in_key_steps_equal_one_key_tile(pattern, n, dk):
     """An owned class walked in key tiles of 16 by its one program (``Tuning.owned_step_keys``)
-    against the same class in one key tile of 32, and against the fp32 reference."""
+    against the same class in one key tile, and against the fp32 reference."""
     q, k, v, do = random_qkv(1, 2, n, dk, 32, torch.float32, seed=n)
     grads = []
-    for step, chunks in ((16, 2), (32, 0)):
-        tuning = Tuning(owned_step_keys=step)
+    own = max(16, 1 << (-(-n // pattern.stride) - 1).bit_length())  # the class length as a power of two
+    wide = {"dkdv_owned": (32, 64, 1, 1)}  # classes up to 64 keys owned
+    for step, chunks in ((16, own // 16), (64, 0)):
+        tuning = Tuning(wide, owned_step_keys=step)
         out = triton_attention(q, k, v, pattern, tuning=tuning)
         with _launch_kwargs(ops.kernels.attn_bwd_dkdv) as seen:
             grads.append(torch.autograd.grad(out, (q, k, v), do))
-        assert [(kw["BLOCK_N"], kw["CHUNK"]) for kw in seen if kw["OWNED"]] == [(step, chunks)]
+        assert [(kw["BLOCK_N"], kw["CHUNK"]) for kw in seen if kw["OWNED"]] == [(min(step, own), chunks)]
         _check(pattern, q, k, v, do, tuning=tuning)
     for a, b in zip(*grads, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
@@ -621,8 +627,9 @@ def _packed_against_views(qkv, H, dk, pattern, tuning, dout):
         (P.strided(8), Tuning(owned_band=True)),
         (P.fixed(8, 2, num_verts=2), None),
         (P.fixed(8, 2, part="summary"), None),  # dK/dV start from zeros: the packed gradient's slices
+        (P.strided(2), Tuning(owned_step_keys=16)),  # classes of 20: two key tiles of 16 per program
     ],
-    ids=["strided", "strided-owned-band", "fixed-2verts", "fixed-summary"],
+    ids=["strided", "strided-owned-band", "fixed-2verts", "fixed-summary", "strided-owned-steps"],
 )
 def test_packed_projection_equals_its_views(pattern, tuning):
     """``sparse_attention_qkvpacked`` on the triton backend (the packed custom op: dV written with
@@ -719,6 +726,7 @@ GPU_CASES = [  # (pattern, n, B, H, dk, dv, dtype, l)
     ("multihead-fixed", 4096, 1, 4, 128, 128, torch.bfloat16, 256),
     ("fixed-summary", 1000, 1, 2, 64, 32, torch.bfloat16, 64),  # half-size q/k, empty rows
     ("multihead-strided", 1000, 1, 4, 80, 80, torch.float16, 128),  # padded head dim
+    ("strided", 16384, 1, 2, 40, 40, torch.bfloat16, 128),  # owned classes in key steps, padded: dQᵀ's masked store
 ]
 
 
@@ -777,12 +785,17 @@ def test_gpu_band_backward_matches_reference(l, owned_band):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize(
-    "pattern, tuning",
-    [(P.strided(128), None), (P.strided(128), Tuning(owned_band=True)), (P.fixed(128, 32), None)],
-    ids=["strided", "strided-owned-band", "fixed"],
+    "pattern, tuning, n",
+    [
+        (P.strided(128), None, 4096),
+        (P.strided(128), Tuning(owned_band=True), 4096),
+        (P.fixed(128, 32), None, 4096),
+        (P.strided(128), None, 16384),  # owned classes of 128 keys, walked in two key tiles by one program
+    ],
+    ids=["strided", "strided-owned-band", "fixed", "strided-owned-steps"],
 )
-def test_gpu_deterministic_grads_are_bitwise_identical(pattern, tuning):
-    q, k, v, do = random_qkv(2, 4, 4096, 64, 64, torch.bfloat16, device="cuda", seed=1)
+def test_gpu_deterministic_grads_are_bitwise_identical(pattern, tuning, n):
+    q, k, v, do = random_qkv(2, 4, n, 64, 64, torch.bfloat16, device="cuda", seed=1)
     runs = [torch.autograd.grad(triton_attention(q, k, v, pattern, tuning=tuning), (q, k, v), do) for _ in range(2)]
     for a, b in zip(*runs):
         assert torch.equal(a, b)
@@ -814,3 +827,4 @@ def test_gpu_fp32_matches_reference():
     q, k, v, do = random_qkv(1, 2, 1024, 64, 64, torch.float32, device="cuda", seed=8)
     # tf32x3 dots: a looser floor than the CPU's fp32 (the former rule's 1e-4 of the largest value)
     _check(P.fixed(128, 32, num_verts=2), q, k, v, do, atol_rel=1e-4)
+    _check(P.strided(32), q, k, v, do, atol_rel=1e-4)  # owned classes of 32: the transposed dQ product

@@ -262,9 +262,14 @@ class Tuning:
 
     @staticmethod
     def decode(ints: list[int] | tuple[int, ...]) -> Tuning | None:
-        """The inverse of :meth:`encode` (``None`` for an empty list: no override)."""
+        """The inverse of :meth:`encode` (``None`` for an empty list: no override). Raises
+        ValueError for a list of another length (e.g. from an older version's three fewer header ints)."""
         if not ints:
             return None
+        if len(ints) < 3 or (len(ints) - 3) % 6:
+            raise ValueError(
+                f"Tuning.decode: {len(ints)} ints is no Tuning.encode() list (3 header ints, then 6 per tile role)"
+            )
         tiles = {ROLES[ints[i]]: Tile(*ints[i + 1 : i + 6]) for i in range(3, len(ints), 6)}
         return Tuning(
             tiles,
