@@ -489,11 +489,12 @@ def test_owned_band_equals_the_two_pass_backward(pattern, n, band_tile):
     "pattern, n, dk",
     [
         (P.strided(8), 200, 32),  # classes of 25: two key tiles of 16, the second partial
-        (P.strided(8), 203, 40),  # classes of 26 and 25; head dim padded to 64: the transposed dQ product
+        (P.strided(8), 203, 40),  # classes of 26 and 25; head dim padded to 64: the plain dQ product
+        (P.strided(8), 200, 64),  # head dim 64: the transposed dQ product (kernels._owned_dq)
         (P.strided(6, "stride"), 150, 40),  # every pass owned: delta launch, dQ from zeros
         (P.strided(8), 397, 40),  # classes of 50: four key tiles of 16 against one of 64
     ],
-    ids=["l8", "l8-uneven-d40", "stride-only-d40", "l8-four-steps"],
+    ids=["l8", "l8-uneven-d40", "l8-d64", "stride-only-d40", "l8-four-steps"],
 )
 def test_owned_classes_in_key_steps_equal_one_key_tile(pattern, n, dk):
     """An owned class walked in key tiles of 16 by its one program (``Tuning.owned_step_keys``)
@@ -726,7 +727,7 @@ GPU_CASES = [  # (pattern, n, B, H, dk, dv, dtype, l)
     ("multihead-fixed", 4096, 1, 4, 128, 128, torch.bfloat16, 256),
     ("fixed-summary", 1000, 1, 2, 64, 32, torch.bfloat16, 64),  # half-size q/k, empty rows
     ("multihead-strided", 1000, 1, 4, 80, 80, torch.float16, 128),  # padded head dim
-    ("strided", 16384, 1, 2, 40, 40, torch.bfloat16, 128),  # owned classes in key steps, padded: dQᵀ's masked store
+    ("strided", 16384, 1, 2, 40, 40, torch.bfloat16, 128),  # owned classes in key steps, padded: the plain dQ product
 ]
 
 

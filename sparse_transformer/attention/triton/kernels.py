@@ -543,18 +543,21 @@ def _dkdv_tiles(dk_acc, dv_acc, k, v, q_ptr, do_ptr, dq_ptr, sqn, son, sgn, LSE_
         if OWNED:
             # the fifth matmul: dQ[rows] += scale·dS·K; each query tile is visited once per launch,
             # by this program alone
-            _owned_dq(dq_ptr, pos, row_ok, offs_dk, dk, sgn, dst, k, sm_scale, BLOCK_M, DOT_PREC)
+            _owned_dq(dq_ptr, pos, row_ok, offs_dk, dk, sgn, dst, k, sm_scale, BLOCK_M, EVEN_DK, DOT_PREC)
     return dk_acc, dv_acc
 
 
 @triton.jit
-def _owned_dq(dq_ptr, pos, row_ok, offs_dk, dk, sgn, dst, k, sm_scale, BLOCK_M: tl.constexpr, DOT_PREC: tl.constexpr):
+def _owned_dq(dq_ptr, pos, row_ok, offs_dk, dk, sgn, dst, k, sm_scale, BLOCK_M: tl.constexpr, EVEN_DK: tl.constexpr,
+              DOT_PREC: tl.constexpr):
     """dQ[pos] += sm_scale·dS·K by a plain read-add-write (``dst``: dSᵀ [keys, BLOCK_M]). Hopper's
     wgmma needs 64 rows on the product's M side: a query tile of fewer rows forms dQᵀ = Kᵀ·dSᵀ
     instead, the head dim as M (H200, strided l=128 16K owned launch 0.537/0.541 -> 0.514/0.513 ms,
-    docs/benchmarks.md)."""
+    docs/benchmarks.md). Only for a head dim that fills its padded width (``EVEN_DK``): with Triton
+    3.6 the transposed read-add-write of a padded head dim (40 in 64) faulted on the H200 (an
+    illegal memory access; the plain product at the same shapes ran)."""
     DK_PAD: tl.constexpr = offs_dk.shape[0]
-    if BLOCK_M < 64 and DK_PAD >= 64:
+    if BLOCK_M < 64 and DK_PAD >= 64 and EVEN_DK:
         dqt = tl.dot(tl.trans(k), dst, input_precision=DOT_PREC) * sm_scale
         dqt_ptrs = dq_ptr + pos[None, :] * sgn + offs_dk[:, None]
         dqt_mask = row_ok[None, :] & (offs_dk[:, None] < dk)
