@@ -263,7 +263,7 @@ class Tuning:
     @staticmethod
     def decode(ints: list[int] | tuple[int, ...]) -> Tuning | None:
         """The inverse of :meth:`encode` (``None`` for an empty list: no override). Raises
-        ValueError for a list of another length (e.g. from an older version's three fewer header ints)."""
+        ValueError for a list of another length (e.g. an older version's, with two header ints)."""
         if not ints:
             return None
         if len(ints) < 3 or (len(ints) - 3) % 6:
