@@ -60,7 +60,7 @@ __all__ = [
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages[, max_registers]) to try per role, after the committed tile (head dim 64,
 # bf16; other head dims try the same: a tile that does not fit is recorded as an error).
-CANDIDATES: dict[str, list[tuple[int, int, int, int]]] = {
+CANDIDATES: dict[str, list[tuple[int, ...]]] = {
     "fwd": [(64, 64, 4, 3), (64, 32, 4, 3), (128, 32, 4, 3), (128, 64, 8, 3)],
     "fwd_summary": [(64, 64, 4, 3), (64, 32, 4, 3), (128, 32, 4, 3)],
     "fwd_stride": [(64, 32, 4, 3), (128, 32, 4, 3), (32, 32, 2, 3), (128, 64, 8, 3)],
@@ -70,7 +70,7 @@ CANDIDATES: dict[str, list[tuple[int, int, int, int]]] = {
     "dkdv": [(32, 64, 4, 3), (32, 128, 4, 3), (32, 32, 2, 3), (64, 128, 8, 2)],
     "dkdv_stride": [(16, 64, 4, 3), (16, 128, 4, 3), (32, 128, 4, 3), (32, 64, 4, 3)],
     "dkdv_summary": [(64, 64, 4, 3), (64, 128, 8, 2), (32, 128, 4, 3), (16, 64, 4, 3)],
-    "dkdv_owned": [(16, 128, 4, 3), (32, 128, 4, 2), (16, 128, 4, 2), (32, 128, 8, 2)],
+    "dkdv_owned": [(32, 128, 4, 2, 168), (32, 128, 4, 3, 168), (64, 128, 4, 2), (32, 128, 4, 3)],
     "dkdv_band": [(64, 32, 4, 3), (32, 64, 4, 3), (128, 64, 8, 3), (64, 64, 8, 2)],
 }
 SHORT_RUNS = (0, 4, 8, 16)  # short-run thresholds tried with the winners (0: every range walk splits)
