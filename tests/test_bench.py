@@ -213,6 +213,8 @@ def test_bench_tiles_without_cuda_is_one_clear_error(capsys):
     assert "needs CUDA" in capsys.readouterr().err
     assert main(["bench", "tiles", "--profile", "--cases", "strided:8@64"]) == 2
     assert "needs CUDA" in capsys.readouterr().err
+    assert main(["bench", "tiles", "--ncu-range", "--cases", "strided:8@64"]) == 2
+    assert "needs CUDA" in capsys.readouterr().err
 
 
 def test_bench_tiles_sass_refusals_are_one_clear_line(capsys, monkeypatch):
@@ -223,6 +225,9 @@ def test_bench_tiles_sass_refusals_are_one_clear_line(capsys, monkeypatch):
 
     assert main(["bench", "tiles", "--sass", "--profile", "--cases", "strided:8@64"]) == 2
     assert "separate modes" in capsys.readouterr().err
+    assert main(["bench", "tiles", "--profile", "--ncu-range", "--cases", "strided:8@64"]) == 2
+    err = capsys.readouterr().err
+    assert "--profile and --ncu-range are separate modes" in err and len(err.strip().splitlines()) == 1
     monkeypatch.setattr(ops, "INTERPRET", True)
     assert main(["bench", "tiles", "--sass", "--cases", "strided:8@64"]) == 2
     assert "without TRITON_INTERPRET=1" in capsys.readouterr().err

@@ -568,6 +568,35 @@ def format_launches(rows: Sequence[dict]) -> str:
     return "\n".join(lines)
 
 
+def profiler_range(cases: Sequence[str], batch_tokens: int, heads: int, head_dim: int, dtype: str) -> list[dict]:
+    """``bench tiles --ncu-range``: per case, one untimed fwd+bwd with the committed tiles (Triton
+    compiles its launches), then one more inside a CUDA profiler range (``cudaProfilerStart`` /
+    ``cudaProfilerStop``), so that a counter profiler started with ``--profile-from-start off``
+    (Nsight Compute: ``ncu --profile-from-start off -k regex:attn_ ...``) sees exactly the launches of
+    one fwd+bwd per case, compiled and warm. Times nothing itself. Returns one row per case: its
+    label, batch and launches (kernel and role, in launch order). Raises UserError without CUDA."""
+    if not torch.cuda.is_available():
+        raise UserError("bench tiles --ncu-range runs the Triton kernels on a GPU; it needs CUDA")
+    from ..runtime import DTYPES
+
+    rows = []
+    for spec in cases:
+        case = _Case(*parse_case(spec, batch_tokens), heads, head_dim, DTYPES[dtype])
+        case.fwdbwd(None)
+        torch.cuda.synchronize()
+        torch.cuda.cudart().cudaProfilerStart()
+        try:
+            case.fwdbwd(None)
+            torch.cuda.synchronize()
+        finally:
+            torch.cuda.cudart().cudaProfilerStop()
+        launches = [f"{launch.kernel}:{launch.role}" for launch in case.launches(None)]
+        rows.append({"kind": "ncu_range", "case": case.label, "batch": case.batch, "launches": launches})
+        del case
+        torch.cuda.empty_cache()
+    return rows
+
+
 def format_table(result: dict) -> str:
     lines = ["| case | B | committed fwd+bwd ms | tuned fwd+bwd ms | speed-up |", "|---|---|---|---|---|"]
     for r in result["rows"]:
@@ -605,6 +634,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="no GPU needed: compile every launch of the committed tiles for sm_90 and report its registers, "
         "spills, wgmma instructions and waits (a launch with a wait per wgmma is serialized)",
     )
+    p.add_argument(
+        "--ncu-range",
+        action="store_true",
+        help="no timing: one warm fwd+bwd per case inside a CUDA profiler range, for a counter profiler "
+        "started with --profile-from-start off (ncu --profile-from-start off -k regex:attn_ sparse-transformer "
+        "bench tiles --ncu-range ...)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -612,9 +648,17 @@ def run(args: argparse.Namespace) -> int:
     cases = comma_list(args.cases)
     for c in cases:
         parse_case(c, args.batch_tokens)  # refuse a bad case before any GPU work
+    modes = [name for name in ("sass", "profile", "ncu_range") if getattr(args, name)]
+    if len(modes) > 1:
+        raise UserError(
+            f"bench tiles: {' and '.join('--' + m.replace('_', '-') for m in modes)} are separate modes; give one"
+        )
+    if args.ncu_range:
+        rec = _recorder(args.out, time.time())
+        for row in profiler_range(cases, args.batch_tokens, args.heads, args.head_dim, args.dtype):
+            rec(**row)
+        return 0
     if args.sass:
-        if args.profile:
-            raise UserError("bench tiles: --sass and --profile are separate modes; give one")
         rec = _recorder(args.out, time.time())
         rows = sass_report(cases, args.batch_tokens, args.heads, args.head_dim, args.dtype, rec=rec)
         print()
