@@ -297,3 +297,85 @@ def test_bench_train_set_must_be_section_key_value(capsys):
     assert main(["bench", "train", "--config", "enwik8", "--set", "nonsense"]) == 2
     err = capsys.readouterr().err
     assert "--set 'nonsense' must look like SECTION.KEY=VALUE" in err and len(err.strip().splitlines()) == 1
+
+
+def test_bench_tiles_ncu_csv_labels_each_launch_and_refuses_a_foreign_file(tmp_path, capsys):
+    """``bench tiles --ncu-csv``: an ncu raw-page export (header row, units row, one row per kernel)
+    read without a GPU, each attention kernel labelled with its case and role from the launch plans;
+    a file with another kernel count, or without the metrics, is one clear error line."""
+    pytest.importorskip("triton")
+    import csv
+
+    from sparse_transformer.attention.triton import ops
+    from sparse_transformer.bench import tiles as bench_tiles_mod
+    from sparse_transformer.cli import main
+
+    spec = "strided:8@64"
+    _, pattern, n, batch = bench_tiles_mod.parse_case(spec, 256)
+    args = (ops.encode(pattern, 2), batch, 2, n, 16, 16, torch.bfloat16, None)
+    plan = (*ops.forward_plan(*args), *ops.backward_plan(*args).launches)
+    metrics = [m for m, _ in bench_tiles_mod.NCU_METRICS.values()]
+    stalls = [
+        "smsp__average_warps_issue_stalled_wait_per_issue_active.ratio",
+        "smsp__average_warps_issue_stalled_barrier_per_issue_active.ratio",
+        "smsp__average_warps_issue_stalled_selected_per_issue_active.ratio",
+    ]
+    header = ["ID", "Kernel Name", *metrics, *stalls]
+    rows = [header, ["", "", *["unit"] * (len(header) - 2)]]
+    rows.append(["x", "at::vectorized_elementwise_kernel", *["1"] * (len(header) - 2)])  # not attention: skipped
+    for i, launch in enumerate(plan):
+        values = [str(1e6 * (i + 1)), "1,750,000,000", "50", "40", "30", "60", "20", "128", "4"]
+        rows.append([str(i), f"{launch.kernel}(int, int)", *values, "1.5", str(0.5 + i), "1"])
+    good = tmp_path / "r.csv"
+    with open(good, "w", newline="") as f:
+        csv.writer(f).writerows(rows)
+    out = bench_tiles_mod.ncu_summary(str(good), [spec], 256, 2, 16, "bf16")
+    assert [r["role"] for r in out] == [x.role for x in plan]
+    assert out[0]["ms"] == 1.0 and out[0]["sm_mhz"] == 1750.0 and out[0]["l2_throughput_pct"] == 60.0
+    assert out[0]["stalls_per_issue"] == {"wait": 1.5, "barrier": 0.5}  # "selected" is the issue itself
+    assert list(out[-1]["stalls_per_issue"]) == ["barrier", "wait"]
+    assert (
+        main(
+            [
+                "bench",
+                "tiles",
+                "--ncu-csv",
+                str(good),
+                "--cases",
+                spec,
+                "--batch-tokens",
+                "256",
+                "--heads",
+                "2",
+                "--head-dim",
+                "16",
+            ]
+        )
+        == 0
+    )
+    assert "| dq |" in capsys.readouterr().out or len(plan) < 3
+    assert (
+        main(
+            [
+                "bench",
+                "tiles",
+                "--ncu-csv",
+                str(good),
+                "--cases",
+                f"{spec},{spec}",
+                "--batch-tokens",
+                "256",
+                "--heads",
+                "2",
+                "--head-dim",
+                "16",
+            ]
+        )
+        == 2
+    )
+    err = capsys.readouterr().err
+    assert f"holds {len(plan)} attention kernels" in err and len(err.strip().splitlines()) == 1
+    bare = tmp_path / "bare.csv"
+    bare.write_text("ID,Kernel Name,gpu__time_duration.sum\n,,ns\n0,attn_fwd,1\n")
+    assert main(["bench", "tiles", "--ncu-csv", str(bare), "--cases", spec]) == 2
+    assert "--page raw --print-units base" in capsys.readouterr().err

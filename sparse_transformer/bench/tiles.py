@@ -597,6 +597,115 @@ def profiler_range(cases: Sequence[str], batch_tokens: int, heads: int, head_dim
     return rows
 
 
+# Nsight Compute metrics of the counter table (``--page raw`` names; ``--print-units base``):
+# column -> (metric, scale)
+NCU_METRICS = {
+    "ms": ("gpu__time_duration.sum", 1e-6),
+    "sm_mhz": ("smsp__cycles_elapsed.avg.per_second", 1e-6),
+    "issue_busy_pct": ("sm__inst_executed.sum.pct_of_peak_sustained_elapsed", 1.0),
+    "tensor_pipe_pct": ("sm__pipe_tensor_cycles_active.avg.pct_of_peak_sustained_active", 1.0),
+    "xu_pipe_pct": ("sm__inst_executed_pipe_xu.avg.pct_of_peak_sustained_active", 1.0),
+    "l2_throughput_pct": ("lts__throughput.avg.pct_of_peak_sustained_elapsed", 1.0),
+    "dram_pct": ("gpu__dram_throughput.avg.pct_of_peak_sustained_elapsed", 1.0),
+    "registers": ("launch__registers_per_thread", 1.0),
+    "warps_per_scheduler": ("smsp__warps_active.avg.per_cycle_active", 1.0),
+}
+_STALL = re.compile(r"^smsp__average_warps_issue_stalled_(\w+)_per_issue_active\.ratio$")
+
+
+def ncu_summary(
+    csv_path: str,
+    cases: Sequence[str],
+    batch_tokens: int = 131072,
+    heads: int = 8,
+    head_dim: int = 64,
+    dtype: str = "bf16",
+) -> list[dict]:
+    """The attention launches of an Nsight Compute report exported as ``ncu --import R.ncu-rep --csv
+    --page raw --print-units base`` (a run of ``bench tiles --ncu-range`` over ``cases``), one row per
+    launch: its case and role (from the launch plans, in order), time, SM clock, issue slots busy,
+    tensor and XU (exp2) pipes active, L2 and DRAM throughput (% of peak), registers, warps per
+    scheduler and the three largest stall reasons in cycles per issued instruction ("selected", the
+    issue itself, left out). No GPU needed. Raises UserError for a file that is not such an export or
+    whose kernel count differs from the plans' launch count."""
+    import csv
+
+    from ..attention.triton import ops
+    from ..runtime import DTYPES
+
+    try:
+        with open(csv_path, newline="") as f:
+            table = list(csv.reader(f))
+    except OSError as e:
+        raise UserError(f"bench tiles --ncu-csv: cannot read {csv_path} ({e.strerror})") from None
+    header = table[0] if table else []
+    col = {name: i for i, name in enumerate(header)}
+    missing = [m for m, _ in NCU_METRICS.values() if m not in col] + [n for n in ("Kernel Name",) if n not in col]
+    if missing:
+        raise UserError(
+            f"bench tiles --ncu-csv: {csv_path} lacks {', '.join(missing[:3])}: export the report with "
+            "ncu --import R.ncu-rep --csv --page raw --print-units base (from a --set full profile)"
+        )
+    rows = [r for r in table[1:] if len(r) == len(header) and r[col["Kernel Name"]].startswith("attn_")]
+    labels = []
+    for spec in cases:
+        label, pattern, n, batch = parse_case(spec, batch_tokens)
+        args = (ops.encode(pattern, heads), batch, heads, n, head_dim, head_dim, DTYPES[dtype], None)
+        plan = (*ops.forward_plan(*args), *ops.backward_plan(*args).launches)
+        labels += [(label, i, launch) for i, launch in enumerate(plan)]
+    if len(rows) != len(labels):
+        raise UserError(
+            f"bench tiles --ncu-csv: {csv_path} holds {len(rows)} attention kernels, the plans of "
+            f"{', '.join(cases)} launch {len(labels)}: give the --cases (and --heads, --head-dim, --dtype) "
+            "of the --ncu-range run"
+        )
+
+    def number(row, metric):
+        text = row[col[metric]].replace(",", "")
+        try:
+            return float(text)
+        except ValueError:
+            return None
+
+    stalls = [(m.group(1), name) for name in header if (m := _STALL.match(name))]
+    out = []
+    for row, (label, i, launch) in zip(rows, labels, strict=True):
+        kernel = row[col["Kernel Name"]].split("(")[0]
+        if kernel != launch.kernel:
+            raise UserError(
+                f"bench tiles --ncu-csv: kernel {i} of {label} is {kernel} in {csv_path}, the plan launches "
+                f"{launch.kernel}: give the --cases of the --ncu-range run, in its order"
+            )
+        r = {"kind": "ncu", "case": label, "launch": i, "role": launch.role, "kernel": kernel}
+        for key, (metric, scale) in NCU_METRICS.items():
+            value = number(row, metric)
+            r[key] = None if value is None else round(value * scale, 4)
+        ranked = sorted(
+            ((number(row, name) or 0.0, reason) for reason, name in stalls if reason != "selected"), reverse=True
+        )
+        r["stalls_per_issue"] = {reason: round(v, 2) for v, reason in ranked[:3]}
+        out.append(r)
+    return out
+
+
+def format_ncu(rows: Sequence[dict]) -> str:
+    """The counter table of ``bench tiles --ncu-csv`` (its rows)."""
+    pct = lambda v: "" if v is None else f"{v:.0f} %"
+    lines = [
+        "| case | # | role | ms | issue slots | tensor pipe | exp2 (XU) | L2 | DRAM | regs | warps / scheduler "
+        "| largest stalls (cycles per issue) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        stalls = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in r["stalls_per_issue"].items())
+        lines.append(
+            f"| {r['case']} | {r['launch']} | {r['role']} | {r['ms']:.3f} | {pct(r['issue_busy_pct'])} | "
+            f"{pct(r['tensor_pipe_pct'])} | {pct(r['xu_pipe_pct'])} | {pct(r['l2_throughput_pct'])} | "
+            f"{pct(r['dram_pct'])} | {r['registers']:.0f} | {r['warps_per_scheduler']:.1f} | {stalls} |"
+        )
+    return "\n".join(lines)
+
+
 def format_table(result: dict) -> str:
     lines = ["| case | B | committed fwd+bwd ms | tuned fwd+bwd ms | speed-up |", "|---|---|---|---|---|"]
     for r in result["rows"]:
@@ -635,6 +744,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "spills, wgmma instructions and waits (a launch with a wait per wgmma is serialized)",
     )
     p.add_argument(
+        "--ncu-csv",
+        default=None,
+        metavar="CSV",
+        help="no GPU needed: the per-launch counter table of an ncu report of a --ncu-range run over the same "
+        "--cases, exported with ncu --import R.ncu-rep --csv --page raw --print-units base > CSV",
+    )
+    p.add_argument(
         "--ncu-range",
         action="store_true",
         help="no timing: one warm fwd+bwd per case inside a CUDA profiler range, for a counter profiler "
@@ -648,11 +764,19 @@ def run(args: argparse.Namespace) -> int:
     cases = comma_list(args.cases)
     for c in cases:
         parse_case(c, args.batch_tokens)  # refuse a bad case before any GPU work
-    modes = [name for name in ("sass", "profile", "ncu_range") if getattr(args, name)]
+    modes = [name for name in ("sass", "profile", "ncu_range", "ncu_csv") if getattr(args, name)]
     if len(modes) > 1:
         raise UserError(
             f"bench tiles: {' and '.join('--' + m.replace('_', '-') for m in modes)} are separate modes; give one"
         )
+    if args.ncu_csv:
+        rec = _recorder(args.out, time.time())
+        rows = ncu_summary(args.ncu_csv, cases, args.batch_tokens, args.heads, args.head_dim, args.dtype)
+        for row in rows:
+            rec(**row)
+        print()
+        print(format_ncu(rows))
+        return 0
     if args.ncu_range:
         rec = _recorder(args.out, time.time())
         for row in profiler_range(cases, args.batch_tokens, args.heads, args.head_dim, args.dtype):
