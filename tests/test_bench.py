@@ -334,45 +334,14 @@ def test_bench_tiles_ncu_csv_labels_each_launch_and_refuses_a_foreign_file(tmp_p
     assert out[0]["ms"] == 1.0 and out[0]["sm_mhz"] == 1750.0 and out[0]["l2_throughput_pct"] == 60.0
     assert out[0]["stalls_per_issue"] == {"wait": 1.5, "barrier": 0.5}  # "selected" is the issue itself
     assert list(out[-1]["stalls_per_issue"]) == ["barrier", "wait"]
-    assert (
-        main(
-            [
-                "bench",
-                "tiles",
-                "--ncu-csv",
-                str(good),
-                "--cases",
-                spec,
-                "--batch-tokens",
-                "256",
-                "--heads",
-                "2",
-                "--head-dim",
-                "16",
-            ]
-        )
-        == 0
-    )
-    assert "| dq |" in capsys.readouterr().out or len(plan) < 3
-    assert (
-        main(
-            [
-                "bench",
-                "tiles",
-                "--ncu-csv",
-                str(good),
-                "--cases",
-                f"{spec},{spec}",
-                "--batch-tokens",
-                "256",
-                "--heads",
-                "2",
-                "--head-dim",
-                "16",
-            ]
-        )
-        == 2
-    )
+
+    def cli(path, cases):
+        return main(f"bench tiles --ncu-csv {path} --cases {cases} --batch-tokens 256 --heads 2 --head-dim 16".split())
+
+    assert cli(good, spec) == 0
+    printed = capsys.readouterr().out
+    assert all(f"| {x.role} |" in printed for x in plan)
+    assert cli(good, f"{spec},{spec}") == 2
     err = capsys.readouterr().err
     assert f"holds {len(plan)} attention kernels" in err and len(err.strip().splitlines()) == 1
     bare = tmp_path / "bare.csv"
