@@ -206,7 +206,14 @@ def _prepare_text(kind: str, src: Path, w: _SplitWriter, progress: bool, **_) ->
                 "or the raw enwik8 file"
             )
         if kind == "enwik8" and zipfile.is_zipfile(src):
-            with zipfile.ZipFile(src) as z:
+            try:
+                archive = zipfile.ZipFile(src)
+            except (NotImplementedError, UnicodeDecodeError) as e:  # a newer zip version; a bad UTF-8 name
+                raise UserError(
+                    f"data: {src} is a zip archive this Python's zipfile cannot read ({_reason(e)}); pass the "
+                    "official enwik8.zip or the raw enwik8 file"
+                ) from None
+            with archive as z:
                 if "enwik8" not in z.namelist():
                     raise UserError(
                         f"data: {src} has no member named enwik8; pass the official enwik8.zip or the raw enwik8 file"
