@@ -346,5 +346,12 @@ def test_bench_tiles_ncu_csv_labels_each_launch_and_refuses_a_foreign_file(tmp_p
     assert f"holds {len(plan)} attention kernels" in err and len(err.strip().splitlines()) == 1
     bare = tmp_path / "bare.csv"
     bare.write_text("ID,Kernel Name,gpu__time_duration.sum\n,,ns\n0,attn_fwd,1\n")
-    assert main(["bench", "tiles", "--ncu-csv", str(bare), "--cases", spec]) == 2
-    assert "--page raw --print-units base" in capsys.readouterr().err
+    binary = tmp_path / "R.ncu-rep"
+    binary.write_bytes(bytes(range(256)) * 4)  # the report itself, not its CSV export
+    for path in (bare, binary):
+        assert main(["bench", "tiles", "--ncu-csv", str(path), "--cases", spec]) == 2
+        err = capsys.readouterr().err
+        assert "--page raw --print-units base" in err and len(err.strip().splitlines()) == 1
+    rows = bench_tiles_mod.ncu_summary(str(good), [spec], 256, 2, 16, "bf16")
+    rows[0]["ms"] = rows[0]["registers"] = None  # an "n/a" cell prints empty
+    assert "| 0 | fwd |  |" in bench_tiles_mod.format_ncu(rows)

@@ -634,10 +634,12 @@ def ncu_summary(
     from ..runtime import DTYPES
 
     try:
-        with open(csv_path, newline="") as f:
+        with open(csv_path, newline="", encoding="utf-8") as f:
             table = list(csv.reader(f))
     except OSError as e:
         raise UserError(f"bench tiles --ncu-csv: cannot read {csv_path} ({e.strerror})") from None
+    except (UnicodeDecodeError, csv.Error):
+        table = []  # not a text CSV: refused below as lacking the metrics
     header = table[0] if table else []
     col = {name: i for i, name in enumerate(header)}
     missing = [m for m, _ in NCU_METRICS.values() if m not in col] + [n for n in ("Kernel Name",) if n not in col]
@@ -690,7 +692,11 @@ def ncu_summary(
 
 def format_ncu(rows: Sequence[dict]) -> str:
     """The counter table of ``bench tiles --ncu-csv`` (its rows)."""
-    pct = lambda v: "" if v is None else f"{v:.0f} %"
+
+    def num(v, spec: str, unit: str = "") -> str:
+        return "" if v is None else f"{v:{spec}}{unit}"
+
+    pct = lambda v: num(v, ".0f", " %")
     lines = [
         "| case | # | role | ms | issue slots | tensor pipe | exp2 (XU) | L2 | DRAM | regs | warps / scheduler "
         "| largest stalls (cycles per issue) |",
@@ -699,9 +705,9 @@ def format_ncu(rows: Sequence[dict]) -> str:
     for r in rows:
         stalls = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in r["stalls_per_issue"].items())
         lines.append(
-            f"| {r['case']} | {r['launch']} | {r['role']} | {r['ms']:.3f} | {pct(r['issue_busy_pct'])} | "
+            f"| {r['case']} | {r['launch']} | {r['role']} | {num(r['ms'], '.3f')} | {pct(r['issue_busy_pct'])} | "
             f"{pct(r['tensor_pipe_pct'])} | {pct(r['xu_pipe_pct'])} | {pct(r['l2_throughput_pct'])} | "
-            f"{pct(r['dram_pct'])} | {r['registers']:.0f} | {r['warps_per_scheduler']:.1f} | {stalls} |"
+            f"{pct(r['dram_pct'])} | {num(r['registers'], '.0f')} | {num(r['warps_per_scheduler'], '.1f')} | {stalls} |"
         )
     return "\n".join(lines)
 
