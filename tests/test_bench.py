@@ -306,14 +306,12 @@ def test_bench_tiles_ncu_csv_labels_each_launch_and_refuses_a_foreign_file(tmp_p
     pytest.importorskip("triton")
     import csv
 
-    from sparse_transformer.attention.triton import ops
     from sparse_transformer.bench import tiles as bench_tiles_mod
     from sparse_transformer.cli import main
 
     spec = "strided:8@64"
     _, pattern, n, batch = bench_tiles_mod.parse_case(spec, 256)
-    args = (ops.encode(pattern, 2), batch, 2, n, 16, 16, torch.bfloat16, None)
-    plan = (*ops.forward_plan(*args), *ops.backward_plan(*args).launches)
+    plan = bench_tiles_mod.call_launches(pattern, batch, 2, n, 16, torch.bfloat16)
     metrics = [m for m, _ in bench_tiles_mod.NCU_METRICS.values()]
     stalls = [
         "smsp__average_warps_issue_stalled_wait_per_issue_active.ratio",

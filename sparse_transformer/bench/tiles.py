@@ -124,6 +124,16 @@ def pick_winners(
     return winners, scores
 
 
+def call_launches(pattern, batch: int, heads: int, n: int, head_dim: int, dtype: torch.dtype, tuning=None) -> tuple:
+    """Every launch (``ops.Launch``) of one fwd+bwd of the triton backend for ``pattern`` on q, k, v of
+    ``[batch, heads, n, head_dim]`` in ``dtype`` (with ``tuning``'s tiles), in launch order: the
+    forward plan, then the backward's."""
+    from ..attention.triton import ops
+
+    args = (ops.encode(pattern, heads), batch, heads, n, head_dim, head_dim, dtype, tuning)
+    return (*ops.forward_plan(*args), *ops.backward_plan(*args).launches)
+
+
 class _Case:
     """One case's inputs and its fwd+bwd through the triton backend with a given Tuning."""
 
@@ -148,11 +158,8 @@ class _Case:
         return torch.autograd.grad(out, (self.q, self.k, self.v), self.grad)
 
     def launches(self, tuning) -> tuple:
-        """Every launch (``ops.Launch``) of one fwd+bwd, in launch order."""
-        from ..attention.triton import ops
-
-        args = (ops.encode(self.pattern, self.heads), self.batch, self.heads, self.n, self.head_dim, self.head_dim)
-        return (*ops.forward_plan(*args, self.dtype, tuning), *ops.backward_plan(*args, self.dtype, tuning).launches)
+        """Every launch (``ops.Launch``) of one fwd+bwd, in launch order (:func:`call_launches`)."""
+        return call_launches(self.pattern, self.batch, self.heads, self.n, self.head_dim, self.dtype, tuning)
 
 
 def _kernel_ms(fn: Callable[[], object], iters: int) -> list[list[float]]:
@@ -489,12 +496,7 @@ def sass_report(
     rows = []
     for spec in cases:
         label, pattern, n, B = parse_case(spec, batch_tokens)
-        enc = ops.encode(pattern, heads)
-        plan = (
-            *ops.forward_plan(enc, B, heads, n, head_dim, head_dim, torch_dtype, tuning),
-            *ops.backward_plan(enc, B, heads, n, head_dim, head_dim, torch_dtype, tuning).launches,
-        )
-        for k, launch in enumerate(plan):
+        for k, launch in enumerate(call_launches(pattern, B, heads, n, head_dim, torch_dtype, tuning)):
             args = _launch_args(launch, B, heads, n, head_dim, torch_dtype)
             constexprs = {**ops.call_constexprs(launch.kernel, _QK_SCALE), **launch.meta}
             cubin = _compile_for_hopper(getattr(kernels, launch.kernel), args, constexprs)
@@ -630,7 +632,6 @@ def ncu_summary(
     whose kernel count differs from the plans' launch count."""
     import csv
 
-    from ..attention.triton import ops
     from ..runtime import DTYPES
 
     try:
@@ -642,7 +643,7 @@ def ncu_summary(
         table = []  # not a text CSV: refused below as lacking the metrics
     header = table[0] if table else []
     col = {name: i for i, name in enumerate(header)}
-    missing = [m for m, _ in NCU_METRICS.values() if m not in col] + [n for n in ("Kernel Name",) if n not in col]
+    missing = [m for m in ("Kernel Name", *(m for m, _ in NCU_METRICS.values())) if m not in col]
     if missing:
         raise UserError(
             f"bench tiles --ncu-csv: {csv_path} lacks {', '.join(missing[:3])}: export the report with "
@@ -652,8 +653,7 @@ def ncu_summary(
     labels = []
     for spec in cases:
         label, pattern, n, batch = parse_case(spec, batch_tokens)
-        args = (ops.encode(pattern, heads), batch, heads, n, head_dim, head_dim, DTYPES[dtype], None)
-        plan = (*ops.forward_plan(*args), *ops.backward_plan(*args).launches)
+        plan = call_launches(pattern, batch, heads, n, head_dim, DTYPES[dtype])
         labels += [(label, i, launch) for i, launch in enumerate(plan)]
     if len(rows) != len(labels):
         raise UserError(
